@@ -1,0 +1,301 @@
+//! The format-independent view of an image: [`BlockDevice`], opening files with format probing,
+//! and backing chains.
+//!
+//! The CLI and the NBD server only see `Arc<dyn BlockDevice>`; a qcow2 image sees its backing
+//! file the same way (which may itself be qcow2 or raw).
+
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::{Error, IoContext, Result};
+use crate::qcow2::{Qcow2, Qcow2Options};
+use crate::raw::Raw;
+use crate::storage::file::{FileOptions, FileStorage};
+use crate::storage::{IoFuture, StorageRef};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Deepest backing chain we open (a loop or a pathological chain fails with a clear error).
+pub const MAX_BACKING_DEPTH: usize = 64;
+
+/// Image formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Format> {
+        match s {
+            "qcow2" => Ok(Format::Qcow2),
+            "raw" => Ok(Format::Raw),
+            other => Err(Error::arg(format!("Unknown driver '{other}'"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// Host cache modes, as qemu-img's `-t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    #[default]
+    Writeback,
+    Writethrough,
+    None,
+    DirectSync,
+    Unsafe,
+}
+
+impl CacheMode {
+    pub fn parse(s: &str) -> Result<CacheMode> {
+        Ok(match s {
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "none" | "off" => CacheMode::None,
+            "directsync" => CacheMode::DirectSync,
+            "unsafe" => CacheMode::Unsafe,
+            other => return Err(Error::arg(format!("Invalid cache option: {other}"))),
+        })
+    }
+
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectSync)
+    }
+
+    /// Every write is durable when it completes.
+    pub fn writethrough(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::DirectSync)
+    }
+
+    pub fn no_flush(self) -> bool {
+        self == CacheMode::Unsafe
+    }
+
+    pub fn file_options(self, read_only: bool) -> FileOptions {
+        FileOptions {
+            read_only,
+            direct: self.direct(),
+            no_flush: self.no_flush(),
+        }
+    }
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ZeroFlags {
+    /// The range may be deallocated (qemu-io `write -z -u`, NBD without NO_HOLE).
+    pub may_unmap: bool,
+    /// Fail with `Unsupported` rather than write zero buffers (NBD FAST_ZERO).
+    pub fast_only: bool,
+}
+
+/// What one layer says about a range of the virtual disk (the flags of qemu-img map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BlockStatus {
+    pub len: u64,
+    /// Data is stored in this layer.
+    pub data: bool,
+    /// The range reads as zeros.
+    pub zero: bool,
+    pub compressed: bool,
+    /// Where the data lies in this layer's file.
+    pub offset: Option<u64>,
+    /// This layer defines the content (as opposed to falling through to a backing file).
+    pub allocated: bool,
+}
+
+impl BlockStatus {
+    /// Whether the status is decided by this layer (otherwise ask the backing file).
+    pub fn is_final(&self) -> bool {
+        self.data || self.zero
+    }
+}
+
+/// An open image of any format.
+pub trait BlockDevice: Send + Sync {
+    fn format(&self) -> Format;
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    /// The file name the image was opened with.
+    fn filename(&self) -> &str;
+    fn read_only(&self) -> bool;
+    /// Fills `buf` with the virtual disk content at `offset`.
+    fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>>;
+    fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>>;
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, Result<()>>;
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, Result<()>>;
+    fn flush(&self) -> IoFuture<'_, Result<()>>;
+    /// Flushes and releases the image (the handle must not be used afterwards).
+    fn close(&self) -> IoFuture<'_, Result<()>>;
+    /// The status of the extent starting at `offset` (at most `max` bytes) in this layer.
+    fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>>;
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>>;
+    /// Bytes the image takes on the host.
+    fn allocated_bytes(&self) -> Option<u64>;
+    fn as_qcow2(&self) -> Option<&Qcow2> {
+        None
+    }
+}
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// `None` probes (qcow2 by magic, otherwise raw).
+    pub format: Option<Format>,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    pub qcow2: Qcow2Options,
+    /// Do not open the backing chain (qemu-img's `-U`-like metadata-only uses, `info`).
+    pub no_backing: bool,
+}
+
+/// Probes the format of a file from its first bytes.
+pub fn probe(header: &[u8]) -> Format {
+    if header.len() >= 4 && header[0..4] == crate::format::header::MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    }
+}
+
+/// Opens an image file and its backing chain.
+pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
+    let mut seen = Vec::new();
+    open_layer(path, opts, 0, &mut seen).await
+}
+
+fn open_layer<'a>(
+    path: &'a Path,
+    opts: &'a OpenOptions,
+    depth: usize,
+    seen: &'a mut Vec<PathBuf>,
+) -> futures_util::future::BoxFuture<'a, Result<Arc<dyn BlockDevice>>> {
+    Box::pin(async move {
+        if depth > MAX_BACKING_DEPTH {
+            return Err(Error::invalid(format!(
+                "Backing chain is deeper than {MAX_BACKING_DEPTH} images"
+            )));
+        }
+        let name = path.display().to_string();
+        let storage = FileStorage::open(path, opts.cache.file_options(opts.read_only))
+            .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+        if let Ok(canon) = std::fs::canonicalize(path) {
+            if seen.contains(&canon) {
+                return Err(Error::invalid(format!(
+                    "Backing file loop: '{name}' appears twice in the chain"
+                )));
+            }
+            seen.push(canon);
+        }
+        let storage: StorageRef = Arc::new(storage);
+        let format = match opts.format {
+            Some(f) => f,
+            None => {
+                let head = crate::storage::read_vec(&*storage, 0, 512)
+                    .await
+                    .context(|| format!("Could not read '{name}'"))?;
+                probe(&head)
+            }
+        };
+        match format {
+            Format::Raw => Ok(Arc::new(Raw::open(storage, name, opts).await?) as Arc<dyn BlockDevice>),
+            Format::Qcow2 => {
+                let img = Qcow2::open(storage, name.clone(), &opts.qcow2, opts.read_only, opts.cache).await?;
+                if let (Some(bname), false) = (img.backing_filename(), opts.no_backing) {
+                    let bpath = resolve_backing(path, &bname)?;
+                    let bopts = OpenOptions {
+                        format: match img.backing_format() {
+                            Some(f) => Some(Format::parse(&f).map_err(|_| {
+                                Error::unsupported(format!(
+                                    "Unknown backing file format '{f}' of '{name}'"
+                                ))
+                            })?),
+                            None => None,
+                        },
+                        read_only: true,
+                        cache: opts.cache,
+                        qcow2: Qcow2Options::default(),
+                        no_backing: false,
+                    };
+                    let backing = open_layer(&bpath, &bopts, depth + 1, seen)
+                        .await
+                        .map_err(|e| match e {
+                            Error::Io { context, source } => Error::Io {
+                                context: format!("Could not open backing file: {context}"),
+                                source,
+                            },
+                            other => other,
+                        })?;
+                    img.set_backing(backing);
+                }
+                Ok(Arc::new(img) as Arc<dyn BlockDevice>)
+            }
+        }
+    })
+}
+
+/// Resolves a backing file name the way QEMU does: relative to the directory of the image that
+/// names it. Protocol names (`nbd:`, `json:`, ...) are refused: a name read from an untrusted
+/// image must never make us open something other than a plain local file.
+pub fn resolve_backing(image: &Path, name: &str) -> Result<PathBuf> {
+    if name.starts_with("json:")
+        || name
+            .split_once(':')
+            .is_some_and(|(proto, _)| !proto.is_empty() && !proto.contains('/') && proto.len() < 16)
+            && !Path::new(name).exists()
+            && !image.parent().is_some_and(|d| d.join(name).exists())
+    {
+        return Err(Error::unsupported(format!(
+            "Backing file '{name}' is not a local file name; protocols are not supported"
+        )));
+    }
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(image
+        .parent()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|| p.to_path_buf()))
+}
+
+/// Checks that `[offset, offset+len)` lies inside a disk of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backing_names_resolve_relative_to_the_image() {
+        let img = Path::new("/images/dir/top.qcow2");
+        assert_eq!(
+            resolve_backing(img, "base.raw").unwrap(),
+            Path::new("/images/dir/base.raw")
+        );
+        assert_eq!(
+            resolve_backing(img, "../b/base.qcow2").unwrap(),
+            Path::new("/images/dir/../b/base.qcow2")
+        );
+        assert_eq!(resolve_backing(img, "/abs/x").unwrap(), Path::new("/abs/x"));
+        assert!(resolve_backing(img, "nbd://127.0.0.1:10809/x").is_err());
+        assert!(resolve_backing(img, "json:{\"driver\":\"nbd\"}").is_err());
+    }
+
+    #[test]
+    fn probing() {
+        assert_eq!(probe(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
+        assert_eq!(probe(b"QFI"), Format::Raw);
+        assert_eq!(probe(&[0u8; 512]), Format::Raw);
+    }
+}

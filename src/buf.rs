@@ -1,0 +1,259 @@
+//! Owned, aligned I/O buffers.
+//!
+//! Storage backends run I/O on other threads (or in the kernel, with io_uring), so a buffer handed
+//! to them must stay alive until the I/O completes even if the request future is dropped. Borrowed
+//! slices cannot promise that; these owned buffers can. They are aligned to 4 KiB so that the same
+//! buffer works with `O_DIRECT`.
+//!
+//! One guest request often maps to several host extents. [`IoBufMut::split_off`] cuts a buffer
+//! into disjoint pieces that can be filled concurrently and [`IoBufMut::unsplit`] glues adjacent
+//! pieces back without copying. [`IoBuf`] is the frozen, shareable form used for writes.
+//!
+//! Safety argument: every view holds an `Arc` to the allocation, so the memory outlives all views.
+//! A mutable view is only created by allocation or by splitting another mutable view, so mutable
+//! views of one allocation never overlap; shared views are only created from a mutable view that
+//! is consumed (`freeze`) or from another shared view.
+
+use std::alloc::{self, Layout};
+use std::ops::{Deref, DerefMut, Range};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Alignment of every buffer: enough for `O_DIRECT` on 4Kn disks.
+pub const BUF_ALIGN: usize = 4096;
+
+struct Allocation {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the allocation is plain memory; access is coordinated by the views (see module docs).
+unsafe impl Send for Allocation {}
+unsafe impl Sync for Allocation {}
+
+impl Allocation {
+    fn zeroed(len: usize) -> Arc<Self> {
+        let size = len.max(1);
+        let layout = match Layout::from_size_align(size, BUF_ALIGN) {
+            Ok(layout) => layout,
+            // Only reachable for sizes near usize::MAX, which the callers bound long before.
+            Err(_) => panic!("buffer size {len} overflows the address space"),
+        };
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = match NonNull::new(raw) {
+            Some(p) => p,
+            None => alloc::handle_alloc_error(layout),
+        };
+        Arc::new(Allocation { ptr, layout })
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// A mutable, uniquely owned view of (part of) an aligned allocation.
+pub struct IoBufMut {
+    alloc: Arc<Allocation>,
+    start: usize,
+    len: usize,
+}
+
+impl IoBufMut {
+    /// A zero-filled buffer of `len` bytes.
+    pub fn zeroed(len: usize) -> Self {
+        IoBufMut {
+            alloc: Allocation::zeroed(len),
+            start: 0,
+            len,
+        }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn copy_from(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Splits the buffer in two: `self` keeps `[0, at)`, the returned buffer holds `[at, len)`.
+    /// `at` is clamped to the length.
+    pub fn split_off(&mut self, at: usize) -> IoBufMut {
+        let at = at.min(self.len);
+        let tail = IoBufMut {
+            alloc: self.alloc.clone(),
+            start: self.start + at,
+            len: self.len - at,
+        };
+        self.len = at;
+        tail
+    }
+
+    /// Appends `other`, which must follow `self` directly in the same allocation to avoid a
+    /// copy; otherwise the two are copied into a new buffer.
+    pub fn unsplit(&mut self, other: IoBufMut) {
+        if other.is_empty() {
+            return;
+        }
+        if Arc::ptr_eq(&self.alloc, &other.alloc) && self.start + self.len == other.start {
+            self.len += other.len;
+            return;
+        }
+        let mut joined = IoBufMut::zeroed(self.len + other.len);
+        joined[..self.len].copy_from_slice(self);
+        joined[self.len..].copy_from_slice(&other);
+        *self = joined;
+    }
+
+    /// Shortens the buffer to `len` bytes (no-op if already shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Turns the buffer into a shareable, read-only one.
+    pub fn freeze(self) -> IoBuf {
+        IoBuf {
+            alloc: self.alloc,
+            start: self.start,
+            len: self.len,
+        }
+    }
+}
+
+impl Deref for IoBufMut {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: [start, start+len) lies inside the allocation (all constructors keep that) and
+        // no other mutable view overlaps it (module docs).
+        unsafe { std::slice::from_raw_parts(self.alloc.ptr.as_ptr().add(self.start), self.len) }
+    }
+}
+
+impl DerefMut for IoBufMut {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` proves this view is not borrowed elsewhere.
+        unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr.as_ptr().add(self.start), self.len) }
+    }
+}
+
+impl std::fmt::Debug for IoBufMut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoBufMut({} bytes)", self.len)
+    }
+}
+
+/// A shared, read-only view of an aligned allocation. Cheap to clone and slice.
+#[derive(Clone)]
+pub struct IoBuf {
+    alloc: Arc<Allocation>,
+    start: usize,
+    len: usize,
+}
+
+impl IoBuf {
+    /// A buffer holding a copy of `data`.
+    pub fn copy_from(data: &[u8]) -> Self {
+        IoBufMut::copy_from(data).freeze()
+    }
+
+    /// A zero-filled buffer.
+    pub fn zeroed(len: usize) -> Self {
+        IoBufMut::zeroed(len).freeze()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Joins two views that lie back to back in the same allocation (no copy); `None` otherwise.
+    pub fn try_join(&self, next: &IoBuf) -> Option<IoBuf> {
+        (Arc::ptr_eq(&self.alloc, &next.alloc) && self.start + self.len == next.start).then(|| {
+            IoBuf {
+                alloc: self.alloc.clone(),
+                start: self.start,
+                len: self.len + next.len,
+            }
+        })
+    }
+
+    /// A sub-view. The range is clamped to the buffer.
+    pub fn slice(&self, range: Range<usize>) -> IoBuf {
+        let end = range.end.min(self.len);
+        let start = range.start.min(end);
+        IoBuf {
+            alloc: self.alloc.clone(),
+            start: self.start + start,
+            len: end - start,
+        }
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: inside the allocation; shared views are never written (module docs).
+        unsafe { std::slice::from_raw_parts(self.alloc.ptr.as_ptr().add(self.start), self.len) }
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_unsplit_without_copy() {
+        let mut a = IoBufMut::zeroed(10000);
+        let base = a.as_ptr() as usize;
+        assert_eq!(base % BUF_ALIGN, 0);
+        let mut b = a.split_off(4096);
+        let c = b.split_off(1000);
+        assert_eq!((a.len(), b.len(), c.len()), (4096, 1000, 4904));
+        b.fill(7);
+        a.unsplit(b);
+        a.unsplit(c);
+        assert_eq!(a.len(), 10000);
+        assert_eq!(a.as_ptr() as usize, base);
+        assert!(a[4096..5096].iter().all(|&x| x == 7));
+        assert!(a[5096..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn unsplit_non_adjacent_copies() {
+        let mut a = IoBufMut::copy_from(b"abc");
+        let b = IoBufMut::copy_from(b"def");
+        a.unsplit(b);
+        assert_eq!(&a[..], b"abcdef");
+    }
+
+    #[test]
+    fn freeze_and_slice() {
+        let b = IoBuf::copy_from(b"hello world");
+        assert_eq!(&b.slice(6..11)[..], b"world");
+        assert_eq!(&b.slice(6..100)[..], b"world");
+        assert_eq!(b.slice(20..30).len(), 0);
+        let z = IoBufMut::zeroed(0);
+        assert!(z.is_empty());
+    }
+}

@@ -1,0 +1,95 @@
+//! The library's error type.
+//!
+//! Every error says what was being done when it happened ("reading L2 table at host offset
+//! 0x50000: ...") and keeps the OS error when there is one. The variants are the distinctions the
+//! callers act on: the CLI maps them to qemu-img's messages and exit codes, the NBD server to NBD
+//! error numbers.
+
+use std::io;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error from the storage below, with what we were doing.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a valid image of the expected format (bad header, bad sizes...).
+    #[error("{0}")]
+    InvalidImage(String),
+    /// Metadata found inconsistent while using the image (misaligned offsets, overlaps...).
+    #[error("qcow2 image is corrupt: {0}")]
+    Corrupt(String),
+    /// A valid image that uses a feature this implementation does not support (yet).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A caller error: bad option, bad range, bad size.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A write to an image opened read-only.
+    #[error("Image is read-only")]
+    ReadOnly,
+    /// A request outside the virtual disk.
+    #[error("Request out of range: offset {offset} length {len} (disk size {size})")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// The image cannot grow any further (host offsets would exceed the format's limits).
+    #[error("No space left in the image: {0}")]
+    NoSpace(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidImage(msg.into())
+    }
+
+    pub fn corrupt(msg: impl Into<String>) -> Self {
+        Error::Corrupt(msg.into())
+    }
+
+    pub fn unsupported(msg: impl Into<String>) -> Self {
+        Error::Unsupported(msg.into())
+    }
+
+    pub fn arg(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    /// The errno that best describes this error (for NBD replies and exit statuses).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc_eio()),
+            Error::InvalidImage(_) | Error::Corrupt(_) => libc_eio(),
+            Error::Unsupported(_) => 95, // ENOTSUP
+            Error::InvalidArgument(_) | Error::OutOfRange { .. } => 22, // EINVAL
+            Error::ReadOnly => 1,        // EPERM
+            Error::NoSpace(_) => 28,     // ENOSPC
+        }
+    }
+}
+
+const fn libc_eio() -> i32 {
+    5
+}
+
+/// Adds context to I/O results.
+pub trait IoContext<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}

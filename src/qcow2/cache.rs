@@ -1,0 +1,544 @@
+//! The metadata cache: L2 table slices and refcount blocks, with ordered writeback.
+//!
+//! Each cached table is an [`Table`] behind an `Arc`. Holding the `Arc` pins it: the evictor
+//! never drops a table someone else holds. Lookups take the index mutex for a hash lookup only;
+//! table contents have their own short mutex, never held across I/O.
+//!
+//! # Write ordering
+//! A modification records the [`Dep`]endencies it needs on disk before the table may be written:
+//! another table written at some version (an L2 entry needs the refcount block that counts its
+//! new cluster), or a sync after some barrier generation (data written before the entry that
+//! points to it). Writeback snapshots contents, version and dependencies under one lock,
+//! satisfies the dependencies (writing the other tables, then one fsync for all of them), and then
+//! writes the snapshot. Modifications made meanwhile carry their own dependencies and stay dirty
+//! for the next writeback. Dependencies only point from L1 to L2 to refcount blocks (frees are
+//! deferred, see `refcount`), so writeback cannot cycle.
+//!
+//! # Replacement
+//! CLOCK (second chance): a referenced bit set on every hit, a hand that clears it and evicts the
+//! first clean, unpinned, unreferenced table. O(1) amortized, no list manipulation on hits. When
+//! only dirty tables could go, a batch of them is written back together (sharing one fsync) and
+//! evicted afterwards; the cache may run over its size meanwhile rather than block.
+
+use super::barrier::Barrier;
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::{IoContext, Result};
+use crate::storage::StorageRef;
+use crate::units::HostOffset;
+use futures_util::future::{try_join_all, BoxFuture};
+use parking_lot::{Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+
+/// Something that must be on stable storage before a modification may be written.
+#[derive(Clone)]
+pub enum Dep {
+    /// `table` written at `version` or later, and that write synced.
+    Table { table: Arc<Table>, version: u64 },
+    /// A sync completed after barrier generation `.0` (covers writes completed before it).
+    Sync(u64),
+}
+
+impl Dep {
+    pub fn satisfied(&self, barrier: &Barrier) -> bool {
+        match self {
+            Dep::Table { table, version } => {
+                // Load the version before the generation: the writer stores them in the
+                // opposite order, so the generation seen belongs to this version or a later one.
+                table.written_version.load(SeqCst) >= *version
+                    && barrier.is_durable(table.written_gen.load(SeqCst))
+            }
+            Dep::Sync(g) => barrier.is_durable(*g),
+        }
+    }
+}
+
+/// Mutable part of a cached table.
+pub struct TableState {
+    data: Box<[u8]>,
+    version: u64,
+    /// Dependencies of modifications not yet written, tagged with their version.
+    deps: Vec<(u64, Dep)>,
+}
+
+impl TableState {
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Starts a modification that needs `deps` on disk first; returns the bytes to change.
+    pub fn modify(&mut self, deps: impl IntoIterator<Item = Dep>) -> &mut [u8] {
+        self.version += 1;
+        let v = self.version;
+        self.deps.extend(deps.into_iter().map(|d| (v, d)));
+        &mut self.data
+    }
+
+    /// Big-endian u64 entry `i` (L2 entries).
+    #[inline]
+    pub fn u64_at(&self, i: usize) -> u64 {
+        let o = i * 8;
+        u64::from_be_bytes(self.data[o..o + 8].try_into().unwrap_or([0; 8]))
+    }
+}
+
+/// Stores a big-endian u64 entry into a table being modified.
+#[inline]
+pub fn put_u64(data: &mut [u8], i: usize, v: u64) {
+    data[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// One cached cluster (or L2 slice).
+pub struct Table {
+    offset: HostOffset,
+    state: Mutex<TableState>,
+    /// Version of the last completed write (or of the content loaded from disk).
+    written_version: AtomicU64,
+    /// Barrier generation when that write completed.
+    written_gen: AtomicU64,
+    /// Serializes writebacks of this table.
+    writeback: tokio::sync::Mutex<()>,
+    loaded: tokio::sync::OnceCell<()>,
+    referenced: AtomicBool,
+    /// Set when the cluster was freed: the table must never be written again.
+    discarded: AtomicBool,
+}
+
+impl Table {
+    fn new(offset: HostOffset, data: Box<[u8]>) -> Self {
+        Table {
+            offset,
+            state: Mutex::new(TableState {
+                data,
+                version: 0,
+                deps: Vec::new(),
+            }),
+            written_version: AtomicU64::new(0),
+            written_gen: AtomicU64::new(0),
+            writeback: tokio::sync::Mutex::new(()),
+            loaded: tokio::sync::OnceCell::new(),
+            referenced: AtomicBool::new(true),
+            discarded: AtomicBool::new(false),
+        }
+    }
+
+    /// A table whose content is already known (not read from disk), clean.
+    pub fn new_loaded(offset: HostOffset, data: Box<[u8]>) -> Self {
+        let t = Table::new(offset, data);
+        let _ = t.loaded.set(());
+        t
+    }
+
+    pub fn offset(&self) -> HostOffset {
+        self.offset
+    }
+
+    /// Locks the contents. Never hold the guard across an `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, TableState> {
+        self.state.lock()
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        !self.discarded.load(Relaxed) && self.state.lock().version > self.written_version.load(SeqCst)
+    }
+
+    /// A dependency on the table's current content reaching the disk.
+    pub fn dep_current(self: &Arc<Self>) -> Dep {
+        let version = self.state.lock().version;
+        Dep::Table {
+            table: self.clone(),
+            version,
+        }
+    }
+}
+
+/// What the cache needs to write tables back.
+pub struct Writer {
+    pub storage: StorageRef,
+    pub barrier: Arc<Barrier>,
+    /// Writethrough mode: callers write modified tables back before completing.
+    pub writethrough: bool,
+    /// Metadata writes issued (statistics).
+    pub writes: AtomicU64,
+}
+
+impl Writer {
+    /// Writes `t` back if dirty, after everything its modifications depend on.
+    pub fn write_back<'a>(&'a self, t: &'a Arc<Table>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let _serial = t.writeback.lock().await;
+            let (snapshot, version, deps) = {
+                let st = t.state.lock();
+                if st.version <= t.written_version.load(SeqCst) || t.discarded.load(Relaxed) {
+                    return Ok(());
+                }
+                let unsatisfied: Vec<Dep> = st
+                    .deps
+                    .iter()
+                    .filter(|(_, d)| !d.satisfied(&self.barrier))
+                    .map(|(_, d)| d.clone())
+                    .collect();
+                (IoBuf::copy_from(&st.data), st.version, unsatisfied)
+            };
+            self.satisfy(&deps).await?;
+            self.writes.fetch_add(1, Relaxed);
+            self.storage
+                .write_at(snapshot, t.offset.0)
+                .await
+                .context(|| format!("writing metadata at host offset {}", t.offset))?;
+            let g = self.barrier.generation();
+            t.written_gen.store(g, SeqCst);
+            t.written_version.fetch_max(version, SeqCst);
+            t.state.lock().deps.retain(|(v, _)| *v > version);
+            Ok(())
+        })
+    }
+
+    /// Makes every dependency in `deps` durable: writes the tables, then one sync.
+    pub async fn satisfy(&self, deps: &[Dep]) -> Result<()> {
+        let mut need: Option<u64> = None;
+        let tables: Vec<&Arc<Table>> = deps
+            .iter()
+            .filter_map(|d| match d {
+                Dep::Table { table, .. } => Some(table),
+                Dep::Sync(_) => None,
+            })
+            .collect();
+        try_join_all(tables.iter().map(|t| self.write_back(t))).await?;
+        for d in deps {
+            let g = match d {
+                Dep::Table { table, .. } => table.written_gen.load(SeqCst),
+                Dep::Sync(g) => *g,
+            };
+            if !self.barrier.is_durable(g) {
+                need = Some(need.map_or(g, |n: u64| n.max(g)));
+            }
+        }
+        if let Some(g) = need {
+            self.barrier.sync_after(g).await?;
+        }
+        Ok(())
+    }
+}
+
+struct Index {
+    map: HashMap<u64, usize>,
+    slots: Vec<Arc<Table>>,
+    hand: usize,
+}
+
+impl Index {
+    fn remove_slot(&mut self, i: usize) -> Arc<Table> {
+        let t = self.slots.swap_remove(i);
+        self.map.remove(&t.offset.0);
+        if let Some(moved) = self.slots.get(i) {
+            self.map.insert(moved.offset.0, i);
+        }
+        if self.hand >= self.slots.len() {
+            self.hand = 0;
+        }
+        t
+    }
+
+    /// CLOCK sweep: evicts one clean, unpinned, unreferenced table. Collects dirty candidates
+    /// seen on the way into `dirty`.
+    fn evict_one(&mut self, dirty: &mut Vec<Arc<Table>>) -> bool {
+        let n = self.slots.len();
+        for _ in 0..2 * n {
+            if self.slots.is_empty() {
+                return false;
+            }
+            let i = self.hand % self.slots.len();
+            let t = &self.slots[i];
+            self.hand = i + 1;
+            if Arc::strong_count(t) > 1 {
+                continue; // pinned
+            }
+            if t.referenced.swap(false, Relaxed) {
+                continue;
+            }
+            if t.is_dirty() {
+                if dirty.len() < 64 && !dirty.iter().any(|d| Arc::ptr_eq(d, t)) {
+                    dirty.push(t.clone());
+                }
+                continue;
+            }
+            self.remove_slot(i);
+            return true;
+        }
+        false
+    }
+}
+
+/// Cache statistics (monotonic counters).
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+/// A cache of same-sized tables (L2 slices or refcount blocks).
+pub struct MetaCache {
+    what: &'static str,
+    entry_size: usize,
+    capacity: usize,
+    index: Mutex<Index>,
+    pub stats: CacheStats,
+}
+
+impl MetaCache {
+    pub fn new(what: &'static str, entry_size: usize, capacity: usize) -> Self {
+        MetaCache {
+            what,
+            entry_size,
+            capacity: capacity.max(2),
+            index: Mutex::new(Index {
+                map: HashMap::new(),
+                slots: Vec::new(),
+                hand: 0,
+            }),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn entry_size(&self) -> usize {
+        self.entry_size
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.lock().slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The table at `offset`, loaded from disk if not cached.
+    pub async fn get(&self, w: &Writer, offset: HostOffset) -> Result<Arc<Table>> {
+        let t = self.lookup_or_insert(w, offset, None).await?;
+        t.loaded
+            .get_or_try_init(|| async {
+                let buf = w
+                    .storage
+                    .read_at(IoBufMut::zeroed(self.entry_size), offset.0)
+                    .await
+                    .context(|| format!("reading {} at host offset {offset}", self.what))?;
+                t.state.lock().data.copy_from_slice(&buf);
+                Ok::<(), crate::error::Error>(())
+            })
+            .await?;
+        Ok(t)
+    }
+
+    /// Installs a table whose on-disk content is already `data` (a freshly written table).
+    /// Replaces any stale entry for the same offset.
+    pub async fn insert_written(
+        &self,
+        w: &Writer,
+        offset: HostOffset,
+        data: Box<[u8]>,
+    ) -> Result<Arc<Table>> {
+        self.discard(offset);
+        self.lookup_or_insert(w, offset, Some(data)).await
+    }
+
+    /// Looks up only (no load, no insert): the table if cached.
+    pub fn peek(&self, offset: HostOffset) -> Option<Arc<Table>> {
+        let idx = self.index.lock();
+        idx.map.get(&offset.0).map(|&i| idx.slots[i].clone())
+    }
+
+    async fn lookup_or_insert(
+        &self,
+        w: &Writer,
+        offset: HostOffset,
+        data: Option<Box<[u8]>>,
+    ) -> Result<Arc<Table>> {
+        let (t, dirty) = {
+            let mut idx = self.index.lock();
+            if let Some(&i) = idx.map.get(&offset.0) {
+                let t = idx.slots[i].clone();
+                t.referenced.store(true, Relaxed);
+                self.stats.hits.fetch_add(1, Relaxed);
+                return Ok(t);
+            }
+            self.stats.misses.fetch_add(1, Relaxed);
+            let mut dirty = Vec::new();
+            while idx.slots.len() >= self.capacity && idx.evict_one(&mut dirty) {
+                self.stats.evictions.fetch_add(1, Relaxed);
+            }
+            let initialized = data.is_some();
+            let t = Arc::new(Table::new(
+                offset,
+                data.unwrap_or_else(|| vec![0u8; self.entry_size].into_boxed_slice()),
+            ));
+            if initialized {
+                let _ = t.loaded.set(());
+            }
+            let i = idx.slots.len();
+            idx.slots.push(t.clone());
+            idx.map.insert(offset.0, i);
+            let over = idx.slots.len() > self.capacity;
+            (t, if over { dirty } else { Vec::new() })
+        };
+        if !dirty.is_empty() {
+            // Only dirty tables could have been evicted: write a batch back (their dependencies
+            // share one sync) so they can go next time.
+            try_join_all(dirty.iter().map(|d| w.write_back(d))).await?;
+            drop(dirty);
+            let mut idx = self.index.lock();
+            let mut none = Vec::new();
+            while idx.slots.len() > self.capacity && idx.evict_one(&mut none) {
+                self.stats.evictions.fetch_add(1, Relaxed);
+            }
+        }
+        Ok(t)
+    }
+
+    /// Forgets the table at `offset` (its cluster was freed): it will never be written back.
+    pub fn discard(&self, offset: HostOffset) {
+        let mut idx = self.index.lock();
+        if let Some(&i) = idx.map.get(&offset.0) {
+            let t = idx.remove_slot(i);
+            t.discarded.store(true, Relaxed);
+        }
+    }
+
+    /// All dirty tables.
+    pub fn dirty_tables(&self) -> Vec<Arc<Table>> {
+        let idx = self.index.lock();
+        idx.slots.iter().filter(|t| t.is_dirty()).cloned().collect()
+    }
+
+    /// Writes back every dirty table (concurrently; dependencies share syncs).
+    pub async fn write_back_all(&self, w: &Writer) -> Result<()> {
+        let dirty = self.dirty_tables();
+        try_join_all(dirty.iter().map(|t| w.write_back(t))).await?;
+        Ok(())
+    }
+
+    /// Drops clean tables not used since the previous call (`cache-clean-interval`).
+    pub fn clean_unused(&self) {
+        let mut idx = self.index.lock();
+        let mut i = 0;
+        while i < idx.slots.len() {
+            let t = &idx.slots[i];
+            let idle = Arc::strong_count(t) == 1 && !t.referenced.swap(false, Relaxed);
+            if idle && !t.is_dirty() {
+                idx.remove_slot(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Drops every clean, unpinned table (used after metadata was rewritten underneath).
+    pub fn clear_clean(&self) {
+        let mut idx = self.index.lock();
+        let mut i = 0;
+        while i < idx.slots.len() {
+            let t = &idx.slots[i];
+            if Arc::strong_count(t) == 1 && !t.is_dirty() {
+                idx.remove_slot(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::counting::CountingStorage;
+    use crate::storage::crash::{CrashPolicy, CrashStorage};
+    use crate::storage::memory::MemoryStorage;
+
+    fn writer(s: StorageRef) -> Writer {
+        Writer {
+            barrier: Arc::new(Barrier::new(s.clone())),
+            storage: s,
+            writethrough: false,
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn dependent_table_is_written_and_synced_first() {
+        let mem = MemoryStorage::new();
+        let crash = Arc::new(CrashStorage::new(&mem));
+        let w = writer(crash.clone());
+        let rc = MetaCache::new("refcount block", 512, 4);
+        let l2 = MetaCache::new("L2 table", 512, 4);
+        let block = rc.get(&w, HostOffset(512)).await.unwrap();
+        let table = l2.get(&w, HostOffset(1024)).await.unwrap();
+        block.lock().modify([])[0] = 1;
+        let dep = block.dep_current();
+        put_u64(table.lock().modify([dep]), 0, 0xabcd);
+        w.write_back(&table).await.unwrap();
+        // Losing every unflushed write now must keep the refcount block: it was synced before
+        // the L2 table was written.
+        let img = crash.crash_now(CrashPolicy::KeepNone).to_vec();
+        assert_eq!(img[512], 1);
+        assert!(!block.is_dirty());
+        assert!(!table.is_dirty());
+    }
+
+    #[tokio::test]
+    async fn eviction_keeps_pinned_and_writes_back_dirty() {
+        let s: StorageRef = Arc::new(CountingStorage::new(MemoryStorage::new()));
+        let w = writer(s.clone());
+        let c = MetaCache::new("L2 table", 512, 2);
+        let pinned = c.get(&w, HostOffset(0)).await.unwrap();
+        let t1 = c.get(&w, HostOffset(512)).await.unwrap();
+        t1.lock().modify([])[0] = 7;
+        drop(t1);
+        for i in 2..10u64 {
+            let t = c.get(&w, HostOffset(i * 512)).await.unwrap();
+            drop(t);
+        }
+        assert!(c.len() <= 3, "cache grew to {}", c.len());
+        assert!(c.peek(HostOffset(0)).is_some(), "pinned table evicted");
+        let mut b = [0u8; 1];
+        let data = s.read_at(IoBufMut::zeroed(1), 512).await.unwrap();
+        b.copy_from_slice(&data);
+        assert_eq!(b[0], 7, "dirty table written back before eviction");
+        drop(pinned);
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_load() {
+        let s = Arc::new(CountingStorage::new(MemoryStorage::new()));
+        let counters = s.counters();
+        let w = writer(s);
+        let c = MetaCache::new("L2 table", 512, 8);
+        let futs = (0..10).map(|_| c.get(&w, HostOffset(4096)));
+        let tables = futures_util::future::try_join_all(futs).await.unwrap();
+        assert!(tables.iter().all(|t| Arc::ptr_eq(t, &tables[0])));
+        assert_eq!(counters.snapshot().reads, 1);
+    }
+
+    #[tokio::test]
+    async fn discarded_table_is_never_written() {
+        let s = Arc::new(CountingStorage::new(MemoryStorage::new()));
+        let counters = s.counters();
+        let w = writer(s);
+        let c = MetaCache::new("L2 table", 512, 8);
+        let t = c.get(&w, HostOffset(4096)).await.unwrap();
+        t.lock().modify([])[0] = 1;
+        c.discard(HostOffset(4096));
+        w.write_back(&t).await.unwrap();
+        c.write_back_all(&w).await.unwrap();
+        assert_eq!(counters.snapshot().writes, 0);
+    }
+}

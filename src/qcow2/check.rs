@@ -1,0 +1,3 @@
+//! placeholder
+pub enum CheckMode { ReadOnly }
+pub struct CheckReport;

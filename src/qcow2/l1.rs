@@ -1,0 +1,125 @@
+//! The active L1 table, always fully in memory.
+//!
+//! The table is split into chunks (4 KiB, or one cluster if smaller) that are cache [`Table`]s
+//! of their own, never evicted. That gives L1 entries the same ordered writeback as L2 entries:
+//! an L1 entry that points to a new L2 table carries a dependency on that table's content (and
+//! refcount) being durable, and only the chunks that changed are written.
+//!
+//! Replacing the whole table (growth) swaps the chunk list under the write lock; ordinary
+//! requests only take the read lock for the instant it takes to look at an entry.
+
+use super::cache::{put_u64, Dep, Table};
+use crate::format::table::L1Entry;
+use crate::units::HostOffset;
+use parking_lot::RwLock;
+use std::sync::Arc;
+
+struct Inner {
+    offset: HostOffset,
+    size: u64,
+    chunk_entries: usize,
+    chunks: Vec<Arc<Table>>,
+}
+
+pub struct L1Table {
+    inner: RwLock<Inner>,
+}
+
+impl L1Table {
+    /// Builds the table from its on-disk bytes (`bytes.len() >= size * 8`).
+    pub fn new(offset: HostOffset, size: u64, bytes: &[u8], cluster_size: u64) -> Self {
+        L1Table {
+            inner: RwLock::new(Self::build(offset, size, bytes, cluster_size)),
+        }
+    }
+
+    fn build(offset: HostOffset, size: u64, bytes: &[u8], cluster_size: u64) -> Inner {
+        let chunk_bytes = cluster_size.min(4096) as usize;
+        let chunk_entries = chunk_bytes / 8;
+        let total = (size as usize * 8).div_ceil(chunk_bytes) * chunk_bytes;
+        let mut padded = bytes[..(size as usize * 8).min(bytes.len())].to_vec();
+        padded.resize(total, 0);
+        let chunks = padded
+            .chunks(chunk_bytes)
+            .enumerate()
+            .map(|(i, c)| {
+                Arc::new(Table::new_loaded(
+                    HostOffset(offset.0 + (i * chunk_bytes) as u64),
+                    c.to_vec().into_boxed_slice(),
+                ))
+            })
+            .collect();
+        Inner {
+            offset,
+            size,
+            chunk_entries,
+            chunks,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.inner.read().size
+    }
+
+    pub fn offset(&self) -> HostOffset {
+        self.inner.read().offset
+    }
+
+    /// Entry `i`, or `None` past the end of the table.
+    pub fn get(&self, i: u64) -> Option<L1Entry> {
+        let inner = self.inner.read();
+        if i >= inner.size {
+            return None;
+        }
+        let ce = inner.chunk_entries;
+        let chunk = &inner.chunks[i as usize / ce];
+        let v = chunk.lock().u64_at(i as usize % ce);
+        Some(L1Entry(v))
+    }
+
+    /// Sets entry `i` (which must exist), to be written once `deps` are durable.
+    pub fn set(&self, i: u64, e: L1Entry, deps: Vec<Dep>) {
+        let inner = self.inner.read();
+        let ce = inner.chunk_entries;
+        let chunk = &inner.chunks[i as usize / ce];
+        let mut st = chunk.lock();
+        let data = st.modify(deps);
+        put_u64(data, i as usize % ce, e.0);
+    }
+
+    /// A dependency on entry `i` reaching the disk in its current state.
+    pub fn dep_on_entry(&self, i: u64) -> Dep {
+        let inner = self.inner.read();
+        inner.chunks[i as usize / inner.chunk_entries].dep_current()
+    }
+
+    /// The chunks with unwritten changes.
+    pub fn dirty_chunks(&self) -> Vec<Arc<Table>> {
+        self.inner
+            .read()
+            .chunks
+            .iter()
+            .filter(|c| c.is_dirty())
+            .cloned()
+            .collect()
+    }
+
+    /// All entries (for check and snapshot code).
+    pub fn entries(&self) -> Vec<u64> {
+        let inner = self.inner.read();
+        let mut out = Vec::with_capacity(inner.size as usize);
+        for c in &inner.chunks {
+            let st = c.lock();
+            for j in 0..inner.chunk_entries {
+                out.push(st.u64_at(j));
+            }
+        }
+        out.truncate(inner.size as usize);
+        out
+    }
+
+    /// Replaces the table by one already written at `offset` with `bytes` (growth).
+    pub fn replace(&self, offset: HostOffset, size: u64, bytes: &[u8], cluster_size: u64) {
+        *self.inner.write() = Self::build(offset, size, bytes, cluster_size);
+    }
+}

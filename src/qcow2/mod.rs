@@ -1,0 +1,555 @@
+//! The qcow2 driver.
+//!
+//! Layout of this module (one concern per file, as in QEMU's `block/qcow2*.c`):
+//! - `mod.rs`: the [`Qcow2`] handle, runtime options, open and the `BlockDevice` glue;
+//! - `barrier`, `cache`, `l1`: durability generations and the ordered metadata cache;
+//! - `refcount`: refcounts, the allocator and deferred frees;
+//! - `inflight`: claims that serialize overlapping metadata changes, and I/O epochs that keep
+//!   freed clusters from being reused under an in-flight request;
+//! - `mapping`, `read`, `write`, `zero`, `flush`: the request paths;
+//! - `create`, `check`, `repair`: whole-image operations.
+//!
+//! Concurrency: the handle is `Send + Sync` and every request is an `async fn` taking `&self`;
+//! many run at once. No lock is held across I/O except the allocator's (metadata I/O only) and
+//! per-table writeback serialization. See `docs/ARCHITECTURE.md` for the invariants.
+
+mod barrier;
+pub mod cache;
+pub mod check;
+pub mod create;
+mod flush;
+mod header_store;
+mod inflight;
+mod l1;
+mod mapping;
+mod read;
+pub mod refcount;
+mod repair;
+mod write;
+mod zero;
+
+use crate::block::{BlockDevice, BlockStatus, CacheMode, Format, ZeroFlags};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::{Error, IoContext, Result};
+use crate::format::header::{self, incompat, Header};
+use crate::format::snapshot::{self, Snapshot};
+use crate::format::{be, CompressionType, RefcountWidth};
+use crate::storage::{IoFuture, StorageRef};
+use crate::units::{Geometry, HostOffset};
+use barrier::Barrier;
+use cache::{MetaCache, Writer};
+use header_store::HeaderStore;
+use inflight::{Claims, IoEpochs};
+use l1::L1Table;
+use parking_lot::Mutex;
+use refcount::{RefTable, Refcounts};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+pub use check::{CheckMode, CheckReport};
+pub use create::{create, CreateOptions, Preallocation};
+
+/// QEMU's upper bound for the default L2 cache (Linux).
+const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+const MIN_L2_CACHE_CLUSTERS: u64 = 2;
+const MIN_REFCOUNT_CACHE_CLUSTERS: u64 = 4;
+const DEFAULT_REFCOUNT_CACHE_MIN: u64 = 256 << 10;
+/// QEMU's default `cache-clean-interval` (seconds).
+pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
+
+/// Runtime options (qemu's `-o` / blockdev options of the qcow2 driver).
+#[derive(Clone, Debug, Default)]
+pub struct Qcow2Options {
+    /// Bytes of L2 cache. Default: enough for the whole disk, up to 32 MiB.
+    pub l2_cache_size: Option<u64>,
+    /// Bytes per L2 cache entry (a slice of an L2 table): 512 up to the cluster size.
+    pub l2_cache_entry_size: Option<u64>,
+    /// Bytes of refcount block cache.
+    pub refcount_cache_size: Option<u64>,
+    /// L2 + refcount cache, split as QEMU does.
+    pub cache_size: Option<u64>,
+    /// Seconds after which unused cache entries are dropped (0 disables).
+    pub cache_clean_interval: Option<u64>,
+    /// Punch holes in the file for clusters freed by guest discards (default on).
+    pub pass_discard_request: Option<bool>,
+}
+
+impl Qcow2Options {
+    /// Parses one `key=value` runtime option. Returns false for keys that are not ours.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
+        let size = || {
+            crate::size::parse_size(value)
+                .map_err(|_| Error::arg(format!("Parameter '{key}' expects a size")))
+        };
+        match key {
+            "l2-cache-size" => self.l2_cache_size = Some(size()?),
+            "l2-cache-entry-size" => self.l2_cache_entry_size = Some(size()?),
+            "refcount-cache-size" => self.refcount_cache_size = Some(size()?),
+            "cache-size" => self.cache_size = Some(size()?),
+            "cache-clean-interval" => {
+                self.cache_clean_interval = Some(value.parse().map_err(|_| {
+                    Error::arg("Parameter 'cache-clean-interval' expects a number of seconds")
+                })?)
+            }
+            "pass-discard-request" => {
+                self.pass_discard_request = Some(crate::size::parse_bool(key, value)?)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Resolves the cache sizes for an image: `(l2 bytes, l2 entry bytes, refcount bytes)`.
+    fn cache_sizes(&self, g: Geometry, disk_size: u64) -> Result<(u64, u64, u64)> {
+        let cs = g.cluster_size();
+        let entry = self.l2_cache_entry_size.unwrap_or(cs);
+        if !entry.is_power_of_two() || !(512..=cs).contains(&entry) {
+            return Err(Error::arg(format!(
+                "L2 cache entry size must be a power of two between 512 and the cluster size ({cs})"
+            )));
+        }
+        let whole_disk = g.clusters_for(disk_size).div_ceil(g.l2_entries()).max(1) * cs;
+        let min_l2 = MIN_L2_CACHE_CLUSTERS * cs;
+        let min_rc = MIN_REFCOUNT_CACHE_CLUSTERS * cs;
+        let (l2, rc) = match (self.cache_size, self.l2_cache_size, self.refcount_cache_size) {
+            (Some(total), Some(l2), Some(rc)) if l2 + rc != total => {
+                return Err(Error::arg(
+                    "l2-cache-size + refcount-cache-size must equal cache-size",
+                ))
+            }
+            (Some(total), Some(l2), None) => (l2, total.saturating_sub(l2)),
+            (Some(total), None, Some(rc)) => (total.saturating_sub(rc), rc),
+            (Some(total), None, None) => {
+                let l2 = whole_disk.min(total.saturating_sub(min_rc));
+                (l2, total.saturating_sub(l2))
+            }
+            (_, l2, rc) => (
+                l2.unwrap_or_else(|| whole_disk.min(DEFAULT_L2_CACHE_MAX)),
+                rc.unwrap_or(DEFAULT_REFCOUNT_CACHE_MIN),
+            ),
+        };
+        Ok((l2.max(min_l2), entry, rc.max(min_rc)))
+    }
+}
+
+/// Counters for `--stats` and tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineStats {
+    pub metadata_reads: u64,
+    pub metadata_writes: u64,
+    pub flushes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub clusters_allocated: u64,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    pub(crate) geo: Geometry,
+    pub(crate) version: u32,
+    pub(crate) compression: CompressionType,
+    pub(crate) w: Writer,
+    pub(crate) hdr: HeaderStore,
+    pub(crate) l1: L1Table,
+    pub(crate) l2: MetaCache,
+    /// Entries per L2 cache entry (slice).
+    pub(crate) slice_entries: u64,
+    pub(crate) rc: Refcounts,
+    /// Claims on guest clusters whose L2 entries a request is changing.
+    pub(crate) claims: Claims,
+    /// Claims on L1 indices whose L2 table is being allocated or copied.
+    pub(crate) l2_claims: Claims,
+    pub(crate) epochs: IoEpochs,
+    /// Serializes flushes (and with them grace periods and free application).
+    pub(crate) flush_lock: tokio::sync::Mutex<()>,
+    /// Taken shared by requests, exclusive by whole-table changes (L1 growth).
+    pub(crate) resize_lock: tokio::sync::RwLock<()>,
+    /// Serializes the switch to lazy refcounts (setting the dirty bit).
+    lazy_lock: tokio::sync::Mutex<()>,
+    pub(crate) backing: OnceLock<Arc<dyn BlockDevice>>,
+    pub(crate) size: AtomicU64,
+    pub(crate) read_only: bool,
+    /// Corruption was found during this session: no more writes.
+    pub(crate) corrupt: AtomicBool,
+    pub(crate) pass_discard: bool,
+    pub(crate) snapshots: Vec<Snapshot>,
+    filename: String,
+    closed: AtomicBool,
+    clean_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on `storage`. Backing files are attached by the caller
+    /// ([`Qcow2::set_backing`]); `crate::block::open_image` does both.
+    pub async fn open(
+        storage: StorageRef,
+        filename: String,
+        opts: &Qcow2Options,
+        read_only: bool,
+        cache: CacheMode,
+    ) -> Result<Qcow2> {
+        let file_len = storage
+            .len()
+            .await
+            .context(|| format!("Could not get the size of '{filename}'"))?;
+        let head = crate::storage::read_vec(&*storage, 0, 512)
+            .await
+            .context(|| format!("Could not read '{filename}'"))?;
+        if head[0..4] != header::MAGIC {
+            return Err(Error::invalid(format!(
+                "Image is not in qcow2 format: '{filename}'"
+            )));
+        }
+        let cluster_bits = be::u32(&head, 20);
+        if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(Error::invalid(format!(
+                "Unsupported cluster size: 2^{cluster_bits}"
+            )));
+        }
+        let cluster = crate::storage::read_vec(&*storage, 0, 1 << cluster_bits)
+            .await
+            .context(|| format!("Could not read the header of '{filename}'"))?;
+        let h = Header::decode(&cluster)?;
+        Self::refuse_unsupported(&h)?;
+        if !read_only && h.is_corrupt() {
+            return Err(Error::invalid(
+                "qcow2: Image is corrupt; cannot be opened read/write",
+            ));
+        }
+        let g = h.geometry();
+        let cs = g.cluster_size();
+        let barrier = Arc::new(Barrier::new(storage.clone()));
+        let w = Writer {
+            storage: storage.clone(),
+            barrier,
+            writethrough: cache.writethrough(),
+            writes: AtomicU64::new(0),
+        };
+
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        let l1_data = crate::storage::read_vec(&*storage, h.l1_table_offset.0, l1_bytes as usize)
+            .await
+            .context(|| format!("Could not read the L1 table of '{filename}'"))?;
+        let l1 = L1Table::new(h.l1_table_offset, u64::from(h.l1_size), &l1_data, cs);
+
+        let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+        let rt_data =
+            crate::storage::read_vec(&*storage, h.refcount_table_offset.0, rt_bytes as usize)
+                .await
+                .context(|| format!("Could not read the refcount table of '{filename}'"))?;
+        let reftable = RefTable {
+            offset: h.refcount_table_offset,
+            clusters: h.refcount_table_clusters,
+            entries: be::decode_u64_table(&rt_data),
+        };
+
+        let snapshots = read_snapshots(&*storage, &h).await?;
+        let (l2_bytes, entry_bytes, rc_bytes) = opts.cache_sizes(g, h.size)?;
+        let l2 = MetaCache::new(
+            "L2 table",
+            entry_bytes as usize,
+            (l2_bytes / entry_bytes) as usize,
+        );
+        let rc_cache = MetaCache::new("refcount block", cs as usize, (rc_bytes / cs) as usize);
+        let rc = Refcounts::new(
+            g,
+            RefcountWidth::new(h.refcount_order),
+            reftable,
+            rc_cache,
+            file_len,
+        );
+
+        let img = Qcow2 {
+            geo: g,
+            version: h.version,
+            compression: h.compression_type,
+            slice_entries: entry_bytes / 8,
+            w,
+            l1,
+            l2,
+            rc,
+            claims: Claims::default(),
+            l2_claims: Claims::default(),
+            epochs: IoEpochs::default(),
+            flush_lock: tokio::sync::Mutex::new(()),
+            resize_lock: tokio::sync::RwLock::new(()),
+            lazy_lock: tokio::sync::Mutex::new(()),
+            backing: OnceLock::new(),
+            size: AtomicU64::new(h.size),
+            read_only,
+            corrupt: AtomicBool::new(false),
+            pass_discard: opts.pass_discard_request.unwrap_or(true),
+            snapshots,
+            filename,
+            closed: AtomicBool::new(false),
+            clean_task: Mutex::new(None),
+            hdr: HeaderStore::new(h),
+        };
+
+        if !read_only {
+            img.prepare_for_writing().await?;
+        }
+        Ok(img)
+    }
+
+    fn refuse_unsupported(h: &Header) -> Result<()> {
+        if h.crypt_method != 0 {
+            return Err(Error::unsupported(
+                "Encrypted qcow2 images (AES or LUKS) are not supported yet",
+            ));
+        }
+        if h.incompatible_features & incompat::DATA_FILE != 0 {
+            return Err(Error::unsupported(
+                "qcow2 images with an external data file are not supported yet",
+            ));
+        }
+        if h.incompatible_features & incompat::EXTL2 != 0 {
+            return Err(Error::unsupported(
+                "qcow2 images with extended L2 entries (subclusters) are not supported yet",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read-write open: clear autoclear bits we do not maintain, repair a dirty image.
+    async fn prepare_for_writing(&self) -> Result<()> {
+        let h = self.hdr.get();
+        if h.version >= 3 && h.autoclear_features != 0 {
+            // We maintain none of the autoclear features (bitmaps, raw external data): clearing
+            // the bits tells other programs their data can no longer be trusted.
+            self.hdr.update(&self.w, |h| h.autoclear_features = 0).await?;
+            self.w.barrier.sync_now().await?;
+        }
+        if h.is_dirty() {
+            tracing::info!("{}: image is dirty, repairing refcounts", self.filename);
+            self.rebuild_refcounts().await?;
+            self.hdr
+                .update(&self.w, |h| h.incompatible_features &= !incompat::DIRTY)
+                .await?;
+            self.w.barrier.sync_now().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the periodic cache cleaner (`cache-clean-interval`). Needs the image in an `Arc`.
+    pub fn start_cache_cleaner(self: &Arc<Self>, interval_secs: Option<u64>) {
+        let secs = interval_secs.unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL);
+        if secs == 0 {
+            return;
+        }
+        let weak: Weak<Qcow2> = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(secs));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(img) = weak.upgrade() else { return };
+                img.l2.clean_unused();
+                img.rc.cache.clean_unused();
+            }
+        });
+        *self.clean_task.lock() = Some(task);
+    }
+
+    pub fn set_backing(&self, b: Arc<dyn BlockDevice>) {
+        let _ = self.backing.set(b);
+    }
+
+    pub fn backing_device(&self) -> Option<&Arc<dyn BlockDevice>> {
+        self.backing.get()
+    }
+
+    pub fn header(&self) -> Header {
+        self.hdr.get()
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.size.load(Relaxed)
+    }
+
+    pub fn backing_filename(&self) -> Option<String> {
+        self.hdr.with(|h| h.backing_file.clone())
+    }
+
+    pub fn backing_format(&self) -> Option<String> {
+        self.hdr.with(|h| h.backing_format().map(str::to_string))
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    pub fn storage(&self) -> &StorageRef {
+        &self.w.storage
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            metadata_reads: self.l2.stats.misses.load(Relaxed)
+                + self.rc.cache.stats.misses.load(Relaxed),
+            metadata_writes: self.w.writes.load(Relaxed),
+            flushes: self.w.barrier.count.load(Relaxed),
+            cache_hits: self.l2.stats.hits.load(Relaxed) + self.rc.cache.stats.hits.load(Relaxed),
+            cache_misses: self.l2.stats.misses.load(Relaxed)
+                + self.rc.cache.stats.misses.load(Relaxed),
+            clusters_allocated: self.rc.allocated.load(Relaxed),
+        }
+    }
+
+    /// Fails if the image may not be written.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.corrupt.load(Relaxed) {
+            return Err(Error::corrupt(
+                "the image was marked corrupt; writes are refused (run 'qemu-img check -r all')",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reacts to corrupt metadata found while serving a request: on a writable image, set the
+    /// corrupt bit (as QEMU does) so that no program keeps writing to it; always return the error.
+    pub(crate) async fn signal_corruption(&self, e: Error) -> Error {
+        if let Error::Corrupt(msg) = &e {
+            tracing::error!("{}: {msg}", self.filename);
+            if !self.read_only && !self.corrupt.swap(true, Relaxed) && self.version >= 3 {
+                let _ = self
+                    .hdr
+                    .update(&self.w, |h| h.incompatible_features |= incompat::CORRUPT)
+                    .await;
+                let _ = self.w.barrier.sync_now().await;
+            }
+        }
+        e
+    }
+
+    /// With lazy refcounts, the first allocation sets the dirty bit (durably): from then on
+    /// pointers need not wait for refcounts, and a crash is repaired at the next open.
+    pub(crate) async fn enable_lazy_refcounts_if_configured(&self) -> Result<()> {
+        if self.rc.lazy.load(Relaxed) || !self.hdr.with(|h| h.lazy_refcounts()) {
+            return Ok(());
+        }
+        let _l = self.lazy_lock.lock().await;
+        if self.rc.lazy.load(Relaxed) {
+            return Ok(());
+        }
+        self.hdr
+            .update(&self.w, |h| h.incompatible_features |= incompat::DIRTY)
+            .await?;
+        self.w.barrier.sync_now().await?;
+        self.rc.lazy.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// Host offset of L2 slice `slice` of the table at `l2`.
+    pub(crate) fn slice_offset(&self, l2: HostOffset, slice: u64) -> HostOffset {
+        HostOffset(l2.0 + slice * self.slice_entries * 8)
+    }
+
+    /// Flushes everything and releases the image. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Relaxed) {
+            return Ok(());
+        }
+        if let Some(t) = self.clean_task.lock().take() {
+            t.abort();
+        }
+        if !self.read_only && !self.corrupt.load(Relaxed) {
+            self.flush_for_close().await?;
+        }
+        if let Some(b) = self.backing.get() {
+            b.close().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn read_snapshots(storage: &dyn crate::storage::Storage, h: &Header) -> Result<Vec<Snapshot>> {
+    if h.nb_snapshots == 0 {
+        return Ok(Vec::new());
+    }
+    let mut want = 64 << 10;
+    loop {
+        let buf = crate::storage::read_vec(storage, h.snapshots_offset.0, want)
+            .await
+            .context(|| "Could not read the snapshot table".to_string())?;
+        match snapshot::decode_table(&buf, h.nb_snapshots, h.geometry())? {
+            snapshot::Decoded::Complete(s) => return Ok(s),
+            snapshot::Decoded::NeedBytes(n) => {
+                if n <= want {
+                    return Err(Error::invalid("Snapshot table could not be decoded"));
+                }
+                want = n.next_multiple_of(64 << 10);
+            }
+        }
+    }
+}
+
+impl BlockDevice for Qcow2 {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>> {
+        Box::pin(self.read_at(offset, buf))
+    }
+
+    fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>> {
+        Box::pin(self.write_at(offset, data))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, Result<()>> {
+        Box::pin(self.zero_range(offset, len, flags))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, Result<()>> {
+        Box::pin(self.discard_range(offset, len))
+    }
+
+    fn flush(&self) -> IoFuture<'_, Result<()>> {
+        Box::pin(Qcow2::flush(self))
+    }
+
+    fn close(&self) -> IoFuture<'_, Result<()>> {
+        Box::pin(Qcow2::close(self))
+    }
+
+    fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {
+        Box::pin(self.status_at(offset, max))
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing.get().cloned()
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.w.storage.allocated_bytes()
+    }
+
+    fn as_qcow2(&self) -> Option<&Qcow2> {
+        Some(self)
+    }
+}

@@ -1,0 +1,532 @@
+//! Refcounts and the cluster allocator.
+//!
+//! Owns the refcount table (in memory, rewritten whole when it grows), the refcount block cache,
+//! and the rules for handing out host clusters:
+//!
+//! - Allocation sets refcounts in cached blocks and returns [`Dep`]s on those blocks: whoever
+//!   links the clusters into an L2/L1 table records them, so the refcounts reach the disk (and a
+//!   sync) before the pointer does. Nothing is written or synced per allocation.
+//! - A multi-cluster request gets one contiguous extent.
+//! - Frees are deferred ([`Refcounts::defer_free`]): a refcount is only decreased once the table
+//!   that dropped the reference is durable and no request that looked up the old mapping is still
+//!   running. So a cluster is never reused while an on-disk table, or an in-flight read, still
+//!   points to it, and refcount blocks never depend on L2 tables (no dependency cycles).
+//! - New refcount blocks and a grown refcount table are written and synced before anything
+//!   points to them; these are rare events (one block covers 2 GiB at the default geometry).
+//!
+//! Clusters at or past `high_water` have never been used since the image was opened and lie past
+//! the end of the file as it was then: they read as zeros, so a partial write into such a cluster
+//! needs no zeroing of the rest.
+
+use super::cache::{Dep, MetaCache, Table, Writer};
+use super::header_store::HeaderStore;
+use super::inflight::IoEpochs;
+use crate::buf::IoBuf;
+use crate::error::{Error, IoContext, Result};
+use crate::format::be;
+use crate::format::header::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::format::RefcountWidth;
+use crate::units::{Geometry, HostCluster, HostOffset};
+use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Reserved bits of a refcount table entry.
+const REFTABLE_RESERVED: u64 = 0x1ff;
+
+/// The refcount table as held in memory.
+#[derive(Clone, Debug)]
+pub struct RefTable {
+    pub offset: HostOffset,
+    pub clusters: u32,
+    pub entries: Vec<u64>,
+}
+
+/// A contiguous run of freshly allocated host clusters.
+#[must_use = "an allocation must be linked into a table or freed"]
+pub struct Allocation {
+    pub start: HostCluster,
+    pub count: u64,
+    /// Refcount blocks that must be durable before anything points to these clusters.
+    pub deps: Vec<Dep>,
+    /// The clusters were never used since open and lie past the old end of file: they read as
+    /// zeros without being written.
+    pub fresh: bool,
+}
+
+/// A refcount decrease waiting for its precondition.
+struct PendingFree {
+    offset: HostOffset,
+    len: u64,
+    /// The table write that removed the reference; `None` if already durable.
+    after: Option<Dep>,
+    /// Pass the freed space down to the file (hole punch) when it reaches refcount 0.
+    discard: bool,
+}
+
+struct AllocState {
+    /// No free cluster lies below this one.
+    free_hint: u64,
+    /// Clusters from here on were never used since open (see module docs).
+    high_water: u64,
+}
+
+pub struct Refcounts {
+    geo: Geometry,
+    pub width: RefcountWidth,
+    entries_per_block: u64,
+    table: RwLock<RefTable>,
+    pub cache: MetaCache,
+    alloc: tokio::sync::Mutex<AllocState>,
+    frees: Mutex<Vec<PendingFree>>,
+    /// Lazy refcounts are active (dirty bit set): pointers need not wait for refcounts.
+    pub lazy: AtomicBool,
+    /// Clusters allocated (statistics).
+    pub allocated: AtomicU64,
+}
+
+impl Refcounts {
+    pub fn new(
+        geo: Geometry,
+        width: RefcountWidth,
+        table: RefTable,
+        cache: MetaCache,
+        file_len: u64,
+    ) -> Self {
+        Refcounts {
+            geo,
+            width,
+            entries_per_block: width.entries_per_block(geo.cluster_bits),
+            table: RwLock::new(table),
+            cache,
+            alloc: tokio::sync::Mutex::new(AllocState {
+                free_hint: 0,
+                high_water: geo.clusters_for(file_len),
+            }),
+            frees: Mutex::new(Vec::new()),
+            lazy: AtomicBool::new(false),
+            allocated: AtomicU64::new(0),
+        }
+    }
+
+    pub fn entries_per_block(&self) -> u64 {
+        self.entries_per_block
+    }
+
+    pub fn table(&self) -> RefTable {
+        self.table.read().clone()
+    }
+
+    /// Offset of the refcount block covering cluster `c`, if allocated. Errors if the table entry
+    /// is malformed.
+    pub fn block_offset(&self, block_index: u64) -> Result<Option<HostOffset>> {
+        let t = self.table.read();
+        let Some(&e) = t.entries.get(block_index as usize) else {
+            return Ok(None);
+        };
+        let off = e & !REFTABLE_RESERVED;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !self.geo.is_aligned(off) || e & REFTABLE_RESERVED != 0 {
+            return Err(Error::corrupt(format!(
+                "Refblock offset {off:#x} unaligned (reftable index: {block_index:#x})"
+            )));
+        }
+        Ok(Some(HostOffset(off)))
+    }
+
+    async fn block(&self, w: &Writer, block_index: u64) -> Result<Option<Arc<Table>>> {
+        match self.block_offset(block_index)? {
+            None => Ok(None),
+            Some(off) => Ok(Some(self.cache.get(w, off).await?)),
+        }
+    }
+
+    /// The refcount of host cluster `c`.
+    pub async fn get(&self, w: &Writer, c: HostCluster) -> Result<u64> {
+        let bi = c.0 / self.entries_per_block;
+        match self.block(w, bi).await? {
+            None => Ok(0),
+            Some(t) => Ok(self
+                .width
+                .get(t.lock().data(), (c.0 % self.entries_per_block) as usize)),
+        }
+    }
+
+    /// Allocates `count` contiguous clusters with refcount 1.
+    pub async fn allocate(&self, w: &Writer, hdr: &HeaderStore, count: u64) -> Result<Allocation> {
+        debug_assert!(count > 0);
+        let mut st = self.alloc.lock().await;
+        let start = loop {
+            let start = self.find_free_run(w, &st, count).await?;
+            if self.ensure_blocks(w, hdr, &mut st, start, count).await? {
+                break start;
+            }
+        };
+        let deps = self.set_range(w, start, count, 1).await?;
+        let fresh = start >= st.high_water;
+        st.high_water = st.high_water.max(start + count);
+        st.free_hint = start + count;
+        self.allocated.fetch_add(count, Relaxed);
+        Ok(Allocation {
+            start: HostCluster(start),
+            count,
+            deps: if self.lazy.load(Relaxed) {
+                Vec::new()
+            } else {
+                deps
+            },
+            fresh,
+        })
+    }
+
+    /// Frees an allocation that was never linked anywhere (a failed request). The refcounts go
+    /// back to 0 in the cache; nothing on disk points to the clusters.
+    pub async fn release_unlinked(&self, w: &Writer, a: Allocation) -> Result<()> {
+        let mut st = self.alloc.lock().await;
+        for c in a.start.0..a.start.0 + a.count {
+            self.add(w, HostCluster(c), -1).await?;
+        }
+        st.free_hint = st.free_hint.min(a.start.0);
+        Ok(())
+    }
+
+    /// Finds `count` consecutive clusters with refcount 0 at or after the hint.
+    async fn find_free_run(&self, w: &Writer, st: &AllocState, count: u64) -> Result<u64> {
+        let epb = self.entries_per_block;
+        let mut start = st.free_hint.max(1); // cluster 0 is always the header
+        let mut c = start;
+        while c < start + count {
+            if (c + count) << self.geo.cluster_bits > MAX_HOST_OFFSET {
+                return Err(Error::NoSpace(
+                    "host offsets would exceed the 64 PB limit of the format".into(),
+                ));
+            }
+            let bi = c / epb;
+            match self.block(w, bi).await? {
+                None => {
+                    // No block: the whole range it would cover is free.
+                    c = (bi + 1) * epb;
+                }
+                Some(t) => {
+                    let g = t.lock();
+                    let data = g.data();
+                    let block_end = (bi + 1) * epb;
+                    while c < block_end && c < start + count {
+                        if self.width.get(data, (c % epb) as usize) != 0 {
+                            start = c + 1;
+                        }
+                        c += 1;
+                    }
+                }
+            }
+        }
+        Ok(start)
+    }
+
+    /// Makes sure refcount blocks exist for `[start, start+count)`. Returns false if it had to
+    /// take clusters for new metadata (the caller searches again).
+    async fn ensure_blocks(
+        &self,
+        w: &Writer,
+        hdr: &HeaderStore,
+        st: &mut AllocState,
+        start: u64,
+        count: u64,
+    ) -> Result<bool> {
+        let epb = self.entries_per_block;
+        let first = start / epb;
+        let last = (start + count - 1) / epb;
+        for bi in first..=last {
+            if bi >= self.table.read().entries.len() as u64 {
+                self.grow_table(w, hdr, st, bi + 1).await?;
+                return Ok(false);
+            }
+            if self.block_offset(bi)?.is_none() {
+                // Place the new block in the first cluster it covers that our free run holds:
+                // it describes itself, and everything else it covers is free.
+                let at = start.max(bi * epb);
+                self.create_block(w, bi, at).await?;
+                st.high_water = st.high_water.max(at + 1);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes a new refcount block at cluster `at` for table index `bi`, then the table entry.
+    async fn create_block(&self, w: &Writer, bi: u64, at: u64) -> Result<()> {
+        let cs = self.geo.cluster_size() as usize;
+        let mut data = vec![0u8; cs].into_boxed_slice();
+        if at / self.entries_per_block == bi {
+            self.width
+                .set(&mut data, (at % self.entries_per_block) as usize, 1)?;
+        }
+        let off = self.geo.host_offset(HostCluster(at));
+        w.storage
+            .write_at(IoBuf::copy_from(&data), off.0)
+            .await
+            .context(|| format!("writing new refcount block at {off}"))?;
+        w.barrier.sync_now().await?;
+        // The table entry goes to disk only after the block it points to.
+        let table_off = {
+            let mut t = self.table.write();
+            t.entries[bi as usize] = off.0;
+            t.offset
+        };
+        let mut entry = [0u8; 8];
+        be::put_u64(&mut entry, 0, off.0);
+        w.storage
+            .write_at(IoBuf::copy_from(&entry), table_off.0 + bi * 8)
+            .await
+            .context(|| "writing refcount table entry".to_string())?;
+        w.barrier.sync_now().await?;
+        self.cache.insert_written(w, off, data).await?;
+        Ok(())
+    }
+
+    /// Replaces the refcount table by a larger one holding at least `min_entries`, placed past
+    /// every used cluster together with the new blocks needed to count it.
+    async fn grow_table(
+        &self,
+        w: &Writer,
+        hdr: &HeaderStore,
+        st: &mut AllocState,
+        min_entries: u64,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let epb = self.entries_per_block;
+        let old = self.table();
+        let mut entries_wanted = min_entries.max(old.entries.len() as u64 * 2);
+        let region = st.high_water.max(1);
+        let (new_clusters, new_blocks) = loop {
+            let clusters = (entries_wanted * 8).div_ceil(cs);
+            let mut blocks = Vec::new();
+            loop {
+                let end = region + blocks.len() as u64 + clusters;
+                let needed: Vec<u64> = (region / epb..=(end - 1) / epb)
+                    .filter(|&bi| old.entries.get(bi as usize).is_none_or(|&e| e == 0))
+                    .collect();
+                if needed.len() == blocks.len() {
+                    break;
+                }
+                blocks = needed;
+            }
+            let max_index = blocks.last().copied().unwrap_or(0);
+            if max_index < clusters * cs / 8 {
+                break (clusters, blocks);
+            }
+            entries_wanted = max_index + 1;
+        };
+        if new_clusters * cs > MAX_REFTABLE_BYTES.max(cs) {
+            return Err(Error::NoSpace(
+                "the refcount table would exceed its 8 MiB limit".into(),
+            ));
+        }
+        let table_start = region + new_blocks.len() as u64;
+        let end = table_start + new_clusters;
+
+        // New blocks, each counting the new clusters in its range.
+        let mut entries = old.entries.clone();
+        entries.resize((new_clusters * cs / 8) as usize, 0);
+        for (i, &bi) in new_blocks.iter().enumerate() {
+            let at = region + i as u64;
+            let mut data = vec![0u8; cs as usize];
+            for c in region.max(bi * epb)..end.min((bi + 1) * epb) {
+                self.width.set(&mut data, (c % epb) as usize, 1)?;
+            }
+            let off = self.geo.host_offset(HostCluster(at));
+            w.storage
+                .write_at(IoBuf::copy_from(&data), off.0)
+                .await
+                .context(|| format!("writing new refcount block at {off}"))?;
+            entries[bi as usize] = off.0;
+            self.cache.discard(off);
+        }
+        // Clusters of the new region that fall under existing blocks.
+        let mut touched = Vec::new();
+        for c in region..end {
+            let bi = c / epb;
+            if !new_blocks.contains(&bi) {
+                let t = self.block(w, bi).await?.ok_or_else(|| {
+                    Error::corrupt("refcount block vanished while growing the table")
+                })?;
+                {
+                    let mut g = t.lock();
+                    let data = g.modify([]);
+                    self.width.set(data, (c % epb) as usize, 1)?;
+                }
+                touched.push(t);
+            }
+        }
+        for t in &touched {
+            w.write_back(t).await?;
+        }
+        let mut table_bytes = vec![0u8; (new_clusters * cs) as usize];
+        be::encode_u64_table(&entries, &mut table_bytes);
+        let table_off = self.geo.host_offset(HostCluster(table_start));
+        w.storage
+            .write_at(IoBuf::copy_from(&table_bytes), table_off.0)
+            .await
+            .context(|| "writing the new refcount table".to_string())?;
+        w.barrier.sync_now().await?;
+        hdr.update(w, |h| {
+            h.refcount_table_offset = table_off;
+            h.refcount_table_clusters = new_clusters as u32;
+        })
+        .await?;
+        w.barrier.sync_now().await?;
+        *self.table.write() = RefTable {
+            offset: table_off,
+            clusters: new_clusters as u32,
+            entries,
+        };
+        st.high_water = st.high_water.max(end);
+        // The old table is unreferenced now that the header is durable.
+        for c in 0..u64::from(old.clusters) {
+            let oc = self.geo.host_cluster(old.offset).0 + c;
+            self.add(w, HostCluster(oc), -1).await?;
+            st.free_hint = st.free_hint.min(oc);
+        }
+        tracing::debug!(
+            "refcount table grown to {} clusters at {}",
+            new_clusters,
+            table_off
+        );
+        Ok(())
+    }
+
+    /// Sets the refcount of `[start, start+count)` (all currently 0) to `value`; returns the
+    /// dependencies on the modified blocks.
+    async fn set_range(&self, w: &Writer, start: u64, count: u64, value: u64) -> Result<Vec<Dep>> {
+        let epb = self.entries_per_block;
+        let mut deps = Vec::new();
+        let mut c = start;
+        while c < start + count {
+            let bi = c / epb;
+            let t = self
+                .block(w, bi)
+                .await?
+                .ok_or_else(|| Error::corrupt("allocating in a range without refcount block"))?;
+            let end = ((bi + 1) * epb).min(start + count);
+            {
+                let mut g = t.lock();
+                let data = g.modify([]);
+                for x in c..end {
+                    let i = (x % epb) as usize;
+                    if self.width.get(data, i) != 0 {
+                        return Err(Error::corrupt(format!(
+                            "allocator picked host cluster {x:#x}, which is in use"
+                        )));
+                    }
+                    self.width.set(data, i, value)?;
+                }
+            }
+            deps.push(t.dep_current());
+            c = end;
+        }
+        Ok(deps)
+    }
+
+    /// Adds `delta` to the refcount of cluster `c` in the cache. Returns the new refcount.
+    async fn add(&self, w: &Writer, c: HostCluster, delta: i64) -> Result<u64> {
+        let epb = self.entries_per_block;
+        let t = self.block(w, c.0 / epb).await?.ok_or_else(|| {
+            Error::corrupt(format!(
+                "refcount of host cluster {:#x} changed but it has no refcount block",
+                c.0
+            ))
+        })?;
+        let mut g = t.lock();
+        let i = (c.0 % epb) as usize;
+        let old = self.width.get(g.data(), i);
+        let new = old.checked_add_signed(delta).ok_or_else(|| {
+            Error::corrupt(format!(
+                "refcount of host cluster {:#x} would drop below zero",
+                c.0
+            ))
+        })?;
+        let data = g.modify([]);
+        self.width.set(data, i, new)?;
+        Ok(new)
+    }
+
+    /// Increases the refcount of an already used cluster (for sharing). Returns the dependency
+    /// to record in the table that gains the reference.
+    pub async fn increment(&self, w: &Writer, c: HostCluster) -> Result<Option<Dep>> {
+        let _st = self.alloc.lock().await;
+        self.add(w, c, 1).await?;
+        let t = self.block(w, c.0 / self.entries_per_block).await?;
+        Ok(t.filter(|_| !self.lazy.load(Relaxed))
+            .map(|t| t.dep_current()))
+    }
+
+    /// Queues a refcount decrease for every cluster overlapped by `[offset, offset+len)`, to be
+    /// applied once `after` is durable (see module docs).
+    pub fn defer_free(&self, offset: HostOffset, len: u64, after: Option<Dep>, discard: bool) {
+        self.frees.lock().push(PendingFree {
+            offset,
+            len,
+            after,
+            discard,
+        });
+    }
+
+    pub fn has_pending_frees(&self) -> bool {
+        !self.frees.lock().is_empty()
+    }
+
+    /// Applies the queued frees whose precondition is durable. Returns the host clusters whose
+    /// refcount dropped to zero (so that the caller can forget cached metadata there).
+    pub async fn apply_frees(&self, w: &Writer, epochs: &IoEpochs) -> Result<Vec<HostCluster>> {
+        let ready: Vec<PendingFree> = {
+            let mut q = self.frees.lock();
+            let (ready, wait): (Vec<_>, Vec<_>) = q
+                .drain(..)
+                .partition(|f| f.after.as_ref().is_none_or(|d| d.satisfied(&w.barrier)));
+            *q = wait;
+            ready
+        };
+        if ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Requests that looked up the old mappings may still be reading or writing there.
+        epochs.grace_period().await;
+        let mut st = self.alloc.lock().await;
+        let mut zeroed = Vec::new();
+        for f in ready {
+            let first = self.geo.host_cluster(f.offset).0;
+            let last = (f.offset.0 + f.len.max(1) - 1) >> self.geo.cluster_bits;
+            for c in first..=last {
+                let hc = HostCluster(c);
+                if f.discard && self.get(w, hc).await? == 1 {
+                    let off = self.geo.host_offset(hc);
+                    w.storage
+                        .discard(off.0, self.geo.cluster_size())
+                        .await
+                        .context(|| format!("discarding host cluster at {off}"))?;
+                }
+                if self.add(w, hc, -1).await? == 0 {
+                    st.free_hint = st.free_hint.min(c);
+                    zeroed.push(hc);
+                }
+            }
+        }
+        Ok(zeroed)
+    }
+
+    /// Drops every queued free (after a refcount rebuild made them moot).
+    pub fn clear_pending_frees(&self) {
+        self.frees.lock().clear();
+    }
+
+    /// Installs a refcount table rebuilt from scratch (repair): resets the allocator hints.
+    pub async fn replace_table(&self, table: RefTable, file_len: u64) {
+        let mut st = self.alloc.lock().await;
+        *self.table.write() = table;
+        self.cache.clear_clean();
+        st.free_hint = 0;
+        st.high_water = st.high_water.max(self.geo.clusters_for(file_len));
+    }
+}

@@ -1,0 +1,463 @@
+//! The write path.
+//!
+//! A request is cut at L2 slice boundaries. For each piece:
+//! 1. get the L2 slice for writing (allocating the L2 table, or copying a shared one, first);
+//! 2. under the slice lock, decode the entries: if every cluster is a data cluster owned by this
+//!    image alone (COPIED) and nobody holds a claim on them, write in place: no metadata at all;
+//! 3. otherwise claim the clusters (waiting for any overlapping claim), allocate one contiguous
+//!    extent for all clusters that need a new one, and write the data without any lock held:
+//!    whole clusters straight from the caller's buffer; partial clusters merged with their old
+//!    content (backing file, shared cluster, compressed cluster), or, when the old content is
+//!    zeros, next to a zeroed rest (nothing to zero if the cluster is fresh past the end of file);
+//! 4. point the L2 entries at the new clusters, recording that the refcounts and the data must be
+//!    durable before the entries are written; queue the old clusters for freeing after the new
+//!    entries are durable.
+
+use super::cache::{put_u64, Dep, Table};
+use super::inflight::{Claim, Event};
+use super::refcount::Allocation;
+use super::Qcow2;
+use crate::block::check_range;
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::{Error, IoContext, Result};
+use crate::format::table::{compressed_range, L1Entry, Mapping};
+use crate::units::{GuestCluster, HostCluster, HostOffset};
+use futures_util::future::try_join_all;
+use std::sync::Arc;
+
+/// Where the old content of a cluster that gets a new host cluster comes from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Zeros,
+    Backing,
+    Cluster(HostOffset),
+    Compressed(HostOffset, u64),
+}
+
+/// What to do with one cluster of an allocating write.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// Write in place, no metadata change.
+    InPlace(HostOffset),
+    /// A preallocated zero cluster owned by us: write there, zero the rest, then clear ZERO.
+    Prealloc(HostOffset),
+    /// Needs a new cluster (assigned later).
+    New(Source),
+}
+
+enum Plan<'a> {
+    InPlace(Vec<(u64, IoBuf)>),
+    Wait(Arc<Event>),
+    Alloc {
+        claim: Claim<'a>,
+        old: Vec<Mapping>,
+    },
+}
+
+/// One storage operation of a write.
+enum Op {
+    Write(u64, IoBuf),
+    Zero(u64, u64),
+}
+
+impl Qcow2 {
+    /// Writes `data` at guest `offset`.
+    pub async fn write_at(&self, offset: u64, data: IoBuf) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, data.len() as u64, self.virtual_size())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        {
+            let _resize = self.resize_lock.read().await;
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let off = offset + pos as u64;
+                let n = self.bytes_in_slice(off, (data.len() - pos) as u64) as usize;
+                self.write_segment(off, data.slice(pos..pos + n)).await?;
+                pos += n;
+            }
+        }
+        if self.w.writethrough {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a piece of a request that lies within one L2 slice.
+    async fn write_segment(&self, offset: u64, data: IoBuf) -> Result<()> {
+        let g = self.geo;
+        let first = GuestCluster(offset >> g.cluster_bits);
+        let last = (offset + data.len() as u64 - 1) >> g.cluster_bits;
+        let n = (last - first.0 + 1) as usize;
+        loop {
+            let slice = self.l2_slice_for_write(first).await?;
+            let guard = self.epochs.enter();
+            match self.plan(&slice, first, n, offset, &data)? {
+                Plan::Wait(ev) => {
+                    drop(guard);
+                    ev.wait().await;
+                }
+                Plan::InPlace(writes) => {
+                    self.run_ops(writes.into_iter().map(|(h, b)| Op::Write(h, b)).collect())
+                        .await?;
+                    return Ok(());
+                }
+                Plan::Alloc { claim, old } => {
+                    let r = self
+                        .allocating_write(&slice, first, offset, &data, &old)
+                        .await;
+                    drop(claim);
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// Looks at the entries under the slice lock and decides how to write.
+    fn plan<'a>(
+        &'a self,
+        slice: &Arc<Table>,
+        first: GuestCluster,
+        n: usize,
+        offset: u64,
+        data: &IoBuf,
+    ) -> Result<Plan<'a>> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let base = self.index_in_slice(first);
+        let st = slice.lock();
+        let mut old = Vec::with_capacity(n);
+        for i in 0..n {
+            old.push(Mapping::decode(st.u64_at(base + i), g)?);
+        }
+        let all_in_place = old
+            .iter()
+            .all(|m| matches!(m, Mapping::Data { copied: true, .. }));
+        if all_in_place {
+            if let Some(ev) = self.claims.conflicting(first.0, first.0 + n as u64) {
+                return Ok(Plan::Wait(ev));
+            }
+            let mut writes: Vec<(u64, IoBuf)> = Vec::new();
+            let mut pos = 0usize;
+            for (i, m) in old.iter().enumerate() {
+                let Mapping::Data { host, .. } = m else {
+                    unreachable!("checked above")
+                };
+                let gstart = (first.0 + i as u64) << g.cluster_bits;
+                let from = offset.max(gstart);
+                let to = (offset + data.len() as u64).min(gstart + cs);
+                let part = data.slice(pos..pos + (to - from) as usize);
+                push_write(&mut writes, host.0 + (from - gstart), part);
+                pos += (to - from) as usize;
+            }
+            return Ok(Plan::InPlace(writes));
+        }
+        match self.claims.try_claim(first.0, first.0 + n as u64) {
+            Err(ev) => Ok(Plan::Wait(ev)),
+            Ok(claim) => Ok(Plan::Alloc { claim, old }),
+        }
+    }
+
+    /// Index of a guest cluster's entry inside its L2 slice.
+    pub(crate) fn index_in_slice(&self, c: GuestCluster) -> usize {
+        (self.geo.l2_index(c) as u64 % self.slice_entries) as usize
+    }
+
+    async fn allocating_write(
+        &self,
+        slice: &Arc<Table>,
+        first: GuestCluster,
+        offset: u64,
+        data: &IoBuf,
+        old: &[Mapping],
+    ) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let end = offset + data.len() as u64;
+        self.enable_lazy_refcounts_if_configured().await?;
+
+        let actions: Vec<Action> = old
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match *m {
+                Mapping::Data { host, copied: true } => Action::InPlace(host),
+                Mapping::Zero {
+                    prealloc: Some(h),
+                    copied: true,
+                } => Action::Prealloc(h),
+                Mapping::Zero { .. } => Action::New(Source::Zeros),
+                Mapping::Unallocated => {
+                    let gstart = (first.0 + i as u64) << g.cluster_bits;
+                    match self.backing.get() {
+                        Some(b) if gstart < b.size() => Action::New(Source::Backing),
+                        _ => Action::New(Source::Zeros),
+                    }
+                }
+                Mapping::Data { host, copied: false } => Action::New(Source::Cluster(host)),
+                Mapping::Compressed { host, sectors } => {
+                    Action::New(Source::Compressed(host, sectors))
+                }
+            })
+            .collect();
+        let new_count = actions
+            .iter()
+            .filter(|a| matches!(a, Action::New(_)))
+            .count() as u64;
+        let alloc = if new_count > 0 {
+            Some(self.rc.allocate(&self.w, &self.hdr, new_count).await?)
+        } else {
+            None
+        };
+
+        match self
+            .write_clusters(first, offset, end, data, &actions, alloc.as_ref())
+            .await
+        {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(a) = alloc {
+                    self.rc.release_unlinked(&self.w, a).await?;
+                }
+                return Err(e);
+            }
+        }
+        let data_gen = self.w.barrier.generation();
+
+        // Link the new clusters. The claim guarantees nobody changed these entries meanwhile.
+        let base = self.index_in_slice(first);
+        let mut deps = alloc.as_ref().map(|a| a.deps.clone()).unwrap_or_default();
+        deps.push(Dep::Sync(data_gen));
+        let mut next_new = alloc.as_ref().map_or(0, |a| a.start.0);
+        let version = {
+            let mut st = slice.lock();
+            let entries = st.modify(deps);
+            for (i, a) in actions.iter().enumerate() {
+                let host = match a {
+                    Action::InPlace(_) => continue,
+                    Action::Prealloc(h) => *h,
+                    Action::New(_) => {
+                        let h = g.host_offset(HostCluster(next_new));
+                        next_new += 1;
+                        h
+                    }
+                };
+                put_u64(
+                    entries,
+                    base + i,
+                    Mapping::Data { host, copied: true }.encode(g),
+                );
+            }
+            st.version()
+        };
+        // The old clusters are free once the new entries are durable.
+        for (a, m) in actions.iter().zip(old) {
+            if !matches!(a, Action::New(_)) {
+                continue;
+            }
+            let after = Some(Dep::Table {
+                table: slice.clone(),
+                version,
+            });
+            match *m {
+                Mapping::Data { host, .. }
+                | Mapping::Zero {
+                    prealloc: Some(host),
+                    ..
+                } => self.rc.defer_free(host, cs, after, false),
+                Mapping::Compressed { host, sectors } => {
+                    let (start, len) = compressed_range(host, sectors);
+                    self.rc.defer_free(start, len, after, false);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Issues the data writes of an allocating write (see module docs, step 3).
+    async fn write_clusters(
+        &self,
+        first: GuestCluster,
+        offset: u64,
+        end: u64,
+        data: &IoBuf,
+        actions: &[Action],
+        alloc: Option<&Allocation>,
+    ) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let fresh = alloc.is_some_and(|a| a.fresh);
+        let mut next_new = alloc.map_or(0, |a| a.start.0);
+        let mut writes: Vec<(u64, IoBuf)> = Vec::new();
+        let mut ops: Vec<Op> = Vec::new();
+        let mut pos = 0usize;
+        for (i, a) in actions.iter().enumerate() {
+            let gstart = (first.0 + i as u64) << g.cluster_bits;
+            let from = offset.max(gstart);
+            let to = end.min(gstart + cs);
+            let (head, tail) = (from - gstart, gstart + cs - to);
+            let part = data.slice(pos..pos + (to - from) as usize);
+            pos += (to - from) as usize;
+            let host = match a {
+                Action::InPlace(h) | Action::Prealloc(h) => h.0,
+                Action::New(_) => {
+                    let h = g.host_offset(HostCluster(next_new)).0;
+                    next_new += 1;
+                    h
+                }
+            };
+            let whole = head == 0 && tail == 0;
+            match a {
+                Action::InPlace(_) => push_write(&mut writes, host + head, part),
+                Action::New(_) if whole => push_write(&mut writes, host, part),
+                Action::Prealloc(_) | Action::New(Source::Zeros) => {
+                    push_write(&mut writes, host + head, part);
+                    let untouched_is_zero = fresh && matches!(a, Action::New(_));
+                    if !untouched_is_zero {
+                        if head > 0 {
+                            ops.push(Op::Zero(host, head));
+                        }
+                        if tail > 0 {
+                            ops.push(Op::Zero(host + cs - tail, tail));
+                        }
+                    }
+                }
+                Action::New(src) => {
+                    // Copy-on-write: old content with the new data on top, as one write.
+                    let mut cluster = self.read_cow_source(*src, gstart).await?;
+                    cluster[head as usize..(cs - tail) as usize].copy_from_slice(&part);
+                    push_write(&mut writes, host, cluster.freeze());
+                }
+            }
+        }
+        ops.extend(writes.into_iter().map(|(h, b)| Op::Write(h, b)));
+        self.run_ops(ops).await
+    }
+
+    async fn read_cow_source(&self, src: Source, guest: u64) -> Result<IoBufMut> {
+        let cs = self.geo.cluster_size() as usize;
+        match src {
+            Source::Zeros => Ok(IoBufMut::zeroed(cs)),
+            Source::Backing => self.read_backing(guest, IoBufMut::zeroed(cs)).await,
+            Source::Cluster(h) => self
+                .w
+                .storage
+                .read_at(IoBufMut::zeroed(cs), h.0)
+                .await
+                .context(|| format!("reading cluster at {h} for copy-on-write")),
+            Source::Compressed(h, sectors) => self.read_compressed(h, sectors).await,
+        }
+    }
+
+    async fn run_ops(&self, ops: Vec<Op>) -> Result<()> {
+        let storage = &self.w.storage;
+        let run = |op: Op| async move {
+            match op {
+                Op::Write(h, b) => storage
+                    .write_at(b, h)
+                    .await
+                    .context(|| format!("writing data at host offset {h:#x}")),
+                Op::Zero(h, n) => storage
+                    .write_zeroes(h, n)
+                    .await
+                    .context(|| format!("zeroing host range {h:#x}+{n:#x}")),
+            }
+        };
+        if ops.len() == 1 {
+            let op = ops.into_iter().next().unwrap_or(Op::Zero(0, 0));
+            return run(op).await;
+        }
+        try_join_all(ops.into_iter().map(run)).await?;
+        Ok(())
+    }
+
+    /// The L2 slice holding guest cluster `c`, with an L2 table this image owns alone:
+    /// allocates the table if there is none and copies it if it is shared with a snapshot.
+    pub(crate) async fn l2_slice_for_write(&self, c: GuestCluster) -> Result<Arc<Table>> {
+        let g = self.geo;
+        let l1i = g.l1_index(c);
+        let slice = g.l2_index(c) as u64 / self.slice_entries;
+        loop {
+            let e = self.l1.get(l1i).ok_or_else(|| {
+                Error::corrupt(format!("L1 index {l1i} beyond the L1 table while writing"))
+            })?;
+            let l2 = match e.l2_offset(g, l1i) {
+                Ok(l2) => l2,
+                Err(err) => return Err(self.signal_corruption(err).await),
+            };
+            if let (Some(off), true) = (l2, e.copied()) {
+                return self.l2.get(&self.w, self.slice_offset(off, slice)).await;
+            }
+            let claim = match self.l2_claims.try_claim(l1i, l1i + 1) {
+                Err(ev) => {
+                    ev.wait().await;
+                    continue;
+                }
+                Ok(claim) => claim,
+            };
+            if self.l1.get(l1i) != Some(e) {
+                continue; // someone else finished first
+            }
+            self.new_l2_table(l1i, l2).await?;
+            drop(claim);
+        }
+    }
+
+    /// Allocates an L2 table for L1 entry `l1i`: empty, or a copy of the shared table `old`.
+    async fn new_l2_table(&self, l1i: u64, old: Option<HostOffset>) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        self.enable_lazy_refcounts_if_configured().await?;
+        let alloc = self.rc.allocate(&self.w, &self.hdr, 1).await?;
+        let at = self.geo.host_offset(alloc.start);
+        let content = match old {
+            None => vec![0u8; cs as usize],
+            Some(off) => self
+                .w
+                .storage
+                .read_at(IoBufMut::zeroed(cs as usize), off.0)
+                .await
+                .context(|| format!("reading shared L2 table at {off}"))?
+                .to_vec(),
+        };
+        // The table's content reaches the file before the L1 entry that points to it.
+        let written = match old {
+            None => self.w.storage.write_zeroes(at.0, cs).await,
+            Some(_) => self.w.storage.write_at(IoBuf::copy_from(&content), at.0).await,
+        };
+        if let Err(e) = written {
+            self.rc.release_unlinked(&self.w, alloc).await?;
+            return Err(Error::io(format!("writing new L2 table at {at}"), e));
+        }
+        let gen = self.w.barrier.generation();
+        let slice_bytes = (self.slice_entries * 8) as usize;
+        for (k, chunk) in content.chunks(slice_bytes).enumerate() {
+            let off = self.slice_offset(at, k as u64);
+            self.l2
+                .insert_written(&self.w, off, chunk.to_vec().into_boxed_slice())
+                .await?;
+        }
+        let mut deps = alloc.deps;
+        deps.push(Dep::Sync(gen));
+        self.l1.set(l1i, L1Entry::new(at, true), deps);
+        if let Some(old) = old {
+            let after = Some(self.l1.dep_on_entry(l1i));
+            self.rc.defer_free(old, cs, after, false);
+        }
+        Ok(())
+    }
+}
+
+/// Appends a write, merging it into the previous one when both are contiguous on the host and
+/// in memory (one request over several fresh clusters becomes one write).
+fn push_write(writes: &mut Vec<(u64, IoBuf)>, host: u64, buf: IoBuf) {
+    if let Some((h, b)) = writes.last_mut() {
+        if *h + b.len() as u64 == host {
+            if let Some(joined) = b.try_join(&buf) {
+                *b = joined;
+                return;
+            }
+        }
+    }
+    writes.push((host, buf));
+}

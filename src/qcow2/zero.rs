@@ -1,0 +1,261 @@
+//! Write-zeroes and discard: metadata-only operations on whole clusters.
+//!
+//! - Write-zeroes on whole clusters of a v3 image sets the ZERO flag: keeping the host cluster
+//!   (preallocated zero cluster) unless unmapping is allowed. Compressed clusters are always
+//!   unmapped (a ZERO flag cannot sit on a compressed descriptor). Partial clusters and v2 images
+//!   get real zeros written, except where the guest already reads zeros.
+//! - Discard works on whole clusters only, as QEMU's does: a discarded cluster reads as zeros on
+//!   v3 images (ZERO flag) and falls through to the backing file on v2 (or reads zeros without
+//!   one). Freed clusters are punched out of the file (`pass-discard-request`, on by default).
+//!
+//! Both claim the clusters they change, like allocating writes, and free host clusters only after
+//! the new entries are durable.
+
+use super::cache::{put_u64, Dep};
+use super::Qcow2;
+use crate::block::{check_range, ZeroFlags};
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::format::table::{compressed_range, Mapping};
+use crate::units::GuestCluster;
+
+/// What a metadata-only operation does to each cluster.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClusterOp {
+    Zero { unmap: bool },
+    Discard,
+}
+
+impl Qcow2 {
+    /// Makes `[offset, offset+len)` read as zeros.
+    pub async fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let size = self.virtual_size();
+        // The last cluster of a disk whose size is not cluster aligned counts as whole.
+        let astart = offset.next_multiple_of(cs);
+        let aend = if end == size { end } else { end / cs * cs };
+        if astart >= aend {
+            return self.zero_partial(offset, len, flags).await;
+        }
+        if offset < astart {
+            self.zero_partial(offset, astart - offset, flags).await?;
+        }
+        if self.version >= 3 {
+            self.cluster_op(astart, aend - astart, ClusterOp::Zero { unmap: flags.may_unmap })
+                .await?;
+        } else {
+            self.zero_partial(astart, aend - astart, flags).await?;
+        }
+        if aend < end {
+            self.zero_partial(aend, end - aend, flags).await?;
+        }
+        if self.w.writethrough {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range by writing zero buffers where it does not already read as zeros.
+    async fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let st = self.status_at(pos, end - pos).await?;
+            let n = st.len.max(1).min(end - pos);
+            let reads_zero = st.zero && !st.data;
+            if !reads_zero {
+                if flags.fast_only {
+                    return Err(Error::unsupported("zeroing this range needs a data write"));
+                }
+                // One zero buffer, reused for every chunk of the range.
+                const CHUNK: u64 = 1 << 20;
+                let zeros = IoBuf::zeroed(n.min(CHUNK) as usize);
+                let mut done = 0;
+                while done < n {
+                    let k = (n - done).min(CHUNK);
+                    self.write_at(pos + done, zeros.slice(0..k as usize)).await?;
+                    done += k;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters in `[offset, offset+len)` (partial clusters are left alone).
+    pub async fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.virtual_size())?;
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let astart = offset.next_multiple_of(cs);
+        let aend = if end == self.virtual_size() {
+            end
+        } else {
+            end / cs * cs
+        };
+        if astart < aend {
+            self.cluster_op(astart, aend - astart, ClusterOp::Discard)
+                .await?;
+        }
+        if self.w.writethrough {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies `op` to whole clusters, one L2 slice at a time.
+    async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+        let _resize = self.resize_lock.read().await;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = self.bytes_in_slice(pos, end - pos);
+            self.cluster_op_in_slice(pos, n, op).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn cluster_op_in_slice(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let first = GuestCluster(offset >> g.cluster_bits);
+        let n = len.div_ceil(cs) as usize;
+        let has_backing = self.backing.get().is_some();
+
+        // Without an L2 table every cluster is unallocated and reads as zeros unless a backing
+        // file shows through: then there is nothing to change (and no table to allocate).
+        let l1e = self.l1.get(g.l1_index(first));
+        let has_table = l1e.is_some_and(|e| e.0 & crate::format::table::OFFSET_MASK != 0);
+        if !has_table {
+            let needed = match op {
+                ClusterOp::Zero { .. } => has_backing,
+                ClusterOp::Discard => has_backing && self.version >= 3,
+            };
+            if !needed {
+                return Ok(());
+            }
+        }
+        loop {
+            let slice = self.l2_slice_for_write(first).await?;
+            let claim = match self.claims.try_claim(first.0, first.0 + n as u64) {
+                Err(ev) => {
+                    ev.wait().await;
+                    continue;
+                }
+                Ok(c) => c,
+            };
+            let base = self.index_in_slice(first);
+            let mut frees = Vec::new();
+            let decided = (|| -> Result<Option<u64>> {
+                let mut st = slice.lock();
+                let mut changes = Vec::new();
+                for i in 0..n {
+                    let old = Mapping::decode(st.u64_at(base + i), g)?;
+                    let new = self.new_mapping(old, op, has_backing);
+                    if new != old {
+                        changes.push((i, new));
+                        if let Some(free) = freed_range(old, new, cs) {
+                            frees.push(free);
+                        }
+                    }
+                }
+                if changes.is_empty() {
+                    return Ok(None);
+                }
+                let entries = st.modify([]);
+                for (i, m) in changes {
+                    put_u64(entries, base + i, m.encode(g));
+                }
+                Ok(Some(st.version()))
+            })();
+            let version = match decided {
+                Ok(v) => v,
+                Err(e) => {
+                    drop(claim);
+                    return Err(self.signal_corruption(e).await);
+                }
+            };
+            drop(claim);
+            if let Some(version) = version {
+                let discard = op == ClusterOp::Discard && self.pass_discard;
+                for (start, len) in frees {
+                    let after = Some(Dep::Table {
+                        table: slice.clone(),
+                        version,
+                    });
+                    self.rc.defer_free(start, len, after, discard);
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    fn new_mapping(&self, old: Mapping, op: ClusterOp, has_backing: bool) -> Mapping {
+        let v3 = self.version >= 3;
+        match op {
+            ClusterOp::Zero { unmap } => match old {
+                Mapping::Compressed { .. } => Mapping::Zero {
+                    prealloc: None,
+                    copied: false,
+                },
+                Mapping::Data { host, copied } if !unmap => Mapping::Zero {
+                    prealloc: Some(host),
+                    copied,
+                },
+                Mapping::Zero {
+                    prealloc: Some(host),
+                    copied,
+                } if !unmap => Mapping::Zero {
+                    prealloc: Some(host),
+                    copied,
+                },
+                _ => Mapping::Zero {
+                    prealloc: None,
+                    copied: false,
+                },
+            },
+            ClusterOp::Discard => {
+                let allocated = !matches!(
+                    old,
+                    Mapping::Unallocated
+                        | Mapping::Zero {
+                            prealloc: None,
+                            ..
+                        }
+                );
+                if !allocated && !(has_backing && old == Mapping::Unallocated && v3) {
+                    return old; // already reads as it should
+                }
+                if v3 {
+                    Mapping::Zero {
+                        prealloc: None,
+                        copied: false,
+                    }
+                } else {
+                    Mapping::Unallocated
+                }
+            }
+        }
+    }
+}
+
+/// The host byte range that `old` held and `new` no longer holds.
+fn freed_range(old: Mapping, new: Mapping, cs: u64) -> Option<(crate::units::HostOffset, u64)> {
+    match old {
+        Mapping::Compressed { host, sectors } => Some(compressed_range(host, sectors)),
+        Mapping::Data { host, .. }
+        | Mapping::Zero {
+            prealloc: Some(host),
+            ..
+        } if new.host_cluster() != Some(host) => Some((host, cs)),
+        _ => None,
+    }
+}

@@ -1,0 +1,164 @@
+//! The raw format: the virtual disk is the file, byte for byte. Used for raw images, raw backing
+//! files and as the comparison baseline for the format's overhead.
+
+use crate::block::{check_range, BlockDevice, BlockStatus, Format, OpenOptions, ZeroFlags};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::{Error, IoContext, Result};
+use crate::storage::{IoFuture, StorageRef};
+use std::sync::Arc;
+
+pub struct Raw {
+    storage: StorageRef,
+    filename: String,
+    size: u64,
+    read_only: bool,
+    writethrough: bool,
+}
+
+impl Raw {
+    pub async fn open(storage: StorageRef, filename: String, opts: &OpenOptions) -> Result<Raw> {
+        let size = storage
+            .len()
+            .await
+            .context(|| format!("Could not get the size of '{filename}'"))?;
+        Ok(Raw {
+            storage,
+            filename,
+            size,
+            read_only: opts.read_only,
+            writethrough: opts.cache.writethrough(),
+        })
+    }
+
+    /// A raw device over any storage (tests, benchmarks).
+    pub fn with_storage(storage: StorageRef, size: u64, read_only: bool) -> Raw {
+        Raw {
+            storage,
+            filename: String::new(),
+            size,
+            read_only,
+            writethrough: false,
+        }
+    }
+
+    fn writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, len, self.size)
+    }
+
+    async fn after_write(&self) -> Result<()> {
+        if self.writethrough {
+            self.storage
+                .flush()
+                .await
+                .context(|| format!("flushing '{}'", self.filename))?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Raw {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>> {
+        Box::pin(async move {
+            check_range(offset, buf.len() as u64, self.size)?;
+            self.storage
+                .read_at(buf, offset)
+                .await
+                .context(|| format!("reading '{}' at {offset}", self.filename))
+        })
+    }
+
+    fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.writable(offset, data.len() as u64)?;
+            self.storage
+                .write_at(data, offset)
+                .await
+                .context(|| format!("writing '{}' at {offset}", self.filename))?;
+            self.after_write().await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.writable(offset, len)?;
+            let _ = flags;
+            self.storage
+                .write_zeroes(offset, len)
+                .await
+                .context(|| format!("zeroing '{}' at {offset}", self.filename))?;
+            self.after_write().await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.writable(offset, len)?;
+            self.storage
+                .discard(offset, len)
+                .await
+                .context(|| format!("discarding in '{}' at {offset}", self.filename))
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if self.read_only {
+                return Ok(());
+            }
+            self.storage
+                .flush()
+                .await
+                .context(|| format!("flushing '{}'", self.filename))
+        })
+    }
+
+    fn close(&self) -> IoFuture<'_, Result<()>> {
+        self.flush()
+    }
+
+    fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {
+        Box::pin(async move {
+            let max = max.min(self.size.saturating_sub(offset));
+            let (hole, len) = self
+                .storage
+                .hole_at(offset, max)
+                .await
+                .context(|| format!("querying allocation of '{}'", self.filename))?;
+            Ok(BlockStatus {
+                len: len.max(1).min(max.max(1)),
+                data: !hole,
+                zero: hole,
+                compressed: false,
+                offset: Some(offset),
+                allocated: true,
+            })
+        })
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.storage.allocated_bytes()
+    }
+}
