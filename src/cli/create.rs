@@ -1,0 +1,236 @@
+//! `qimg create`: new qcow2 or raw images.
+
+use super::fail;
+use super::opts::parse_kv_list;
+use qimg::block::{open_image, resolve_backing, Format, OpenOptions};
+use qimg::format::CompressionType;
+use qimg::qcow2::{create, CreateOptions, Preallocation};
+use qimg::size::{parse_bool, parse_size};
+use qimg::storage::file::{FileOptions, FileStorage};
+use qimg::storage::{Storage, StorageRef};
+use qimg::{Error, Result};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (qcow2 or raw)
+    #[arg(short = 'f', default_value = "raw")]
+    format: String,
+    /// Format options: cluster_size, compat, refcount_bits, lazy_refcounts, compression_type,
+    /// preallocation, backing_file, backing_fmt, size
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Backing file
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Do not open the backing file to check it or take its size
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Quiet
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// File to create
+    filename: String,
+    /// Virtual size (k, M, G, T, P, E suffixes)
+    size: Option<String>,
+}
+
+pub async fn run(a: Args) -> u8 {
+    match create_image(&a).await {
+        Ok(()) => 0,
+        Err(e) => fail(format!("{}: {e}", a.filename)),
+    }
+}
+
+fn bad_size() -> Error {
+    Error::arg(
+        "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+    )
+}
+
+async fn create_image(a: &Args) -> Result<()> {
+    let format = Format::parse(&a.format)?;
+    let mut o = CreateOptions::default();
+    let mut size = a
+        .size
+        .as_deref()
+        .map(|s| parse_size(s).map_err(|_| bad_size()))
+        .transpose()?;
+    let mut compat_given = None;
+    for list in &a.options {
+        for (k, v) in parse_kv_list(list) {
+            match (format, k.as_str()) {
+                (_, "size") => size = Some(parse_size(&v).map_err(|_| bad_size())?),
+                (_, "preallocation") => o.preallocation = Preallocation::parse(&v)?,
+                (Format::Qcow2, "cluster_size") => {
+                    o.cluster_size = parse_size(&v).map_err(|_| {
+                        Error::arg("Parameter 'cluster_size' expects a non-negative number below 2^64")
+                    })?
+                }
+                (Format::Qcow2, "compat") => {
+                    o.version = match v.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        other => {
+                            return Err(Error::arg(format!(
+                                "Invalid compatibility level: '{other}'"
+                            )))
+                        }
+                    };
+                    compat_given = Some(if o.version == 2 { "0.10" } else { "1.1" });
+                }
+                (Format::Qcow2, "refcount_bits") => {
+                    o.refcount_bits = v.parse().map_err(|_| {
+                        Error::arg("Parameter 'refcount_bits' expects a non-negative number below 2^64")
+                    })?
+                }
+                (Format::Qcow2, "lazy_refcounts") => o.lazy_refcounts = parse_bool(&k, &v)?,
+                (Format::Qcow2, "compression_type") => {
+                    o.compression = CompressionType::parse(&v).ok_or_else(|| {
+                        Error::arg(format!("Parameter 'compression_type' does not accept value '{v}'"))
+                    })?
+                }
+                (Format::Qcow2, "backing_file") => o.backing_file = Some(v),
+                (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v),
+                (Format::Qcow2, "extended_l2") => {
+                    if parse_bool(&k, &v)? {
+                        return Err(Error::unsupported(
+                            "extended_l2 (subclusters) is not supported yet",
+                        ));
+                    }
+                }
+                (Format::Qcow2, "encryption" | "encrypt.format" | "data_file" | "data_file_raw") => {
+                    return Err(Error::unsupported(format!(
+                        "option '{k}' is not supported yet"
+                    )))
+                }
+                (Format::Qcow2, "nocow") => {}
+                _ => return Err(Error::arg(format!("Invalid parameter '{k}'"))),
+            }
+        }
+    }
+    if let Some(b) = &a.backing {
+        o.backing_file = Some(b.clone());
+    }
+    if let Some(f) = &a.backing_format {
+        o.backing_format = Some(f.clone());
+    }
+    if format == Format::Raw && o.preallocation == Preallocation::Metadata {
+        return Err(Error::arg("Unsupported preallocation mode 'metadata'"));
+    }
+    if o.backing_file.is_some() && format == Format::Raw {
+        return Err(Error::arg("Backing file not supported for file format 'raw'"));
+    }
+
+    // Without a size, a backing file gives it.
+    if let (Some(b), None) = (&o.backing_file, size) {
+        if a.unsafe_backing {
+            return Err(Error::arg(
+                "Image creation needs a size parameter when the backing file is not opened (-u)",
+            ));
+        }
+        let fmt = o.backing_format.as_deref().map(Format::parse).transpose()?;
+        let path = resolve_backing(Path::new(&a.filename), b)?;
+        let opts = OpenOptions {
+            format: fmt,
+            read_only: true,
+            ..Default::default()
+        };
+        let img = open_image(&path, &opts)
+            .await
+            .map_err(|e| Error::arg(format!("Could not open backing image: {e}")))?;
+        size = Some(img.size());
+        img.close().await?;
+    } else if let (Some(b), false) = (&o.backing_file, a.unsafe_backing) {
+        // The backing file must at least be there.
+        let path = resolve_backing(Path::new(&a.filename), b)?;
+        if !path.exists() {
+            return Err(Error::arg(format!(
+                "Could not open backing file: Could not open '{}': No such file or directory",
+                path.display()
+            )));
+        }
+    }
+    let size = size.ok_or_else(|| Error::arg("Image creation needs a size parameter"))?;
+    o.size = size;
+
+    if !a.quiet {
+        println!("Formatting '{}', {}", a.filename, describe(format, &o, compat_given));
+    }
+    match format {
+        Format::Qcow2 => {
+            o.validate()?;
+            let s: StorageRef = Arc::new(
+                FileStorage::create(Path::new(&a.filename), FileOptions::default())
+                    .map_err(|e| Error::io("Could not create image", e))?,
+            );
+            create(s, &o).await
+        }
+        Format::Raw => create_raw(&a.filename, size, o.preallocation).await,
+    }
+}
+
+/// The `key=value` summary qemu-img prints when formatting.
+fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) -> String {
+    match format {
+        Format::Raw => {
+            let mut s = format!("fmt=raw size={}", o.size);
+            if o.preallocation != Preallocation::Off {
+                s += &format!(" preallocation={}", o.preallocation.name());
+            }
+            s
+        }
+        Format::Qcow2 => {
+            let mut s = format!(
+                "fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={}",
+                o.cluster_size,
+                o.compression.name(),
+                o.size
+            );
+            if let Some(c) = compat {
+                s += &format!(" compat={c}");
+            }
+            if let Some(b) = &o.backing_file {
+                s += &format!(" backing_file={b}");
+            }
+            if let Some(f) = &o.backing_format {
+                s += &format!(" backing_fmt={f}");
+            }
+            if o.preallocation != Preallocation::Off {
+                s += &format!(" preallocation={}", o.preallocation.name());
+            }
+            s += &format!(
+                " lazy_refcounts={} refcount_bits={}",
+                if o.lazy_refcounts { "on" } else { "off" },
+                o.refcount_bits
+            );
+            s
+        }
+    }
+}
+
+async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> Result<()> {
+    let s = FileStorage::create(Path::new(path), FileOptions::default())
+        .map_err(|e| Error::io("Could not create image", e))?;
+    let ctx = |e| Error::io("Could not resize the new image", e);
+    match prealloc {
+        Preallocation::Falloc if size > 0 => s.allocate(0, size).await.map_err(ctx)?,
+        Preallocation::Full if size > 0 => {
+            let zeros = qimg::IoBuf::zeroed(8 << 20);
+            let mut off = 0;
+            while off < size {
+                let n = (size - off).min(8 << 20);
+                s.write_at(zeros.slice(0..n as usize), off).await.map_err(ctx)?;
+                off += n;
+            }
+        }
+        _ => {}
+    }
+    s.set_len(size).await.map_err(ctx)?;
+    s.flush().await.map_err(ctx)?;
+    Ok(())
+}

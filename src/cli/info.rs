@@ -1,0 +1,279 @@
+//! `qimg info`: what qemu-img info prints, in human or JSON form.
+
+use super::fail;
+use super::opts::{open, ImageArgs};
+use qimg::block::{BlockDevice, Format};
+use qimg::format::snapshot::Snapshot;
+use qimg::size::human_size;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (probed if not given)
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format: human or json
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Show the whole backing chain
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Ignored (qemu-img compatibility: images are always opened read-only here)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    filename: String,
+}
+
+pub async fn run(a: Args) -> u8 {
+    if a.output != "human" && a.output != "json" {
+        return fail(format!("--output must be used with human or json as argument."));
+    }
+    let _ = a.force_share;
+    let img = match open(&ImageArgs {
+        path: &a.filename,
+        format: a.format.as_deref(),
+        read_only: true,
+        cache: None,
+        runtime_opts: &[],
+        no_backing: !a.backing_chain,
+    })
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => return fail(format!("Could not open '{}': {e}", a.filename)),
+    };
+    let mut chain: Vec<Arc<dyn BlockDevice>> = vec![img.clone()];
+    if a.backing_chain {
+        while let Some(b) = chain.last().and_then(|i| i.backing()) {
+            chain.push(b);
+        }
+    }
+    if a.output == "json" {
+        let infos: Vec<Value> = chain.iter().map(|i| info_json(i.as_ref())).collect();
+        let v = if a.backing_chain {
+            Value::Array(infos)
+        } else {
+            infos.into_iter().next().unwrap_or(Value::Null)
+        };
+        println!("{}", pretty(&v));
+    } else {
+        for (n, i) in chain.iter().enumerate() {
+            if n > 0 {
+                println!();
+            }
+            print!("{}", info_human(i.as_ref()));
+        }
+    }
+    let _ = img.close().await;
+    0
+}
+
+/// JSON with 4-space indentation, as qemu-img prints it.
+pub fn pretty(v: &Value) -> String {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    serde::Serialize::serialize(v, &mut ser).expect("JSON values always serialize");
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn file_length(img: &dyn BlockDevice) -> u64 {
+    std::fs::metadata(img.filename()).map(|m| m.len()).unwrap_or(0)
+}
+
+fn full_backing(img: &dyn BlockDevice, name: &str) -> String {
+    qimg::block::resolve_backing(std::path::Path::new(img.filename()), name)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| name.to_string())
+}
+
+fn info_json(img: &dyn BlockDevice) -> Value {
+    let actual = img.allocated_bytes().unwrap_or(0);
+    let file_child = json!({
+        "name": "file",
+        "info": {
+            "children": [],
+            "virtual-size": file_length(img),
+            "filename": img.filename(),
+            "format": "file",
+            "actual-size": actual,
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false,
+        }
+    });
+    let mut m = serde_json::Map::new();
+    m.insert("children".into(), json!([file_child]));
+    if let Some(q) = img.as_qcow2() {
+        let snaps = q.snapshots();
+        if !snaps.is_empty() {
+            m.insert(
+                "snapshots".into(),
+                Value::Array(snaps.iter().map(snapshot_json).collect()),
+            );
+        }
+        if let Some(f) = q.backing_format() {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+    m.insert("virtual-size".into(), json!(img.size()));
+    m.insert("filename".into(), json!(img.filename()));
+    if let Some(q) = img.as_qcow2() {
+        m.insert("cluster-size".into(), json!(q.cluster_size()));
+    }
+    m.insert("format".into(), json!(img.format().name()));
+    m.insert("actual-size".into(), json!(actual));
+    if let Some(q) = img.as_qcow2() {
+        let h = q.header();
+        let mut data = serde_json::Map::new();
+        data.insert(
+            "compat".into(),
+            json!(if h.version >= 3 { "1.1" } else { "0.10" }),
+        );
+        data.insert("compression-type".into(), json!(h.compression_type.name()));
+        if h.version >= 3 {
+            data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        }
+        data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if h.version >= 3 {
+            data.insert("corrupt".into(), json!(h.is_corrupt()));
+            data.insert("extended-l2".into(), json!(false));
+        }
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": Value::Object(data)}),
+        );
+        if let Some(b) = h.backing_file.as_deref() {
+            m.insert("full-backing-filename".into(), json!(full_backing(img, b)));
+            m.insert("backing-filename".into(), json!(b));
+        }
+        m.insert("dirty-flag".into(), json!(h.is_dirty()));
+    } else {
+        m.insert("dirty-flag".into(), json!(false));
+    }
+    Value::Object(m)
+}
+
+fn snapshot_json(s: &Snapshot) -> Value {
+    let mut m = serde_json::Map::new();
+    if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
+        m.insert("icount".into(), json!(ic));
+    }
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
+}
+
+fn info_human(img: &dyn BlockDevice) -> String {
+    let mut s = String::new();
+    let actual = img.allocated_bytes().unwrap_or(0);
+    s += &format!("image: {}\n", img.filename());
+    s += &format!("file format: {}\n", img.format().name());
+    s += &format!(
+        "virtual size: {} ({} bytes)\n",
+        human_size(img.size()),
+        img.size()
+    );
+    s += &format!("disk size: {}\n", human_size(actual));
+    if let Some(q) = img.as_qcow2() {
+        let h = q.header();
+        s += &format!("cluster_size: {}\n", q.cluster_size());
+        if let Some(b) = h.backing_file.as_deref() {
+            let full = full_backing(img, b);
+            if full != b {
+                s += &format!("backing file: {b} (actual path: {full})\n");
+            } else {
+                s += &format!("backing file: {b}\n");
+            }
+            if let Some(f) = h.backing_format() {
+                s += &format!("backing file format: {f}\n");
+            }
+        }
+        if !q.snapshots().is_empty() {
+            s += "Snapshot list:\n";
+            s += &snapshot_table(q.snapshots());
+        }
+        s += "Format specific information:\n";
+        s += &format!(
+            "    compat: {}\n",
+            if h.version >= 3 { "1.1" } else { "0.10" }
+        );
+        s += &format!("    compression type: {}\n", h.compression_type.name());
+        if h.version >= 3 {
+            s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
+        }
+        s += &format!("    refcount bits: {}\n", h.refcount_bits());
+        if h.version >= 3 {
+            s += &format!("    corrupt: {}\n", h.is_corrupt());
+            s += "    extended l2: false\n";
+        }
+    }
+    let flen = file_length(img);
+    s += "Child node '/file':\n";
+    s += &format!("    filename: {}\n", img.filename());
+    s += "    protocol type: file\n";
+    s += &format!("    file length: {} ({flen} bytes)\n", human_size(flen));
+    s += &format!("    disk size: {}\n", human_size(actual));
+    let _ = Format::Raw;
+    s
+}
+
+/// The snapshot table of `qemu-img info` / `qemu-img snapshot -l`.
+pub fn snapshot_table(snaps: &[Snapshot]) -> String {
+    let mut s = format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snaps {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (sn.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = match sn.icount {
+            Some(i) if i != u64::MAX => i.to_string(),
+            _ => String::new(),
+        };
+        s += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            sn.id,
+            sn.name,
+            human_size(sn.vm_state_size),
+            format_date(sn.date_sec),
+            clock,
+            icount
+        );
+    }
+    s
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time, as QEMU prints snapshot dates.
+fn format_date(secs: u32) -> String {
+    // Civil-from-days (UTC; the test machines run in UTC).
+    let days = i64::from(secs) / 86400;
+    let rem = i64::from(secs) % 86400;
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}

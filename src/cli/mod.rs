@@ -1,0 +1,98 @@
+//! Command-line front end. One module per command; each parses its arguments, calls the
+//! library, and prints what qemu-img (or qemu-io) would print. No engine logic lives here.
+
+mod check;
+mod compare;
+mod create;
+mod info;
+mod io;
+mod map;
+mod opts;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "qimg",
+    version,
+    about = "qcow2 disk image engine: create, inspect, check, compare and poke disk images",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new disk image
+    Create(create::Args),
+    /// Show information about an image
+    Info(info::Args),
+    /// Show the allocation map of an image
+    Map(map::Args),
+    /// Check an image for consistency
+    Check(check::Args),
+    /// Compare the content of two images
+    Compare(compare::Args),
+    /// Run qemu-io style commands on an image
+    Io(io::Args),
+}
+
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("qimg")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qimg: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.cmd {
+            Command::Create(a) => create::run(a).await,
+            Command::Info(a) => info::run(a).await,
+            Command::Map(a) => map::run(a).await,
+            Command::Check(a) => check::run(a).await,
+            Command::Compare(a) => compare::run(a).await,
+            Command::Io(a) => io::run(a).await,
+        }
+    });
+    ExitCode::from(code)
+}
+
+/// Diagnostics from the library go to stderr, warnings and errors only unless `QIMG_LOG` says
+/// otherwise (`QIMG_LOG=debug`).
+fn init_logging() {
+    let level = match std::env::var("QIMG_LOG").as_deref() {
+        Ok("trace") => tracing::Level::TRACE,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("info") => tracing::Level::INFO,
+        Ok("error") => tracing::Level::ERROR,
+        _ => tracing::Level::WARN,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints `qemu-img: msg` (qimg's name) to stderr and returns exit status 1.
+pub fn fail(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("qimg: {msg}");
+    1
+}

@@ -1,0 +1,89 @@
+//! Option parsing shared by the commands: `-o key=value,...` lists (with QEMU's `,,` escape for a
+//! literal comma), image opening with the common flags.
+
+use qimg::block::{open_image, BlockDevice, CacheMode, Format, OpenOptions};
+use qimg::qcow2::Qcow2Options;
+use qimg::Result;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Splits `a=1,b=2` into pairs; `,,` is a literal comma; a bare `key` means `key=on`.
+pub fn parse_kv_list(s: &str) -> Vec<(String, String)> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        items.push(cur);
+    }
+    items
+        .into_iter()
+        .filter(|i| !i.is_empty())
+        .map(|i| match i.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (i, "on".to_string()),
+        })
+        .collect()
+}
+
+/// Everything needed to open an image from the command line.
+pub struct ImageArgs<'a> {
+    pub path: &'a str,
+    pub format: Option<&'a str>,
+    pub read_only: bool,
+    pub cache: Option<&'a str>,
+    pub runtime_opts: &'a [String],
+    pub no_backing: bool,
+}
+
+pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
+    let format = a.format.map(Format::parse).transpose()?;
+    let cache = a.cache.map(CacheMode::parse).transpose()?.unwrap_or_default();
+    let mut qcow2 = Qcow2Options::default();
+    for list in a.runtime_opts {
+        for (k, v) in parse_kv_list(list) {
+            if !qcow2.set(&k, &v)? {
+                return Err(qimg::Error::arg(format!(
+                    "Invalid parameter '{k}'"
+                )));
+            }
+        }
+    }
+    let opts = OpenOptions {
+        format,
+        read_only: a.read_only,
+        cache,
+        qcow2,
+        no_backing: a.no_backing,
+    };
+    open_image(Path::new(a.path), &opts).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_lists() {
+        assert_eq!(
+            parse_kv_list("a=1,b=x,,y,c"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x,y".into()),
+                ("c".into(), "on".into())
+            ]
+        );
+        assert!(parse_kv_list("").is_empty());
+    }
+}
