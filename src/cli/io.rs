@@ -1,8 +1,625 @@
-//! `qimg io` (placeholder).
+//! `qimg io`: a qemu-io compatible subset, for poking images the way QEMU's test suite does.
+//!
+//! Commands: `read`/`r`, `write`/`w`, `readv`, `writev`, `discard`/`d`, `flush`/`f`,
+//! `aio_read`, `aio_write`, `aio_flush`, `length`, `quit`. Output lines, number parsing, error
+//! messages and the exit status (1 if any synchronous command failed) follow qemu-io 10.
+//! Asynchronous requests run concurrently and report when they complete.
+
+use super::opts::{open, ImageArgs};
+use qimg::block::{BlockDevice, ZeroFlags};
+use qimg::{Error, IoBufMut};
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
 #[derive(clap::Args)]
 pub struct Args {
+    /// Image format (probed if not given)
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Open read-only
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Runtime options (l2-cache-size=..., cache-clean-interval=...)
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Host cache mode (writeback, writethrough, none, directsync, unsafe)
+    #[arg(short = 't', long = "cache")]
+    cache: Option<String>,
+    /// Bypass the host page cache (same as -t none)
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// Command to run (repeatable)
+    #[arg(short = 'c', long = "cmd")]
+    cmds: Vec<String>,
     filename: String,
 }
+
+/// Largest single request qemu-io accepts.
+const MAX_REQUEST: u64 = 2147483136;
+
 pub async fn run(a: Args) -> u8 {
-    super::fail(format!("{}: io is not implemented yet", a.filename))
+    let cache = if a.nocache {
+        Some("none".to_string())
+    } else {
+        a.cache.clone()
+    };
+    let img = match open(&ImageArgs {
+        path: &a.filename,
+        format: a.format.as_deref(),
+        read_only: a.read_only,
+        cache: cache.as_deref(),
+        runtime_opts: &a.options,
+        no_backing: false,
+    })
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("qimg: can't open device {}: {}", a.filename, e);
+            return 1;
+        }
+    };
+    let mut session = Session {
+        img: img.clone(),
+        aio: JoinSet::new(),
+        failed: false,
+    };
+    for c in &a.cmds {
+        if !session.command(c).await {
+            break;
+        }
+    }
+    session.drain().await;
+    if let Err(e) = img.close().await {
+        eprintln!("qimg: {e}");
+        session.failed = true;
+    }
+    u8::from(session.failed)
+}
+
+struct Session {
+    img: Arc<dyn BlockDevice>,
+    aio: JoinSet<()>,
+    failed: bool,
+}
+
+/// Parsed flags of read/write style commands.
+#[derive(Default)]
+struct Flags {
+    pattern: Option<u8>,
+    pattern_off: Option<u64>,
+    pattern_len: Option<u64>,
+    machine: bool,
+    quiet: bool,
+    verbose: bool,
+    zero: bool,
+    unmap: bool,
+    compress: bool,
+    no_fallback: bool,
+}
+
+impl Session {
+    /// Runs one command line; returns false to stop (quit).
+    async fn command(&mut self, line: &str) -> bool {
+        let words: Vec<&str> = line.split(' ').filter(|w| !w.is_empty()).collect();
+        let Some((&name, args)) = words.split_first() else {
+            return true;
+        };
+        let ok = match name {
+            "read" | "r" => self.rw(name, "read", args, false).await,
+            "readv" => self.rw(name, "readv", args, true).await,
+            "write" | "w" => self.rw(name, "write", args, false).await,
+            "writev" => self.rw(name, "writev", args, true).await,
+            "aio_read" => self.aio(name, false, args),
+            "aio_write" => self.aio(name, true, args),
+            "discard" | "d" => self.discard(name, args).await,
+            "flush" | "f" => {
+                if !args.is_empty() {
+                    eprintln!("bad argument count {} to flush, expected 0 arguments", args.len());
+                    false
+                } else {
+                    match self.img.flush().await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            println!("flush failed: {}", errno_text(&e));
+                            false
+                        }
+                    }
+                }
+            }
+            "aio_flush" => {
+                self.drain().await;
+                match self.img.flush().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        println!("aio_flush failed: {}", errno_text(&e));
+                        false
+                    }
+                }
+            }
+            "length" => {
+                println!("{}", cvtstr(self.img.size() as f64));
+                true
+            }
+            "quit" | "q" => return false,
+            other => {
+                eprintln!("command \"{other}\" not found");
+                false
+            }
+        };
+        if !ok {
+            self.failed = true;
+        }
+        let _ = std::io::stdout().flush();
+        true
+    }
+
+    async fn drain(&mut self) {
+        while self.aio.join_next().await.is_some() {}
+    }
+
+    /// Parses flags; returns the flags and the positional arguments.
+    fn parse<'a>(cmd: &str, args: &[&'a str], allowed: &str) -> Option<(Flags, Vec<&'a str>)> {
+        let mut f = Flags::default();
+        let mut pos = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i];
+            if a.len() < 2 || !a.starts_with('-') || a.as_bytes()[1].is_ascii_digit() {
+                pos.push(a);
+                i += 1;
+                continue;
+            }
+            let mut chars = a[1..].chars();
+            while let Some(c) = chars.next() {
+                if !allowed.contains(c) {
+                    eprintln!("{cmd}: invalid option -- '{c}'");
+                    return None;
+                }
+                let takes_arg = matches!(c, 'P' | 's' | 'l');
+                let value = if takes_arg {
+                    let rest: String = chars.by_ref().collect();
+                    if !rest.is_empty() {
+                        Some(rest)
+                    } else if i + 1 < args.len() {
+                        i += 1;
+                        Some(args[i].to_string())
+                    } else {
+                        eprintln!("{cmd}: option requires an argument -- '{c}'");
+                        return None;
+                    }
+                } else {
+                    None
+                };
+                match (c, value) {
+                    ('P', Some(v)) => match parse_pattern(&v) {
+                        Some(p) => f.pattern = Some(p),
+                        None => {
+                            println!("{v} is not a valid pattern byte");
+                            return None;
+                        }
+                    },
+                    ('s', Some(v)) => f.pattern_off = Some(cvtnum(&v)?),
+                    ('l', Some(v)) => f.pattern_len = Some(cvtnum(&v)?),
+                    ('C', _) => f.machine = true,
+                    ('q', _) => f.quiet = true,
+                    ('v', _) => f.verbose = true,
+                    ('z', _) => f.zero = true,
+                    ('u', _) => f.unmap = true,
+                    ('c', _) => f.compress = true,
+                    ('n', _) => f.no_fallback = true,
+                    ('f' | 'p' | 'r', _) => {}
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+        Some((f, pos))
+    }
+
+    async fn rw(&mut self, cmd: &str, kind: &str, args: &[&str], vectored: bool) -> bool {
+        let write = kind.starts_with('w');
+        let allowed = match (write, vectored) {
+            (false, false) => "CqvPslpb",
+            (false, true) => "CqvPr",
+            (true, false) => "CqzuPcnfpbr",
+            (true, true) => "CqPfr",
+        };
+        let Some((f, pos)) = Self::parse(cmd, args, allowed) else {
+            return false;
+        };
+        if pos.len() < 2 || (!vectored && pos.len() > 2) {
+            eprintln!(
+                "bad argument count {} to {kind}, expected at least 2 arguments",
+                args.len()
+            );
+            return false;
+        }
+        let Some(offset) = cvtnum(pos[0]) else {
+            return false;
+        };
+        let mut len = 0u64;
+        for p in &pos[1..] {
+            let Some(n) = cvtnum(p) else { return false };
+            if vectored && n > MAX_REQUEST {
+                println!("Argument '{p}' exceeds maximum size {MAX_REQUEST}");
+                return false;
+            }
+            len += n;
+        }
+        if write {
+            if f.zero && f.pattern.is_some() {
+                println!("Only one of -z, -P, and -s can be specified at the same time");
+                return false;
+            }
+            if f.unmap && !f.zero {
+                println!("-u requires -z to be specified");
+                return false;
+            }
+            if f.no_fallback && !f.zero {
+                println!("-n requires -z to be specified");
+                return false;
+            }
+            if len > MAX_REQUEST && !(f.zero && f.no_fallback) {
+                println!("length cannot exceed {MAX_REQUEST} without -n, given {}", pos[1]);
+                return false;
+            }
+        } else if len > MAX_REQUEST {
+            println!("length cannot exceed {MAX_REQUEST}, given {}", pos[1]);
+            return false;
+        }
+        if f.compress {
+            println!("{kind} failed: Operation not supported");
+            return false;
+        }
+        let start = Instant::now();
+        let result = if write {
+            self.do_write(offset, len, &f).await.map(|_| None)
+        } else {
+            self.img
+                .read(offset, IoBufMut::zeroed(len as usize))
+                .await
+                .map(Some)
+        };
+        let elapsed = start.elapsed();
+        match result {
+            Err(e) => {
+                println!("{kind} failed: {}", errno_text(&e));
+                false
+            }
+            Ok(data) => {
+                let mut ok = true;
+                if let Some(buf) = &data {
+                    ok = verify(kind, buf, offset, &f);
+                    if f.verbose && !f.quiet {
+                        dump_buffer(buf, offset);
+                    }
+                }
+                if !f.quiet {
+                    print_report(
+                        if write { "wrote" } else { "read" },
+                        elapsed,
+                        offset,
+                        len,
+                        f.machine,
+                    );
+                }
+                ok
+            }
+        }
+    }
+
+    async fn do_write(&self, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
+        if f.zero {
+            let flags = ZeroFlags {
+                may_unmap: f.unmap,
+                fast_only: f.no_fallback,
+            };
+            return self.img.write_zeroes(offset, len, flags).await;
+        }
+        let byte = f.pattern.unwrap_or(0xcd);
+        let mut buf = IoBufMut::zeroed(len as usize);
+        buf.fill(byte);
+        self.img.write(offset, buf.freeze()).await
+    }
+
+    async fn discard(&mut self, cmd: &str, args: &[&str]) -> bool {
+        let Some((f, pos)) = Self::parse(cmd, args, "Cq") else {
+            return false;
+        };
+        if pos.len() != 2 {
+            eprintln!(
+                "bad argument count {} to discard, expected 2 arguments",
+                args.len()
+            );
+            return false;
+        }
+        let (Some(offset), Some(len)) = (cvtnum(pos[0]), cvtnum(pos[1])) else {
+            return false;
+        };
+        if len > MAX_REQUEST {
+            println!("length cannot exceed {MAX_REQUEST}, given {}", pos[1]);
+            return false;
+        }
+        let start = Instant::now();
+        match self.img.discard(offset, len).await {
+            Err(e) => {
+                println!("discard failed: {}", errno_text(&e));
+                false
+            }
+            Ok(()) => {
+                if !f.quiet {
+                    print_report("discard", start.elapsed(), offset, len, f.machine);
+                }
+                true
+            }
+        }
+    }
+
+    /// Starts an asynchronous request; its report is printed when it completes.
+    fn aio(&mut self, cmd: &str, write: bool, args: &[&str]) -> bool {
+        let allowed = if write { "CfiqruzP" } else { "CiqrvP" };
+        let Some((f, pos)) = Self::parse(cmd, args, allowed) else {
+            return false;
+        };
+        if pos.len() < 2 {
+            eprintln!(
+                "bad argument count {} to {cmd}, expected at least 2 arguments",
+                args.len()
+            );
+            return false;
+        }
+        let Some(offset) = cvtnum(pos[0]) else {
+            return false;
+        };
+        let mut len = 0;
+        for p in &pos[1..] {
+            let Some(n) = cvtnum(p) else { return false };
+            len += n;
+        }
+        if write && f.zero && pos.len() > 2 {
+            println!("-z supports only a single length parameter");
+            return false;
+        }
+        if f.unmap && !f.zero {
+            println!("-u requires -z to be specified");
+            return false;
+        }
+        let img = self.img.clone();
+        self.aio.spawn(async move {
+            let start = Instant::now();
+            if write {
+                let r = if f.zero {
+                    img.write_zeroes(
+                        offset,
+                        len,
+                        ZeroFlags {
+                            may_unmap: f.unmap,
+                            fast_only: false,
+                        },
+                    )
+                    .await
+                } else {
+                    let mut b = IoBufMut::zeroed(len as usize);
+                    b.fill(f.pattern.unwrap_or(0xcd));
+                    img.write(offset, b.freeze()).await
+                };
+                match r {
+                    Ok(()) if !f.quiet => {
+                        print_report("wrote", start.elapsed(), offset, len, f.machine)
+                    }
+                    Ok(()) => {}
+                    Err(e) => println!("aio_write failed: {}", errno_text(&e)),
+                }
+            } else {
+                match img.read(offset, IoBufMut::zeroed(len as usize)).await {
+                    Ok(buf) => {
+                        if let Some(p) = f.pattern {
+                            if buf.iter().any(|&b| b != p) {
+                                println!(
+                                    "Pattern verification failed at offset {offset}, {len} bytes"
+                                );
+                            }
+                        }
+                        if f.verbose && !f.quiet {
+                            dump_buffer(&buf, offset);
+                        }
+                        if !f.quiet {
+                            print_report("read", start.elapsed(), offset, len, f.machine);
+                        }
+                    }
+                    Err(e) => println!("readv failed: {}", errno_text(&e)),
+                }
+            }
+            let _ = std::io::stdout().flush();
+        });
+        true
+    }
+}
+
+/// `read -P` verification; prints qemu-io's message and returns false on mismatch.
+fn verify(kind: &str, buf: &[u8], offset: u64, f: &Flags) -> bool {
+    let Some(p) = f.pattern else { return true };
+    let start = f.pattern_off.unwrap_or(0);
+    let count = f.pattern_len.unwrap_or(buf.len() as u64 - start.min(buf.len() as u64));
+    if start + count > buf.len() as u64 {
+        println!("pattern verification range exceeds end of read data");
+        return false;
+    }
+    let range = &buf[start as usize..(start + count) as usize];
+    if range.iter().any(|&b| b != p) {
+        if kind == "readv" {
+            println!(
+                "Pattern verification failed at offset {offset}, {} bytes",
+                buf.len()
+            );
+        } else {
+            println!(
+                "Pattern verification failed at offset {}, {count} bytes",
+                offset + start
+            );
+        }
+        return false;
+    }
+    true
+}
+
+fn parse_pattern(v: &str) -> Option<u8> {
+    let n = if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        i64::from_str_radix(h, 16).ok()?
+    } else if v.len() > 1 && v.starts_with('0') {
+        i64::from_str_radix(&v[1..], 8).ok()?
+    } else {
+        v.parse::<i64>().ok()?
+    };
+    u8::try_from(n).ok()
+}
+
+/// qemu-io's number parser (qemu_strtosz), with its error messages.
+fn cvtnum(s: &str) -> Option<u64> {
+    let hex_with_suffix = (s.starts_with("0x") || s.starts_with("0X"))
+        && s[2..].chars().any(|c| !c.is_ascii_hexdigit());
+    match qimg::size::parse_size(s) {
+        Ok(v) if !hex_with_suffix => Some(v),
+        Err(qimg::size::SizeError::TooLarge) => {
+            println!("Parsing error: argument too large -- {s}");
+            None
+        }
+        _ => {
+            println!("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}");
+            None
+        }
+    }
+}
+
+/// The two report lines after each request.
+fn print_report(op: &str, t: Duration, offset: u64, count: u64, machine: bool) {
+    let secs = t.as_secs_f64().max(1e-9);
+    if machine {
+        println!(
+            "{count},1,{},{:.3},{:.3}",
+            timestr(t, true),
+            count as f64 / secs,
+            1.0 / secs
+        );
+        return;
+    }
+    println!("{op} {count}/{count} bytes at offset {offset}");
+    println!(
+        "{}, 1 ops; {} ({}/sec and {:.4} ops/sec)",
+        cvtstr(count as f64),
+        timestr(t, false),
+        cvtstr(count as f64 / secs),
+        1.0 / secs
+    );
+}
+
+/// qemu-io's human size (`64 KiB`, `1.500 KiB`, `40 bytes`).
+fn cvtstr(v: f64) -> String {
+    const UNITS: [(f64, &str); 6] = [
+        ((1u64 << 60) as f64, "EiB"),
+        ((1u64 << 50) as f64, "PiB"),
+        ((1u64 << 40) as f64, "TiB"),
+        ((1u64 << 30) as f64, "GiB"),
+        ((1u64 << 20) as f64, "MiB"),
+        ((1u64 << 10) as f64, "KiB"),
+    ];
+    let (s, suffix) = match UNITS.iter().find(|(u, _)| v >= *u) {
+        Some((u, name)) => (format!("{:.3}", v / u), format!(" {name}")),
+        None => (format!("{v:.6}"), " bytes".to_string()),
+    };
+    match s.find(".000") {
+        Some(i) if s[i..].chars().skip(1).all(|c| c == '0') => format!("{}{suffix}", &s[..i]),
+        _ => format!("{s}{suffix}"),
+    }
+}
+
+/// qemu-io's elapsed time (`00.01 sec`, or `H:MM:SS.ss`).
+fn timestr(t: Duration, always_hms: bool) -> String {
+    let secs = t.as_secs();
+    let frac = f64::from(t.subsec_nanos()) / 1e9;
+    if secs == 0 && !always_hms {
+        return format!("{frac:05.2} sec");
+    }
+    format!(
+        "{}:{:02}:{:05.2}",
+        secs / 3600,
+        (secs / 60) % 60,
+        (secs % 60) as f64 + frac
+    )
+}
+
+/// `read -v`: 16 bytes per line, offset, hex, printable characters.
+fn dump_buffer(buf: &[u8], offset: u64) {
+    let mut out = String::new();
+    for (i, line) in buf.chunks(16).enumerate() {
+        out += &format!("{:08x}:  ", offset + i as u64 * 16);
+        for b in line {
+            out += &format!("{b:02x} ");
+        }
+        out.push(' ');
+        for &b in line {
+            out.push(if b.is_ascii_alphanumeric() {
+                b as char
+            } else {
+                '.'
+            });
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+}
+
+/// The strerror text of an error, as qemu-io prints after "read failed: ".
+pub fn errno_text(e: &Error) -> String {
+    match e {
+        Error::OutOfRange { .. } => "Input/output error".into(),
+        Error::ReadOnly => "Block node is read-only".into(),
+        other => {
+            let code = other.errno();
+            let s = std::io::Error::from_raw_os_error(code).to_string();
+            match s.find(" (os error") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu_io() {
+        assert_eq!(cvtstr(0.0), "0 bytes");
+        assert_eq!(cvtstr(40.0), "40 bytes");
+        assert_eq!(cvtstr(511.5), "511.500000 bytes");
+        assert_eq!(cvtstr(1024.0), "1 KiB");
+        assert_eq!(cvtstr(1025.0), "1.001 KiB");
+        assert_eq!(cvtstr(1536.0), "1.500 KiB");
+        assert_eq!(cvtstr(65535.0), "63.999 KiB");
+        assert_eq!(cvtstr(65536.0), "64 KiB");
+        assert_eq!(cvtstr(100000.0), "97.656 KiB");
+        assert_eq!(cvtstr(1048576.0), "1 MiB");
+        assert_eq!(cvtstr(1073741824.0), "1 GiB");
+    }
+
+    #[test]
+    fn times_like_qemu_io() {
+        assert_eq!(timestr(Duration::from_millis(10), false), "00.01 sec");
+        assert_eq!(timestr(Duration::from_millis(1500), false), "0:00:01.50");
+        assert_eq!(timestr(Duration::from_millis(61250), false), "0:01:01.25");
+    }
+
+    #[test]
+    fn patterns() {
+        assert_eq!(parse_pattern("0xab"), Some(0xab));
+        assert_eq!(parse_pattern("0101"), Some(65));
+        assert_eq!(parse_pattern("65"), Some(65));
+        assert_eq!(parse_pattern("256"), None);
+        assert_eq!(parse_pattern("xyz"), None);
+    }
 }

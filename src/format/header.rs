@@ -387,7 +387,7 @@ impl Header {
                     .checked_add(u64::from(backing_file_size))
                     .is_none_or(|end| end > cluster_size || end > buf.len() as u64)
             {
-                return Err(Error::invalid("Invalid backing file offset or size"));
+                return Err(Error::invalid("Invalid backing file offset"));
             }
             let start = backing_file_offset as usize;
             let bytes = &buf[start..start + backing_file_size as usize];
@@ -404,7 +404,7 @@ impl Header {
         if u64::from(h.l1_size) < l1_needed {
             return Err(Error::invalid("L1 table is too small"));
         }
-        validate_table(g, h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table")?;
+        validate_table(g, h.l1_table_offset, u64::from(h.l1_size) * 8, "Active L1 table")?;
         if h.refcount_table_clusters == 0 {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
@@ -418,13 +418,13 @@ impl Header {
             g,
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters) * cluster_size,
-            "reference count table",
+            "Reference count table",
         )?;
         if h.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::invalid("Too many snapshots"));
         }
         if h.nb_snapshots > 0 {
-            validate_table(g, h.snapshots_offset, 0, "snapshot table")?;
+            validate_table(g, h.snapshots_offset, 0, "Snapshot table")?;
         }
         if h.size > i64::MAX as u64 {
             return Err(Error::invalid("Image is too big"));
@@ -433,8 +433,21 @@ impl Header {
     }
 
     /// Encodes the header, its extensions and the backing file name. The result is at most one
-    /// cluster; an error says so if it would not fit.
+    /// cluster; an error says so if it would not fit. The feature name table is optional and is
+    /// left out when it does not fit (as QEMU does with 512-byte clusters).
     pub fn encode(&self) -> Result<Vec<u8>> {
+        match self.encode_all() {
+            Err(e) if self.extensions.iter().any(|x| matches!(x, Extension::FeatureTable(_))) => {
+                let mut slim = self.clone();
+                slim.extensions
+                    .retain(|x| !matches!(x, Extension::FeatureTable(_)));
+                slim.encode_all().map_err(|_| e)
+            }
+            r => r,
+        }
+    }
+
+    fn encode_all(&self) -> Result<Vec<u8>> {
         let cluster_size = self.cluster_size() as usize;
         let mut out = vec![0u8; self.header_length as usize];
         out[0..4].copy_from_slice(&MAGIC);
@@ -519,7 +532,7 @@ fn validate_table(g: Geometry, offset: HostOffset, bytes: u64, what: &str) -> Re
             .checked_add(bytes)
             .is_none_or(|end| end > i64::MAX as u64)
     {
-        return Err(Error::invalid(format!("Invalid {what} offset")));
+        return Err(Error::invalid(format!("{what} offset invalid")));
     }
     Ok(())
 }
@@ -613,8 +626,9 @@ pub fn describe_features(mask: u64, kind: u8, table: &[FeatureName]) -> String {
         match table.iter().find(|f| f.kind == kind && f.bit == bit) {
             Some(f) => parts.push(f.name.clone()),
             None => parts.push(format!(
-                "Unknown {} feature bit {bit}",
-                ["incompatible", "compatible", "autoclear"][kind.min(2) as usize]
+                "Unknown {} feature: {:x}",
+                ["incompatible", "compatible", "autoclear"][kind.min(2) as usize],
+                1u64 << bit
             )),
         }
     }
@@ -708,12 +722,12 @@ mod tests {
         check(&|b| be::put_u32(b, 20, 22), "Unsupported cluster size");
         check(&|b| be::put_u32(b, 36, 1), "L1 table is too small");
         check(&|b| be::put_u32(b, 36, 5 << 20), "Active L1 table too large");
-        check(&|b| be::put_u64(b, 40, 0x30001), "Invalid L1 table offset");
+        check(&|b| be::put_u64(b, 40, 0x30001), "Active L1 table offset invalid");
         check(&|b| be::put_u32(b, 56, 0), "does not contain a reference count table");
         check(&|b| be::put_u32(b, 56, 1000), "Reference count table too large");
         check(&|b| be::put_u32(b, 96, 7), "may not exceed 64 bits");
         check(&|b| be::put_u32(b, 32, 3), "Unsupported encryption method");
-        check(&|b| be::put_u64(b, 72, 1 << 20), "Unknown incompatible feature bit 20");
+        check(&|b| be::put_u64(b, 72, 1 << 20), "Unknown incompatible feature: 100000");
         check(&|b| be::put_u64(b, 72, 1 << 3), "compression type is zlib");
         check(&|b| b[104] = 1, "must be set for non-zlib");
         check(&|b| b[104] = 9, "Unknown compression type");

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::be;
-use crate::format::header::{MAX_L1_BYTES, MAX_SNAPSHOTS};
+use crate::format::header::MAX_SNAPSHOTS;
 use crate::units::{Geometry, HostOffset};
 
 /// QEMU's cap on the snapshot table size.
@@ -42,7 +42,7 @@ pub enum Decoded {
 }
 
 /// Decodes `count` entries from `buf` (the table start). Errors on invalid entries.
-pub fn decode_table(buf: &[u8], count: u32, g: Geometry) -> Result<Decoded> {
+pub fn decode_table(buf: &[u8], count: u32, _g: Geometry) -> Result<Decoded> {
     if count > MAX_SNAPSHOTS {
         return Err(Error::invalid("Too many snapshots"));
     }
@@ -71,16 +71,8 @@ pub fn decode_table(buf: &[u8], count: u32, g: Geometry) -> Result<Decoded> {
         if off + total > buf.len() {
             return need(off + total);
         }
-        if !g.is_aligned(l1_table_offset.0) {
-            return Err(Error::invalid(format!(
-                "Snapshot L1 table offset invalid (snapshot {i})"
-            )));
-        }
-        if u64::from(l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::invalid(format!(
-                "Snapshot L1 table too large (snapshot {i})"
-            )));
-        }
+        // The L1 offset and size are not validated here: check reports bad ones as corruption
+        // of that snapshot (as QEMU does), and nothing else uses snapshot tables yet.
         let extra = &e[FIXED_LEN..FIXED_LEN + extra_len as usize];
         let mut vm_state_size = u64::from(be::u32(e, 32));
         if extra.len() >= 8 {
@@ -192,9 +184,6 @@ mod tests {
         let g = Geometry::new(16);
         let mut buf = encode_table(&[snap(0)]);
         be::put_u32(&mut buf, 36, 5000);
-        assert!(decode_table(&buf, 1, g).is_err());
-        let mut buf = encode_table(&[snap(0)]);
-        be::put_u64(&mut buf, 0, 0x10001);
         assert!(decode_table(&buf, 1, g).is_err());
         assert!(decode_table(&buf, 70000, g).is_err());
     }

@@ -1,3 +1,546 @@
-//! placeholder
-pub enum CheckMode { ReadOnly }
-pub struct CheckReport;
+//! Consistency check (what `qemu-img check` does without repair), and the reference walk that
+//! the refcount rebuild (`repair`) shares.
+//!
+//! The walk counts every reference to every host cluster, in QEMU's order: header, active L1 and
+//! its L2 tables and data clusters, snapshot L1 tables, the snapshot table, the refcount table,
+//! the crypto header, bitmaps, and the refcount blocks last (so a block overlapping anything is
+//! caught). The counts are then compared with the refcounts on disk: fewer stored than counted is
+//! corruption (a cluster could be reused while in use), more is a leak (wasted space only). The
+//! COPIED flags of the active tables are checked against the stored refcounts.
+//!
+//! Every message is QEMU's, word for word, so that scripts and people reading either tool's
+//! output see the same thing. Everything is read from the file, not from caches.
+
+use super::Qcow2;
+use crate::buf::IoBufMut;
+use crate::error::{Error, Result};
+use crate::format::bitmap::{self, TABLE_OFFSET_MASK};
+use crate::format::table::{
+    compressed_shift, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK,
+};
+use crate::format::{be, Extension};
+
+/// Bits of a refcount table entry that must be zero.
+const REFTABLE_RESERVED: u64 = 0x1ff;
+/// QEMU's cap on an L1 table (entries).
+const MAX_L1_ENTRIES: u64 = 0x400000;
+
+/// What a check found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub check_errors: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    pub image_end_offset: u64,
+    /// Diagnostic lines, in the order QEMU prints them (to stderr).
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// qemu-img's exit status for this result.
+    pub fn exit_code(&self) -> u8 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+/// What the check is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckMode {
+    /// Report only (qemu-img check without -r).
+    ReadOnly,
+}
+
+/// Why a walk stopped early (QEMU: "Check failed: <strerror>").
+#[derive(Debug)]
+pub struct Aborted(pub Error);
+
+pub(crate) struct Walk<'a> {
+    img: &'a Qcow2,
+    pub file_len: u64,
+    /// Counted references per host cluster.
+    pub refs: Vec<u32>,
+    refcount_max: u64,
+    pub report: CheckReport,
+}
+
+impl<'a> Walk<'a> {
+    pub(crate) async fn new(img: &'a Qcow2) -> Result<Walk<'a>> {
+        let file_len = img
+            .w
+            .storage
+            .len()
+            .await
+            .map_err(|e| Error::io("getting the image length", e))?;
+        let nb = img.geo.clusters_for(file_len);
+        if nb > i32::MAX as u64 {
+            return Err(Error::arg("image too large to check"));
+        }
+        let size_rounded = img.virtual_size() / 512 * 512;
+        Ok(Walk {
+            img,
+            file_len,
+            refs: vec![0; nb as usize],
+            refcount_max: img.rc.width.max(),
+            report: CheckReport {
+                total_clusters: img.geo.clusters_for(size_rounded),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn msg(&mut self, m: String) {
+        self.report.messages.push(m);
+    }
+
+    fn corruption(&mut self, m: String) {
+        self.report.corruptions += 1;
+        self.msg(m);
+    }
+
+    /// Counts one reference to every cluster touched by `[offset, offset+size)`.
+    pub(crate) fn inc(&mut self, offset: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let cs = self.img.geo.cluster_size();
+        let end = offset.saturating_add(size);
+        if end.saturating_sub(self.file_len) >= cs && end > self.file_len {
+            self.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
+            ));
+            return;
+        }
+        let first = offset >> self.img.geo.cluster_bits;
+        let last = (end - 1) >> self.img.geo.cluster_bits;
+        for k in first..=last {
+            let k = k as usize;
+            if k >= self.refs.len() {
+                self.refs.resize(k + 1, 0);
+            }
+            if u64::from(self.refs[k]) >= self.refcount_max.min(u64::from(u32::MAX)) {
+                self.corruption(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    (k as u64) << self.img.geo.cluster_bits
+                ));
+                self.report.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
+                );
+                continue;
+            }
+            self.refs[k] += 1;
+        }
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> std::io::Result<IoBufMut> {
+        self.img.w.storage.read_at(IoBufMut::zeroed(len), offset).await
+    }
+
+    /// Counts an L1 table and everything below it.
+    async fn l1(&mut self, offset: u64, size: u64, active: bool) -> Result<(), Aborted> {
+        if size == 0 {
+            return Ok(());
+        }
+        self.inc(offset, size * 8);
+        let Ok(buf) = self.read(offset, (size * 8) as usize).await else {
+            self.report.check_errors += 1;
+            self.msg("ERROR: I/O error in check_refcounts_l1".into());
+            return Err(Aborted(Error::io(
+                "reading L1 table",
+                std::io::Error::from_raw_os_error(5),
+            )));
+        };
+        let cs = self.img.geo.cluster_size();
+        for i in 0..size as usize {
+            let e = be::u64(&buf, i * 8);
+            if e == 0 {
+                continue;
+            }
+            if e & L1_RESERVED_MASK != 0 {
+                self.corruption(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+            }
+            let l2 = e & OFFSET_MASK;
+            self.inc(l2, cs);
+            if l2 % cs != 0 {
+                self.corruption(format!(
+                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+            }
+            self.l2(l2, active).await?;
+        }
+        Ok(())
+    }
+
+    async fn l2(&mut self, offset: u64, active: bool) -> Result<(), Aborted> {
+        let g = self.img.geo;
+        let cs = g.cluster_size();
+        let Ok(buf) = self.read(offset, cs as usize).await else {
+            self.report.check_errors += 1;
+            self.msg("ERROR: I/O error in check_refcounts_l2".into());
+            return Err(Aborted(Error::io(
+                "reading L2 table",
+                std::io::Error::from_raw_os_error(5),
+            )));
+        };
+        let shift = compressed_shift(g);
+        let mut next_contiguous = 0u64;
+        for i in 0..g.l2_entries() as usize {
+            let mut e = be::u64(&buf, i * 8);
+            if e & (1 << 62) != 0 {
+                // Compressed.
+                if e & (1 << 63) != 0 {
+                    self.corruption(format!(
+                        "ERROR: coffset={:#x}: copied flag must never be set for compressed clusters",
+                        e & ((1u64 << shift) - 1)
+                    ));
+                    e &= !(1 << 63);
+                }
+                let coffset = e & ((1u64 << shift) - 1);
+                let sectors = ((e >> shift) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
+                let csize = sectors * 512 - (coffset & 511);
+                self.inc(coffset, csize);
+                if active {
+                    self.report.allocated_clusters += 1;
+                    self.report.compressed_clusters += 1;
+                    self.report.fragmented_clusters += 1;
+                }
+                continue;
+            }
+            if e & L2_RESERVED_MASK != 0 {
+                self.corruption(format!("ERROR found l2 entry with reserved bits set: {e:x}"));
+            }
+            let off = e & OFFSET_MASK;
+            let zero = e & 1 != 0;
+            if off == 0 {
+                continue; // unallocated or plain zero
+            }
+            if off % cs != 0 {
+                if zero {
+                    self.corruption(format!(
+                        "ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                    ));
+                } else {
+                    self.corruption(format!(
+                        "ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                    ));
+                }
+            }
+            if active {
+                self.report.allocated_clusters += 1;
+                if next_contiguous != 0 && off != next_contiguous {
+                    self.report.fragmented_clusters += 1;
+                }
+                next_contiguous = off + cs;
+            }
+            self.inc(off, cs);
+        }
+        Ok(())
+    }
+
+    /// Counts every reference except those of the refcount structures themselves.
+    pub(crate) async fn count_data_and_tables(&mut self) -> Result<(), Aborted> {
+        let img = self.img;
+        let cs = img.geo.cluster_size();
+        self.inc(0, cs);
+        let h = img.hdr.get();
+        self.l1(h.l1_table_offset.0, u64::from(h.l1_size), true)
+            .await?;
+        let snaps = img.snapshots.clone();
+        if h.version >= 3 {
+            for (i, sn) in snaps.iter().enumerate() {
+                if sn.extra_data.len() < 16 {
+                    self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
+                }
+            }
+        }
+        for sn in &snaps {
+            if sn.l1_table_offset.0 % cs != 0 {
+                self.corruption(format!(
+                    "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    sn.id, sn.name, c_hex(sn.l1_table_offset.0)
+                ));
+                continue;
+            }
+            if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
+                self.corruption(format!(
+                    "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
+                    sn.id, sn.name, c_hex(u64::from(sn.l1_size))
+                ));
+                continue;
+            }
+            self.l1(sn.l1_table_offset.0, u64::from(sn.l1_size), false)
+                .await?;
+        }
+        if !snaps.is_empty() {
+            let table_len = crate::format::snapshot::encode_table(&snaps).len() as u64;
+            // QEMU counts up to the end of the last name, without the final padding.
+            let last = snaps.last().map_or(0, |s| {
+                let rec = 40 + s.extra_data.len() + s.id.len() + s.name.len();
+                (rec.next_multiple_of(8) - rec) as u64
+            });
+            self.inc(h.snapshots_offset.0, table_len - last);
+        }
+        for e in &h.extensions {
+            if let Extension::CryptoHeader { offset, length } = e {
+                self.inc(offset.0, *length);
+            }
+        }
+        self.bitmaps(&h).await
+    }
+
+    async fn bitmaps(&mut self, h: &crate::format::Header) -> Result<(), Aborted> {
+        let Some(ext) = h.bitmaps() else {
+            return Ok(());
+        };
+        if h.autoclear_features & crate::format::header::autoclear::BITMAPS == 0
+            || ext.nb_bitmaps == 0
+        {
+            return Ok(());
+        }
+        self.inc(ext.directory_offset.0, ext.directory_size);
+        let bad = |s: &mut Self| {
+            s.report.corruptions += 1;
+            Err(Aborted(Error::arg("Invalid argument")))
+        };
+        if ext.directory_size > bitmap::MAX_DIRECTORY_BYTES {
+            return bad(self);
+        }
+        let Ok(dir) = self
+            .read(ext.directory_offset.0, ext.directory_size as usize)
+            .await
+        else {
+            return bad(self);
+        };
+        let Ok(entries) = bitmap::decode_directory(&dir, ext.nb_bitmaps, self.img.geo) else {
+            return bad(self);
+        };
+        let cs = self.img.geo.cluster_size();
+        for b in entries {
+            self.inc(b.table_offset.0, u64::from(b.table_size) * 8);
+            let Ok(t) = self
+                .read(b.table_offset.0, b.table_size as usize * 8)
+                .await
+            else {
+                return bad(self);
+            };
+            for e in be::decode_u64_table(&t) {
+                let off = e & TABLE_OFFSET_MASK;
+                if e & !TABLE_OFFSET_MASK & !1 != 0 || (off != 0 && e & 1 != 0) || off % cs != 0 {
+                    return bad(self);
+                }
+                if off != 0 {
+                    self.inc(off, cs);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the refcount table and blocks (last, to catch overlaps).
+    async fn refcount_structures(&mut self) {
+        let img = self.img;
+        let cs = img.geo.cluster_size();
+        let t = img.rc.table();
+        self.inc(t.offset.0, u64::from(t.clusters) * cs);
+        for (i, &e) in t.entries.iter().enumerate() {
+            let off = e & !REFTABLE_RESERVED;
+            if e & REFTABLE_RESERVED != 0 {
+                self.corruption(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
+            if off % cs != 0 {
+                self.corruption(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            let c = (off >> img.geo.cluster_bits) as usize;
+            if off != 0 && c >= self.refs.len() {
+                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                continue;
+            }
+            if off != 0 {
+                self.inc(off, cs);
+                if self.refs[c] != 1 {
+                    let r = self.refs[c];
+                    self.corruption(format!("ERROR refcount block {i} refcount={r}"));
+                }
+            }
+        }
+    }
+}
+
+/// Reads the stored refcounts of clusters `0..n`, as QEMU's check sees them: `None` where the
+/// refcount block is unusable (reported once as corruption of the image).
+struct StoredRefcounts {
+    blocks: Vec<Option<Option<Vec<u8>>>>,
+}
+
+impl Qcow2 {
+    /// Checks the image (see module docs). Errors only when the check itself cannot run.
+    pub async fn check(&self) -> Result<CheckReport, (CheckReport, Error)> {
+        let mut w = match Walk::new(self).await {
+            Ok(w) => w,
+            Err(e) => return Err((CheckReport::default(), e)),
+        };
+        if let Err(Aborted(e)) = w.count_data_and_tables().await {
+            return Err((w.report, e));
+        }
+        w.refcount_structures().await;
+        let stored = self.stored_refcounts(w.refs.len()).await;
+        let mut highest = 0u64;
+        let mut announced = false;
+        let mut copied_checks = Vec::new();
+        for i in 0..w.refs.len() {
+            let counted = u64::from(w.refs[i]);
+            let Some(refcount) = stored.get(self, i as u64) else {
+                if !announced {
+                    announced = true;
+                    let bi = i as u64 / self.rc.entries_per_block();
+                    let off = self.rc.table().entries.get(bi as usize).copied().unwrap_or(0);
+                    w.msg(format!(
+                        "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
+                        c_hex(off & !REFTABLE_RESERVED),
+                        c_hex(bi)
+                    ));
+                }
+                w.report.check_errors += 1;
+                w.msg(format!(
+                    "Can't get refcount for cluster {i}: Input/output error"
+                ));
+                continue;
+            };
+            if refcount > 0 || counted > 0 {
+                highest = i as u64;
+            }
+            if refcount != counted {
+                if refcount < counted {
+                    w.report.corruptions += 1;
+                    w.msg(format!(
+                        "ERROR cluster {i} refcount={refcount} reference={counted}"
+                    ));
+                } else {
+                    w.report.leaks += 1;
+                    w.msg(format!(
+                        "Leaked cluster {i} refcount={refcount} reference={counted}"
+                    ));
+                }
+            }
+        }
+        // COPIED flags of the active L1 and its L2 tables, against the stored refcounts.
+        let cs = self.geo.cluster_size();
+        let l1 = self.l1.entries();
+        for (i, &e) in l1.iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let Some(rc) = stored.get(self, l2 >> self.geo.cluster_bits) else {
+                continue;
+            };
+            if (rc == 1) != (e & (1 << 63) != 0) {
+                w.report.corruptions += 1;
+                w.msg(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
+            }
+            let buf = match self.w.storage.read_at(IoBufMut::zeroed(cs as usize), l2).await {
+                Ok(b) => b,
+                Err(err) => {
+                    w.report.check_errors += 1;
+                    w.msg(format!("ERROR: Could not read L2 table: {}", os_text(&err)));
+                    return Err((w.report, Error::io("reading L2 table", err)));
+                }
+            };
+            for j in 0..self.geo.l2_entries() as usize {
+                let x = be::u64(&buf, j * 8);
+                if x & (1 << 62) != 0 || x & OFFSET_MASK == 0 {
+                    continue; // compressed, unallocated or plain zero
+                }
+                let Some(rc) = stored.get(self, (x & OFFSET_MASK) >> self.geo.cluster_bits)
+                else {
+                    continue;
+                };
+                if (rc == 1) != (x & (1 << 63) != 0) {
+                    copied_checks.push(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}"
+                    ));
+                }
+            }
+            w.report.corruptions += copied_checks.len() as u64;
+            w.report.messages.append(&mut copied_checks);
+        }
+        w.report.image_end_offset = (highest + 1) * cs;
+        Ok(w.report)
+    }
+
+    async fn stored_refcounts(&self, clusters: usize) -> StoredRefcounts {
+        let cs = self.geo.cluster_size();
+        let epb = self.rc.entries_per_block();
+        let t = self.rc.table();
+        let nblocks = (clusters as u64).div_ceil(epb) as usize;
+        let mut blocks = Vec::with_capacity(nblocks);
+        for bi in 0..nblocks {
+            let e = t.entries.get(bi).copied().unwrap_or(0);
+            let off = e & !REFTABLE_RESERVED;
+            blocks.push(if off == 0 {
+                Some(None)
+            } else if off % cs != 0 {
+                None
+            } else {
+                match self
+                    .w
+                    .storage
+                    .read_at(IoBufMut::zeroed(cs as usize), off)
+                    .await
+                {
+                    Ok(b) => Some(Some(b.to_vec())),
+                    Err(_) => None,
+                }
+            });
+        }
+        StoredRefcounts { blocks }
+    }
+}
+
+impl StoredRefcounts {
+    fn get(&self, img: &Qcow2, c: u64) -> Option<u64> {
+        let epb = img.rc.entries_per_block();
+        match self.blocks.get((c / epb) as usize) {
+            None => Some(0),
+            Some(None) => None,
+            Some(Some(None)) => Some(0),
+            Some(Some(Some(b))) => Some(img.rc.width.get(b, (c % epb) as usize)),
+        }
+    }
+}
+
+/// C's `%#x`: no `0x` prefix for zero.
+fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+fn os_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}

@@ -1,0 +1,99 @@
+//! Helpers shared by the integration tests: QEMU's tools as oracles, an in-memory model of the
+//! virtual disk, deterministic data patterns.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs a command and returns its output (panics if it cannot be started).
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `qemu-img check`: panics unless the image is clean (no corruption, no leaks).
+pub fn qemu_check_clean(p: &Path) {
+    let o = run("qemu-img", &["check", p.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "qemu-img check failed ({:?}):\n{}",
+        o.status.code(),
+        text(&o)
+    );
+}
+
+/// `qemu-img check` result: (exit code, corruptions, leaks) from the JSON output.
+pub fn qemu_check(p: &Path) -> (i32, u64, u64, String) {
+    let o = run("qemu-img", &["check", "--output=json", p.to_str().unwrap()]);
+    let code = o.status.code().unwrap_or(-1);
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (code, get("corruptions"), get("leaks"), text(&o))
+}
+
+/// `qemu-img compare` of an image with a raw file: panics if they differ.
+pub fn qemu_compare_raw(img: &Path, raw: &Path) {
+    let o = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "qemu-img compare: {}", text(&o));
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    r.fill(&mut v);
+    v
+}
+
+/// `qemu-img create` with options.
+pub fn qemu_create(p: &Path, opts: &str, size: u64, extra: &[&str]) {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.push("-o");
+        args.push(opts);
+    }
+    args.extend_from_slice(extra);
+    args.push(p.to_str().unwrap());
+    args.push(&size);
+    let o = run("qemu-img", &args);
+    assert!(o.status.success(), "qemu-img create: {}", text(&o));
+}
+
+/// Runs qemu-io commands on an image; panics on failure.
+pub fn qemu_io(p: &Path, fmt: &str, cmds: &[String]) -> String {
+    let mut args: Vec<&str> = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(p.to_str().unwrap());
+    let o = run("qemu-io", &args);
+    let t = text(&o);
+    assert!(
+        o.status.success() && !t.contains("failed"),
+        "qemu-io {cmds:?}: {t}"
+    );
+    t
+}
