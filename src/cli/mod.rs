@@ -8,6 +8,7 @@ mod info;
 mod io;
 mod map;
 mod opts;
+mod resize;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ enum Command {
     Compare(compare::Args),
     /// Run qemu-io style commands on an image
     Io(io::Args),
+    /// Grow an image
+    Resize(resize::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
             Command::Check(a) => check::run(a).await,
             Command::Compare(a) => compare::run(a).await,
             Command::Io(a) => io::run(a).await,
+            Command::Resize(a) => resize::run(a).await,
         }
     });
     ExitCode::from(code)

@@ -160,7 +160,8 @@ struct Layout {
 fn layout(g: Geometry, width: RefcountWidth, size: u64, prealloc: bool) -> Layout {
     let cs = g.cluster_size();
     let l1_entries = g.l1_entries_for(size);
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    // An empty disk has an empty L1 table: nothing allocated for it (as QEMU does).
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let guest_clusters = g.clusters_for(size);
     let (l2_count, data_clusters) = if prealloc {
         (l1_entries, guest_clusters)
@@ -284,14 +285,16 @@ pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
     .await?;
 
     // L1 table.
-    let l1_len = (u64::from(h.l1_size) * 8).next_multiple_of(512).max(512);
-    let mut l1 = vec![0u8; l1_len as usize];
-    if prealloc {
-        for i in 0..l.l2_count {
-            be::put_u64(&mut l1, (i * 8) as usize, ((l.l2 + i) * cs) | COPIED);
+    if l.l1_clusters > 0 {
+        let l1_len = (u64::from(h.l1_size) * 8).next_multiple_of(512);
+        let mut l1 = vec![0u8; l1_len as usize];
+        if prealloc {
+            for i in 0..l.l2_count {
+                be::put_u64(&mut l1, (i * 8) as usize, ((l.l2 + i) * cs) | COPIED);
+            }
         }
+        write_all(&storage, l.l1 * cs, IoBuf::copy_from(&l1)).await?;
     }
-    write_all(&storage, l.l1 * cs, IoBuf::copy_from(&l1)).await?;
 
     // L2 tables: guest cluster c maps to data cluster `data + c`.
     if prealloc {

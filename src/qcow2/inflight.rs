@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 /// A one-shot event that can be awaited by many.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Event {
     done: AtomicBool,
     notify: Notify,

@@ -25,6 +25,7 @@ mod mapping;
 mod read;
 pub mod refcount;
 mod repair;
+mod resize;
 mod write;
 mod zero;
 
