@@ -203,9 +203,18 @@ fn open_layer<'a>(
             }
         };
         match format {
-            Format::Raw => Ok(Arc::new(Raw::open(storage, name, opts).await?) as Arc<dyn BlockDevice>),
+            Format::Raw => {
+                Ok(Arc::new(Raw::open(storage, name, opts).await?) as Arc<dyn BlockDevice>)
+            }
             Format::Qcow2 => {
-                let img = Qcow2::open(storage, name.clone(), &opts.qcow2, opts.read_only, opts.cache).await?;
+                let img = Qcow2::open(
+                    storage,
+                    name.clone(),
+                    &opts.qcow2,
+                    opts.read_only,
+                    opts.cache,
+                )
+                .await?;
                 if let (Some(bname), false) = (img.backing_filename(), opts.no_backing) {
                     let bpath = resolve_backing(path, &bname)?;
                     let bopts = OpenOptions {
@@ -222,15 +231,16 @@ fn open_layer<'a>(
                         qcow2: Qcow2Options::default(),
                         no_backing: false,
                     };
-                    let backing = open_layer(&bpath, &bopts, depth + 1, seen)
-                        .await
-                        .map_err(|e| match e {
-                            Error::Io { context, source } => Error::Io {
-                                context: format!("Could not open backing file: {context}"),
-                                source,
-                            },
-                            other => other,
-                        })?;
+                    let backing =
+                        open_layer(&bpath, &bopts, depth + 1, seen)
+                            .await
+                            .map_err(|e| match e {
+                                Error::Io { context, source } => Error::Io {
+                                    context: format!("Could not open backing file: {context}"),
+                                    source,
+                                },
+                                other => other,
+                            })?;
                     img.set_backing(backing);
                 }
                 Ok(Arc::new(img) as Arc<dyn BlockDevice>)

@@ -39,7 +39,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
             ),
             Some((int, frac)) => {
                 let int: u64 = int.parse().map_err(|_| SizeError::TooLarge)?;
-                let frac_val: f64 = format!("0.{frac}").parse().map_err(|_| SizeError::Invalid)?;
+                let frac_val: f64 = format!("0.{frac}")
+                    .parse()
+                    .map_err(|_| SizeError::Invalid)?;
                 (Number::Frac(int, frac_val), &s[end..])
             }
         }

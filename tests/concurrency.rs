@@ -102,8 +102,15 @@ fn disjoint_writes_into_the_same_clusters() {
                     model[off as usize..off as usize + data.len()].copy_from_slice(&data);
                 }
             }
-            let all = s.img.read_at(0, IoBufMut::zeroed(size as usize)).await.unwrap();
-            assert!(all[..] == model[..], "lost a write (cluster bits {bits}, backing {backing})");
+            let all = s
+                .img
+                .read_at(0, IoBufMut::zeroed(size as usize))
+                .await
+                .unwrap();
+            assert!(
+                all[..] == model[..],
+                "lost a write (cluster bits {bits}, backing {backing})"
+            );
             close_and_check(s).await;
         }
     });
@@ -127,7 +134,11 @@ fn racing_allocations_of_one_cluster() {
                 }
             });
             let candidates = join_all(writers).await;
-            let got = s.img.read_at(off, IoBufMut::zeroed(len as usize)).await.unwrap();
+            let got = s
+                .img
+                .read_at(off, IoBufMut::zeroed(len as usize))
+                .await
+                .unwrap();
             assert!(
                 candidates.iter().any(|c| c[..] == got[..]),
                 "round {round}: content is not any single writer's data"
@@ -150,7 +161,9 @@ fn reads_racing_allocating_writes() {
             let w = {
                 let img = s.img.clone();
                 let new = new.clone();
-                tokio::spawn(async move { img.write_at(off, IoBuf::copy_from(&new)).await.unwrap() })
+                tokio::spawn(
+                    async move { img.write_at(off, IoBuf::copy_from(&new)).await.unwrap() },
+                )
             };
             let readers = (0..6).map(|_| {
                 let img = s.img.clone();
@@ -180,7 +193,9 @@ fn reads_racing_allocating_writes() {
             let z = {
                 let img = s.img.clone();
                 tokio::spawn(async move {
-                    img.zero_range(off, len as u64, ZeroFlags::default()).await.unwrap()
+                    img.zero_range(off, len as u64, ZeroFlags::default())
+                        .await
+                        .unwrap()
                 })
             };
             let r = s.img.read_at(off, IoBufMut::zeroed(len)).await.unwrap();
@@ -223,9 +238,16 @@ fn mixed_storm_on_disjoint_regions() {
                             model[off as usize..(off + len) as usize].copy_from_slice(&d);
                         }
                         6 => {
-                            img.zero_range(abs, len, ZeroFlags { may_unmap: r.bool(), fast_only: false })
-                                .await
-                                .unwrap();
+                            img.zero_range(
+                                abs,
+                                len,
+                                ZeroFlags {
+                                    may_unmap: r.bool(),
+                                    fast_only: false,
+                                },
+                            )
+                            .await
+                            .unwrap();
                             model[off as usize..(off + len) as usize].fill(0);
                         }
                         7 => {
@@ -238,7 +260,10 @@ fn mixed_storm_on_disjoint_regions() {
                         }
                         8 => img.flush().await.unwrap(),
                         _ => {
-                            let got = img.read_at(abs, IoBufMut::zeroed(len as usize)).await.unwrap();
+                            let got = img
+                                .read_at(abs, IoBufMut::zeroed(len as usize))
+                                .await
+                                .unwrap();
                             assert!(got[..] == model[off as usize..(off + len) as usize]);
                         }
                     }

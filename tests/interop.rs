@@ -23,10 +23,19 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 async fn read_all(p: &Path) -> Vec<u8> {
-    let img = open_image(p, &OpenOptions { read_only: true, ..Default::default() })
+    let img = open_image(
+        p,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let d = img
+        .read(0, IoBufMut::zeroed(img.size() as usize))
         .await
         .unwrap();
-    let d = img.read(0, IoBufMut::zeroed(img.size() as usize)).await.unwrap();
     img.close().await.unwrap();
     d.to_vec()
 }
@@ -108,7 +117,10 @@ fn qemu_written_images_read_back_exactly() {
         let mut model = vec![0u8; size as usize];
         apply(&mut model, &cmds, cs, compat == "1.1");
         let got = rt.block_on(read_all(&p));
-        assert!(got == model, "cluster {cs} refcount {rb} compat {compat}: content differs");
+        assert!(
+            got == model,
+            "cluster {cs} refcount {rb} compat {compat}: content differs"
+        );
     }
 }
 
@@ -125,14 +137,25 @@ fn compressed_images_from_qemu_convert() {
     }
     data[5 << 20..].fill(0x5a);
     std::fs::write(&raw, &data).unwrap();
-    for (ctype, cs) in [("zlib", 65536u64), ("zstd", 65536), ("zlib", 4096), ("zstd", 2 << 20), ("zlib", 512)] {
+    for (ctype, cs) in [
+        ("zlib", 65536u64),
+        ("zstd", 65536),
+        ("zlib", 4096),
+        ("zstd", 2 << 20),
+        ("zlib", 512),
+    ] {
         let p = dir.path().join(format!("c_{ctype}_{cs}.qcow2"));
         let o = run(
             "qemu-img",
             &[
-                "convert", "-c", "-O", "qcow2", "-o",
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
                 &format!("compression_type={ctype},cluster_size={cs}"),
-                raw.to_str().unwrap(), p.to_str().unwrap(),
+                raw.to_str().unwrap(),
+                p.to_str().unwrap(),
             ],
         );
         assert!(o.status.success(), "{}", text(&o));
@@ -143,8 +166,16 @@ fn compressed_images_from_qemu_convert() {
         let bin = env!("CARGO_BIN_EXE_qimg");
         let o = run(
             bin,
-            &["io", "-c", "write -P 0x11 1049000 5000", "-c", "discard 2097152 2097152",
-              "-c", "write -z 5242880 4096", p.to_str().unwrap()],
+            &[
+                "io",
+                "-c",
+                "write -P 0x11 1049000 5000",
+                "-c",
+                "discard 2097152 2097152",
+                "-c",
+                "write -z 5242880 4096",
+                p.to_str().unwrap(),
+            ],
         );
         assert!(o.status.success(), "{}", text(&o));
         qemu_check_clean(&p);
@@ -166,24 +197,53 @@ fn backing_chains_both_ways() {
     let size = 16u64 << 20;
     // raw <- qcow2 (4k clusters) <- qcow2 (64k clusters), relative names.
     std::fs::write(d("base.raw"), pattern(1, size as usize / 2)).unwrap();
-    qemu_create(&d("mid.qcow2"), "cluster_size=4096", size, &["-F", "raw", "-b", "base.raw"]);
-    qemu_io(&d("mid.qcow2"), "qcow2", &["write -P 0x22 1M 100k".into(), "write -z 3M 64k".into()]);
-    qemu_create(&d("top.qcow2"), "", size, &["-F", "qcow2", "-b", "mid.qcow2"]);
-    qemu_io(&d("top.qcow2"), "qcow2", &["write -P 0x33 1050k 10k".into(), "discard 0 128k".into()]);
+    qemu_create(
+        &d("mid.qcow2"),
+        "cluster_size=4096",
+        size,
+        &["-F", "raw", "-b", "base.raw"],
+    );
+    qemu_io(
+        &d("mid.qcow2"),
+        "qcow2",
+        &["write -P 0x22 1M 100k".into(), "write -z 3M 64k".into()],
+    );
+    qemu_create(
+        &d("top.qcow2"),
+        "",
+        size,
+        &["-F", "qcow2", "-b", "mid.qcow2"],
+    );
+    qemu_io(
+        &d("top.qcow2"),
+        "qcow2",
+        &["write -P 0x33 1050k 10k".into(), "discard 0 128k".into()],
+    );
     let mut model = vec![0u8; size as usize];
     model[..size as usize / 2].copy_from_slice(&pattern(1, size as usize / 2));
     model[1 << 20..(1 << 20) + 102400].fill(0x22);
     model[3 << 20..(3 << 20) + 65536].fill(0);
     model[1050 * 1024..1060 * 1024].fill(0x33);
     model[..128 << 10].fill(0);
-    assert!(rt.block_on(read_all(&d("top.qcow2"))) == model, "chain read differs");
+    assert!(
+        rt.block_on(read_all(&d("top.qcow2"))) == model,
+        "chain read differs"
+    );
 
     // qimg writes through the chain (COW from both lower layers); QEMU reads it back.
     rt.block_on(async {
-        let img = open_image(&d("top.qcow2"), &OpenOptions::default()).await.unwrap();
-        img.write(1 << 20, IoBuf::copy_from(&[0x44; 3000])).await.unwrap();
-        img.write((6 << 20) + 7, IoBuf::copy_from(&[0x55; 70000])).await.unwrap();
-        img.write_zeroes(2 << 20, 65536, ZeroFlags::default()).await.unwrap();
+        let img = open_image(&d("top.qcow2"), &OpenOptions::default())
+            .await
+            .unwrap();
+        img.write(1 << 20, IoBuf::copy_from(&[0x44; 3000]))
+            .await
+            .unwrap();
+        img.write((6 << 20) + 7, IoBuf::copy_from(&[0x55; 70000]))
+            .await
+            .unwrap();
+        img.write_zeroes(2 << 20, 65536, ZeroFlags::default())
+            .await
+            .unwrap();
         img.close().await.unwrap();
     });
     model[1 << 20..(1 << 20) + 3000].fill(0x44);
@@ -198,7 +258,6 @@ fn backing_chains_both_ways() {
 
 #[test]
 fn qimg_written_images_read_back_by_qemu() {
-    let rt = rt();
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_qimg");
     for (cs, rb, compat, prealloc) in [
@@ -212,9 +271,18 @@ fn qimg_written_images_read_back_by_qemu() {
         let size = 24u64 << 20;
         let o = run(
             bin,
-            &["create", "-q", "-f", "qcow2", "-o",
-              &format!("cluster_size={cs},refcount_bits={rb},compat={compat},preallocation={prealloc}"),
-              p.to_str().unwrap(), &size.to_string()],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!(
+                    "cluster_size={cs},refcount_bits={rb},compat={compat},preallocation={prealloc}"
+                ),
+                p.to_str().unwrap(),
+                &size.to_string(),
+            ],
         );
         assert!(o.status.success(), "{}", text(&o));
         qemu_check_clean(&p);
@@ -253,15 +321,28 @@ fn writing_images_with_internal_snapshots_keeps_snapshots() {
     let p = dir.path().join("s.qcow2");
     let size = 8u64 << 20;
     qemu_create(&p, "cluster_size=65536", size, &[]);
-    qemu_io(&p, "qcow2", &["write -P 0x1 0 1M".into(), "write -P 0x2 2M 300k".into()]);
-    let o = run("qemu-img", &["snapshot", "-c", "snap1", p.to_str().unwrap()]);
+    qemu_io(
+        &p,
+        "qcow2",
+        &["write -P 0x1 0 1M".into(), "write -P 0x2 2M 300k".into()],
+    );
+    let o = run(
+        "qemu-img",
+        &["snapshot", "-c", "snap1", p.to_str().unwrap()],
+    );
     assert!(o.status.success());
     // qimg overwrites shared clusters (partially and fully), zeroes and discards some.
     rt.block_on(async {
         let img: Arc<dyn BlockDevice> = open_image(&p, &OpenOptions::default()).await.unwrap();
-        img.write(4096, IoBuf::copy_from(&[0x9; 5000])).await.unwrap();
-        img.write(512 << 10, IoBuf::copy_from(&[0x8; 128 << 10])).await.unwrap();
-        img.write_zeroes(2 << 20, 65536, ZeroFlags::default()).await.unwrap();
+        img.write(4096, IoBuf::copy_from(&[0x9; 5000]))
+            .await
+            .unwrap();
+        img.write(512 << 10, IoBuf::copy_from(&[0x8; 128 << 10]))
+            .await
+            .unwrap();
+        img.write_zeroes(2 << 20, 65536, ZeroFlags::default())
+            .await
+            .unwrap();
         img.discard((2 << 20) + 65536, 65536).await.unwrap();
         img.close().await.unwrap();
     });
@@ -275,8 +356,14 @@ fn writing_images_with_internal_snapshots_keeps_snapshots() {
     now[2 << 20..(2 << 20) + 131072].fill(0);
     assert!(rt.block_on(read_all(&p)) == now, "current state differs");
     // Reverting to the snapshot with QEMU restores the old content exactly.
-    let o = run("qemu-img", &["snapshot", "-a", "snap1", p.to_str().unwrap()]);
+    let o = run(
+        "qemu-img",
+        &["snapshot", "-a", "snap1", p.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", text(&o));
     qemu_check_clean(&p);
-    assert!(rt.block_on(read_all(&p)) == snap, "snapshot content was damaged");
+    assert!(
+        rt.block_on(read_all(&p)) == snap,
+        "snapshot content was damaged"
+    );
 }

@@ -18,7 +18,9 @@ use std::sync::Arc;
 enum Backing {
     None,
     /// Raw backing file covering `1/den` of the disk... rounded to 512.
-    Raw { den: u64 },
+    Raw {
+        den: u64,
+    },
     Qcow2,
 }
 
@@ -62,13 +64,27 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<bool>(),
     )
         .prop_map(
-            |(cluster_bits, refcount_bits, v3, lazy, clusters, shave, backing, small_cache, slices)| {
+            |(
+                cluster_bits,
+                refcount_bits,
+                v3,
+                lazy,
+                clusters,
+                shave,
+                backing,
+                small_cache,
+                slices,
+            )| {
                 Setup {
                     cluster_bits,
                     refcount_bits: if v3 { refcount_bits } else { 16 },
                     v3,
                     lazy: lazy && v3,
-                    clusters: if cluster_bits >= 17 { clusters.min(40) } else { clusters },
+                    clusters: if cluster_bits >= 17 {
+                        clusters.min(40)
+                    } else {
+                        clusters
+                    },
                     shave,
                     backing,
                     small_cache,
@@ -90,14 +106,14 @@ impl Setup {
 fn ops(size: u64, cs: u64) -> impl Strategy<Value = Vec<Op>> {
     let hot = (size / 3).min(4 * cs).max(1);
     let offset = prop_oneof![
-        2 => (0..hot),
-        1 => (0..size),
+        2 => 0..hot,
+        1 => 0..size,
         1 => (0..size / cs).prop_map(move |c| c * cs),
     ];
     let len = prop_oneof![
-        2 => (1..=3 * cs),
+        2 => 1..=3 * cs,
         1 => (1u64..=4).prop_map(move |n| n * cs),
-        1 => (1u64..600),
+        1 => 1u64..600,
     ];
     let op = (0u8..100, offset, len, any::<u64>(), any::<bool>()).prop_map(
         move |(kind, off, len, seed, flag)| {
@@ -105,7 +121,11 @@ fn ops(size: u64, cs: u64) -> impl Strategy<Value = Vec<Op>> {
             let len = len.min(size - off).max(1);
             match kind {
                 0..=44 => Op::Write { off, len, seed },
-                45..=57 => Op::Zero { off, len, unmap: flag },
+                45..=57 => Op::Zero {
+                    off,
+                    len,
+                    unmap: flag,
+                },
                 58..=67 => Op::Discard { off, len },
                 68..=85 => Op::Read { off, len },
                 86..=94 => Op::Flush,
@@ -186,8 +206,8 @@ async fn build(s: Setup) -> World {
             opts.backing_format = Some("qcow2".into());
         }
     }
-    let storage = FileStorage::create(&dir.path().join("top.qcow2"), FileOptions::default())
-        .unwrap();
+    let storage =
+        FileStorage::create(&dir.path().join("top.qcow2"), FileOptions::default()).unwrap();
     create(Arc::new(storage), &opts).await.unwrap();
     World {
         dir,
@@ -248,7 +268,10 @@ async fn run_case(s: Setup, ops: Vec<Op>) {
         }
     }
     let all = img.read(0, IoBufMut::zeroed(size as usize)).await.unwrap();
-    assert!(all[..] == w.model[..], "final content differs from the model");
+    assert!(
+        all[..] == w.model[..],
+        "final content differs from the model"
+    );
     img.close().await.unwrap();
     drop(img);
     qemu_check_clean(&w.img());

@@ -33,7 +33,10 @@ pub struct Args {
 pub async fn run(a: Args) -> u8 {
     let _ = a.force_share;
     if a.output != "human" && a.output != "json" {
-        return fail(format!("--output expects 'human' or 'json' not '{}'", a.output));
+        return fail(format!(
+            "--output expects 'human' or 'json' not '{}'",
+            a.output
+        ));
     }
     if let Some(r) = &a.repair {
         if r != "leaks" && r != "all" {
@@ -158,7 +161,7 @@ fn report_human(r: &CheckReport) -> String {
 
 fn report_json(r: &CheckReport, filename: &str, fixed: (u64, u64)) -> Value {
     let mut m = serde_json::Map::new();
-    let mut opt = |m: &mut serde_json::Map<String, Value>, k: &str, v: u64| {
+    let opt = |m: &mut serde_json::Map<String, Value>, k: &str, v: u64| {
         if v != 0 {
             m.insert(k.into(), json!(v));
         }

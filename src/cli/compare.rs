@@ -90,10 +90,16 @@ pub async fn run(a: Args) -> u8 {
     }
 }
 
-async fn compare(a: &Arc<dyn BlockDevice>, b: &Arc<dyn BlockDevice>, strict: bool) -> Result<Outcome> {
+async fn compare(
+    a: &Arc<dyn BlockDevice>,
+    b: &Arc<dyn BlockDevice>,
+    strict: bool,
+) -> Result<Outcome> {
     let (sa, sb) = (a.size(), b.size());
     if strict && sa != sb {
-        return Ok(Outcome::Mismatch("Strict mode: Image size mismatch!".into()));
+        return Ok(Outcome::Mismatch(
+            "Strict mode: Image size mismatch!".into(),
+        ));
     }
     let common = sa.min(sb);
     let mut off = 0;
@@ -143,6 +149,11 @@ async fn zero_through_chain(img: &Arc<dyn BlockDevice>, off: u64, n: u64) -> Res
     Ok(e.length >= n && e.zero && !e.data)
 }
 
-async fn both_zero(a: &Arc<dyn BlockDevice>, b: &Arc<dyn BlockDevice>, off: u64, n: u64) -> Result<bool> {
+async fn both_zero(
+    a: &Arc<dyn BlockDevice>,
+    b: &Arc<dyn BlockDevice>,
+    off: u64,
+    n: u64,
+) -> Result<bool> {
     Ok(zero_through_chain(a, off, n).await? && zero_through_chain(b, off, n).await?)
 }

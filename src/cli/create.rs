@@ -68,7 +68,9 @@ async fn create_image(a: &Args) -> Result<()> {
                 (_, "preallocation") => o.preallocation = Preallocation::parse(&v)?,
                 (Format::Qcow2, "cluster_size") => {
                     o.cluster_size = parse_size(&v).map_err(|_| {
-                        Error::arg("Parameter 'cluster_size' expects a non-negative number below 2^64")
+                        Error::arg(
+                            "Parameter 'cluster_size' expects a non-negative number below 2^64",
+                        )
                     })?
                 }
                 (Format::Qcow2, "compat") => {
@@ -85,13 +87,17 @@ async fn create_image(a: &Args) -> Result<()> {
                 }
                 (Format::Qcow2, "refcount_bits") => {
                     o.refcount_bits = v.parse().map_err(|_| {
-                        Error::arg("Parameter 'refcount_bits' expects a non-negative number below 2^64")
+                        Error::arg(
+                            "Parameter 'refcount_bits' expects a non-negative number below 2^64",
+                        )
                     })?
                 }
                 (Format::Qcow2, "lazy_refcounts") => o.lazy_refcounts = parse_bool(&k, &v)?,
                 (Format::Qcow2, "compression_type") => {
                     o.compression = CompressionType::parse(&v).ok_or_else(|| {
-                        Error::arg(format!("Parameter 'compression_type' does not accept value '{v}'"))
+                        Error::arg(format!(
+                            "Parameter 'compression_type' does not accept value '{v}'"
+                        ))
                     })?
                 }
                 (Format::Qcow2, "backing_file") => o.backing_file = Some(v),
@@ -103,7 +109,10 @@ async fn create_image(a: &Args) -> Result<()> {
                         ));
                     }
                 }
-                (Format::Qcow2, "encryption" | "encrypt.format" | "data_file" | "data_file_raw") => {
+                (
+                    Format::Qcow2,
+                    "encryption" | "encrypt.format" | "data_file" | "data_file_raw",
+                ) => {
                     return Err(Error::unsupported(format!(
                         "option '{k}' is not supported yet"
                     )))
@@ -123,7 +132,9 @@ async fn create_image(a: &Args) -> Result<()> {
         return Err(Error::arg("Unsupported preallocation mode 'metadata'"));
     }
     if o.backing_file.is_some() && format == Format::Raw {
-        return Err(Error::arg("Backing file not supported for file format 'raw'"));
+        return Err(Error::arg(
+            "Backing file not supported for file format 'raw'",
+        ));
     }
 
     // Without a size, a backing file gives it.
@@ -159,7 +170,11 @@ async fn create_image(a: &Args) -> Result<()> {
     o.size = size;
 
     if !a.quiet {
-        println!("Formatting '{}', {}", a.filename, describe(format, &o, compat_given));
+        println!(
+            "Formatting '{}', {}",
+            a.filename,
+            describe(format, &o, compat_given)
+        );
     }
     match format {
         Format::Qcow2 => {
@@ -224,7 +239,9 @@ async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> Result<()
             let mut off = 0;
             while off < size {
                 let n = (size - off).min(8 << 20);
-                s.write_at(zeros.slice(0..n as usize), off).await.map_err(ctx)?;
+                s.write_at(zeros.slice(0..n as usize), off)
+                    .await
+                    .map_err(ctx)?;
                 off += n;
             }
         }

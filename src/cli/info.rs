@@ -27,7 +27,10 @@ pub struct Args {
 
 pub async fn run(a: Args) -> u8 {
     if a.output != "human" && a.output != "json" {
-        return fail(format!("--output must be used with human or json as argument."));
+        return fail(format!(
+            "--output expects 'human' or 'json' not '{}'",
+            a.output
+        ));
     }
     let _ = a.force_share;
     let img = match open(&ImageArgs {
@@ -79,7 +82,9 @@ pub fn pretty(v: &Value) -> String {
 }
 
 fn file_length(img: &dyn BlockDevice) -> u64 {
-    std::fs::metadata(img.filename()).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(img.filename())
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
 
 fn full_backing(img: &dyn BlockDevice, name: &str) -> String {
@@ -159,11 +164,17 @@ fn snapshot_json(s: &Snapshot) -> Value {
     if let Some(ic) = s.icount.filter(|&i| i != u64::MAX) {
         m.insert("icount".into(), json!(ic));
     }
-    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+    m.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
     m.insert("name".into(), json!(s.name));
     m.insert("date-sec".into(), json!(s.date_sec));
     m.insert("date-nsec".into(), json!(s.date_nsec));
-    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+    m.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
     m.insert("id".into(), json!(s.id));
     m.insert("vm-state-size".into(), json!(s.vm_state_size));
     Value::Object(m)

@@ -117,7 +117,10 @@ impl Session {
             "discard" | "d" => self.discard(name, args).await,
             "flush" | "f" => {
                 if !args.is_empty() {
-                    eprintln!("bad argument count {} to flush, expected 0 arguments", args.len());
+                    eprintln!(
+                        "bad argument count {} to flush, expected 0 arguments",
+                        args.len()
+                    );
                     false
                 } else {
                     match self.img.flush().await {
@@ -263,7 +266,10 @@ impl Session {
                 return false;
             }
             if len > MAX_REQUEST && !(f.zero && f.no_fallback) {
-                println!("length cannot exceed {MAX_REQUEST} without -n, given {}", pos[1]);
+                println!(
+                    "length cannot exceed {MAX_REQUEST} without -n, given {}",
+                    pos[1]
+                );
                 return false;
             }
         } else if len > MAX_REQUEST {
@@ -443,7 +449,9 @@ impl Session {
 fn verify(kind: &str, buf: &[u8], offset: u64, f: &Flags) -> bool {
     let Some(p) = f.pattern else { return true };
     let start = f.pattern_off.unwrap_or(0);
-    let count = f.pattern_len.unwrap_or(buf.len() as u64 - start.min(buf.len() as u64));
+    let count = f
+        .pattern_len
+        .unwrap_or(buf.len() as u64 - start.min(buf.len() as u64));
     if start + count > buf.len() as u64 {
         println!("pattern verification range exceeds end of read data");
         return false;
@@ -488,7 +496,9 @@ fn cvtnum(s: &str) -> Option<u64> {
             None
         }
         _ => {
-            println!("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}");
+            println!(
+                "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}"
+            );
             None
         }
     }

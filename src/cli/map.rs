@@ -128,7 +128,10 @@ pub async fn map(img: &Arc<dyn BlockDevice>, start: u64, end: u64) -> Result<Vec
 pub async fn run(a: Args) -> u8 {
     let _ = a.force_share;
     if a.output != "human" && a.output != "json" {
-        return fail("--output must be used with human or json as argument.");
+        return fail(format!(
+            "--output expects 'human' or 'json' not '{}'",
+            a.output
+        ));
     }
     let img = match open(&ImageArgs {
         path: &a.filename,
@@ -145,10 +148,15 @@ pub async fn run(a: Args) -> u8 {
     };
     let parse = |s: &Option<String>, what: &str| -> std::result::Result<Option<u64>, u8> {
         s.as_deref()
-            .map(|v| qimg::size::parse_size(v).map_err(|_| fail(format!("Invalid {what} specified"))))
+            .map(|v| {
+                qimg::size::parse_size(v).map_err(|_| fail(format!("Invalid {what} specified")))
+            })
             .transpose()
     };
-    let (start, max_len) = match (parse(&a.start, "start offset"), parse(&a.max_length, "max length")) {
+    let (start, max_len) = match (
+        parse(&a.start, "start offset"),
+        parse(&a.max_length, "max length"),
+    ) {
         (Ok(s), Ok(m)) => (s.unwrap_or(0), m),
         (Err(c), _) | (_, Err(c)) => return c,
     };

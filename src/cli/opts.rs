@@ -49,14 +49,16 @@ pub struct ImageArgs<'a> {
 
 pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
     let format = a.format.map(Format::parse).transpose()?;
-    let cache = a.cache.map(CacheMode::parse).transpose()?.unwrap_or_default();
+    let cache = a
+        .cache
+        .map(CacheMode::parse)
+        .transpose()?
+        .unwrap_or_default();
     let mut qcow2 = Qcow2Options::default();
     for list in a.runtime_opts {
         for (k, v) in parse_kv_list(list) {
             if !qcow2.set(&k, &v)? {
-                return Err(qimg::Error::arg(format!(
-                    "Invalid parameter '{k}'"
-                )));
+                return Err(qimg::Error::arg(format!("Invalid parameter '{k}'")));
             }
         }
     }

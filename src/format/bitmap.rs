@@ -42,7 +42,9 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
         let extra = be::u32(e, 20) as usize;
         let len = (24 + extra + name_size).next_multiple_of(8);
         if off + 24 + extra + name_size > buf.len() {
-            return Err(Error::invalid("Bitmap directory entry exceeds the directory"));
+            return Err(Error::invalid(
+                "Bitmap directory entry exceeds the directory",
+            ));
         }
         if !g.is_aligned(table_offset.0) {
             return Err(Error::invalid("Bitmap table offset is not cluster aligned"));

@@ -126,10 +126,16 @@ pub enum Extension {
     BackingFormat(String),
     FeatureTable(Vec<FeatureName>),
     Bitmaps(BitmapsExtension),
-    CryptoHeader { offset: HostOffset, length: u64 },
+    CryptoHeader {
+        offset: HostOffset,
+        length: u64,
+    },
     DataFile(String),
     /// Anything else: kept verbatim.
-    Unknown { magic: u32, data: Vec<u8> },
+    Unknown {
+        magic: u32,
+        data: Vec<u8>,
+    },
 }
 
 impl Extension {
@@ -258,7 +264,8 @@ impl Header {
         self.extensions
             .retain(|e| !matches!(e, Extension::BackingFormat(_)));
         if let Some(f) = fmt {
-            self.extensions.insert(0, Extension::BackingFormat(f.to_string()));
+            self.extensions
+                .insert(0, Extension::BackingFormat(f.to_string()));
         }
     }
 
@@ -349,16 +356,12 @@ impl Header {
         // Compression type and its feature bit must agree.
         let has_bit = h.incompatible_features & incompat::COMPRESSION != 0;
         match (has_bit, h.compression_type) {
-            (true, CompressionType::Deflate) => {
-                return Err(Error::invalid(
-                    "Compression type incompatible feature bit is set, but compression type is zlib",
-                ))
-            }
-            (false, CompressionType::Zstd) => {
-                return Err(Error::invalid(
-                    "Compression type incompatible feature bit must be set for non-zlib compression",
-                ))
-            }
+            (true, CompressionType::Deflate) => return Err(Error::invalid(
+                "Compression type incompatible feature bit is set, but compression type is zlib",
+            )),
+            (false, CompressionType::Zstd) => return Err(Error::invalid(
+                "Compression type incompatible feature bit must be set for non-zlib compression",
+            )),
             _ => {}
         }
 
@@ -404,13 +407,19 @@ impl Header {
         if u64::from(h.l1_size) < l1_needed {
             return Err(Error::invalid("L1 table is too small"));
         }
-        validate_table(g, h.l1_table_offset, u64::from(h.l1_size) * 8, "Active L1 table")?;
+        validate_table(
+            g,
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            "Active L1 table",
+        )?;
         if h.refcount_table_clusters == 0 {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
             ));
         }
-        if u64::from(h.refcount_table_clusters) * cluster_size > MAX_REFTABLE_BYTES.max(cluster_size)
+        if u64::from(h.refcount_table_clusters) * cluster_size
+            > MAX_REFTABLE_BYTES.max(cluster_size)
         {
             return Err(Error::invalid("Reference count table too large"));
         }
@@ -437,7 +446,12 @@ impl Header {
     /// left out when it does not fit (as QEMU does with 512-byte clusters).
     pub fn encode(&self) -> Result<Vec<u8>> {
         match self.encode_all() {
-            Err(e) if self.extensions.iter().any(|x| matches!(x, Extension::FeatureTable(_))) => {
+            Err(e)
+                if self
+                    .extensions
+                    .iter()
+                    .any(|x| matches!(x, Extension::FeatureTable(_))) =>
+            {
                 let mut slim = self.clone();
                 slim.extensions
                     .retain(|x| !matches!(x, Extension::FeatureTable(_)));
@@ -613,7 +627,8 @@ fn decode_extensions(buf: &[u8], start: u64, end: u64) -> Result<Vec<Extension>>
 }
 
 fn utf8(data: &[u8], what: &str) -> Result<String> {
-    String::from_utf8(data.to_vec()).map_err(|_| Error::invalid(format!("{what} is not valid UTF-8")))
+    String::from_utf8(data.to_vec())
+        .map_err(|_| Error::invalid(format!("{what} is not valid UTF-8")))
 }
 
 /// Lists the set bits of `mask` by name (from the table) or as "Unknown ... feature".
@@ -721,19 +736,37 @@ mod tests {
         check(&|b| be::put_u32(b, 20, 8), "Unsupported cluster size");
         check(&|b| be::put_u32(b, 20, 22), "Unsupported cluster size");
         check(&|b| be::put_u32(b, 36, 1), "L1 table is too small");
-        check(&|b| be::put_u32(b, 36, 5 << 20), "Active L1 table too large");
-        check(&|b| be::put_u64(b, 40, 0x30001), "Active L1 table offset invalid");
-        check(&|b| be::put_u32(b, 56, 0), "does not contain a reference count table");
-        check(&|b| be::put_u32(b, 56, 1000), "Reference count table too large");
+        check(
+            &|b| be::put_u32(b, 36, 5 << 20),
+            "Active L1 table too large",
+        );
+        check(
+            &|b| be::put_u64(b, 40, 0x30001),
+            "Active L1 table offset invalid",
+        );
+        check(
+            &|b| be::put_u32(b, 56, 0),
+            "does not contain a reference count table",
+        );
+        check(
+            &|b| be::put_u32(b, 56, 1000),
+            "Reference count table too large",
+        );
         check(&|b| be::put_u32(b, 96, 7), "may not exceed 64 bits");
         check(&|b| be::put_u32(b, 32, 3), "Unsupported encryption method");
-        check(&|b| be::put_u64(b, 72, 1 << 20), "Unknown incompatible feature: 100000");
+        check(
+            &|b| be::put_u64(b, 72, 1 << 20),
+            "Unknown incompatible feature: 100000",
+        );
         check(&|b| be::put_u64(b, 72, 1 << 3), "compression type is zlib");
         check(&|b| b[104] = 1, "must be set for non-zlib");
         check(&|b| b[104] = 9, "Unknown compression type");
         check(&|b| be::put_u32(b, 16, 5000), "Invalid backing file offset");
         check(&|b| be::put_u32(b, 100, 100), "header too short");
-        check(&|b| be::put_u32(b, 0x74, 0xffff), "Header extension too large");
+        check(
+            &|b| be::put_u32(b, 0x74, 0xffff),
+            "Header extension too large",
+        );
         check(&|b| be::put_u32(b, 60, 70000), "Too many snapshots");
     }
 
@@ -764,7 +797,9 @@ mod tests {
         for _ in 0..2000 {
             let mut b = good.clone();
             for _ in 0..8 {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let pos = (rng >> 33) as usize % 700;
                 b[pos] = (rng >> 20) as u8;
             }

@@ -48,7 +48,12 @@ impl RefcountWidth {
             4 => u64::from(u16::from_be_bytes([block[index * 2], block[index * 2 + 1]])),
             5 => {
                 let o = index * 4;
-                u64::from(u32::from_be_bytes([block[o], block[o + 1], block[o + 2], block[o + 3]]))
+                u64::from(u32::from_be_bytes([
+                    block[o],
+                    block[o + 1],
+                    block[o + 2],
+                    block[o + 3],
+                ]))
             }
             _ => {
                 let o = index * 8;

@@ -82,8 +82,8 @@ pub fn decode_table(buf: &[u8], count: u32, _g: Geometry) -> Result<Decoded> {
         let icount = (extra.len() >= 24).then(|| be::u64(extra, 16));
         let id_start = FIXED_LEN + extra_len as usize;
         let id = String::from_utf8_lossy(&e[id_start..id_start + id_len]).into_owned();
-        let name =
-            String::from_utf8_lossy(&e[id_start + id_len..id_start + id_len + name_len]).into_owned();
+        let name = String::from_utf8_lossy(&e[id_start + id_len..id_start + id_len + name_len])
+            .into_owned();
         snaps.push(Snapshot {
             l1_table_offset,
             l1_size,

@@ -162,12 +162,30 @@ mod tests {
             let cs = g.cluster_size();
             let cases = [
                 Mapping::Unallocated,
-                Mapping::Zero { prealloc: None, copied: false },
-                Mapping::Zero { prealloc: Some(HostOffset(cs * 7)), copied: true },
-                Mapping::Data { host: HostOffset(cs * 3), copied: true },
-                Mapping::Data { host: HostOffset(cs * 3), copied: false },
-                Mapping::Compressed { host: HostOffset(12345), sectors: 1 },
-                Mapping::Compressed { host: HostOffset(cs * 9 + 17), sectors: (cs / 512) + 1 },
+                Mapping::Zero {
+                    prealloc: None,
+                    copied: false,
+                },
+                Mapping::Zero {
+                    prealloc: Some(HostOffset(cs * 7)),
+                    copied: true,
+                },
+                Mapping::Data {
+                    host: HostOffset(cs * 3),
+                    copied: true,
+                },
+                Mapping::Data {
+                    host: HostOffset(cs * 3),
+                    copied: false,
+                },
+                Mapping::Compressed {
+                    host: HostOffset(12345),
+                    sectors: 1,
+                },
+                Mapping::Compressed {
+                    host: HostOffset(cs * 9 + 17),
+                    sectors: (cs / 512) + 1,
+                },
             ];
             for m in cases {
                 assert_eq!(Mapping::decode(m.encode(g), g).unwrap(), m, "bits {bits}");
@@ -180,7 +198,10 @@ mod tests {
         let g = Geometry::new(16);
         assert!(Mapping::decode(0x10200, g).is_err());
         assert!(L1Entry(0x10200).l2_offset(g, 0).is_err());
-        assert_eq!(L1Entry(0x8000_0000_0003_0000).l2_offset(g, 0).unwrap(), Some(HostOffset(0x30000)));
+        assert_eq!(
+            L1Entry(0x8000_0000_0003_0000).l2_offset(g, 0).unwrap(),
+            Some(HostOffset(0x30000))
+        );
     }
 
     #[test]
@@ -190,7 +211,10 @@ mod tests {
         let raw = COMPRESSED | (3u64 << 54) | 0x5_0123;
         assert_eq!(
             Mapping::decode(raw, g).unwrap(),
-            Mapping::Compressed { host: HostOffset(0x5_0123), sectors: 4 }
+            Mapping::Compressed {
+                host: HostOffset(0x5_0123),
+                sectors: 4
+            }
         );
         let (start, len) = compressed_range(HostOffset(0x5_0123), 4);
         assert_eq!(start.0, 0x5_0123);

@@ -144,7 +144,8 @@ impl Table {
     }
 
     pub fn is_dirty(&self) -> bool {
-        !self.discarded.load(Relaxed) && self.state.lock().version > self.written_version.load(SeqCst)
+        !self.discarded.load(Relaxed)
+            && self.state.lock().version > self.written_version.load(SeqCst)
     }
 
     /// A dependency on the table's current content reaching the disk.

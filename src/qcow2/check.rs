@@ -15,9 +15,7 @@ use super::Qcow2;
 use crate::buf::IoBufMut;
 use crate::error::{Error, Result};
 use crate::format::bitmap::{self, TABLE_OFFSET_MASK};
-use crate::format::table::{
-    compressed_shift, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK,
-};
+use crate::format::table::{compressed_shift, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK};
 use crate::format::{be, Extension};
 
 /// Bits of a refcount table entry that must be zero.
@@ -144,7 +142,11 @@ impl<'a> Walk<'a> {
     }
 
     async fn read(&self, offset: u64, len: usize) -> std::io::Result<IoBufMut> {
-        self.img.w.storage.read_at(IoBufMut::zeroed(len), offset).await
+        self.img
+            .w
+            .storage
+            .read_at(IoBufMut::zeroed(len), offset)
+            .await
     }
 
     /// Counts an L1 table and everything below it.
@@ -168,7 +170,9 @@ impl<'a> Walk<'a> {
                 continue;
             }
             if e & L1_RESERVED_MASK != 0 {
-                self.corruption(format!("ERROR found L1 entry with reserved bits set: {e:x}"));
+                self.corruption(format!(
+                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                ));
             }
             let l2 = e & OFFSET_MASK;
             self.inc(l2, cs);
@@ -218,7 +222,9 @@ impl<'a> Walk<'a> {
                 continue;
             }
             if e & L2_RESERVED_MASK != 0 {
-                self.corruption(format!("ERROR found l2 entry with reserved bits set: {e:x}"));
+                self.corruption(format!(
+                    "ERROR found l2 entry with reserved bits set: {e:x}"
+                ));
             }
             let off = e & OFFSET_MASK;
             let zero = e & 1 != 0;
@@ -328,10 +334,7 @@ impl<'a> Walk<'a> {
         let cs = self.img.geo.cluster_size();
         for b in entries {
             self.inc(b.table_offset.0, u64::from(b.table_size) * 8);
-            let Ok(t) = self
-                .read(b.table_offset.0, b.table_size as usize * 8)
-                .await
-            else {
+            let Ok(t) = self.read(b.table_offset.0, b.table_size as usize * 8).await else {
                 return bad(self);
             };
             for e in be::decode_u64_table(&t) {
@@ -410,7 +413,13 @@ impl Qcow2 {
                 if !announced {
                     announced = true;
                     let bi = i as u64 / self.rc.entries_per_block();
-                    let off = self.rc.table().entries.get(bi as usize).copied().unwrap_or(0);
+                    let off = self
+                        .rc
+                        .table()
+                        .entries
+                        .get(bi as usize)
+                        .copied()
+                        .unwrap_or(0);
                     w.msg(format!(
                         "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); further non-fatal corruption events will be suppressed",
                         c_hex(off & !REFTABLE_RESERVED),
@@ -457,7 +466,12 @@ impl Qcow2 {
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
             }
-            let buf = match self.w.storage.read_at(IoBufMut::zeroed(cs as usize), l2).await {
+            let buf = match self
+                .w
+                .storage
+                .read_at(IoBufMut::zeroed(cs as usize), l2)
+                .await
+            {
                 Ok(b) => b,
                 Err(err) => {
                     w.report.check_errors += 1;
@@ -470,8 +484,7 @@ impl Qcow2 {
                 if x & (1 << 62) != 0 || x & OFFSET_MASK == 0 {
                     continue; // compressed, unallocated or plain zero
                 }
-                let Some(rc) = stored.get(self, (x & OFFSET_MASK) >> self.geo.cluster_bits)
-                else {
+                let Some(rc) = stored.get(self, (x & OFFSET_MASK) >> self.geo.cluster_bits) else {
                     continue;
                 };
                 if (rc == 1) != (x & (1 << 63) != 0) {

@@ -240,7 +240,11 @@ fn new_header(o: &CreateOptions, g: Geometry, l: &Layout) -> Header {
             header::V2_HEADER_LEN
         },
         compression_type: o.compression,
-        unknown_fields: if o.version >= 3 { vec![0; 7] } else { Vec::new() },
+        unknown_fields: if o.version >= 3 {
+            vec![0; 7]
+        } else {
+            Vec::new()
+        },
         extensions,
         backing_file: o.backing_file.clone(),
     }
@@ -274,14 +278,19 @@ pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
 
     // Refcount blocks: every cluster in [0, total) has refcount 1.
     let epb = width.entries_per_block(g.cluster_bits);
-    write_generated(&storage, l.refblocks * cs, l.refblock_count * cs, |chunk_off, buf| {
-        let first_block = (chunk_off - l.refblocks * cs) / cs;
-        for (bi, block) in buf.chunks_mut(cs as usize).enumerate() {
-            let base = (first_block + bi as u64) * epb;
-            let used = l.total.saturating_sub(base).min(epb);
-            fill_refcounts(width, block, used as usize);
-        }
-    })
+    write_generated(
+        &storage,
+        l.refblocks * cs,
+        l.refblock_count * cs,
+        |chunk_off, buf| {
+            let first_block = (chunk_off - l.refblocks * cs) / cs;
+            for (bi, block) in buf.chunks_mut(cs as usize).enumerate() {
+                let base = (first_block + bi as u64) * epb;
+                let used = l.total.saturating_sub(base).min(epb);
+                fill_refcounts(width, block, used as usize);
+            }
+        },
+    )
     .await?;
 
     // L1 table.

@@ -65,7 +65,9 @@ impl Qcow2 {
                 })
                 .await?;
             self.w.barrier.sync_now().await?;
-            self.rc.lazy.store(false, std::sync::atomic::Ordering::Relaxed);
+            self.rc
+                .lazy
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }

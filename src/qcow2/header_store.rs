@@ -42,7 +42,10 @@ impl HeaderStore {
         change(&mut next);
         let mut bytes = next.encode()?;
         // Whole sectors: keeps the write aligned and clears what an older, longer header left.
-        let len = bytes.len().next_multiple_of(512).min(next.cluster_size() as usize);
+        let len = bytes
+            .len()
+            .next_multiple_of(512)
+            .min(next.cluster_size() as usize);
         bytes.resize(len, 0);
         w.storage
             .write_at(IoBuf::copy_from(&bytes), 0)

@@ -108,6 +108,7 @@ impl Claims {
         map.range(start..end).next().map(|(_, e)| e.done.clone())
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.map.lock().is_empty()
     }

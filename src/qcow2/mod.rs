@@ -113,7 +113,11 @@ impl Qcow2Options {
         let whole_disk = g.clusters_for(disk_size).div_ceil(g.l2_entries()).max(1) * cs;
         let min_l2 = MIN_L2_CACHE_CLUSTERS * cs;
         let min_rc = MIN_REFCOUNT_CACHE_CLUSTERS * cs;
-        let (l2, rc) = match (self.cache_size, self.l2_cache_size, self.refcount_cache_size) {
+        let (l2, rc) = match (
+            self.cache_size,
+            self.l2_cache_size,
+            self.refcount_cache_size,
+        ) {
             (Some(total), Some(l2), Some(rc)) if l2 + rc != total => {
                 return Err(Error::arg(
                     "l2-cache-size + refcount-cache-size must equal cache-size",
@@ -319,7 +323,9 @@ impl Qcow2 {
         if h.version >= 3 && h.autoclear_features != 0 {
             // We maintain none of the autoclear features (bitmaps, raw external data): clearing
             // the bits tells other programs their data can no longer be trusted.
-            self.hdr.update(&self.w, |h| h.autoclear_features = 0).await?;
+            self.hdr
+                .update(&self.w, |h| h.autoclear_features = 0)
+                .await?;
             self.w.barrier.sync_now().await?;
         }
         if h.is_dirty() {
@@ -476,7 +482,10 @@ impl Qcow2 {
     }
 }
 
-async fn read_snapshots(storage: &dyn crate::storage::Storage, h: &Header) -> Result<Vec<Snapshot>> {
+async fn read_snapshots(
+    storage: &dyn crate::storage::Storage,
+    h: &Header,
+) -> Result<Vec<Snapshot>> {
     if h.nb_snapshots == 0 {
         return Ok(Vec::new());
     }

@@ -72,9 +72,11 @@ impl Qcow2 {
         for bi in 0..nb {
             let mut block = vec![0u8; cs as usize];
             for c in bi * epb..((bi + 1) * epb).min(total) {
-                self.rc
-                    .width
-                    .set(&mut block, (c % epb) as usize, u64::from(w.refs[c as usize]))?;
+                self.rc.width.set(
+                    &mut block,
+                    (c % epb) as usize,
+                    u64::from(w.refs[c as usize]),
+                )?;
             }
             let off = g.host_offset(HostCluster(start + bi));
             self.w

@@ -40,7 +40,8 @@ impl Qcow2 {
         }
         self.hdr.update(&self.w, |h| h.size = new_size).await?;
         self.w.barrier.sync_now().await?;
-        self.size.store(new_size, std::sync::atomic::Ordering::Relaxed);
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

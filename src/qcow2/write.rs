@@ -48,10 +48,7 @@ enum Action {
 enum Plan<'a> {
     InPlace(Vec<(u64, IoBuf)>),
     Wait(Arc<Event>),
-    Alloc {
-        claim: Claim<'a>,
-        old: Vec<Mapping>,
-    },
+    Alloc { claim: Claim<'a>, old: Vec<Mapping> },
 }
 
 /// One storage operation of a write.
@@ -194,7 +191,10 @@ impl Qcow2 {
                         _ => Action::New(Source::Zeros),
                     }
                 }
-                Mapping::Data { host, copied: false } => Action::New(Source::Cluster(host)),
+                Mapping::Data {
+                    host,
+                    copied: false,
+                } => Action::New(Source::Cluster(host)),
                 Mapping::Compressed { host, sectors } => {
                     Action::New(Source::Compressed(host, sectors))
                 }
@@ -423,7 +423,12 @@ impl Qcow2 {
         // The table's content reaches the file before the L1 entry that points to it.
         let written = match old {
             None => self.w.storage.write_zeroes(at.0, cs).await,
-            Some(_) => self.w.storage.write_at(IoBuf::copy_from(&content), at.0).await,
+            Some(_) => {
+                self.w
+                    .storage
+                    .write_at(IoBuf::copy_from(&content), at.0)
+                    .await
+            }
         };
         if let Err(e) = written {
             self.rc.release_unlinked(&self.w, alloc).await?;

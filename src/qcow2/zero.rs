@@ -47,8 +47,14 @@ impl Qcow2 {
             self.zero_partial(offset, astart - offset, flags).await?;
         }
         if self.version >= 3 {
-            self.cluster_op(astart, aend - astart, ClusterOp::Zero { unmap: flags.may_unmap })
-                .await?;
+            self.cluster_op(
+                astart,
+                aend - astart,
+                ClusterOp::Zero {
+                    unmap: flags.may_unmap,
+                },
+            )
+            .await?;
         } else {
             self.zero_partial(astart, aend - astart, flags).await?;
         }
@@ -79,7 +85,8 @@ impl Qcow2 {
                 let mut done = 0;
                 while done < n {
                     let k = (n - done).min(CHUNK);
-                    self.write_at(pos + done, zeros.slice(0..k as usize)).await?;
+                    self.write_at(pos + done, zeros.slice(0..k as usize))
+                        .await?;
                     done += k;
                 }
             }
@@ -225,13 +232,9 @@ impl Qcow2 {
             ClusterOp::Discard => {
                 let allocated = !matches!(
                     old,
-                    Mapping::Unallocated
-                        | Mapping::Zero {
-                            prealloc: None,
-                            ..
-                        }
+                    Mapping::Unallocated | Mapping::Zero { prealloc: None, .. }
                 );
-                if !allocated && !(has_backing && old == Mapping::Unallocated && v3) {
+                if !(allocated || has_backing && old == Mapping::Unallocated && v3) {
                     return old; // already reads as it should
                 }
                 if v3 {

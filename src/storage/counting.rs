@@ -86,12 +86,16 @@ impl<S: Storage> CountingStorage<S> {
 impl<S: Storage> Storage for CountingStorage<S> {
     fn read_at(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
         self.counters.reads.fetch_add(1, Relaxed);
-        self.counters.read_bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.counters
+            .read_bytes
+            .fetch_add(buf.len() as u64, Relaxed);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
         self.counters.writes.fetch_add(1, Relaxed);
-        self.counters.write_bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.counters
+            .write_bytes
+            .fetch_add(buf.len() as u64, Relaxed);
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {

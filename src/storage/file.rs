@@ -153,7 +153,11 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
         let f = self.fd_for(offset, buf.len(), buf.as_ptr() as usize);
-        Box::pin(async move { Pool::global().run(move || f.write_all_at(&buf, offset)).await })
+        Box::pin(async move {
+            Pool::global()
+                .run(move || f.write_all_at(&buf, offset))
+                .await
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {

@@ -72,11 +72,7 @@ impl PreciseTimer {
         let mut st = self.state.lock();
         loop {
             let now = Instant::now();
-            while st
-                .heap
-                .peek()
-                .is_some_and(|Reverse(p)| p.deadline <= now)
-            {
+            while st.heap.peek().is_some_and(|Reverse(p)| p.deadline <= now) {
                 if let Some(Reverse(p)) = st.heap.pop() {
                     let _ = p.wake.send(());
                 }
@@ -199,6 +195,10 @@ mod tests {
         let start = Instant::now();
         let futs = (0..50).map(|i| s.read_at(IoBufMut::zeroed(1), i));
         futures_util::future::join_all(futs).await;
-        assert!(start.elapsed() < Duration::from_millis(50), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

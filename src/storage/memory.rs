@@ -61,7 +61,7 @@ impl Sparse {
         let end = offset + len;
         let first_whole = offset.div_ceil(PAGE);
         let end_whole = end / PAGE;
-        let mut clear = |pages: &mut HashMap<u64, Box<[u8]>>, from: u64, to: u64| {
+        let clear = |pages: &mut HashMap<u64, Box<[u8]>>, from: u64, to: u64| {
             if let Some(p) = pages.get_mut(&(from >> PAGE_BITS)) {
                 p[(from & (PAGE - 1)) as usize..=((to - 1) & (PAGE - 1)) as usize].fill(0);
             }

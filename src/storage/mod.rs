@@ -33,6 +33,7 @@ use std::sync::Arc;
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Asynchronous positioned I/O. Shared between tasks (`&self` everywhere).
+#[allow(clippy::len_without_is_empty)] // a file's emptiness is not a question anyone asks here
 pub trait Storage: Send + Sync + 'static {
     /// Fills `buf` from `offset`. Bytes past the end of the file read as zeros.
     fn read_at(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>>;

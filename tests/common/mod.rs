@@ -37,8 +37,7 @@ pub fn qemu_check_clean(p: &Path) {
 pub fn qemu_check(p: &Path) -> (i32, u64, u64, String) {
     let o = run("qemu-img", &["check", "--output=json", p.to_str().unwrap()]);
     let code = o.status.code().unwrap_or(-1);
-    let v: serde_json::Value =
-        serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     (code, get("corruptions"), get("leaks"), text(&o))
 }
