@@ -90,32 +90,41 @@ pub fn parse_bool(key: &str, v: &str) -> crate::error::Result<bool> {
     }
 }
 
-/// Formats a size the way qemu-img's human output does (`1 GiB`, `448 KiB`, `1.5 MiB`).
+/// Formats a size the way qemu-img's human output does (`1 GiB`, `448 KiB`, `0.977 KiB`):
+/// QEMU's `size_to_str`, three significant digits, switching units at 1000.
 pub fn human_size(v: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if v < 1024 {
-        return format!("{v} B");
-    }
-    let mut unit = 0;
-    let mut x = v as f64;
-    while x >= 1024.0 && unit < UNITS.len() - 1 {
-        x /= 1024.0;
-        unit += 1;
-    }
-    // QEMU prints up to 3 significant digits, trimming trailing zeros.
-    let s = if x >= 100.0 {
-        format!("{x:.0}")
-    } else if x >= 10.0 {
-        format!("{x:.1}")
+    const PREFIX: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let x = v as f64 / (1000.0 / 1024.0);
+    // frexp: x = m * 2^e with m in [0.5, 1)
+    let e = if x == 0.0 {
+        0
     } else {
-        format!("{x:.2}")
+        x.log2().floor() as i64 + 1
     };
-    let s = if s.contains('.') {
+    let i = ((e - 1).max(0) / 10 * 10) as u32;
+    let scaled = v as f64 / (1u64 << i) as f64;
+    format!("{} {}B", fmt_g3(scaled), PREFIX[(i / 10) as usize])
+}
+
+/// C's `%0.3g`.
+fn fmt_g3(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    let sci = format!("{x:.2e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..3).contains(&exp) {
+        let m = mant.trim_end_matches('0').trim_end_matches('.');
+        return format!("{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let decimals = (2 - exp).max(0) as usize;
+    let s = format!("{x:.decimals$}");
+    if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     } else {
         s
-    };
-    format!("{s} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -147,5 +156,13 @@ mod tests {
         assert_eq!(human_size(397312), "388 KiB");
         assert_eq!(human_size(1536 << 10), "1.5 MiB");
         assert_eq!(human_size(100), "100 B");
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1000), "0.977 KiB");
+        assert_eq!(human_size(1024), "1 KiB");
+        assert_eq!(human_size(49664), "48.5 KiB");
+        assert_eq!(human_size(197120), "192 KiB");
+        assert_eq!(human_size(1310720), "1.25 MiB");
+        assert_eq!(human_size(1376256), "1.31 MiB");
     }
 }

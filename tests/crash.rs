@@ -465,7 +465,7 @@ fn kill_9_writer_process() {
     assert!(o.status.success());
     // write k, flush, write k+1, flush, ... : when "wrote" of write k+1 is printed, the flush
     // after write k has completed.
-    let n = 400u64;
+    let n = 3000u64;
     let mut args = vec!["io".to_string()];
     for k in 0..n {
         let off = (k * 193 % 4000) * 65536 + (k % 7) * 512;
@@ -494,6 +494,11 @@ fn kill_9_writer_process() {
                 }
             }
         }
+        let still_running = child.try_wait().unwrap().is_none();
+        assert!(
+            still_running,
+            "the writer finished before it could be killed"
+        );
         child.kill().unwrap();
         let _ = child.wait();
         let (code, corruptions, _, out) = qemu_check(&p);

@@ -200,12 +200,11 @@ fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) -> String {
             s
         }
         Format::Qcow2 => {
-            let mut s = format!(
-                "fmt=qcow2 cluster_size={} extended_l2=off compression_type={} size={}",
-                o.cluster_size,
-                o.compression.name(),
-                o.size
-            );
+            let mut s = format!("fmt=qcow2 cluster_size={} extended_l2=off", o.cluster_size);
+            if o.preallocation != Preallocation::Off {
+                s += &format!(" preallocation={}", o.preallocation.name());
+            }
+            s += &format!(" compression_type={} size={}", o.compression.name(), o.size);
             if let Some(c) = compat {
                 s += &format!(" compat={c}");
             }
@@ -214,9 +213,6 @@ fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) -> String {
             }
             if let Some(f) = &o.backing_format {
                 s += &format!(" backing_fmt={f}");
-            }
-            if o.preallocation != Preallocation::Off {
-                s += &format!(" preallocation={}", o.preallocation.name());
             }
             s += &format!(
                 " lazy_refcounts={} refcount_bits={}",

@@ -83,7 +83,7 @@ pub fn pretty(v: &Value) -> String {
 
 fn file_length(img: &dyn BlockDevice) -> u64 {
     std::fs::metadata(img.filename())
-        .map(|m| m.len())
+        .map(|m| m.len().next_multiple_of(512))
         .unwrap_or(0)
 }
 

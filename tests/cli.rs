@@ -1,0 +1,356 @@
+//! The command line against the real qemu-img and qemu-io: the same images give the same output
+//! (human and JSON) and the same exit codes, so that users and scripts can switch.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Output;
+
+const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
+
+fn qimg(args: &[&str]) -> Output {
+    run(QIMG, args)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr with the program name normalized.
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr)
+        .replace("qemu-img: ", "PROG: ")
+        .replace("qimg: ", "PROG: ")
+}
+
+/// A set of images exercising most header and table features, made by QEMU.
+fn images(dir: &Path) -> Vec<String> {
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    qemu_create(Path::new(&p("plain.qcow2")), "", 64 << 20, &[]);
+    qemu_io(
+        Path::new(&p("plain.qcow2")),
+        "qcow2",
+        &[
+            "write -P 1 0 1M".into(),
+            "write -z 2M 64k".into(),
+            "write -P 2 3M 4k".into(),
+            "discard 3M 64k".into(),
+        ],
+    );
+    qemu_create(Path::new(&p("v2.qcow2")), "compat=0.10", 1 << 30, &[]);
+    qemu_create(
+        Path::new(&p("zstd.qcow2")),
+        "compression_type=zstd,lazy_refcounts=on",
+        1 << 20,
+        &[],
+    );
+    qemu_create(
+        Path::new(&p("small.qcow2")),
+        "cluster_size=512,refcount_bits=1",
+        3 << 20,
+        &[],
+    );
+    qemu_io(
+        Path::new(&p("small.qcow2")),
+        "qcow2",
+        &["write -P 3 1000 70000".into()],
+    );
+    qemu_create(
+        Path::new(&p("top.qcow2")),
+        "",
+        64 << 20,
+        &["-F", "qcow2", "-b", "plain.qcow2"],
+    );
+    qemu_io(
+        Path::new(&p("top.qcow2")),
+        "qcow2",
+        &["write -P 9 65536 4096".into()],
+    );
+    qemu_create(Path::new(&p("snap.qcow2")), "", 16 << 20, &[]);
+    qemu_io(
+        Path::new(&p("snap.qcow2")),
+        "qcow2",
+        &["write -P 4 0 128k".into()],
+    );
+    let o = run("qemu-img", &["snapshot", "-c", "first", &p("snap.qcow2")]);
+    assert!(o.status.success());
+    qemu_create(
+        Path::new(&p("prealloc.qcow2")),
+        "preallocation=metadata",
+        8 << 20,
+        &[],
+    );
+    let raw = p("disk.raw");
+    std::fs::write(&raw, pattern(3, 1 << 20)).unwrap();
+    let comp = p("comp.qcow2");
+    let o = run("qemu-img", &["convert", "-c", "-O", "qcow2", &raw, &comp]);
+    assert!(o.status.success());
+    [
+        "plain", "v2", "zstd", "small", "top", "snap", "prealloc", "comp",
+    ]
+    .iter()
+    .map(|n| p(&format!("{n}.qcow2")))
+    .collect()
+}
+
+#[test]
+fn info_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    for img in images(dir.path()) {
+        for fmt in ["human", "json"] {
+            let a = run("qemu-img", &["info", "--output", fmt, &img]);
+            let b = qimg(&["info", "--output", fmt, &img]);
+            assert!(
+                a.status.success() && b.status.success(),
+                "{img}: {}",
+                text(&b)
+            );
+            if fmt == "json" {
+                let va: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+                let vb: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
+                assert_eq!(va, vb, "info --output=json differs for {img}");
+            } else {
+                assert_eq!(stdout(&a), stdout(&b), "info differs for {img}");
+            }
+        }
+    }
+    // A raw image.
+    let raw = dir.path().join("disk.raw");
+    let a = run("qemu-img", &["info", "-f", "raw", raw.to_str().unwrap()]);
+    let b = qimg(&["info", "-f", "raw", raw.to_str().unwrap()]);
+    assert_eq!(stdout(&a), stdout(&b));
+}
+
+#[test]
+fn check_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut imgs = images(dir.path());
+    // A leaky image and a corrupt one (refcount of a data cluster cleared).
+    let leak = dir.path().join("leak.qcow2");
+    qemu_create(&leak, "", 64 << 20, &[]);
+    qemu_io(&leak, "qcow2", &["write -P 1 0 192k".into()]);
+    let mut bytes = std::fs::read(&leak).unwrap();
+    // Refcount block at cluster 2, 16-bit entries: mark clusters 9 and 10 used (past the data).
+    bytes.resize(11 * 65536, 0);
+    bytes[2 * 65536 + 18..2 * 65536 + 22].copy_from_slice(&[0, 1, 0, 1]);
+    std::fs::write(&leak, &bytes).unwrap();
+    let corrupt = dir.path().join("corrupt.qcow2");
+    std::fs::copy(dir.path().join("plain.qcow2"), &corrupt).unwrap();
+    let mut bytes = std::fs::read(&corrupt).unwrap();
+    bytes[2 * 65536 + 10..2 * 65536 + 12].copy_from_slice(&[0, 0]);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    imgs.push(leak.to_str().unwrap().into());
+    imgs.push(corrupt.to_str().unwrap().into());
+    for img in &imgs {
+        for fmt in ["human", "json"] {
+            let a = run("qemu-img", &["check", "--output", fmt, img]);
+            let b = qimg(&["check", "--output", fmt, img]);
+            assert_eq!(
+                a.status.code(),
+                b.status.code(),
+                "exit code for {img}: {}",
+                text(&b)
+            );
+            assert_eq!(stdout(&a), stdout(&b), "check stdout for {img}");
+            assert_eq!(stderr(&a), stderr(&b), "check stderr for {img}");
+        }
+    }
+    // Not qcow2: no checks for raw.
+    let raw = dir.path().join("disk.raw");
+    let b = qimg(&["check", "-f", "raw", raw.to_str().unwrap()]);
+    assert_eq!(b.status.code(), Some(1));
+}
+
+#[test]
+fn map_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    for img in images(dir.path()) {
+        for fmt in ["human", "json"] {
+            let a = run("qemu-img", &["map", "--output", fmt, &img]);
+            let b = qimg(&["map", "--output", fmt, &img]);
+            assert_eq!(a.status.code(), b.status.code(), "map exit code for {img}");
+            assert_eq!(
+                stdout(&a),
+                stdout(&b),
+                "map --output={fmt} differs for {img}"
+            );
+        }
+    }
+}
+
+#[test]
+fn create_prints_and_refuses_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    std::fs::write(p("b.raw"), vec![0u8; 1 << 20]).unwrap();
+    let ok_cases: &[&[&str]] = &[
+        &["-f", "qcow2"],
+        &["-f", "qcow2", "-o", "compat=0.10"],
+        &["-f", "qcow2", "-o", "preallocation=metadata"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "compression_type=zstd,lazy_refcounts=on",
+        ],
+        &["-f", "qcow2", "-o", "refcount_bits=1,cluster_size=512"],
+        &["-f", "raw"],
+        &["-f", "raw", "-o", "preallocation=full"],
+    ];
+    for (i, args) in ok_cases.iter().enumerate() {
+        let (fa, fb) = (p(&format!("a{i}")), p(&format!("b{i}")));
+        let mut a: Vec<&str> = vec!["create"];
+        a.extend_from_slice(args);
+        let mut b = a.clone();
+        a.extend_from_slice(&[&fa, "1M"]);
+        b.extend_from_slice(&[&fb, "1M"]);
+        let oa = run("qemu-img", &a);
+        let ob = qimg(&b);
+        assert!(
+            oa.status.success() && ob.status.success(),
+            "{args:?}: {}",
+            text(&ob)
+        );
+        assert_eq!(
+            stdout(&oa).replace(&fa, "F"),
+            stdout(&ob).replace(&fb, "F"),
+            "{args:?}"
+        );
+        if args[1] == "qcow2" {
+            qemu_check_clean(Path::new(&fb));
+        }
+    }
+    // With a backing file and no size: the backing file's size.
+    let o = qimg(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        "b.raw",
+        &p("top"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(stdout(&o).contains("size=1048576 backing_file=b.raw backing_fmt=raw"));
+    // Refusals: exit 1 with a message naming the problem.
+    let bad: &[(&[&str], &str)] = &[
+        (
+            &["-f", "qcow2", "-o", "cluster_size=1000"],
+            "Cluster size must be a power of two",
+        ),
+        (
+            &["-f", "qcow2", "-o", "refcount_bits=3"],
+            "Refcount width must be a power of two",
+        ),
+        (
+            &["-f", "qcow2", "-o", "compat=0.10,lazy_refcounts=on"],
+            "Lazy refcounts only supported",
+        ),
+        (&["-f", "qcow2", "-o", "foo=bar"], "Invalid parameter 'foo'"),
+        (
+            &["-f", "qcow2", "-b", "b.raw"],
+            "Backing file specified without backing format",
+        ),
+        (
+            &[
+                "-f",
+                "qcow2",
+                "-o",
+                "preallocation=metadata",
+                "-F",
+                "raw",
+                "-b",
+                "b.raw",
+            ],
+            "Backing file and preallocation",
+        ),
+        (
+            &["-f", "qcow2", "-o", "preallocation=bogus"],
+            "does not accept value 'bogus'",
+        ),
+    ];
+    for (args, msg) in bad {
+        let mut a: Vec<&str> = vec!["create"];
+        a.extend_from_slice(args);
+        let f = p("bad");
+        a.extend_from_slice(&[&f, "1M"]);
+        let o = qimg(&a);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(text(&o).contains(msg), "{args:?}: {}", text(&o));
+    }
+    let o = qimg(&["create", "-f", "qcow2", &p("nosize")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("Image creation needs a size parameter"));
+    let o = qimg(&["create", "-f", "qcow2", &p("badsize"), "12X"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("Invalid image size specified"));
+}
+
+#[test]
+fn compare_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = images(dir.path());
+    let plain = &imgs[0];
+    let copy = dir.path().join("copy.raw");
+    let o = run(
+        "qemu-img",
+        &["convert", "-O", "raw", plain, copy.to_str().unwrap()],
+    );
+    assert!(o.status.success());
+    let o = qimg(&["compare", plain, copy.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "Images are identical.\n");
+    qemu_io(&copy, "raw", &["write -P 7 4100 1".into()]);
+    let o = qimg(&["compare", plain, copy.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stdout(&o), "Content mismatch at offset 4096!\n");
+    let o = qimg(&["compare", plain, "/nonexistent/x"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn io_lines_match_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    qemu_create(&a, "", 4 << 20, &[]);
+    qemu_create(&b, "", 4 << 20, &[]);
+    let cmds = [
+        "write -P 0xab 0 64k",
+        "read -P 0xab 0 4k",
+        "read -P 0xcd 0 4k",
+        "read -v 4090 20",
+        "write -z 64k 64k",
+        "write -z -u 128k 64k",
+        "discard 0 64k",
+        "read -P 0 0 64k",
+        "writev -P 0x11 100 3 5",
+        "readv -P 0x11 100 8",
+        "read 5M 1",
+        "flush",
+        "length",
+    ];
+    let mut args = vec![];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let mut qa = args.clone();
+    qa.push(a.to_str().unwrap());
+    let mut qb = vec!["io"];
+    qb.extend(args);
+    qb.push(b.to_str().unwrap());
+    let oa = run("qemu-io", &qa);
+    let ob = qimg(&qb);
+    assert_eq!(oa.status.code(), ob.status.code());
+    // Everything but the timing lines is identical.
+    let strip = |s: String| {
+        s.lines()
+            .filter(|l| !l.contains(" ops; "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip(stdout(&oa)), strip(stdout(&ob)));
+}
