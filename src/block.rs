@@ -116,6 +116,93 @@ impl BlockStatus {
     }
 }
 
+/// What the whole backing chain says about an extent (qemu-img map's line, NBD's block status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainStatus {
+    pub offset: u64,
+    pub len: u64,
+    /// Index of the layer that decides the content (0 = the image itself); equal to the number
+    /// of layers when no layer does (unallocated everywhere).
+    pub depth: u64,
+    /// Some layer defines the content.
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset in the file of the deciding layer.
+    pub host_offset: Option<u64>,
+    /// File name of the deciding layer.
+    pub filename: String,
+}
+
+/// Walks the chain for the extent at `offset` (at most `max` bytes): the first layer that
+/// decides it, as qemu-img map does.
+pub async fn chain_status(
+    img: &Arc<dyn BlockDevice>,
+    offset: u64,
+    max: u64,
+) -> Result<ChainStatus> {
+    let mut layer = img.clone();
+    let mut depth = 0;
+    let mut max = max;
+    loop {
+        let st = layer.block_status(offset, max).await?;
+        max = st.len.max(1).min(max);
+        if st.is_final() {
+            return Ok(ChainStatus {
+                offset,
+                len: max,
+                depth,
+                present: st.allocated,
+                zero: st.zero,
+                data: st.data,
+                compressed: st.compressed,
+                host_offset: st.offset,
+                filename: layer.filename().to_string(),
+            });
+        }
+        match layer.backing() {
+            Some(b) => {
+                layer = b;
+                depth += 1;
+            }
+            None => {
+                return Ok(ChainStatus {
+                    offset,
+                    len: max,
+                    depth,
+                    present: false,
+                    zero: false,
+                    data: false,
+                    compressed: false,
+                    host_offset: None,
+                    filename: layer.filename().to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// How file I/O is issued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Aio {
+    /// Blocking syscalls on a worker thread pool.
+    #[default]
+    Threads,
+    /// io_uring (falls back to threads where the kernel or sandbox refuses it).
+    IoUring,
+}
+
+impl Aio {
+    pub fn parse(s: &str) -> Result<Aio> {
+        match s {
+            "threads" => Ok(Aio::Threads),
+            "io_uring" => Ok(Aio::IoUring),
+            other => Err(Error::arg(format!("Invalid aio option: {other}"))),
+        }
+    }
+}
+
 /// An open image of any format.
 pub trait BlockDevice: Send + Sync {
     fn format(&self) -> Format;
@@ -152,6 +239,8 @@ pub struct OpenOptions {
     pub qcow2: Qcow2Options,
     /// Do not open the backing chain (qemu-img's `-U`-like metadata-only uses, `info`).
     pub no_backing: bool,
+    /// How file I/O is issued.
+    pub aio: Aio,
 }
 
 /// Probes the format of a file from its first bytes.
@@ -230,6 +319,7 @@ fn open_layer<'a>(
                         cache: opts.cache,
                         qcow2: Qcow2Options::default(),
                         no_backing: false,
+                        aio: opts.aio,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

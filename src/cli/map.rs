@@ -2,7 +2,7 @@
 
 use super::fail;
 use super::opts::{open, ImageArgs};
-use qimg::block::BlockDevice;
+use qimg::block::{chain_status, BlockDevice};
 use qimg::Result;
 use std::sync::Arc;
 
@@ -67,47 +67,20 @@ impl MapEntry {
     }
 }
 
-/// Walks the chain for the extent at `offset`: the first layer that decides it.
+/// The map line for the extent at `offset`.
 pub async fn entry_at(img: &Arc<dyn BlockDevice>, offset: u64, max: u64) -> Result<MapEntry> {
-    let mut layer = img.clone();
-    let mut depth = 0;
-    let mut max = max;
-    loop {
-        let st = layer.block_status(offset, max).await?;
-        max = st.len.max(1).min(max);
-        if st.is_final() {
-            return Ok(MapEntry {
-                start: offset,
-                length: max,
-                depth,
-                present: st.allocated,
-                zero: st.zero,
-                data: st.data,
-                compressed: st.compressed,
-                offset: st.offset,
-                filename: layer.filename().to_string(),
-            });
-        }
-        match layer.backing() {
-            Some(b) => {
-                layer = b;
-                depth += 1;
-            }
-            None => {
-                return Ok(MapEntry {
-                    start: offset,
-                    length: max,
-                    depth,
-                    present: false,
-                    zero: false,
-                    data: false,
-                    compressed: false,
-                    offset: None,
-                    filename: layer.filename().to_string(),
-                })
-            }
-        }
-    }
+    let c = chain_status(img, offset, max).await?;
+    Ok(MapEntry {
+        start: c.offset,
+        length: c.len,
+        depth: c.depth,
+        present: c.present,
+        zero: c.zero,
+        data: c.data,
+        compressed: c.compressed,
+        offset: c.host_offset,
+        filename: c.filename,
+    })
 }
 
 /// The merged map of `[start, end)`.

@@ -68,6 +68,7 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
         cache,
         qcow2,
         no_backing: a.no_backing,
+        ..Default::default()
     };
     open_image(Path::new(a.path), &opts).await
 }
