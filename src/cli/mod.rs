@@ -1,6 +1,7 @@
 //! Command-line front end. One module per command; each parses its arguments, calls the
 //! library, and prints what qemu-img (or qemu-io) would print. No engine logic lives here.
 
+mod bench;
 mod check;
 mod compare;
 mod create;
@@ -41,6 +42,8 @@ enum Command {
     Io(io::Args),
     /// Grow an image
     Resize(resize::Args),
+    /// Run a simple I/O benchmark (qemu-img bench)
+    Bench(bench::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -72,6 +75,7 @@ pub fn main() -> ExitCode {
             Command::Compare(a) => compare::run(a).await,
             Command::Io(a) => io::run(a).await,
             Command::Resize(a) => resize::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     });
     ExitCode::from(code)

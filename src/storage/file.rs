@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 const DIRECT_ALIGN: u64 = 4096;
@@ -34,6 +35,9 @@ pub struct FileStorage {
     direct: Option<Arc<File>>,
     no_flush: bool,
     path: PathBuf,
+    /// The kernel serves `RWF_NOWAIT` reads/writes on this file (cleared on EOPNOTSUPP).
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
 }
 
 impl FileStorage {
@@ -61,6 +65,8 @@ impl FileStorage {
             direct,
             no_flush: opts.no_flush,
             path: path.to_path_buf(),
+            nowait_reads: AtomicBool::new(true),
+            nowait_writes: AtomicBool::new(true),
         })
     }
 
@@ -84,8 +90,41 @@ impl FileStorage {
         &self.path
     }
 
+    pub(crate) fn no_flush(&self) -> bool {
+        self.no_flush
+    }
+
+    pub(crate) fn buffered_fd(&self) -> Arc<File> {
+        self.buffered.clone()
+    }
+
+    /// Tries to serve a read on the calling thread without blocking (RWF_NOWAIT: page cache
+    /// hits). `Ok` when complete; otherwise the buffer back with how many bytes were read.
+    pub(crate) fn try_read_inline(
+        &self,
+        mut buf: IoBufMut,
+        offset: u64,
+    ) -> Result<IoBufMut, (IoBufMut, usize)> {
+        if self.direct.is_some() || !self.nowait_reads.load(Relaxed) {
+            return Err((buf, 0));
+        }
+        match nowait_read(&self.buffered, &mut buf, offset) {
+            NoWait::Done(0) if !buf.is_empty() => {
+                buf.fill(0); // at or past the end of the file
+                Ok(buf)
+            }
+            NoWait::Done(n) if n == buf.len() => Ok(buf),
+            NoWait::Done(n) => Err((buf, n)),
+            NoWait::WouldBlock => Err((buf, 0)),
+            NoWait::Unsupported => {
+                self.nowait_reads.store(false, Relaxed);
+                Err((buf, 0))
+            }
+        }
+    }
+
     /// The descriptor to use for a request: the direct one if the request is aligned.
-    fn fd_for(&self, offset: u64, len: usize, addr: usize) -> Arc<File> {
+    pub(crate) fn fd_for(&self, offset: u64, len: usize, addr: usize) -> Arc<File> {
         match &self.direct {
             Some(d)
                 if offset % DIRECT_ALIGN == 0
@@ -97,6 +136,38 @@ impl FileStorage {
             _ => self.buffered.clone(),
         }
     }
+}
+
+/// Outcome of a non-blocking attempt.
+enum NoWait {
+    /// This many bytes were transferred (maybe fewer than asked).
+    Done(usize),
+    /// The operation would block: hand it to a worker thread.
+    WouldBlock,
+    /// The kernel or file system does not support RWF_NOWAIT here.
+    Unsupported,
+}
+
+fn classify(r: rustix::io::Result<usize>) -> NoWait {
+    match r {
+        Ok(n) => NoWait::Done(n),
+        Err(rustix::io::Errno::AGAIN) => NoWait::WouldBlock,
+        Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => NoWait::Unsupported,
+        // Anything else (EINTR, real errors): let the worker path retry and report it.
+        Err(_) => NoWait::WouldBlock,
+    }
+}
+
+/// Reads without blocking (page cache hits), on the calling thread.
+fn nowait_read(f: &File, buf: &mut [u8], offset: u64) -> NoWait {
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    classify(rustix::io::preadv2(f, &mut iov, offset, rustix::io::ReadWriteFlags::NOWAIT))
+}
+
+/// Writes without blocking (into the page cache), on the calling thread.
+fn nowait_write(f: &File, buf: &[u8], offset: u64) -> NoWait {
+    let iov = [std::io::IoSlice::new(buf)];
+    classify(rustix::io::pwritev2(f, &iov, offset, rustix::io::ReadWriteFlags::NOWAIT))
 }
 
 fn read_full(f: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -139,12 +210,19 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 impl Storage for FileStorage {
-    fn read_at(&self, mut buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
+    // Reads and writes first try RWF_NOWAIT on the calling thread: a page cache hit (or a write
+    // the page cache absorbs) completes in a microsecond without waking a worker thread. Only
+    // what would block goes to the pool. O_DIRECT requests always go to the pool.
+    fn read_at(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
+        let (mut buf, done) = match self.try_read_inline(buf, offset) {
+            Ok(b) => return Box::pin(async move { Ok(b) }),
+            Err(partial) => partial,
+        };
         let f = self.fd_for(offset, buf.len(), buf.as_ptr() as usize);
         Box::pin(async move {
             Pool::global()
                 .run(move || {
-                    read_full(&f, &mut buf, offset)?;
+                    read_full(&f, &mut buf[done..], offset + done as u64)?;
                     Ok(buf)
                 })
                 .await
@@ -153,13 +231,21 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
         let f = self.fd_for(offset, buf.len(), buf.as_ptr() as usize);
+        let mut done = 0usize;
+        if self.direct.is_none() && self.nowait_writes.load(Relaxed) {
+            match nowait_write(&f, &buf, offset) {
+                NoWait::Done(n) if n == buf.len() => return Box::pin(async { Ok(()) }),
+                NoWait::Done(n) => done = n,
+                NoWait::WouldBlock => {}
+                NoWait::Unsupported => self.nowait_writes.store(false, Relaxed),
+            }
+        }
         Box::pin(async move {
             Pool::global()
-                .run(move || f.write_all_at(&buf, offset))
+                .run(move || f.write_all_at(&buf[done..], offset + done as u64))
                 .await
         })
     }
-
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         if self.no_flush {
             return Box::pin(async { Ok(()) });

@@ -22,6 +22,7 @@ pub mod file;
 pub mod latency;
 pub mod memory;
 mod pool;
+pub mod uring;
 
 use crate::buf::{IoBuf, IoBufMut};
 use std::future::Future;
