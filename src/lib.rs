@@ -10,6 +10,7 @@ pub mod block;
 pub mod buf;
 pub mod error;
 pub mod format;
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod size;

@@ -10,6 +10,7 @@ mod io;
 mod map;
 mod opts;
 mod resize;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -44,6 +45,8 @@ enum Command {
     Resize(resize::Args),
     /// Run a simple I/O benchmark (qemu-img bench)
     Bench(bench::Args),
+    /// Export an image over NBD (like qemu-nbd) until SIGINT/SIGTERM
+    Serve(serve::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -76,6 +79,7 @@ pub fn main() -> ExitCode {
             Command::Io(a) => io::run(a).await,
             Command::Resize(a) => resize::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Serve(a) => serve::run(a).await,
         }
     });
     ExitCode::from(code)

@@ -1,0 +1,492 @@
+//! Executes one transmission request against the image and builds its reply.
+//!
+//! Validation ([`Conn::check`]) is separate from execution so that the request loop can refuse a
+//! request before allocating anything for it. Replies are built as lists of byte slices (headers
+//! and the data buffers the engine filled) so the writer can send them with vectored writes,
+//! without copying data.
+//!
+//! Structured READ replies describe all-zero 4 KiB blocks with `OFFSET_HOLE` chunks instead of
+//! sending the zeros: the data was read anyway (for an unallocated range the engine only fills
+//! memory), and the scan stops at the first non-zero word of real data, so it costs little and
+//! saves the network and the client most of the work on sparse reads.
+
+use super::export::{DiscardMode, Export};
+use super::handshake::Negotiated;
+use super::proto::*;
+use super::status::{self, Context};
+use crate::block::ZeroFlags;
+use crate::buf::IoBufMut;
+use crate::error::Error;
+use std::sync::Arc;
+
+/// Granularity of hole detection in READ replies.
+const HOLE_GRAIN: u64 = 4096;
+/// Chain lookups a CACHE request may spend warming metadata.
+const CACHE_LOOKUPS: usize = 64;
+
+/// Bytes to put on the wire, in order.
+pub enum Part {
+    /// A header of at most 32 bytes, kept inline.
+    Small([u8; 32], u8),
+    Bytes(Vec<u8>),
+    /// `[start, end)` of the reply's data buffer.
+    Data(usize, usize),
+}
+
+impl Part {
+    fn small(b: &[u8]) -> Part {
+        let mut a = [0u8; 32];
+        let n = b.len().min(32);
+        a[..n].copy_from_slice(&b[..n]);
+        Part::Small(a, n as u8)
+    }
+}
+
+/// The complete reply to one request: parts to send in order, and the READ data buffer they may
+/// point into (given back to the connection's buffer pool once the reply is written).
+pub struct Reply {
+    pub parts: Vec<Part>,
+    pub buf: Option<IoBufMut>,
+}
+
+impl Reply {
+    fn one(p: Part) -> Reply {
+        Reply {
+            parts: vec![p],
+            buf: None,
+        }
+    }
+
+    /// The bytes of one part.
+    pub fn bytes<'a>(&'a self, p: &'a Part) -> &'a [u8] {
+        match p {
+            Part::Small(a, n) => &a[..*n as usize],
+            Part::Bytes(v) => v,
+            Part::Data(start, end) => match &self.buf {
+                Some(b) => &b[*start..*end],
+                None => &[],
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|p| self.bytes(p).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A refused or failed request: the NBD error and a message for the client's user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub err: NbdError,
+    pub msg: String,
+}
+
+impl Refusal {
+    fn new(err: NbdError, msg: impl Into<String>) -> Refusal {
+        Refusal {
+            err,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// One client connection in transmission phase.
+pub struct Conn {
+    pub export: Arc<Export>,
+    pub neg: Negotiated,
+}
+
+impl Conn {
+    pub fn new(export: Arc<Export>, mut neg: Negotiated) -> Conn {
+        // Block status needs structured replies; a client that skipped them gets no contexts.
+        if !neg.structured {
+            neg.contexts.clear();
+        }
+        Conn { export, neg }
+    }
+
+    /// Whether `req` may be executed; the error the spec names if not. (`NBD_CMD_DISC` is
+    /// handled by the request loop.)
+    pub fn check(&self, req: &Request) -> Result<(), Refusal> {
+        let structured = self.neg.structured;
+        let name = command_name(req.cmd);
+        if !matches!(
+            req.cmd,
+            CMD_READ
+                | CMD_WRITE
+                | CMD_FLUSH
+                | CMD_TRIM
+                | CMD_CACHE
+                | CMD_WRITE_ZEROES
+                | CMD_BLOCK_STATUS
+        ) {
+            return Err(Refusal::new(
+                NbdError::Inval,
+                format!("unknown command {}", req.cmd),
+            ));
+        }
+        let bad_flags = req.flags & !allowed_flags(req.cmd, structured);
+        if bad_flags != 0 {
+            return Err(Refusal::new(
+                NbdError::Inval,
+                format!("flags {bad_flags:#x} are not valid for {name}"),
+            ));
+        }
+        let writes = matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM);
+        if writes && self.export.read_only {
+            return Err(Refusal::new(NbdError::Perm, "the export is read-only"));
+        }
+        if req.cmd == CMD_FLUSH {
+            return Ok(());
+        }
+        if req.len > MAX_PAYLOAD && matches!(req.cmd, CMD_READ | CMD_WRITE) {
+            let err = if req.cmd == CMD_READ && structured {
+                NbdError::Overflow
+            } else {
+                NbdError::Inval
+            };
+            return Err(Refusal::new(
+                err,
+                format!(
+                    "{name} of {} bytes exceeds the maximum payload of {MAX_PAYLOAD}",
+                    req.len
+                ),
+            ));
+        }
+        if req.cmd == CMD_BLOCK_STATUS {
+            if self.neg.contexts.is_empty() {
+                return Err(Refusal::new(
+                    NbdError::Inval,
+                    "no metadata context was negotiated",
+                ));
+            }
+            if req.len == 0 {
+                return Err(Refusal::new(NbdError::Inval, "block status of 0 bytes"));
+            }
+        }
+        let size = self.export.size();
+        let inside = req
+            .offset
+            .checked_add(req.len as u64)
+            .is_some_and(|end| end <= size);
+        if !inside {
+            let err = if matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
+                NbdError::NoSpc
+            } else {
+                NbdError::Inval
+            };
+            return Err(Refusal::new(
+                err,
+                format!(
+                    "{name} at offset {} length {} is beyond the end of the export ({size} bytes)",
+                    req.offset, req.len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The reply to a refused or failed request.
+    pub fn error_reply(&self, req: &Request, r: &Refusal) -> Reply {
+        tracing::debug!(
+            "nbd: {} cookie {:#x} offset {} len {}: {}: {}",
+            command_name(req.cmd),
+            req.cookie,
+            req.offset,
+            req.len,
+            r.err,
+            r.msg
+        );
+        if self.neg.structured {
+            Reply::one(Part::Bytes(error_chunk(req.cookie, r.err, &r.msg)))
+        } else {
+            Reply::one(Part::small(&simple_reply(req.cookie, r.err.code())))
+        }
+    }
+
+    fn ok_reply(req: &Request) -> Reply {
+        Reply::one(Part::small(&simple_reply(req.cookie, 0)))
+    }
+
+    /// Runs a checked request. `buf` is the data of a WRITE, or for a READ a buffer of the
+    /// request's length to read into (any content; a new one is allocated without it).
+    pub async fn execute(&self, req: Request, buf: Option<IoBufMut>) -> Reply {
+        let r = match req.cmd {
+            CMD_READ => return self.read(&req, buf).await,
+            CMD_BLOCK_STATUS => return self.block_status(&req).await,
+            CMD_WRITE => self.write(&req, buf).await,
+            CMD_WRITE_ZEROES => self.write_zeroes(&req).await,
+            CMD_TRIM => self.trim(&req).await,
+            CMD_FLUSH => self.export.img.flush().await.map_err(|e| engine_error(&e)),
+            CMD_CACHE => self.cache(&req).await,
+            _ => Err(Refusal::new(NbdError::Inval, "unknown command")),
+        };
+        match r {
+            Ok(()) => Self::ok_reply(&req),
+            Err(refusal) => self.error_reply(&req, &refusal),
+        }
+    }
+
+    /// Makes a completed write durable if the client asked for FUA.
+    async fn fua(&self, req: &Request) -> Result<(), Refusal> {
+        if req.flags & CMD_FLAG_FUA != 0 && !self.export.writethrough {
+            self.export
+                .img
+                .flush()
+                .await
+                .map_err(|e| engine_error(&e))?;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, req: &Request, payload: Option<IoBufMut>) -> Result<(), Refusal> {
+        let data = payload
+            .ok_or_else(|| Refusal::new(NbdError::Inval, "write without data"))?
+            .freeze();
+        self.export
+            .img
+            .write(req.offset, data)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        self.fua(req).await
+    }
+
+    async fn write_zeroes(&self, req: &Request) -> Result<(), Refusal> {
+        let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+        let flags = ZeroFlags {
+            may_unmap: self.export.discard == DiscardMode::Unmap
+                && req.flags & CMD_FLAG_NO_HOLE == 0,
+            fast_only: fast,
+        };
+        match self
+            .export
+            .img
+            .write_zeroes(req.offset, req.len as u64, flags)
+            .await
+        {
+            Ok(()) => self.fua(req).await,
+            Err(Error::Unsupported(m)) if fast => Err(Refusal::new(NbdError::NotSup, m)),
+            Err(e) => Err(engine_error(&e)),
+        }
+    }
+
+    async fn trim(&self, req: &Request) -> Result<(), Refusal> {
+        if self.export.discard == DiscardMode::Ignore {
+            return Ok(());
+        }
+        self.export
+            .img
+            .discard(req.offset, req.len as u64)
+            .await
+            .map_err(|e| engine_error(&e))?;
+        self.fua(req).await
+    }
+
+    /// Loads the metadata of the range (a prefetch hint: data is not read).
+    async fn cache(&self, req: &Request) -> Result<(), Refusal> {
+        let img = &self.export.img;
+        let end = req.offset + req.len as u64;
+        let mut pos = req.offset;
+        for _ in 0..CACHE_LOOKUPS {
+            if pos >= end {
+                break;
+            }
+            let st = crate::block::chain_status(img, pos, end - pos)
+                .await
+                .map_err(|e| engine_error(&e))?;
+            pos += st.len.max(1);
+        }
+        Ok(())
+    }
+
+    async fn read(&self, req: &Request, buf: Option<IoBufMut>) -> Reply {
+        let buf = match buf {
+            Some(b) if b.len() == req.len as usize => b,
+            _ => IoBufMut::zeroed(req.len as usize),
+        };
+        let data = match self.export.img.read(req.offset, buf).await {
+            Ok(b) => b,
+            Err(e) => return self.error_reply(req, &engine_error(&e)),
+        };
+        let len = data.len();
+        if !self.neg.structured {
+            return Reply {
+                parts: vec![
+                    Part::small(&simple_reply(req.cookie, 0)),
+                    Part::Data(0, len),
+                ],
+                buf: Some(data),
+            };
+        }
+        if len == 0 {
+            return Reply::one(Part::small(&none_chunk(req.cookie)));
+        }
+        let df = req.flags & CMD_FLAG_DF != 0;
+        let runs = if df {
+            vec![Run {
+                zero: false,
+                start: 0,
+                len,
+            }]
+        } else {
+            zero_runs(req.offset, &data)
+        };
+        let mut parts = Vec::with_capacity(runs.len() * 2);
+        let last = runs.len() - 1;
+        for (i, run) in runs.iter().enumerate() {
+            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+            let off = req.offset + run.start as u64;
+            if run.zero {
+                parts.push(Part::small(&offset_hole(
+                    flags,
+                    req.cookie,
+                    off,
+                    run.len as u32,
+                )));
+            } else {
+                parts.push(Part::small(&offset_data_header(
+                    flags,
+                    req.cookie,
+                    off,
+                    run.len as u32,
+                )));
+                parts.push(Part::Data(run.start, run.start + run.len));
+            }
+        }
+        Reply {
+            parts,
+            buf: Some(data),
+        }
+    }
+
+    async fn block_status(&self, req: &Request) -> Reply {
+        let contexts: Vec<Context> = self.neg.contexts.iter().map(|(_, c)| *c).collect();
+        let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let lists = match status::extents(&self.export.img, &contexts, req.offset, req.len, req_one)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => return self.error_reply(req, &engine_error(&e)),
+        };
+        let n = lists.len();
+        let parts = self
+            .neg
+            .contexts
+            .iter()
+            .zip(lists)
+            .enumerate()
+            .map(|(i, ((id, _), extents))| {
+                let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+                Part::Bytes(block_status_chunk(flags, req.cookie, *id, &extents))
+            })
+            .collect();
+        Reply { parts, buf: None }
+    }
+}
+
+/// The NBD error for an engine error. `ENOTSUP` is reserved for fast-zero refusals, which
+/// `write_zeroes` maps itself.
+fn engine_error(e: &Error) -> Refusal {
+    let err = match NbdError::from_errno(e.errno()) {
+        NbdError::NotSup => NbdError::Io,
+        other => other,
+    };
+    tracing::warn!("nbd: request failed: {e}");
+    Refusal::new(err, e.to_string())
+}
+
+/// A run of a READ reply: data or zeros, `[start, start + len)` within the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    zero: bool,
+    start: usize,
+    len: usize,
+}
+
+/// Splits a read buffer (of the disk at `offset`) into data and zero runs at [`HOLE_GRAIN`]
+/// granularity, aligned to the disk's offsets.
+fn zero_runs(offset: u64, data: &[u8]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut start = 0usize;
+    while start < data.len() {
+        let abs = offset + start as u64;
+        let end = ((abs / HOLE_GRAIN + 1) * HOLE_GRAIN - offset).min(data.len() as u64) as usize;
+        let zero = is_zero(&data[start..end]);
+        match runs.last_mut() {
+            Some(r) if r.zero == zero => r.len += end - start,
+            _ => runs.push(Run {
+                zero,
+                start,
+                len: end - start,
+            }),
+        }
+        start = end;
+    }
+    runs
+}
+
+/// Whether every byte is zero (word at a time; stops at the first non-zero block).
+fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_scan() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0u8; 4097]));
+        let mut v = vec![0u8; 8192];
+        v[8191] = 1;
+        assert!(!is_zero(&v));
+        v[8191] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+
+    #[test]
+    fn runs_are_aligned_to_disk_offsets() {
+        let mut v = vec![0u8; 16384];
+        v[5000] = 1; // second 4 KiB block (disk offset 4096..8192)
+        let r = zero_runs(0, &v);
+        assert_eq!(
+            r,
+            vec![
+                Run {
+                    zero: true,
+                    start: 0,
+                    len: 4096
+                },
+                Run {
+                    zero: false,
+                    start: 4096,
+                    len: 4096
+                },
+                Run {
+                    zero: true,
+                    start: 8192,
+                    len: 8192
+                },
+            ]
+        );
+        // Unaligned start: the first block is the piece up to the next 4 KiB boundary.
+        let r = zero_runs(1000, &v[..4000]);
+        assert_eq!(r.len(), 1);
+        let r = zero_runs(1000, &v);
+        assert_eq!(r[0].len, 3096);
+        assert_eq!(r.iter().map(|r| r.len).sum::<usize>(), v.len());
+        assert!(zero_runs(0, &[]).is_empty());
+    }
+}
