@@ -69,6 +69,18 @@ fn hot_paths(c: &mut Criterion) {
         })
     });
 
+    let raw_mem: StorageRef = Arc::new(MemoryStorage::from_bytes(&vec![1u8; 64 << 20]));
+    let raw = qimg::raw::Raw::with_storage(raw_mem, 64 << 20, false);
+    let mut rbuf = Some(IoBufMut::zeroed(4096));
+    c.bench_function("4k read, raw format, memory storage", |b| {
+        let mut off = 0u64;
+        b.iter(|| {
+            off = (off + 4096 * 7919) % (64 << 20);
+            let r = rt.block_on(raw.read(off, rbuf.take().expect("buffer"))).expect("read");
+            rbuf = Some(r);
+        })
+    });
+
     let data = IoBuf::copy_from(&[7u8; 4096]);
     c.bench_function("4k in-place write, memory storage", |b| {
         let mut off = 0u64;

@@ -16,6 +16,7 @@
 mod barrier;
 pub mod cache;
 pub mod check;
+mod compress;
 pub mod create;
 mod flush;
 mod header_store;
@@ -172,6 +173,8 @@ pub struct Qcow2 {
     pub(crate) resize_lock: tokio::sync::RwLock<()>,
     /// Serializes the switch to lazy refcounts (setting the dirty bit).
     lazy_lock: tokio::sync::Mutex<()>,
+    /// Orders compressed cluster allocation by submission.
+    pub(crate) tickets: compress::Tickets,
     pub(crate) backing: OnceLock<Arc<dyn BlockDevice>>,
     pub(crate) size: AtomicU64,
     pub(crate) read_only: bool,
@@ -280,6 +283,7 @@ impl Qcow2 {
             flush_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::RwLock::new(()),
             lazy_lock: tokio::sync::Mutex::new(()),
+            tickets: compress::Tickets::default(),
             backing: OnceLock::new(),
             size: AtomicU64::new(h.size),
             read_only,
