@@ -76,7 +76,9 @@ fn hot_paths(c: &mut Criterion) {
         let mut off = 0u64;
         b.iter(|| {
             off = (off + 4096 * 7919) % (64 << 20);
-            let r = rt.block_on(raw.read(off, rbuf.take().expect("buffer"))).expect("read");
+            let r = rt
+                .block_on(raw.read(off, rbuf.take().expect("buffer")))
+                .expect("read");
             rbuf = Some(r);
         })
     });

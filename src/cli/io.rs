@@ -328,7 +328,9 @@ impl Session {
             buf.fill(f.pattern.unwrap_or(0xcd));
             return match self.img.as_qcow2() {
                 Some(q) => q.write_compressed(offset, buf.freeze()).await,
-                None => Err(qimg::Error::unsupported("compressed writes need a qcow2 image")),
+                None => Err(qimg::Error::unsupported(
+                    "compressed writes need a qcow2 image",
+                )),
             };
         }
         if f.zero {

@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod compare;
+mod convert;
 mod create;
 mod info;
 mod io;
@@ -44,6 +45,8 @@ enum Command {
     Resize(resize::Args),
     /// Run a simple I/O benchmark (qemu-img bench)
     Bench(bench::Args),
+    /// Copy images into a new one, converting the format, optionally compressed
+    Convert(convert::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -76,6 +79,7 @@ pub fn main() -> ExitCode {
             Command::Io(a) => io::run(a).await,
             Command::Resize(a) => resize::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Convert(a) => convert::run(a).await,
         }
     });
     ExitCode::from(code)

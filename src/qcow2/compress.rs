@@ -19,168 +19,325 @@ use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::format::compression;
 use crate::format::table::{compressed_range, max_compressed_offset, Mapping};
-use crate::units::GuestCluster;
-use std::sync::atomic::Ordering::SeqCst;
+use crate::units::{GuestCluster, HostOffset};
 
 /// Orders host space allocation of compressed clusters by submission.
 pub(crate) struct Tickets {
-    next: std::sync::atomic::AtomicU64,
+    state: parking_lot::Mutex<TicketState>,
     serving: tokio::sync::watch::Sender<u64>,
     /// Limits concurrent compressions to the number of CPUs.
     cpus: tokio::sync::Semaphore,
+}
+
+#[derive(Default)]
+struct TicketState {
+    next: u64,
+    serving: u64,
+    /// Tickets given up without being served (their request was dropped).
+    abandoned: std::collections::BTreeSet<u64>,
 }
 
 impl Default for Tickets {
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         Tickets {
-            next: std::sync::atomic::AtomicU64::new(0),
+            state: parking_lot::Mutex::new(TicketState::default()),
             serving: tokio::sync::watch::channel(0).0,
             cpus: tokio::sync::Semaphore::new(cpus),
         }
     }
 }
 
+/// A place in the allocation order. Dropping it unserved gives the place up.
+pub(crate) struct Ticket<'a> {
+    t: &'a Tickets,
+    n: u64,
+    served: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.served {
+            self.t.finish(self.n, true);
+        }
+    }
+}
+
 /// A ticket's turn to allocate; passes the turn on when dropped (also on errors).
-struct Turn<'a> {
+pub(crate) struct Turn<'a> {
     t: &'a Tickets,
     n: u64,
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.t.serving.send_modify(|s| *s = (*s).max(self.n + 1));
+        self.t.finish(self.n, false);
     }
 }
 
 impl Tickets {
-    fn take(&self) -> u64 {
-        self.next.fetch_add(1, SeqCst)
+    fn take(&self) -> Ticket<'_> {
+        let mut st = self.state.lock();
+        let n = st.next;
+        st.next += 1;
+        Ticket {
+            t: self,
+            n,
+            served: false,
+        }
     }
 
-    async fn wait_turn(&self, n: u64) -> Turn<'_> {
+    /// Ticket `n` is done (served, or abandoned before its turn).
+    fn finish(&self, n: u64, abandoned: bool) {
+        let mut st = self.state.lock();
+        if abandoned && st.serving != n {
+            st.abandoned.insert(n);
+            return;
+        }
+        if st.serving == n {
+            st.serving += 1;
+            loop {
+                let next = st.serving;
+                if !st.abandoned.remove(&next) {
+                    break;
+                }
+                st.serving += 1;
+            }
+            let s = st.serving;
+            drop(st);
+            self.serving.send_replace(s);
+        }
+    }
+
+    async fn wait_turn<'a>(&'a self, mut ticket: Ticket<'a>) -> Turn<'a> {
         let mut rx = self.serving.subscribe();
+        let n = ticket.n;
         let _ = rx.wait_for(|&s| s >= n).await;
+        ticket.served = true;
         Turn { t: self, n }
     }
+}
+
+/// What compressing one cluster produced.
+enum Outcome {
+    /// All zeros: becomes a zero cluster.
+    Zeros,
+    /// Does not compress: written as a normal cluster.
+    Raw,
+    Compressed(Vec<u8>),
 }
 
 impl Qcow2 {
     /// Writes whole clusters compressed (`offset` and the length cluster aligned, except that the
     /// last cluster of the disk may be partial).
-    pub async fn write_compressed(&self, offset: u64, data: IoBuf) -> Result<()> {
-        self.check_writable()?;
-        let len = data.len() as u64;
-        check_range(offset, len, self.virtual_size())?;
+    ///
+    /// The place of these clusters in the allocation order is taken when this function is
+    /// called, not when the future first runs: calling it for consecutive requests in order lays
+    /// them out in that order even if the futures then run concurrently.
+    pub fn write_compressed(
+        &self,
+        offset: u64,
+        data: IoBuf,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + '_ {
         let cs = self.geo.cluster_size();
-        let end = offset + len;
-        if offset % cs != 0 || (end % cs != 0 && end != self.virtual_size()) {
-            return Err(Error::arg(
-                "compressed writes must cover whole clusters (cluster-aligned offset and length)",
-            ));
-        }
-        let _resize = self.resize_lock.read().await;
-        // Tickets are taken in order before anything waits, so clusters of one request, and
-        // requests issued one after another, are laid out in that order.
-        let tickets: Vec<u64> = (0..len.div_ceil(cs)).map(|_| self.tickets.take()).collect();
-        let futs = tickets.into_iter().enumerate().map(|(i, t)| {
-            let from = i * cs as usize;
-            let to = (from + cs as usize).min(data.len());
-            self.compress_cluster(offset + from as u64, data.slice(from..to), t)
+        let len = data.len() as u64;
+        let checked = self.check_writable().and_then(|()| {
+            check_range(offset, len, self.virtual_size())?;
+            let end = offset + len;
+            if offset % cs != 0 || (end % cs != 0 && end != self.virtual_size()) {
+                return Err(Error::arg(
+                    "compressed writes must cover whole clusters (cluster-aligned offset and length)",
+                ));
+            }
+            Ok(())
         });
-        futures_util::future::try_join_all(futs).await?;
-        if self.w.writethrough {
-            self.flush().await?;
+        let ticket = checked.as_ref().ok().map(|()| self.tickets.take());
+        async move {
+            checked?;
+            let ticket = ticket.ok_or_else(|| Error::arg("no allocation ticket"))?;
+            if len == 0 {
+                return Ok(());
+            }
+            let _resize = self.resize_lock.read().await;
+            self.compressed_request(offset, data, ticket).await?;
+            if self.w.writethrough {
+                self.flush().await?;
+            }
+            Ok(())
         }
-        Ok(())
     }
 
-    /// Compresses and writes one guest cluster (its data may be short at the end of the disk).
-    async fn compress_cluster(&self, guest: u64, data: IoBuf, ticket: u64) -> Result<()> {
-        let cs = self.geo.cluster_size() as usize;
-        let kind = self.compression;
-        let compressed = if data.iter().all(|&b| b == 0) {
-            None // zeros: no data at all
-        } else {
+    async fn compressed_request(&self, offset: u64, data: IoBuf, ticket: Ticket<'_>) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size() as usize;
+        // Compress every cluster of the request in one worker-thread task.
+        let outcomes = {
             let _cpu = self.tickets.cpus.acquire().await;
+            let kind = self.compression;
             let input = data.clone();
-            let out = tokio::task::spawn_blocking(move || {
-                let mut full = input.to_vec();
-                full.resize(cs, 0); // the disk's last, partial cluster: zero padded
-                compression::compress(kind, &full)
+            tokio::task::spawn_blocking(move || -> Result<Vec<Outcome>> {
+                let mut out = Vec::new();
+                let mut padded = Vec::new();
+                for part in input.chunks(cs) {
+                    if part.iter().all(|&b| b == 0) {
+                        out.push(Outcome::Zeros);
+                        continue;
+                    }
+                    let full: &[u8] = if part.len() == cs {
+                        part
+                    } else {
+                        // The disk's last, partial cluster: compressed zero padded.
+                        padded.clear();
+                        padded.extend_from_slice(part);
+                        padded.resize(cs, 0);
+                        &padded
+                    };
+                    out.push(match compression::compress(kind, full)? {
+                        Some(c) => Outcome::Compressed(c),
+                        None => Outcome::Raw,
+                    });
+                }
+                Ok(out)
             })
             .await
-            .map_err(|e| Error::arg(format!("compression task failed: {e}")))??;
-            Some(out)
+            .map_err(|e| Error::arg(format!("compression task failed: {e}")))??
         };
-        let turn = self.tickets.wait_turn(ticket).await;
-        match compressed {
-            None => {
-                drop(turn);
-                self.zero_range(guest, data.len() as u64, ZeroFlags { may_unmap: true, fast_only: false })
-                    .await
-            }
-            Some(None) => {
-                drop(turn);
-                self.write_at(guest, data).await // does not compress: a normal cluster
-            }
-            Some(Some(bytes)) => self.write_compressed_bytes(guest, bytes, turn).await,
-        }
-    }
-
-    async fn write_compressed_bytes(&self, guest: u64, bytes: Vec<u8>, turn: Turn<'_>) -> Result<()> {
-        let g = self.geo;
-        let first = GuestCluster(guest >> g.cluster_bits);
+        let first = GuestCluster(offset >> g.cluster_bits);
+        let n = outcomes.len() as u64;
         self.enable_lazy_refcounts_if_configured().await?;
-        let slice = self.l2_slice_for_write(first).await?;
+
+        // In ticket order: claim the clusters and place the compressed data.
+        let turn = self.tickets.wait_turn(ticket).await;
         let claim = loop {
-            match self.claims.try_claim(first.0, first.0 + 1) {
+            match self.claims.try_claim(first.0, first.0 + n) {
                 Ok(c) => break c,
                 Err(ev) => ev.wait().await,
             }
         };
-        let (host, deps) = self
-            .rc
-            .allocate_bytes(&self.w, &self.hdr, bytes.len() as u64)
-            .await?;
+        let mut placed: Vec<Option<(HostOffset, u64)>> = Vec::with_capacity(outcomes.len());
+        let mut deps = Vec::new();
+        for o in &outcomes {
+            match o {
+                Outcome::Compressed(b) => {
+                    let (host, d) = self
+                        .rc
+                        .allocate_bytes(&self.w, &self.hdr, b.len() as u64)
+                        .await?;
+                    if host.0 + b.len() as u64 > max_compressed_offset(g) {
+                        return Err(Error::NoSpace(
+                            "compressed data would lie beyond the offsets a compressed cluster can address"
+                                .into(),
+                        ));
+                    }
+                    deps.extend(d);
+                    placed.push(Some((host, b.len() as u64)));
+                }
+                _ => placed.push(None),
+            }
+        }
         drop(turn);
-        if host.0 + bytes.len() as u64 > max_compressed_offset(g) {
-            return Err(Error::NoSpace(
-                "compressed data would lie beyond the offsets a compressed cluster can address"
-                    .into(),
-            ));
+
+        // Write the compressed data, one write per contiguous run.
+        if let Err(e) = self.write_blobs(&outcomes, &placed).await {
+            for (host, len) in placed.iter().flatten() {
+                self.rc.release_bytes(&self.w, *host, *len).await?;
+            }
+            return Err(e);
         }
-        let len = bytes.len() as u64;
-        if let Err(e) = self
-            .w
-            .storage
-            .write_at(IoBuf::copy_from(&bytes), host.0)
-            .await
-        {
-            self.rc.release_bytes(&self.w, host, len).await?;
-            return Err(Error::io(format!("writing compressed cluster at {host}"), e));
+        deps.push(Dep::Sync(self.w.barrier.generation()));
+
+        // Point the L2 entries at them; free what they pointed to once that is durable.
+        for (i, (o, p)) in outcomes.iter().zip(&placed).enumerate() {
+            let Some((host, len)) = p else { continue };
+            let c = GuestCluster(first.0 + i as u64);
+            let sectors = (host.0 + len - 1) / 512 - host.0 / 512 + 1;
+            let _ = o;
+            self.link_compressed(
+                c,
+                Mapping::Compressed {
+                    host: *host,
+                    sectors,
+                },
+                &deps,
+            )
+            .await?;
         }
-        let data_gen = self.w.barrier.generation();
-        let sectors = (host.0 + len - 1) / 512 - host.0 / 512 + 1;
-        let new = Mapping::Compressed { host, sectors };
-        let i = self.index_in_slice(first);
-        let mut all_deps = deps;
-        all_deps.push(Dep::Sync(data_gen));
+        drop(claim);
+
+        // Zero clusters and clusters that did not compress go the ordinary ways.
+        for (i, o) in outcomes.iter().enumerate() {
+            let at = offset + (i * cs) as u64;
+            let part = data.slice(i * cs..((i + 1) * cs).min(data.len()));
+            match o {
+                Outcome::Zeros => {
+                    self.zero_range(
+                        at,
+                        part.len() as u64,
+                        ZeroFlags {
+                            may_unmap: true,
+                            fast_only: false,
+                        },
+                    )
+                    .await?
+                }
+                Outcome::Raw => self.write_at(at, part).await?,
+                Outcome::Compressed(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_blobs(
+        &self,
+        outcomes: &[Outcome],
+        placed: &[Option<(HostOffset, u64)>],
+    ) -> Result<()> {
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        let storage = &self.w.storage;
+        let flush = |run: (u64, Vec<u8>)| async move {
+            storage
+                .write_at(IoBuf::copy_from(&run.1), run.0)
+                .await
+                .map_err(|e| Error::io(format!("writing compressed data at {:#x}", run.0), e))
+        };
+        for (o, p) in outcomes.iter().zip(placed) {
+            let (Outcome::Compressed(bytes), Some((host, _))) = (o, p) else {
+                continue;
+            };
+            match run.as_mut() {
+                Some((start, buf)) if *start + buf.len() as u64 == host.0 => {
+                    buf.extend_from_slice(bytes)
+                }
+                _ => {
+                    if let Some(r) = run.take() {
+                        flush(r).await?;
+                    }
+                    run = Some((host.0, bytes.clone()));
+                }
+            }
+        }
+        if let Some(r) = run {
+            flush(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets one L2 entry to a compressed cluster and queues the old content for freeing.
+    async fn link_compressed(&self, c: GuestCluster, new: Mapping, deps: &[Dep]) -> Result<()> {
+        let g = self.geo;
+        let slice = self.l2_slice_for_write(c).await?;
+        let i = self.index_in_slice(c);
         let decoded = {
             let mut st = slice.lock();
             let old = Mapping::decode(st.u64_at(i), g);
             if old.is_ok() {
-                put_u64(st.modify(all_deps), i, new.encode(g));
+                put_u64(st.modify(deps.iter().cloned()), i, new.encode(g));
             }
             old.map(|o| (o, st.version()))
         };
-        drop(claim);
         let (old, version) = match decoded {
             Ok(x) => x,
-            Err(e) => {
-                self.rc.release_bytes(&self.w, host, len).await?;
-                return Err(self.signal_corruption(e).await);
-            }
+            Err(e) => return Err(self.signal_corruption(e).await),
         };
         let after = Some(Dep::Table {
             table: slice.clone(),

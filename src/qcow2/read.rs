@@ -98,7 +98,7 @@ impl Qcow2 {
             .read_at(IoBufMut::zeroed(len as usize), start.0)
             .await
             .context(|| format!("reading compressed cluster at host offset {start}"))?;
-        let mut out = IoBufMut::zeroed(self.geo.cluster_size() as usize);
+        let mut out = IoBufMut::for_overwrite(self.geo.cluster_size() as usize);
         // Bad compressed data is an I/O error for this cluster, not metadata corruption.
         compression::decompress(self.compression, &raw, &mut out)?;
         Ok(out)

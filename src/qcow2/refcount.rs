@@ -178,7 +178,11 @@ impl Refcounts {
         if let Some(tail) = st.byte_tail {
             let c = tail / cs;
             let room = cs - tail % cs;
-            let extra = if len <= room { 0 } else { (len - room).div_ceil(cs) };
+            let extra = if len <= room {
+                0
+            } else {
+                (len - room).div_ceil(cs)
+            };
             let tail_ok = self.get(w, HostCluster(c)).await? < self.width.max();
             let mut next_free = tail_ok;
             if tail_ok && extra > 0 {
@@ -209,11 +213,17 @@ impl Refcounts {
                 }
                 let end = tail + len;
                 st.byte_tail = (end % cs != 0).then_some(end);
-                let deps = if self.lazy.load(Relaxed) { Vec::new() } else { deps };
+                let deps = if self.lazy.load(Relaxed) {
+                    Vec::new()
+                } else {
+                    deps
+                };
                 return Ok((HostOffset(tail), deps));
             }
         }
-        let a = self.allocate_locked(w, hdr, &mut st, len.div_ceil(cs)).await?;
+        let a = self
+            .allocate_locked(w, hdr, &mut st, len.div_ceil(cs))
+            .await?;
         let start = a.start.0 * cs;
         let end = start + len;
         st.byte_tail = (end % cs != 0).then_some(end);
@@ -270,7 +280,10 @@ impl Refcounts {
         for c in first..=last {
             if self.add(w, HostCluster(c), -1).await? == 0 {
                 st.free_hint = st.free_hint.min(c);
-                if st.byte_tail.is_some_and(|t| t >> self.geo.cluster_bits == c) {
+                if st
+                    .byte_tail
+                    .is_some_and(|t| t >> self.geo.cluster_bits == c)
+                {
                     st.byte_tail = None;
                 }
             }
@@ -596,7 +609,10 @@ impl Refcounts {
                 if self.add(w, hc, -1).await? == 0 {
                     st.free_hint = st.free_hint.min(c);
                     zeroed.push(hc);
-                    if st.byte_tail.is_some_and(|t| t >> self.geo.cluster_bits == c) {
+                    if st
+                        .byte_tail
+                        .is_some_and(|t| t >> self.geo.cluster_bits == c)
+                    {
                         st.byte_tail = None; // its cluster is free for anyone now
                     }
                 }
