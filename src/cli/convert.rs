@@ -245,11 +245,14 @@ impl Job {
                 let mut rx = self.turn.subscribe();
                 let _ = rx.wait_for(|&t| t >= i).await;
             }
+            // Writes are issued in order; compressed clusters only take their place in the
+            // layout here and are compressed and written after the turn has passed on.
             let r = self.write_chunk(pieces).await;
             if self.in_order {
                 self.turn.send_modify(|t| *t = (*t).max(i + 1));
             }
-            r?;
+            let compressed = r?;
+            futures_util::future::try_join_all(compressed).await?;
             self.progress.add(len);
         }
     }
@@ -290,21 +293,23 @@ impl Job {
         Ok(pieces)
     }
 
-    async fn write_chunk(&self, pieces: Vec<Piece>) -> Result<()> {
+    /// Issues the chunk's writes; returns the compressed writes still to be awaited.
+    async fn write_chunk(&self, pieces: Vec<Piece>) -> Result<Vec<Pending<'_>>> {
+        let mut pending = Vec::new();
         for p in pieces {
             match p {
                 Piece::Backing => {}
                 Piece::Zeros { off, len } => self.zeros(off, len).await?,
                 Piece::Data { off, buf } => {
                     if self.compress {
-                        self.write_compressed(off, buf.freeze()).await?;
+                        pending.extend(self.write_compressed(off, buf.freeze()).await?);
                     } else {
                         self.write_sparse(off, buf.freeze()).await?;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(pending)
     }
 
     async fn zeros(&self, off: u64, len: u64) -> Result<()> {
@@ -372,29 +377,48 @@ impl Job {
     }
 
     /// Compressed target: whole clusters (the source chunk is cluster aligned), zeros skipped.
-    async fn write_compressed(&self, off: u64, data: IoBuf) -> Result<()> {
+    /// Returns the compressed writes (their place in the layout already taken).
+    async fn write_compressed(&self, off: u64, data: IoBuf) -> Result<Vec<Pending<'_>>> {
         let q = self
             .dst
             .as_qcow2()
             .ok_or_else(|| Error::arg("Compression not supported for this file format"))?;
         let cs = q.cluster_size() as usize;
-        let mut futs = Vec::new();
+        let mut futs: Vec<Pending<'_>> = Vec::new();
+        // Runs of whole, non-zero clusters go out as one compressed request each.
+        let mut run: Option<(usize, usize)> = None;
         let mut pos = 0usize;
-        while pos < data.len() {
-            let end = ((off as usize + pos) / cs * cs + cs - off as usize).min(data.len());
+        while pos <= data.len() {
+            let end = if pos == data.len() {
+                pos
+            } else {
+                ((off as usize + pos) / cs * cs + cs - off as usize).min(data.len())
+            };
             let part = data.slice(pos..end);
             let at = off + pos as u64;
-            if part.iter().all(|&b| b == 0) {
+            let whole =
+                part.len() == cs || (end > pos && at + part.len() as u64 == q.virtual_size());
+            let zero = end > pos && part.iter().all(|&b| b == 0);
+            let extends = end > pos && whole && !zero;
+            if !extends {
+                if let Some((from, to)) = run.take() {
+                    let at = off + from as u64;
+                    // The place in the layout is taken by this call, in order.
+                    let w = q.write_compressed(at, data.slice(from..to));
+                    futs.push(Box::pin(
+                        async move { w.await.map_err(|e| write_err(at, e)) },
+                    ));
+                }
+            }
+            if end == pos {
+                break;
+            }
+            if extends {
+                run = Some(run.map_or((pos, end), |(from, _)| (from, end)));
+            } else if zero {
                 if !self.zero_init {
                     self.zeros(at, part.len() as u64).await?;
                 }
-            } else if part.len() == cs || at + part.len() as u64 == q.virtual_size() {
-                // The place in the layout is taken now, in order; compression runs in parallel.
-                futs.push(async move {
-                    q.write_compressed(at, part)
-                        .await
-                        .map_err(|e| write_err(at, e))
-                });
             } else {
                 // A partial cluster (a source ends mid-cluster): written uncompressed.
                 self.dst
@@ -404,10 +428,12 @@ impl Job {
             }
             pos = end;
         }
-        futures_util::future::try_join_all(futs).await?;
-        Ok(())
+        Ok(futs)
     }
 }
+
+/// A compressed write whose place in the layout is taken.
+type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 
 fn read_err(off: u64, e: Error) -> Error {
     Error::arg(format!("error while reading at byte {off}: {e}"))
