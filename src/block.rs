@@ -356,7 +356,9 @@ fn open_layer<'a>(
                             })?;
                     img.set_backing(backing);
                 }
-                Ok(Arc::new(img) as Arc<dyn BlockDevice>)
+                let img = Arc::new(img);
+                img.start_background(opts.qcow2.cache_clean_interval);
+                Ok(img as Arc<dyn BlockDevice>)
             }
         }
     })

@@ -161,7 +161,7 @@ impl Qcow2 {
             let _resize = self.resize_lock.read().await;
             self.compressed_request(offset, data, ticket).await?;
             if self.w.writethrough {
-                self.flush().await?;
+                self.flush_plain().await?;
             }
             Ok(())
         }
@@ -270,7 +270,7 @@ impl Qcow2 {
             let part = data.slice(i * cs..((i + 1) * cs).min(data.len()));
             match o {
                 Outcome::Zeros => {
-                    self.zero_range(
+                    self.zero_plain(
                         at,
                         part.len() as u64,
                         ZeroFlags {
@@ -280,7 +280,7 @@ impl Qcow2 {
                     )
                     .await?
                 }
-                Outcome::Raw => self.write_at(at, part).await?,
+                Outcome::Raw => self.write_plain(at, part).await?,
                 Outcome::Compressed(_) => {}
             }
         }

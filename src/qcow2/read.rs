@@ -14,7 +14,7 @@ use futures_util::future::try_join_all;
 
 impl Qcow2 {
     /// Reads `buf.len()` bytes of the virtual disk at `offset`.
-    pub async fn read_at(&self, offset: u64, buf: IoBufMut) -> Result<IoBufMut> {
+    pub(crate) async fn read_plain(&self, offset: u64, buf: IoBufMut) -> Result<IoBufMut> {
         check_range(offset, buf.len() as u64, self.virtual_size())?;
         if buf.is_empty() {
             return Ok(buf);

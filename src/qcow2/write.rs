@@ -59,7 +59,7 @@ enum Op {
 
 impl Qcow2 {
     /// Writes `data` at guest `offset`.
-    pub async fn write_at(&self, offset: u64, data: IoBuf) -> Result<()> {
+    pub(crate) async fn write_plain(&self, offset: u64, data: IoBuf) -> Result<()> {
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.virtual_size())?;
         if data.is_empty() {
@@ -76,7 +76,7 @@ impl Qcow2 {
             }
         }
         if self.w.writethrough {
-            self.flush().await?;
+            self.flush_plain().await?;
         }
         Ok(())
     }
