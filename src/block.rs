@@ -9,6 +9,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::file::{FileOptions, FileStorage};
+use crate::storage::uring::UringStorage;
 use crate::storage::{IoFuture, StorageRef};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -186,19 +187,41 @@ pub async fn chain_status(
 /// How file I/O is issued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Aio {
-    /// Blocking syscalls on a worker thread pool.
+    /// io_uring where the kernel allows it, otherwise the thread pool.
     #[default]
+    Auto,
+    /// Blocking syscalls on a worker thread pool.
     Threads,
-    /// io_uring (falls back to threads where the kernel or sandbox refuses it).
+    /// io_uring; an error where it is unavailable.
     IoUring,
 }
 
 impl Aio {
     pub fn parse(s: &str) -> Result<Aio> {
         match s {
+            "auto" => Ok(Aio::Auto),
             "threads" => Ok(Aio::Threads),
             "io_uring" => Ok(Aio::IoUring),
-            other => Err(Error::arg(format!("Invalid aio option: {other}"))),
+            other => Err(Error::arg(format!(
+                "Invalid aio option '{other}' (expected threads, io_uring or auto)"
+            ))),
+        }
+    }
+
+    /// Wraps a file in the chosen I/O engine.
+    pub fn storage(self, file: FileStorage) -> Result<StorageRef> {
+        match self {
+            Aio::Threads => Ok(Arc::new(file)),
+            Aio::Auto => Ok(match UringStorage::new(file) {
+                Ok(u) => Arc::new(u),
+                Err(f) => Arc::new(f),
+            }),
+            Aio::IoUring => match UringStorage::new(file) {
+                Ok(u) => Ok(Arc::new(u)),
+                Err(_) => Err(Error::unsupported(
+                    "io_uring is not available here (kernel or sandbox refuses it); use --aio=threads",
+                )),
+            },
         }
     }
 }
@@ -281,7 +304,7 @@ fn open_layer<'a>(
             }
             seen.push(canon);
         }
-        let storage: StorageRef = Arc::new(storage);
+        let storage: StorageRef = opts.aio.storage(storage)?;
         let format = match opts.format {
             Some(f) => f,
             None => {
@@ -333,7 +356,9 @@ fn open_layer<'a>(
                             })?;
                     img.set_backing(backing);
                 }
-                Ok(Arc::new(img) as Arc<dyn BlockDevice>)
+                let img = Arc::new(img);
+                img.start_background(opts.qcow2.cache_clean_interval);
+                Ok(img as Arc<dyn BlockDevice>)
             }
         }
     })

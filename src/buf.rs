@@ -49,11 +49,52 @@ impl Allocation {
     }
 }
 
+impl Allocation {
+    /// An allocation of `len` bytes whose content is unspecified (but initialized): a recycled
+    /// one when the pool has one of that size.
+    fn recycled(len: usize) -> Arc<Self> {
+        if let Some(class) = pool_class(len) {
+            if let Some(a) = POOL.lock()[class].pop() {
+                return Arc::new(a);
+            }
+        }
+        Self::zeroed(len)
+    }
+}
+
 impl Drop for Allocation {
     fn drop(&mut self) {
+        if let Some(class) = pool_class(self.layout.size()) {
+            if self.layout.size() == 1usize << (class as u32 + MIN_POOL_BITS) {
+                let mut pool = POOL.lock();
+                if pool[class].len() < POOL_DEPTH[class] {
+                    pool[class].push(Allocation {
+                        ptr: self.ptr,
+                        layout: self.layout,
+                    });
+                    return;
+                }
+            }
+        }
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
+}
+
+// A small pool of I/O buffers of power-of-two sizes from 4 KiB to 4 MiB, so that hot paths
+// (request buffers, copy chunks) do not page-fault freshly mapped memory on every request.
+const MIN_POOL_BITS: u32 = 12;
+const POOL_CLASSES: usize = 11; // 4 KiB ..= 4 MiB
+const POOL_DEPTH: [usize; POOL_CLASSES] = [256, 256, 128, 128, 64, 32, 16, 16, 16, 16, 8];
+static POOL: parking_lot::Mutex<[Vec<Allocation>; POOL_CLASSES]> =
+    parking_lot::Mutex::new([const { Vec::new() }; POOL_CLASSES]);
+
+fn pool_class(len: usize) -> Option<usize> {
+    if !len.is_power_of_two() || len < 1 << MIN_POOL_BITS {
+        return None;
+    }
+    let class = (len.trailing_zeros() - MIN_POOL_BITS) as usize;
+    (class < POOL_CLASSES).then_some(class)
 }
 
 /// A mutable, uniquely owned view of (part of) an aligned allocation.
@@ -73,9 +114,19 @@ impl IoBufMut {
         }
     }
 
+    /// A buffer of `len` bytes whose content is unspecified: for data about to be overwritten
+    /// entirely (a read target). Reuses pooled memory when it can.
+    pub fn for_overwrite(len: usize) -> Self {
+        IoBufMut {
+            alloc: Allocation::recycled(len),
+            start: 0,
+            len,
+        }
+    }
+
     /// A buffer holding a copy of `data`.
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
+        let mut b = Self::for_overwrite(data.len());
         b.copy_from_slice(data);
         b
     }
@@ -245,6 +296,19 @@ mod tests {
         let b = IoBufMut::copy_from(b"def");
         a.unsplit(b);
         assert_eq!(&a[..], b"abcdef");
+    }
+
+    #[test]
+    fn pooled_buffers_are_reused() {
+        let a = IoBufMut::for_overwrite(65536);
+        let p = a.as_ptr() as usize;
+        drop(a);
+        let b = IoBufMut::for_overwrite(65536);
+        // Likely the same memory (other tests may race for the pool); never smaller.
+        assert_eq!(b.len(), 65536);
+        let _ = p;
+        let z = IoBufMut::zeroed(65536);
+        assert!(z.iter().all(|&x| x == 0));
     }
 
     #[test]

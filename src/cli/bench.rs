@@ -70,7 +70,7 @@ pub struct Args {
     #[arg(long = "zeroes")]
     zeroes: bool,
     /// Runtime options (l2-cache-size=..., ...)
-    #[arg(long = "image-opts-o", short = 'O')]
+    #[arg(long = "opt", short = 'O')]
     options: Vec<String>,
     filename: String,
 }
@@ -108,7 +108,11 @@ pub async fn run(a: Args) -> u8 {
                 Some(s) => num(s, "step size")?,
                 None => size,
             },
-            flush_interval: a.flush_interval.as_deref().map(|s| num(s, "flush interval")).transpose()?,
+            flush_interval: a
+                .flush_interval
+                .as_deref()
+                .map(|s| num(s, "flush interval"))
+                .transpose()?,
         })
     })() {
         Ok(p) => p,
@@ -170,7 +174,12 @@ fn parse_byte(s: &str) -> Option<u8> {
     u8::try_from(v).ok()
 }
 
-async fn open_file(a: &Args) -> qimg::Result<(Arc<dyn BlockDevice>, Option<Arc<qimg::storage::counting::Counters>>)> {
+async fn open_file(
+    a: &Args,
+) -> qimg::Result<(
+    Arc<dyn BlockDevice>,
+    Option<Arc<qimg::storage::counting::Counters>>,
+)> {
     let mut qcow2 = Qcow2Options::default();
     for list in &a.options {
         for (k, v) in super::opts::parse_kv_list(list) {
@@ -183,7 +192,12 @@ async fn open_file(a: &Args) -> qimg::Result<(Arc<dyn BlockDevice>, Option<Arc<q
         cache: CacheMode::parse(&a.cache)?,
         qcow2,
         no_backing: false,
-        aio: a.aio.as_deref().map(Aio::parse).transpose()?.unwrap_or_default(),
+        aio: a
+            .aio
+            .as_deref()
+            .map(Aio::parse)
+            .transpose()?
+            .unwrap_or_default(),
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }
@@ -192,19 +206,28 @@ async fn open_file(a: &Args) -> qimg::Result<(Arc<dyn BlockDevice>, Option<Arc<q
 async fn open_in_memory(
     a: &Args,
     delay: Duration,
-) -> qimg::Result<(Arc<dyn BlockDevice>, Option<Arc<qimg::storage::counting::Counters>>)> {
+) -> qimg::Result<(
+    Arc<dyn BlockDevice>,
+    Option<Arc<qimg::storage::counting::Counters>>,
+)> {
     let file = qimg::storage::file::FileStorage::open(Path::new(&a.filename), Default::default())
         .map_err(|e| qimg::Error::io("opening", e))?;
     let mem = MemoryStorage::new();
     let len = file.len().await.map_err(|e| qimg::Error::io("sizing", e))?;
     let mut off = 0;
     while off < len {
-        let (hole, n) = file.hole_at(off, (len - off).min(64 << 20)).await.map_err(|e| qimg::Error::io("mapping", e))?;
+        let (hole, n) = file
+            .hole_at(off, (len - off).min(64 << 20))
+            .await
+            .map_err(|e| qimg::Error::io("mapping", e))?;
         if !hole {
             let mut pos = off;
             while pos < off + n {
                 let k = (off + n - pos).min(8 << 20);
-                let b = file.read_at(IoBufMut::zeroed(k as usize), pos).await.map_err(|e| qimg::Error::io("loading", e))?;
+                let b = file
+                    .read_at(IoBufMut::zeroed(k as usize), pos)
+                    .await
+                    .map_err(|e| qimg::Error::io("loading", e))?;
                 mem.write_sync(&b, pos);
                 pos += k;
             }
@@ -222,7 +245,14 @@ async fn open_in_memory(
         }
     }
     let img: Arc<dyn BlockDevice> = Arc::new(
-        Qcow2::open(storage, a.filename.clone(), &qcow2, !a.write, CacheMode::parse(&a.cache)?).await?,
+        Qcow2::open(
+            storage,
+            a.filename.clone(),
+            &qcow2,
+            !a.write,
+            CacheMode::parse(&a.cache)?,
+        )
+        .await?,
     );
     Ok((img, Some(counters)))
 }
@@ -233,7 +263,10 @@ struct Snap {
     storage: Option<qimg::storage::counting::CountSnapshot>,
 }
 
-fn stats_of(img: &Arc<dyn BlockDevice>, c: &Option<Arc<qimg::storage::counting::Counters>>) -> Snap {
+fn stats_of(
+    img: &Arc<dyn BlockDevice>,
+    c: &Option<Arc<qimg::storage::counting::Counters>>,
+) -> Snap {
     Snap {
         engine: img.as_qcow2().map(|q| q.stats()),
         storage: c.as_ref().map(|c| c.snapshot()),
@@ -242,7 +275,10 @@ fn stats_of(img: &Arc<dyn BlockDevice>, c: &Option<Arc<qimg::storage::counting::
 
 fn print_stats(b: &Snap, a: &Snap, count: u64, elapsed: Duration) {
     let n = count.max(1) as f64;
-    println!("Requests per second: {:.0}", count as f64 / elapsed.as_secs_f64());
+    println!(
+        "Requests per second: {:.0}",
+        count as f64 / elapsed.as_secs_f64()
+    );
     if let (Some(x), Some(y)) = (b.engine, a.engine) {
         let hits = y.cache_hits - x.cache_hits;
         let misses = y.cache_misses - x.cache_misses;
@@ -255,7 +291,11 @@ fn print_stats(b: &Snap, a: &Snap, count: u64, elapsed: Duration) {
         );
         println!(
             "Metadata cache hit ratio: {:.4} ({} hits, {} misses)",
-            if hits + misses == 0 { 1.0 } else { hits as f64 / (hits + misses) as f64 },
+            if hits + misses == 0 {
+                1.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            },
             hits,
             misses
         );
@@ -272,7 +312,12 @@ fn print_stats(b: &Snap, a: &Snap, count: u64, elapsed: Duration) {
     }
 }
 
-async fn run_requests(img: &Arc<dyn BlockDevice>, plan: &Plan, a: &Args, pattern: u8) -> qimg::Result<()> {
+async fn run_requests(
+    img: &Arc<dyn BlockDevice>,
+    plan: &Plan,
+    a: &Args,
+    pattern: u8,
+) -> qimg::Result<()> {
     let disk = img.size();
     if plan.size > disk {
         return Err(qimg::Error::arg("request size larger than the image"));
@@ -307,11 +352,20 @@ async fn run_requests(img: &Arc<dyn BlockDevice>, plan: &Plan, a: &Args, pattern
                     Some(r) => r.u64(0..slots.max(1)) * size,
                     None => {
                         let o = (start + i * step) % disk;
-                        if o + size > disk { 0 } else { o }
+                        if o + size > disk {
+                            0
+                        } else {
+                            o
+                        }
                     }
                 };
                 {
-                    let _g = if no_drain { None } else { Some(gate.read().await) };
+                    // Requests only synchronize with flushes when there are flushes to drain for.
+                    let _g = if no_drain || flush_every.is_none() {
+                        None
+                    } else {
+                        Some(gate.read().await)
+                    };
                     if write {
                         if zeroes {
                             img.write_zeroes(off, size, ZeroFlags::default()).await?;
@@ -319,13 +373,19 @@ async fn run_requests(img: &Arc<dyn BlockDevice>, plan: &Plan, a: &Args, pattern
                             img.write(off, data.clone()).await?;
                         }
                     } else {
-                        let b = buf.take().unwrap_or_else(|| IoBufMut::zeroed(size as usize));
+                        let b = buf
+                            .take()
+                            .unwrap_or_else(|| IoBufMut::zeroed(size as usize));
                         buf = Some(img.read(off, b).await?);
                     }
                 }
                 if let Some(f) = flush_every {
                     if f > 0 && (i + 1) % f == 0 {
-                        let _g = if no_drain { None } else { Some(gate.write().await) };
+                        let _g = if no_drain {
+                            None
+                        } else {
+                            Some(gate.write().await)
+                        };
                         img.flush().await?;
                     }
                 }

@@ -46,22 +46,25 @@ pub async fn run(a: Args) -> u8 {
     }
 }
 
-fn bad_size() -> Error {
+pub(crate) fn bad_size() -> Error {
     Error::arg(
         "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
     )
 }
 
-async fn create_image(a: &Args) -> Result<()> {
-    let format = Format::parse(&a.format)?;
+/// Target options shared by `create` and `convert`.
+pub(crate) struct Parsed {
+    pub opts: CreateOptions,
+    pub size: Option<u64>,
+    pub compat_given: Option<&'static str>,
+}
+
+/// Parses `-o` lists for a new image of `format`.
+pub(crate) fn parse_options(format: Format, lists: &[String], size: Option<u64>) -> Result<Parsed> {
     let mut o = CreateOptions::default();
-    let mut size = a
-        .size
-        .as_deref()
-        .map(|s| parse_size(s).map_err(|_| bad_size()))
-        .transpose()?;
+    let mut size = size;
     let mut compat_given = None;
-    for list in &a.options {
+    for list in lists {
         for (k, v) in parse_kv_list(list) {
             match (format, k.as_str()) {
                 (_, "size") => size = Some(parse_size(&v).map_err(|_| bad_size())?),
@@ -122,6 +125,40 @@ async fn create_image(a: &Args) -> Result<()> {
             }
         }
     }
+    Ok(Parsed {
+        opts: o,
+        size,
+        compat_given,
+    })
+}
+
+/// Creates the image file (qcow2 or raw) with validated options.
+pub(crate) async fn make(path: &str, format: Format, o: &CreateOptions) -> Result<()> {
+    match format {
+        Format::Qcow2 => {
+            o.validate()?;
+            let s: StorageRef = Arc::new(
+                FileStorage::create(Path::new(path), FileOptions::default())
+                    .map_err(|e| Error::io("Could not create image", e))?,
+            );
+            create(s, o).await
+        }
+        Format::Raw => create_raw(path, o.size, o.preallocation).await,
+    }
+}
+
+async fn create_image(a: &Args) -> Result<()> {
+    let format = Format::parse(&a.format)?;
+    let size = a
+        .size
+        .as_deref()
+        .map(|s| parse_size(s).map_err(|_| bad_size()))
+        .transpose()?;
+    let Parsed {
+        opts: mut o,
+        mut size,
+        compat_given,
+    } = parse_options(format, &a.options, size)?;
     if let Some(b) = &a.backing {
         o.backing_file = Some(b.clone());
     }
@@ -176,21 +213,11 @@ async fn create_image(a: &Args) -> Result<()> {
             describe(format, &o, compat_given)
         );
     }
-    match format {
-        Format::Qcow2 => {
-            o.validate()?;
-            let s: StorageRef = Arc::new(
-                FileStorage::create(Path::new(&a.filename), FileOptions::default())
-                    .map_err(|e| Error::io("Could not create image", e))?,
-            );
-            create(s, &o).await
-        }
-        Format::Raw => create_raw(&a.filename, size, o.preallocation).await,
-    }
+    make(&a.filename, format, &o).await
 }
 
 /// The `key=value` summary qemu-img prints when formatting.
-fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) -> String {
+pub(crate) fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) -> String {
     match format {
         Format::Raw => {
             let mut s = format!("fmt=raw size={}", o.size);

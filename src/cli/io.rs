@@ -276,8 +276,13 @@ impl Session {
             println!("length cannot exceed {MAX_REQUEST}, given {}", pos[1]);
             return false;
         }
-        if f.compress {
-            println!("{kind} failed: Operation not supported");
+        if f.compress && (offset % 512 != 0 || len % 512 != 0) {
+            let (what, v) = if offset % 512 != 0 {
+                ("offset", offset)
+            } else {
+                ("count", len)
+            };
+            println!("{v} is not a sector-aligned value for '{what}'");
             return false;
         }
         let start = Instant::now();
@@ -318,6 +323,16 @@ impl Session {
     }
 
     async fn do_write(&self, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
+        if f.compress {
+            let mut buf = IoBufMut::zeroed(len as usize);
+            buf.fill(f.pattern.unwrap_or(0xcd));
+            return match self.img.as_qcow2() {
+                Some(q) => q.write_compressed(offset, buf.freeze()).await,
+                None => Err(qimg::Error::unsupported(
+                    "compressed writes need a qcow2 image",
+                )),
+            };
+        }
         if f.zero {
             let flags = ZeroFlags {
                 may_unmap: f.unmap,

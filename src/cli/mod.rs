@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod compare;
+mod convert;
 mod create;
 mod info;
 mod io;
@@ -47,6 +48,8 @@ enum Command {
     Bench(bench::Args),
     /// Export an image over NBD (like qemu-nbd) until SIGINT/SIGTERM
     Serve(serve::Args),
+    /// Copy images into a new one, converting the format, optionally compressed
+    Convert(convert::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -80,6 +83,7 @@ pub fn main() -> ExitCode {
             Command::Resize(a) => resize::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Serve(a) => serve::run(a).await,
+            Command::Convert(a) => convert::run(a).await,
         }
     });
     ExitCode::from(code)

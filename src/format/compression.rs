@@ -18,11 +18,19 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
 
 /// Compresses one cluster. Returns `None` when the result would not be smaller than
 /// `data.len() - 1` bytes: such clusters are stored uncompressed.
+///
+/// Compressor state is kept per thread and reset between clusters: setting up a deflate or
+/// zstd context costs more than compressing a small cluster.
 pub fn compress(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
     let limit = data.len().saturating_sub(1);
+    // zstd gives up on incompressible input quickly by itself; deflate does not.
+    if kind == CompressionType::Deflate && !worth_compressing(kind, data) {
+        return Ok(None);
+    }
     match kind {
-        CompressionType::Deflate => {
-            let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
+        CompressionType::Deflate => DEFLATE.with(|c| {
+            let mut c = c.borrow_mut();
+            c.reset();
             let mut out = vec![0u8; limit];
             match c.compress(data, &mut out, FlushCompress::Finish) {
                 Ok(Status::StreamEnd) => {
@@ -32,13 +40,75 @@ pub fn compress(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
                 Ok(_) => Ok(None), // did not fit below the limit
                 Err(e) => Err(Error::corrupt(format!("deflate failed: {e}"))),
             }
-        }
-        CompressionType::Zstd => {
-            let out = zstd::bulk::compress(data, 0)
-                .map_err(|e| Error::io("zstd compression failed", e))?;
-            Ok((out.len() < limit).then_some(out))
+        }),
+        CompressionType::Zstd => ZSTD.with(|c| {
+            let mut c = c.borrow_mut();
+            let c = match c.as_mut() {
+                Some(c) => c,
+                None => {
+                    let new = zstd::bulk::Compressor::new(0)
+                        .map_err(|e| Error::io("creating a zstd compressor", e))?;
+                    c.insert(new)
+                }
+            };
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_to_buffer(data, &mut out) {
+                Ok(n) if n < limit => Ok(Some(out)),
+                Ok(_) => Ok(None),
+                // The output buffer (limit bytes) was too small: not worth it.
+                Err(_) => Ok(None),
+            }
+        }),
+    }
+}
+
+thread_local! {
+    static DEFLATE: std::cell::RefCell<Compress> =
+        std::cell::RefCell::new(Compress::new_with_window_bits(Compression::default(), false, 12));
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether compressing `data` can pay off. Random-looking data (byte entropy close to 8 bits)
+/// whose sample does not shrink is stored uncompressed without spending a full compression on
+/// it; anything with structure (text, zeros, mixtures, repeated blocks within the window) is
+/// compressed as usual.
+pub fn worth_compressing(kind: CompressionType, data: &[u8]) -> bool {
+    if data.len() < 16 << 10 {
+        return true;
+    }
+    // Byte histogram of four 4 KiB samples spread over the cluster: cheap, and a mixture (some
+    // zeros or text anywhere) lowers the entropy enough to go the normal way.
+    let mut hist = [0u32; 256];
+    let quarter = data.len() / 4;
+    for q in 0..4 {
+        for &b in &data[q * quarter..q * quarter + 4096] {
+            hist[b as usize] += 1;
         }
     }
+    let n = 4.0 * 4096.0;
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    if entropy < 7.9 {
+        return true;
+    }
+    // High byte entropy: repeated strings are the only way to compress. Try a sample (which is
+    // longer than the deflate window, so a block repeated within the window shows).
+    let sample = &data[..8192.min(data.len())];
+    let mut c = Compress::new_with_window_bits(Compression::fast(), false, 12);
+    let mut out = vec![0u8; sample.len()];
+    let shrunk = matches!(
+        c.compress(sample, &mut out, FlushCompress::Finish),
+        Ok(Status::StreamEnd)
+    ) && (c.total_out() as usize) < sample.len() * 97 / 100;
+    let _ = kind;
+    shrunk
 }
 
 fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
@@ -97,6 +167,19 @@ mod tests {
                 decompress(kind, &c, &mut out).unwrap();
                 assert_eq!(out, data);
             }
+        }
+    }
+
+    #[test]
+    fn repeated_random_blocks_still_compress() {
+        // High byte entropy, but a 4 KiB block repeated: deflate's window finds it.
+        let block: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let data: Vec<u8> = block.iter().cycle().take(65536).copied().collect();
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let c = compress(kind, &data).unwrap().expect("compressible");
+            assert!(c.len() < 16384);
         }
     }
 

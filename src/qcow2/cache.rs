@@ -331,7 +331,7 @@ impl MetaCache {
             .get_or_try_init(|| async {
                 let buf = w
                     .storage
-                    .read_at(IoBufMut::zeroed(self.entry_size), offset.0)
+                    .read_at(IoBufMut::for_overwrite(self.entry_size), offset.0)
                     .await
                     .context(|| format!("reading {} at host offset {offset}", self.what))?;
                 t.state.lock().data.copy_from_slice(&buf);

@@ -145,7 +145,7 @@ impl<'a> Walk<'a> {
         self.img
             .w
             .storage
-            .read_at(IoBufMut::zeroed(len), offset)
+            .read_at(IoBufMut::for_overwrite(len), offset)
             .await
     }
 
@@ -469,7 +469,7 @@ impl Qcow2 {
             let buf = match self
                 .w
                 .storage
-                .read_at(IoBufMut::zeroed(cs as usize), l2)
+                .read_at(IoBufMut::for_overwrite(cs as usize), l2)
                 .await
             {
                 Ok(b) => b,
@@ -517,7 +517,7 @@ impl Qcow2 {
                 match self
                     .w
                     .storage
-                    .read_at(IoBufMut::zeroed(cs as usize), off)
+                    .read_at(IoBufMut::for_overwrite(cs as usize), off)
                     .await
                 {
                     Ok(b) => Some(Some(b.to_vec())),

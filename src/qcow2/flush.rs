@@ -21,6 +21,15 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
+        self.flush_seq_cache().await?;
+        self.flush_plain().await
+    }
+
+    /// Flush without writing out a compressed target's cache (the cache's own writes use it).
+    pub(crate) async fn flush_plain(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         let _f = self.flush_lock.lock().await;
         self.flush_locked().await
     }

@@ -16,6 +16,7 @@
 mod barrier;
 pub mod cache;
 pub mod check;
+mod compress;
 pub mod create;
 mod flush;
 mod header_store;
@@ -26,6 +27,7 @@ mod read;
 pub mod refcount;
 mod repair;
 mod resize;
+mod seqcache;
 mod write;
 mod zero;
 
@@ -74,6 +76,9 @@ pub struct Qcow2Options {
     pub cache_clean_interval: Option<u64>,
     /// Punch holes in the file for clusters freed by guest discards (default on).
     pub pass_discard_request: Option<bool>,
+    /// Compressed target: every write is stored compressed, small sequential writes are
+    /// gathered into whole clusters first.
+    pub compress: Option<bool>,
 }
 
 impl Qcow2Options {
@@ -96,6 +101,7 @@ impl Qcow2Options {
             "pass-discard-request" => {
                 self.pass_discard_request = Some(crate::size::parse_bool(key, value)?)
             }
+            "compress" => self.compress = Some(crate::size::parse_bool(key, value)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -172,6 +178,8 @@ pub struct Qcow2 {
     pub(crate) resize_lock: tokio::sync::RwLock<()>,
     /// Serializes the switch to lazy refcounts (setting the dirty bit).
     lazy_lock: tokio::sync::Mutex<()>,
+    /// Orders compressed cluster allocation by submission.
+    pub(crate) tickets: compress::Tickets,
     pub(crate) backing: OnceLock<Arc<dyn BlockDevice>>,
     pub(crate) size: AtomicU64,
     pub(crate) read_only: bool,
@@ -179,9 +187,12 @@ pub struct Qcow2 {
     pub(crate) corrupt: AtomicBool,
     pub(crate) pass_discard: bool,
     pub(crate) snapshots: Vec<Snapshot>,
+    /// The sequential write cache of a compressed target.
+    pub(crate) seq: Option<seqcache::SeqCache>,
     filename: String,
-    closed: AtomicBool,
+    pub(crate) closed: AtomicBool,
     clean_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Qcow2 {
@@ -280,15 +291,19 @@ impl Qcow2 {
             flush_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::RwLock::new(()),
             lazy_lock: tokio::sync::Mutex::new(()),
+            tickets: compress::Tickets::default(),
             backing: OnceLock::new(),
             size: AtomicU64::new(h.size),
             read_only,
             corrupt: AtomicBool::new(false),
             pass_discard: opts.pass_discard_request.unwrap_or(true),
             snapshots,
+            seq: (opts.compress == Some(true) && !read_only)
+                .then(|| seqcache::SeqCache::new(g.cluster_size())),
             filename,
             closed: AtomicBool::new(false),
             clean_task: Mutex::new(None),
+            background: Mutex::new(Vec::new()),
             hdr: HeaderStore::new(h),
         };
 
@@ -337,6 +352,15 @@ impl Qcow2 {
             self.w.barrier.sync_now().await?;
         }
         Ok(())
+    }
+
+    /// Starts the background tasks of an image shared in an `Arc`: the cache cleaner
+    /// (`cache-clean-interval`) and, for a compressed target, the writeback of its cache.
+    pub fn start_background(self: &Arc<Self>, interval_secs: Option<u64>) {
+        if let Some(t) = self.start_seq_writeback() {
+            self.background.lock().push(t);
+        }
+        self.start_cache_cleaner(interval_secs);
     }
 
     /// Starts the periodic cache cleaner (`cache-clean-interval`). Needs the image in an `Arc`.
@@ -466,10 +490,19 @@ impl Qcow2 {
 
     /// Flushes everything and releases the image. Idempotent.
     pub async fn close(&self) -> Result<()> {
+        if self.closed.load(Relaxed) {
+            return Ok(());
+        }
+        if !self.read_only && !self.corrupt.load(Relaxed) {
+            self.flush_seq_cache().await?;
+        }
         if self.closed.swap(true, Relaxed) {
             return Ok(());
         }
         if let Some(t) = self.clean_task.lock().take() {
+            t.abort();
+        }
+        for t in self.background.lock().drain(..) {
             t.abort();
         }
         if !self.read_only && !self.corrupt.load(Relaxed) {

@@ -14,7 +14,7 @@ use futures_util::future::try_join_all;
 
 impl Qcow2 {
     /// Reads `buf.len()` bytes of the virtual disk at `offset`.
-    pub async fn read_at(&self, offset: u64, buf: IoBufMut) -> Result<IoBufMut> {
+    pub(crate) async fn read_plain(&self, offset: u64, buf: IoBufMut) -> Result<IoBufMut> {
         check_range(offset, buf.len() as u64, self.virtual_size())?;
         if buf.is_empty() {
             return Ok(buf);
@@ -98,7 +98,7 @@ impl Qcow2 {
             .read_at(IoBufMut::zeroed(len as usize), start.0)
             .await
             .context(|| format!("reading compressed cluster at host offset {start}"))?;
-        let mut out = IoBufMut::zeroed(self.geo.cluster_size() as usize);
+        let mut out = IoBufMut::for_overwrite(self.geo.cluster_size() as usize);
         // Bad compressed data is an I/O error for this cluster, not metadata corruption.
         compression::decompress(self.compression, &raw, &mut out)?;
         Ok(out)

@@ -69,6 +69,9 @@ struct AllocState {
     free_hint: u64,
     /// Clusters from here on were never used since open (see module docs).
     high_water: u64,
+    /// Where the next compressed cluster can be packed: a byte offset inside a host cluster
+    /// already holding compressed data (QEMU's `free_byte_offset`).
+    byte_tail: Option<u64>,
 }
 
 pub struct Refcounts {
@@ -102,6 +105,7 @@ impl Refcounts {
             alloc: tokio::sync::Mutex::new(AllocState {
                 free_hint: 0,
                 high_water: geo.clusters_for(file_len),
+                byte_tail: None,
             }),
             frees: Mutex::new(Vec::new()),
             lazy: AtomicBool::new(false),
@@ -156,11 +160,87 @@ impl Refcounts {
 
     /// Allocates `count` contiguous clusters with refcount 1.
     pub async fn allocate(&self, w: &Writer, hdr: &HeaderStore, count: u64) -> Result<Allocation> {
-        debug_assert!(count > 0);
         let mut st = self.alloc.lock().await;
+        self.allocate_locked(w, hdr, &mut st, count).await
+    }
+
+    /// Allocates `len` bytes for a compressed cluster, packed after the previous one (possibly
+    /// running into the next host cluster), as QEMU packs them. Every host cluster the bytes
+    /// touch gains one reference. Returns the byte offset and the refcount dependencies.
+    pub async fn allocate_bytes(
+        &self,
+        w: &Writer,
+        hdr: &HeaderStore,
+        len: u64,
+    ) -> Result<(HostOffset, Vec<Dep>)> {
+        let cs = self.geo.cluster_size();
+        let mut st = self.alloc.lock().await;
+        if let Some(tail) = st.byte_tail {
+            let c = tail / cs;
+            let room = cs - tail % cs;
+            let extra = if len <= room {
+                0
+            } else {
+                (len - room).div_ceil(cs)
+            };
+            let tail_ok = self.get(w, HostCluster(c)).await? < self.width.max();
+            let mut next_free = tail_ok;
+            if tail_ok && extra > 0 {
+                for n in c + 1..=c + extra {
+                    if self.get(w, HostCluster(n)).await? != 0 {
+                        next_free = false;
+                        break;
+                    }
+                }
+                next_free = next_free && self.ensure_blocks(w, hdr, &mut st, c + 1, extra).await?;
+                // ensure_blocks may have placed a new refcount block right there.
+                for n in c + 1..=c + extra {
+                    if next_free && self.get(w, HostCluster(n)).await? != 0 {
+                        next_free = false;
+                    }
+                }
+            }
+            if next_free {
+                self.add(w, HostCluster(c), 1).await?;
+                let mut deps = Vec::new();
+                if let Some(t) = self.block(w, c / self.entries_per_block).await? {
+                    deps.push(t.dep_current());
+                }
+                if extra > 0 {
+                    deps.extend(self.set_range(w, c + 1, extra, 1).await?);
+                    st.high_water = st.high_water.max(c + 1 + extra);
+                    self.allocated.fetch_add(extra, Relaxed);
+                }
+                let end = tail + len;
+                st.byte_tail = (end % cs != 0).then_some(end);
+                let deps = if self.lazy.load(Relaxed) {
+                    Vec::new()
+                } else {
+                    deps
+                };
+                return Ok((HostOffset(tail), deps));
+            }
+        }
+        let a = self
+            .allocate_locked(w, hdr, &mut st, len.div_ceil(cs))
+            .await?;
+        let start = a.start.0 * cs;
+        let end = start + len;
+        st.byte_tail = (end % cs != 0).then_some(end);
+        Ok((HostOffset(start), a.deps))
+    }
+
+    async fn allocate_locked(
+        &self,
+        w: &Writer,
+        hdr: &HeaderStore,
+        st: &mut AllocState,
+        count: u64,
+    ) -> Result<Allocation> {
+        debug_assert!(count > 0);
         let start = loop {
-            let start = self.find_free_run(w, &st, count).await?;
-            if self.ensure_blocks(w, hdr, &mut st, start, count).await? {
+            let start = self.find_free_run(w, st, count).await?;
+            if self.ensure_blocks(w, hdr, st, start, count).await? {
                 break start;
             }
         };
@@ -189,6 +269,25 @@ impl Refcounts {
             self.add(w, HostCluster(c), -1).await?;
         }
         st.free_hint = st.free_hint.min(a.start.0);
+        Ok(())
+    }
+
+    /// Undoes [`Refcounts::allocate_bytes`] for bytes that were never linked (a failed write).
+    pub async fn release_bytes(&self, w: &Writer, offset: HostOffset, len: u64) -> Result<()> {
+        let mut st = self.alloc.lock().await;
+        let first = self.geo.host_cluster(offset).0;
+        let last = (offset.0 + len.max(1) - 1) >> self.geo.cluster_bits;
+        for c in first..=last {
+            if self.add(w, HostCluster(c), -1).await? == 0 {
+                st.free_hint = st.free_hint.min(c);
+                if st
+                    .byte_tail
+                    .is_some_and(|t| t >> self.geo.cluster_bits == c)
+                {
+                    st.byte_tail = None;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -510,6 +609,12 @@ impl Refcounts {
                 if self.add(w, hc, -1).await? == 0 {
                     st.free_hint = st.free_hint.min(c);
                     zeroed.push(hc);
+                    if st
+                        .byte_tail
+                        .is_some_and(|t| t >> self.geo.cluster_bits == c)
+                    {
+                        st.byte_tail = None; // its cluster is free for anyone now
+                    }
                 }
             }
         }
@@ -527,6 +632,7 @@ impl Refcounts {
         *self.table.write() = table;
         self.cache.clear_clean();
         st.free_hint = 0;
+        st.byte_tail = None;
         st.high_water = st.high_water.max(self.geo.clusters_for(file_len));
     }
 }

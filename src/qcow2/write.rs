@@ -59,7 +59,7 @@ enum Op {
 
 impl Qcow2 {
     /// Writes `data` at guest `offset`.
-    pub async fn write_at(&self, offset: u64, data: IoBuf) -> Result<()> {
+    pub(crate) async fn write_plain(&self, offset: u64, data: IoBuf) -> Result<()> {
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.virtual_size())?;
         if data.is_empty() {
@@ -76,7 +76,7 @@ impl Qcow2 {
             }
         }
         if self.w.writethrough {
-            self.flush().await?;
+            self.flush_plain().await?;
         }
         Ok(())
     }
@@ -339,11 +339,11 @@ impl Qcow2 {
         let cs = self.geo.cluster_size() as usize;
         match src {
             Source::Zeros => Ok(IoBufMut::zeroed(cs)),
-            Source::Backing => self.read_backing(guest, IoBufMut::zeroed(cs)).await,
+            Source::Backing => self.read_backing(guest, IoBufMut::for_overwrite(cs)).await,
             Source::Cluster(h) => self
                 .w
                 .storage
-                .read_at(IoBufMut::zeroed(cs), h.0)
+                .read_at(IoBufMut::for_overwrite(cs), h.0)
                 .await
                 .context(|| format!("reading cluster at {h} for copy-on-write")),
             Source::Compressed(h, sectors) => self.read_compressed(h, sectors).await,
@@ -415,7 +415,7 @@ impl Qcow2 {
             Some(off) => self
                 .w
                 .storage
-                .read_at(IoBufMut::zeroed(cs as usize), off.0)
+                .read_at(IoBufMut::for_overwrite(cs as usize), off.0)
                 .await
                 .context(|| format!("reading shared L2 table at {off}"))?
                 .to_vec(),

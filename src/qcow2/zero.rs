@@ -28,7 +28,7 @@ enum ClusterOp {
 
 impl Qcow2 {
     /// Makes `[offset, offset+len)` read as zeros.
-    pub async fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub(crate) async fn zero_plain(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.virtual_size())?;
         if len == 0 {
@@ -62,7 +62,7 @@ impl Qcow2 {
             self.zero_partial(aend, end - aend, flags).await?;
         }
         if self.w.writethrough {
-            self.flush().await?;
+            self.flush_plain().await?;
         }
         Ok(())
     }
@@ -85,7 +85,7 @@ impl Qcow2 {
                 let mut done = 0;
                 while done < n {
                     let k = (n - done).min(CHUNK);
-                    self.write_at(pos + done, zeros.slice(0..k as usize))
+                    self.write_plain(pos + done, zeros.slice(0..k as usize))
                         .await?;
                     done += k;
                 }
@@ -96,7 +96,7 @@ impl Qcow2 {
     }
 
     /// Discards whole clusters in `[offset, offset+len)` (partial clusters are left alone).
-    pub async fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) async fn discard_plain(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.virtual_size())?;
         let cs = self.geo.cluster_size();
@@ -112,7 +112,7 @@ impl Qcow2 {
                 .await?;
         }
         if self.w.writethrough {
-            self.flush().await?;
+            self.flush_plain().await?;
         }
         Ok(())
     }

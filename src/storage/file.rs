@@ -161,13 +161,23 @@ fn classify(r: rustix::io::Result<usize>) -> NoWait {
 /// Reads without blocking (page cache hits), on the calling thread.
 fn nowait_read(f: &File, buf: &mut [u8], offset: u64) -> NoWait {
     let mut iov = [std::io::IoSliceMut::new(buf)];
-    classify(rustix::io::preadv2(f, &mut iov, offset, rustix::io::ReadWriteFlags::NOWAIT))
+    classify(rustix::io::preadv2(
+        f,
+        &mut iov,
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    ))
 }
 
 /// Writes without blocking (into the page cache), on the calling thread.
 fn nowait_write(f: &File, buf: &[u8], offset: u64) -> NoWait {
     let iov = [std::io::IoSlice::new(buf)];
-    classify(rustix::io::pwritev2(f, &iov, offset, rustix::io::ReadWriteFlags::NOWAIT))
+    classify(rustix::io::pwritev2(
+        f,
+        &iov,
+        offset,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    ))
 }
 
 fn read_full(f: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {

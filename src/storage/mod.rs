@@ -115,5 +115,5 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
 
 /// Convenience: read `len` bytes at `offset` into a fresh buffer.
 pub async fn read_vec(s: &dyn Storage, offset: u64, len: usize) -> io::Result<IoBufMut> {
-    s.read_at(IoBufMut::zeroed(len), offset).await
+    s.read_at(IoBufMut::for_overwrite(len), offset).await
 }

@@ -346,7 +346,9 @@ mod tests {
             Ok(s) => s,
             Err(_) => return, // io_uring not available here: the thread pool is used instead
         };
-        s.write_at(IoBuf::copy_from(&[5u8; 10000]), 4096).await.unwrap();
+        s.write_at(IoBuf::copy_from(&[5u8; 10000]), 4096)
+            .await
+            .unwrap();
         s.flush().await.unwrap();
         let b = s.read_at(IoBufMut::zeroed(20000), 0).await.unwrap();
         assert!(b[..4096].iter().all(|&x| x == 0));

@@ -1,0 +1,510 @@
+//! `qimg convert`: copy one or more images (concatenated) into a new image, qcow2 or raw,
+//! optionally compressed, with qemu-img convert's flags.
+//!
+//! The source is walked in chunks; what reads as zeros is not written (the target starts out
+//! zero) unless the target cannot guarantee zeros (`-n`, or a backing file), and what a `-B`
+//! target's backing file already provides (data not allocated in the source's top layer) is not
+//! copied. Data is scanned for zero runs of at least `-S` bytes, which are skipped too. `-m`
+//! chunks are in flight at once; writes are issued in order unless `-W` allows any order (with
+//! `-c`, only the order in which compressed clusters are placed is kept, and compression of
+//! many clusters runs in parallel either way).
+
+use super::create::{make, parse_options};
+use super::fail;
+use super::opts::{open, ImageArgs};
+use qimg::block::{chain_status, BlockDevice, Format, ZeroFlags};
+use qimg::size::parse_size;
+use qimg::{Error, IoBuf, IoBufMut, Result};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Source format (probed if not given)
+    #[arg(short = 'f', long = "source-format")]
+    source_format: Option<String>,
+    /// Target format (default raw)
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
+    target_format: String,
+    /// Target options (as for create)
+    #[arg(short = 'o', long = "target-options")]
+    options: Vec<String>,
+    /// Compress the target (qcow2 only)
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    /// Show progress
+    #[arg(short = 'p', long = "progress")]
+    progress: bool,
+    /// Requests in flight (default 8)
+    #[arg(short = 'm', long = "parallel", default_value = "8")]
+    parallel: usize,
+    /// Allow out-of-order writes
+    #[arg(short = 'W', long = "oob-writes")]
+    oob: bool,
+    /// Minimum run of zeros that is left sparse (default 4k; 0 writes every byte)
+    #[arg(short = 'S', long = "sparse-size")]
+    sparse: Option<String>,
+    /// Do not create the target (it must exist and be large enough)
+    #[arg(short = 'n', long = "no-create")]
+    no_create: bool,
+    /// Target cache mode (default unsafe)
+    #[arg(short = 't', long = "target-cache", default_value = "unsafe")]
+    target_cache: String,
+    /// Source cache mode (default writeback)
+    #[arg(short = 'T', long = "source-cache", default_value = "writeback")]
+    source_cache: String,
+    /// Backing file of the target (copy only what the source's top layer holds)
+    #[arg(short = 'B', long = "backing")]
+    backing: Option<String>,
+    /// Format of the backing file
+    #[arg(short = 'F', long = "backing-format")]
+    backing_format: Option<String>,
+    /// Quiet
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Source file(s) and the target file (last)
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<String>,
+}
+
+/// Bytes per copy step (aligned to the target cluster size).
+const CHUNK: u64 = 2 << 20;
+
+pub async fn run(a: Args) -> u8 {
+    match convert(&a).await {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
+}
+
+/// One source image at a position of the concatenated input.
+struct Source {
+    img: Arc<dyn BlockDevice>,
+    start: u64,
+}
+
+async fn convert(a: &Args) -> Result<()> {
+    let _ = a.force_share;
+    let (target, sources) = a
+        .files
+        .split_last()
+        .ok_or_else(|| Error::arg("Expecting image file name"))?;
+    let mut srcs = Vec::new();
+    let mut total = 0u64;
+    for s in sources {
+        let img = open(&ImageArgs {
+            path: s,
+            format: a.source_format.as_deref(),
+            read_only: true,
+            cache: Some(&a.source_cache),
+            runtime_opts: &[],
+            no_backing: false,
+        })
+        .await
+        .map_err(|e| Error::arg(format!("Could not open '{s}': {e}")))?;
+        srcs.push(Source {
+            start: total,
+            img: img.clone(),
+        });
+        total += img.size();
+    }
+    let sparse = match &a.sparse {
+        Some(s) => parse_size(s)
+            .map_err(|_| Error::arg("Invalid buffer size for sparse output specified"))?,
+        None => 4096,
+    };
+    let format = Format::parse(&a.target_format)?;
+    if a.compress && format != Format::Qcow2 {
+        return Err(Error::arg("Compression not supported for this file format"));
+    }
+    if a.backing.is_some() && format == Format::Raw {
+        return Err(Error::arg(
+            "Backing file not supported for file format 'raw'",
+        ));
+    }
+    if !a.no_create {
+        let mut parsed = parse_options(format, &a.options, None)?;
+        parsed.opts.size = parsed.size.unwrap_or(total);
+        if let Some(b) = &a.backing {
+            parsed.opts.backing_file = Some(b.clone());
+            parsed.opts.backing_format = a.backing_format.clone();
+            if parsed.opts.backing_format.is_none() {
+                return Err(Error::arg("Backing file specified without backing format"));
+            }
+        }
+        make(target, format, &parsed.opts).await.map_err(|e| {
+            Error::arg(format!(
+                "{target}: error while converting {}: {e}",
+                format.name()
+            ))
+        })?;
+    }
+    let dst = open(&ImageArgs {
+        path: target,
+        format: Some(format.name()),
+        read_only: false,
+        cache: Some(&a.target_cache),
+        runtime_opts: &[],
+        no_backing: a.backing.is_none() && !a.no_create,
+    })
+    .await
+    .map_err(|e| Error::arg(format!("Could not open '{target}': {e}")))?;
+    if dst.size() < total {
+        return Err(Error::arg(format!(
+            "Target image size {} is smaller than the source ({total})",
+            dst.size()
+        )));
+    }
+    // A fresh target without a backing file reads zeros everywhere.
+    let zero_init = !a.no_create && a.backing.is_none();
+    let cluster = dst.as_qcow2().map_or(512, |q| q.cluster_size());
+    let chunk = CHUNK.max(cluster) / cluster * cluster;
+    let progress = Progress::new(a.progress && !a.quiet, total);
+    let job = Arc::new(Job {
+        srcs,
+        dst: dst.clone(),
+        total,
+        chunk,
+        sparse,
+        zero_init,
+        top_only: a.backing.is_some(),
+        compress: a.compress,
+        in_order: !a.oob,
+        next: AtomicU64::new(0),
+        turn: tokio::sync::watch::channel(0).0,
+        progress,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..a.parallel.max(1) {
+        let job = job.clone();
+        tasks.spawn(async move { job.worker().await });
+    }
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        let r = r
+            .map_err(|e| Error::arg(format!("copy task failed: {e}")))
+            .and_then(|x| x);
+        if result.is_ok() {
+            if let Err(e) = r {
+                result = Err(e);
+                tasks.abort_all();
+            }
+        }
+    }
+    job.progress.finish();
+    result?;
+    dst.close().await?;
+    for s in &job.srcs {
+        s.img.close().await?;
+    }
+    Ok(())
+}
+
+struct Job {
+    srcs: Vec<Source>,
+    dst: Arc<dyn BlockDevice>,
+    total: u64,
+    chunk: u64,
+    sparse: u64,
+    zero_init: bool,
+    top_only: bool,
+    compress: bool,
+    in_order: bool,
+    next: AtomicU64,
+    /// Index of the chunk whose writes may be issued (in-order mode).
+    turn: tokio::sync::watch::Sender<u64>,
+    progress: Progress,
+}
+
+/// What a piece of a chunk needs.
+enum Piece {
+    /// Reads as zeros in the source.
+    Zeros { off: u64, len: u64 },
+    /// Provided by the target's backing file.
+    Backing,
+    /// Data at `off` (read into `buf`).
+    Data { off: u64, buf: IoBufMut },
+}
+
+impl Job {
+    async fn worker(self: Arc<Self>) -> Result<()> {
+        loop {
+            let i = self.next.fetch_add(1, Relaxed);
+            let off = i * self.chunk;
+            if off >= self.total {
+                // Let later chunks' writers through if we were the one holding the turn.
+                return Ok(());
+            }
+            let len = self.chunk.min(self.total - off);
+            let pieces = self.read_chunk(off, len).await?;
+            if self.in_order {
+                let mut rx = self.turn.subscribe();
+                let _ = rx.wait_for(|&t| t >= i).await;
+            }
+            // Writes are issued in order; compressed clusters only take their place in the
+            // layout here and are compressed and written after the turn has passed on.
+            let r = self.write_chunk(pieces).await;
+            if self.in_order {
+                self.turn.send_modify(|t| *t = (*t).max(i + 1));
+            }
+            let compressed = r?;
+            futures_util::future::try_join_all(compressed).await?;
+            self.progress.add(len);
+        }
+    }
+
+    /// The source covering `off` and the offset inside it.
+    fn source_at(&self, off: u64) -> (&Source, u64) {
+        let i = self
+            .srcs
+            .partition_point(|s| s.start <= off)
+            .saturating_sub(1);
+        (&self.srcs[i], off - self.srcs[i].start)
+    }
+
+    async fn read_chunk(&self, off: u64, len: u64) -> Result<Vec<Piece>> {
+        let mut pieces = Vec::new();
+        let mut pos = off;
+        while pos < off + len {
+            let (src, local) = self.source_at(pos);
+            let max = (off + len - pos).min(src.img.size() - local);
+            let st = chain_status(&src.img, local, max)
+                .await
+                .map_err(|e| read_err(pos, e))?;
+            let n = st.len.clamp(1, max);
+            if self.top_only && st.depth > 0 {
+                pieces.push(Piece::Backing);
+            } else if !st.data && (st.zero || !st.present) {
+                pieces.push(Piece::Zeros { off: pos, len: n });
+            } else {
+                let buf = src
+                    .img
+                    .read(local, IoBufMut::for_overwrite(n as usize))
+                    .await
+                    .map_err(|e| read_err(pos, e))?;
+                pieces.push(Piece::Data { off: pos, buf });
+            }
+            pos += n;
+        }
+        Ok(pieces)
+    }
+
+    /// Issues the chunk's writes; returns the compressed writes still to be awaited.
+    async fn write_chunk(&self, pieces: Vec<Piece>) -> Result<Vec<Pending<'_>>> {
+        let mut pending = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Backing => {}
+                Piece::Zeros { off, len } => self.zeros(off, len).await?,
+                Piece::Data { off, buf } => {
+                    if self.compress {
+                        pending.extend(self.write_compressed(off, buf.freeze()).await?);
+                    } else {
+                        self.write_sparse(off, buf.freeze()).await?;
+                    }
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    async fn zeros(&self, off: u64, len: u64) -> Result<()> {
+        if self.zero_init {
+            return Ok(());
+        }
+        self.dst
+            .write_zeroes(
+                off,
+                len,
+                ZeroFlags {
+                    may_unmap: true,
+                    fast_only: false,
+                },
+            )
+            .await
+            .map_err(|e| write_err(off, e))
+    }
+
+    /// Writes data, leaving runs of at least `sparse` zero bytes out (or zeroing them).
+    async fn write_sparse(&self, off: u64, data: IoBuf) -> Result<()> {
+        if self.sparse == 0 {
+            return self
+                .dst
+                .write(off, data)
+                .await
+                .map_err(|e| write_err(off, e));
+        }
+        let g = self.sparse as usize;
+        let mut run_start = 0usize;
+        let mut run_zero: Option<bool> = None;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            // Blocks aligned to the sparse size in the target's address space.
+            let abs = off as usize + pos;
+            let end = ((abs / g + 1) * g - off as usize).min(data.len());
+            let zero = data[pos..end].iter().all(|&b| b == 0);
+            match run_zero {
+                Some(z) if z == zero => {}
+                Some(z) => {
+                    self.emit(off, &data, run_start, pos, z).await?;
+                    run_start = pos;
+                }
+                None => {}
+            }
+            run_zero = Some(zero);
+            pos = end;
+        }
+        if let Some(z) = run_zero {
+            self.emit(off, &data, run_start, data.len(), z).await?;
+        }
+        Ok(())
+    }
+
+    async fn emit(&self, off: u64, data: &IoBuf, from: usize, to: usize, zero: bool) -> Result<()> {
+        let at = off + from as u64;
+        if zero {
+            self.zeros(at, (to - from) as u64).await
+        } else {
+            self.dst
+                .write(at, data.slice(from..to))
+                .await
+                .map_err(|e| write_err(at, e))
+        }
+    }
+
+    /// Compressed target: whole clusters (the source chunk is cluster aligned), zeros skipped.
+    /// Returns the compressed writes (their place in the layout already taken).
+    async fn write_compressed(&self, off: u64, data: IoBuf) -> Result<Vec<Pending<'_>>> {
+        let q = self
+            .dst
+            .as_qcow2()
+            .ok_or_else(|| Error::arg("Compression not supported for this file format"))?;
+        let cs = q.cluster_size() as usize;
+        let mut futs: Vec<Pending<'_>> = Vec::new();
+        // Runs of whole, non-zero clusters go out as one compressed request each.
+        let mut run: Option<(usize, usize)> = None;
+        let mut pos = 0usize;
+        while pos <= data.len() {
+            let end = if pos == data.len() {
+                pos
+            } else {
+                ((off as usize + pos) / cs * cs + cs - off as usize).min(data.len())
+            };
+            let part = data.slice(pos..end);
+            let at = off + pos as u64;
+            let whole =
+                part.len() == cs || (end > pos && at + part.len() as u64 == q.virtual_size());
+            let zero = end > pos && part.iter().all(|&b| b == 0);
+            let extends = end > pos && whole && !zero;
+            if !extends {
+                if let Some((from, to)) = run.take() {
+                    let at = off + from as u64;
+                    // The place in the layout is taken by this call, in order.
+                    let w = q.write_compressed(at, data.slice(from..to));
+                    futs.push(Box::pin(
+                        async move { w.await.map_err(|e| write_err(at, e)) },
+                    ));
+                }
+            }
+            if end == pos {
+                break;
+            }
+            if extends {
+                run = Some(run.map_or((pos, end), |(from, _)| (from, end)));
+            } else if zero {
+                if !self.zero_init {
+                    self.zeros(at, part.len() as u64).await?;
+                }
+            } else {
+                // A partial cluster (a source ends mid-cluster): written uncompressed.
+                self.dst
+                    .write(at, part)
+                    .await
+                    .map_err(|e| write_err(at, e))?;
+            }
+            pos = end;
+        }
+        Ok(futs)
+    }
+}
+
+/// A compressed write whose place in the layout is taken.
+type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+
+fn read_err(off: u64, e: Error) -> Error {
+    Error::arg(format!("error while reading at byte {off}: {e}"))
+}
+
+fn write_err(off: u64, e: Error) -> Error {
+    Error::arg(format!("error while writing at byte {off}: {e}"))
+}
+
+/// Progress: a bar with rate and ETA on a terminal, qemu-img's `(NN.NN/100%)` otherwise.
+struct Progress {
+    enabled: bool,
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    done: AtomicU64,
+    last_pct: AtomicU64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(enabled: bool, total: u64) -> Progress {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        if enabled && bar.is_none() {
+            print!("    (0.00/100%)\r");
+        }
+        Progress {
+            enabled,
+            bar,
+            total,
+            done: AtomicU64::new(0),
+            last_pct: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    fn add(&self, n: u64) {
+        if !self.enabled {
+            return;
+        }
+        let done = self.done.fetch_add(n, Relaxed) + n;
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+            return;
+        }
+        // qemu-img prints when progress moved by at least 1%.
+        let pct = done * 10000 / self.total.max(1);
+        let last = self.last_pct.load(Relaxed);
+        if pct >= last + 100 || done >= self.total {
+            self.last_pct.store(pct, Relaxed);
+            use std::io::Write;
+            print!("    ({:.2}/100%)\r", pct as f64 / 100.0);
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    fn finish(&self) {
+        if !self.enabled {
+            return;
+        }
+        match &self.bar {
+            Some(b) => b.finish_with_message(format!("done in {:.1?}", self.started.elapsed())),
+            None => println!("    (100.00/100%)"),
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Compressed cluster writes.
+//!
+//! Each whole guest cluster is compressed on a worker thread (never on the async executor; at
+//! most one compression per CPU at a time, many clusters in flight), then packed into the image
+//! right after the previous compressed cluster, byte-contiguously, as QEMU does: host clusters
+//! holding compressed data are shared, each holding one reference per compressed cluster that
+//! touches it. Host space is handed out in submission order (tickets), so the layout of a
+//! stream of writes does not depend on which compression finished first.
+//!
+//! Data that does not compress below `cluster_size - 1` bytes is written as a normal cluster;
+//! an all-zero cluster becomes a zero cluster. Ordering is the allocating write's: the
+//! compressed bytes and the refcounts are durable before the L2 entry that points to them, and
+//! the cluster's old content is freed only after the new entry is durable.
+
+use super::cache::{put_u64, Dep};
+use super::Qcow2;
+use crate::block::{check_range, ZeroFlags};
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+use crate::format::compression;
+use crate::format::table::{compressed_range, max_compressed_offset, Mapping};
+use crate::units::{GuestCluster, HostOffset};
+
+/// Orders host space allocation of compressed clusters by submission.
+pub(crate) struct Tickets {
+    state: parking_lot::Mutex<TicketState>,
+    serving: tokio::sync::watch::Sender<u64>,
+    /// Limits concurrent compressions to the number of CPUs.
+    cpus: tokio::sync::Semaphore,
+}
+
+#[derive(Default)]
+struct TicketState {
+    next: u64,
+    serving: u64,
+    /// Tickets given up without being served (their request was dropped).
+    abandoned: std::collections::BTreeSet<u64>,
+}
+
+impl Default for Tickets {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Tickets {
+            state: parking_lot::Mutex::new(TicketState::default()),
+            serving: tokio::sync::watch::channel(0).0,
+            cpus: tokio::sync::Semaphore::new(cpus),
+        }
+    }
+}
+
+/// A place in the allocation order. Dropping it unserved gives the place up.
+pub(crate) struct Ticket<'a> {
+    t: &'a Tickets,
+    n: u64,
+    served: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.served {
+            self.t.finish(self.n, true);
+        }
+    }
+}
+
+/// A ticket's turn to allocate; passes the turn on when dropped (also on errors).
+pub(crate) struct Turn<'a> {
+    t: &'a Tickets,
+    n: u64,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.t.finish(self.n, false);
+    }
+}
+
+impl Tickets {
+    fn take(&self) -> Ticket<'_> {
+        let mut st = self.state.lock();
+        let n = st.next;
+        st.next += 1;
+        Ticket {
+            t: self,
+            n,
+            served: false,
+        }
+    }
+
+    /// Ticket `n` is done (served, or abandoned before its turn).
+    fn finish(&self, n: u64, abandoned: bool) {
+        let mut st = self.state.lock();
+        if abandoned && st.serving != n {
+            st.abandoned.insert(n);
+            return;
+        }
+        if st.serving == n {
+            st.serving += 1;
+            loop {
+                let next = st.serving;
+                if !st.abandoned.remove(&next) {
+                    break;
+                }
+                st.serving += 1;
+            }
+            let s = st.serving;
+            drop(st);
+            self.serving.send_replace(s);
+        }
+    }
+
+    async fn wait_turn<'a>(&'a self, mut ticket: Ticket<'a>) -> Turn<'a> {
+        let mut rx = self.serving.subscribe();
+        let n = ticket.n;
+        let _ = rx.wait_for(|&s| s >= n).await;
+        ticket.served = true;
+        Turn { t: self, n }
+    }
+}
+
+/// What compressing one cluster produced.
+enum Outcome {
+    /// All zeros: becomes a zero cluster.
+    Zeros,
+    /// Does not compress: written as a normal cluster.
+    Raw,
+    Compressed(Vec<u8>),
+}
+
+impl Qcow2 {
+    /// Writes whole clusters compressed (`offset` and the length cluster aligned, except that the
+    /// last cluster of the disk may be partial).
+    ///
+    /// The place of these clusters in the allocation order is taken when this function is
+    /// called, not when the future first runs: calling it for consecutive requests in order lays
+    /// them out in that order even if the futures then run concurrently.
+    pub fn write_compressed(
+        &self,
+        offset: u64,
+        data: IoBuf,
+    ) -> impl std::future::Future<Output = Result<()>> + Send + '_ {
+        let cs = self.geo.cluster_size();
+        let len = data.len() as u64;
+        let checked = self.check_writable().and_then(|()| {
+            check_range(offset, len, self.virtual_size())?;
+            let end = offset + len;
+            if offset % cs != 0 || (end % cs != 0 && end != self.virtual_size()) {
+                return Err(Error::arg(
+                    "compressed writes must cover whole clusters (cluster-aligned offset and length)",
+                ));
+            }
+            Ok(())
+        });
+        let ticket = checked.as_ref().ok().map(|()| self.tickets.take());
+        async move {
+            checked?;
+            let ticket = ticket.ok_or_else(|| Error::arg("no allocation ticket"))?;
+            if len == 0 {
+                return Ok(());
+            }
+            let _resize = self.resize_lock.read().await;
+            self.compressed_request(offset, data, ticket).await?;
+            if self.w.writethrough {
+                self.flush_plain().await?;
+            }
+            Ok(())
+        }
+    }
+
+    async fn compressed_request(&self, offset: u64, data: IoBuf, ticket: Ticket<'_>) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size() as usize;
+        // Compress every cluster of the request in one worker-thread task.
+        let outcomes = {
+            let _cpu = self.tickets.cpus.acquire().await;
+            let kind = self.compression;
+            let input = data.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<Outcome>> {
+                let mut out = Vec::new();
+                let mut padded = Vec::new();
+                for part in input.chunks(cs) {
+                    if part.iter().all(|&b| b == 0) {
+                        out.push(Outcome::Zeros);
+                        continue;
+                    }
+                    let full: &[u8] = if part.len() == cs {
+                        part
+                    } else {
+                        // The disk's last, partial cluster: compressed zero padded.
+                        padded.clear();
+                        padded.extend_from_slice(part);
+                        padded.resize(cs, 0);
+                        &padded
+                    };
+                    out.push(match compression::compress(kind, full)? {
+                        Some(c) => Outcome::Compressed(c),
+                        None => Outcome::Raw,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| Error::arg(format!("compression task failed: {e}")))??
+        };
+        let first = GuestCluster(offset >> g.cluster_bits);
+        let n = outcomes.len() as u64;
+        self.enable_lazy_refcounts_if_configured().await?;
+
+        // In ticket order: claim the clusters and place the compressed data.
+        let turn = self.tickets.wait_turn(ticket).await;
+        let claim = loop {
+            match self.claims.try_claim(first.0, first.0 + n) {
+                Ok(c) => break c,
+                Err(ev) => ev.wait().await,
+            }
+        };
+        let mut placed: Vec<Option<(HostOffset, u64)>> = Vec::with_capacity(outcomes.len());
+        let mut deps = Vec::new();
+        for o in &outcomes {
+            match o {
+                Outcome::Compressed(b) => {
+                    let (host, d) = self
+                        .rc
+                        .allocate_bytes(&self.w, &self.hdr, b.len() as u64)
+                        .await?;
+                    if host.0 + b.len() as u64 > max_compressed_offset(g) {
+                        return Err(Error::NoSpace(
+                            "compressed data would lie beyond the offsets a compressed cluster can address"
+                                .into(),
+                        ));
+                    }
+                    deps.extend(d);
+                    placed.push(Some((host, b.len() as u64)));
+                }
+                _ => placed.push(None),
+            }
+        }
+        drop(turn);
+
+        // Write the compressed data, one write per contiguous run.
+        if let Err(e) = self.write_blobs(&outcomes, &placed).await {
+            for (host, len) in placed.iter().flatten() {
+                self.rc.release_bytes(&self.w, *host, *len).await?;
+            }
+            return Err(e);
+        }
+        deps.push(Dep::Sync(self.w.barrier.generation()));
+
+        // Point the L2 entries at them; free what they pointed to once that is durable.
+        for (i, (o, p)) in outcomes.iter().zip(&placed).enumerate() {
+            let Some((host, len)) = p else { continue };
+            let c = GuestCluster(first.0 + i as u64);
+            let sectors = (host.0 + len - 1) / 512 - host.0 / 512 + 1;
+            let _ = o;
+            self.link_compressed(
+                c,
+                Mapping::Compressed {
+                    host: *host,
+                    sectors,
+                },
+                &deps,
+            )
+            .await?;
+        }
+        drop(claim);
+
+        // Zero clusters and clusters that did not compress go the ordinary ways.
+        for (i, o) in outcomes.iter().enumerate() {
+            let at = offset + (i * cs) as u64;
+            let part = data.slice(i * cs..((i + 1) * cs).min(data.len()));
+            match o {
+                Outcome::Zeros => {
+                    self.zero_plain(
+                        at,
+                        part.len() as u64,
+                        ZeroFlags {
+                            may_unmap: true,
+                            fast_only: false,
+                        },
+                    )
+                    .await?
+                }
+                Outcome::Raw => self.write_plain(at, part).await?,
+                Outcome::Compressed(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_blobs(
+        &self,
+        outcomes: &[Outcome],
+        placed: &[Option<(HostOffset, u64)>],
+    ) -> Result<()> {
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        let storage = &self.w.storage;
+        let flush = |run: (u64, Vec<u8>)| async move {
+            storage
+                .write_at(IoBuf::copy_from(&run.1), run.0)
+                .await
+                .map_err(|e| Error::io(format!("writing compressed data at {:#x}", run.0), e))
+        };
+        for (o, p) in outcomes.iter().zip(placed) {
+            let (Outcome::Compressed(bytes), Some((host, _))) = (o, p) else {
+                continue;
+            };
+            match run.as_mut() {
+                Some((start, buf)) if *start + buf.len() as u64 == host.0 => {
+                    buf.extend_from_slice(bytes)
+                }
+                _ => {
+                    if let Some(r) = run.take() {
+                        flush(r).await?;
+                    }
+                    run = Some((host.0, bytes.clone()));
+                }
+            }
+        }
+        if let Some(r) = run {
+            flush(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets one L2 entry to a compressed cluster and queues the old content for freeing.
+    async fn link_compressed(&self, c: GuestCluster, new: Mapping, deps: &[Dep]) -> Result<()> {
+        let g = self.geo;
+        let slice = self.l2_slice_for_write(c).await?;
+        let i = self.index_in_slice(c);
+        let decoded = {
+            let mut st = slice.lock();
+            let old = Mapping::decode(st.u64_at(i), g);
+            if old.is_ok() {
+                put_u64(st.modify(deps.iter().cloned()), i, new.encode(g));
+            }
+            old.map(|o| (o, st.version()))
+        };
+        let (old, version) = match decoded {
+            Ok(x) => x,
+            Err(e) => return Err(self.signal_corruption(e).await),
+        };
+        let after = Some(Dep::Table {
+            table: slice.clone(),
+            version,
+        });
+        match old {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                prealloc: Some(host),
+                ..
+            } => self.rc.defer_free(host, g.cluster_size(), after, false),
+            Mapping::Compressed { host, sectors } => {
+                let (start, n) = compressed_range(host, sectors);
+                self.rc.defer_free(start, n, after, false);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
