@@ -31,9 +31,11 @@ pub fn compress(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
         CompressionType::Deflate => DEFLATE.with(|c| {
             let mut c = c.borrow_mut();
             c.reset();
-            let mut out = vec![0u8; limit];
+            // Room for the whole stream (deflate can expand incompressible data a little): a
+            // tight output buffer trips an assertion in zlib-rs with tiny clusters.
+            let mut out = vec![0u8; data.len() + data.len() / 8 + 256];
             match c.compress(data, &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => {
+                Ok(Status::StreamEnd) if (c.total_out() as usize) < limit => {
                     out.truncate(c.total_out() as usize);
                     Ok(Some(out))
                 }
@@ -102,7 +104,7 @@ pub fn worth_compressing(kind: CompressionType, data: &[u8]) -> bool {
     // longer than the deflate window, so a block repeated within the window shows).
     let sample = &data[..8192.min(data.len())];
     let mut c = Compress::new_with_window_bits(Compression::fast(), false, 12);
-    let mut out = vec![0u8; sample.len()];
+    let mut out = vec![0u8; sample.len() + sample.len() / 8 + 256];
     let shrunk = matches!(
         c.compress(sample, &mut out, FlushCompress::Finish),
         Ok(Status::StreamEnd)

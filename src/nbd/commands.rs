@@ -306,7 +306,7 @@ impl Conn {
     async fn read(&self, req: &Request, buf: Option<IoBufMut>) -> Reply {
         let buf = match buf {
             Some(b) if b.len() == req.len as usize => b,
-            _ => IoBufMut::zeroed(req.len as usize),
+            _ => IoBufMut::for_overwrite(req.len as usize),
         };
         let data = match self.export.img.read(req.offset, buf).await {
             Ok(b) => b,

@@ -251,7 +251,7 @@ impl BufPool {
                 self.count -= 1;
                 b
             }
-            None => IoBufMut::zeroed(len),
+            None => IoBufMut::for_overwrite(len),
         }
     }
 
@@ -419,7 +419,7 @@ where
                 } else if req.cmd == CMD_WRITE {
                     ReadState::Payload {
                         req,
-                        buf: IoBufMut::zeroed(req.len as usize),
+                        buf: IoBufMut::for_overwrite(req.len as usize),
                         filled: 0,
                     }
                 } else {

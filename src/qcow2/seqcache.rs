@@ -90,6 +90,36 @@ impl SeqCache {
     }
 }
 
+/// Settles a cluster's state when its writeback ends (or is abandoned).
+struct Writeback<'a> {
+    seq: &'a SeqCache,
+    c: u64,
+    version: u64,
+    ok: bool,
+}
+
+impl Drop for Writeback<'_> {
+    fn drop(&mut self) {
+        let mut st = self.seq.state.lock();
+        let current = st.current;
+        if let Some(e) = st.entries.get_mut(&self.c) {
+            e.writing = false;
+            if self.ok {
+                e.written = self.version;
+            }
+            let done = e.written == e.version && e.finished && current != Some(self.c);
+            let again = e.written != e.version && e.finished;
+            if done {
+                st.entries.remove(&self.c);
+            } else if again {
+                SeqCache::queue(&mut st, self.c);
+            }
+        }
+        drop(st);
+        self.seq.changed.notify_waiters();
+    }
+}
+
 impl Qcow2 {
     /// Reads the virtual disk (through the compressed target's cache when there is one).
     pub async fn read_at(&self, offset: u64, buf: IoBufMut) -> Result<IoBufMut> {
@@ -97,20 +127,29 @@ impl Qcow2 {
             return self.read_plain(offset, buf).await;
         };
         check_range(offset, buf.len() as u64, self.virtual_size())?;
-        // Cached clusters are copied from the cache; the rest is read from the image.
+        // Cached clusters are copied from the cache first: a cluster may leave the cache (its
+        // writeback done) while the image is being read, so the cache is looked at before.
         let cs = seq.cs;
-        let mut buf = self.read_plain(offset, buf).await?;
-        let st = seq.state.lock();
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let abs = offset + pos as u64;
-            let c = abs / cs;
-            let in_c = (abs % cs) as usize;
-            let n = (cs as usize - in_c).min(buf.len() - pos);
-            if let Some(e) = st.entries.get(&c) {
-                buf[pos..pos + n].copy_from_slice(&e.buf[in_c..in_c + n]);
+        let len = buf.len();
+        let cached: Vec<(usize, Vec<u8>)> = {
+            let st = seq.state.lock();
+            let mut v = Vec::new();
+            let mut pos = 0usize;
+            while pos < len {
+                let abs = offset + pos as u64;
+                let c = abs / cs;
+                let in_c = (abs % cs) as usize;
+                let n = (cs as usize - in_c).min(len - pos);
+                if let Some(e) = st.entries.get(&c) {
+                    v.push((pos, e.buf[in_c..in_c + n].to_vec()));
+                }
+                pos += n;
             }
-            pos += n;
+            v
+        };
+        let mut buf = self.read_plain(offset, buf).await?;
+        for (pos, bytes) in cached {
+            buf[pos..pos + bytes.len()].copy_from_slice(&bytes);
         }
         Ok(buf)
     }
@@ -222,8 +261,18 @@ impl Qcow2 {
     ) -> Option<impl std::future::Future<Output = Result<()>> + Send + 'a> {
         let (data, version) = {
             let mut st = seq.state.lock();
+            let current = st.current;
             let e = st.entries.get_mut(&c)?;
-            if e.writing || e.version == e.written {
+            if e.writing {
+                return None;
+            }
+            if e.version == e.written {
+                // Already on disk: a finished cluster has nothing left to do in the cache.
+                if e.finished && current != Some(c) {
+                    st.entries.remove(&c);
+                    drop(st);
+                    seq.changed.notify_waiters();
+                }
                 return None;
             }
             e.writing = true;
@@ -232,24 +281,16 @@ impl Qcow2 {
         };
         let write = self.write_compressed(c * seq.cs, data);
         Some(async move {
+            // The guard settles the entry even if this future is dropped half way.
+            let mut guard = Writeback {
+                seq,
+                c,
+                version,
+                ok: false,
+            };
             let r = write.await;
-            let mut st = seq.state.lock();
-            let current = st.current;
-            if let Some(e) = st.entries.get_mut(&c) {
-                e.writing = false;
-                if r.is_ok() {
-                    e.written = version;
-                }
-                let done = e.written == e.version && e.finished && current != Some(c);
-                let again = e.written != e.version && e.finished;
-                if done {
-                    st.entries.remove(&c);
-                } else if again {
-                    SeqCache::queue(&mut st, c);
-                }
-            }
-            drop(st);
-            seq.changed.notify_waiters();
+            guard.ok = r.is_ok();
+            drop(guard);
             r
         })
     }
@@ -291,7 +332,10 @@ impl Qcow2 {
                 notified.await; // someone else's writeback is finishing
                 continue;
             }
-            futures_util::future::try_join_all(futs).await?;
+            // Let every writeback finish before reporting the first error.
+            for r in futures_util::future::join_all(futs).await {
+                r?;
+            }
         }
     }
 
@@ -329,7 +373,9 @@ impl Qcow2 {
             if futs.is_empty() {
                 notified.await;
             } else {
-                futures_util::future::try_join_all(futs).await?;
+                for r in futures_util::future::join_all(futs).await {
+                    r?;
+                }
             }
         }
     }
