@@ -67,6 +67,10 @@ pub struct Args {
     /// Create the image with this virtual size if FILE does not exist (qcow2, or raw with -f raw)
     #[arg(long = "create", value_name = "SIZE")]
     create: Option<String>,
+    /// Compressed target (qcow2): store every write compressed, gathering small sequential
+    /// writes (a backup stream) into whole clusters first
+    #[arg(long = "compress")]
+    compress: bool,
     /// Seconds a client gets to finish the NBD handshake
     #[arg(long = "handshake-limit", value_name = "SECONDS", default_value_t = 10)]
     handshake_limit: u64,
@@ -103,6 +107,9 @@ async fn serve(a: Args) -> Result<u8> {
                 return Err(Error::arg(format!("Invalid parameter '{k}'")));
             }
         }
+    }
+    if a.compress {
+        qcow2.compress = Some(true);
     }
     let listen = match &a.socket {
         Some(p) => Listen::Unix(p.clone()),
