@@ -15,6 +15,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod size;
 pub mod storage;
+pub mod striped;
 pub mod units;
 
 pub use block::{open_image, BlockDevice, CacheMode, Format, OpenOptions, ZeroFlags};

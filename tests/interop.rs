@@ -367,3 +367,59 @@ fn writing_images_with_internal_snapshots_keeps_snapshots() {
         "snapshot content was damaged"
     );
 }
+
+/// Both I/O engines (the thread pool, and io_uring where the kernel allows it) give the same
+/// results; the thread pool is what runs where io_uring is refused.
+#[test]
+fn both_io_engines_write_and_read_the_same() {
+    use qimg::block::{Aio, CacheMode};
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    for (aio, cache) in [
+        (Aio::Threads, CacheMode::Writeback),
+        (Aio::Threads, CacheMode::None),
+        (Aio::IoUring, CacheMode::Writeback),
+        (Aio::IoUring, CacheMode::None),
+    ] {
+        let p = dir.path().join(format!("e_{aio:?}_{cache:?}.qcow2"));
+        qemu_create(&p, "", 16 << 20, &[]);
+        let opts = OpenOptions {
+            aio,
+            cache,
+            ..Default::default()
+        };
+        let r = rt.block_on(async {
+            let img = match open_image(&p, &opts).await {
+                Ok(i) => i,
+                // io_uring unavailable here, or O_DIRECT unsupported by the file system.
+                Err(qimg::Error::Unsupported(_)) | Err(qimg::Error::Io { .. }) => return None,
+                Err(e) => panic!("{aio:?} {cache:?}: {e}"),
+            };
+            for i in 0..64u64 {
+                let data = pattern(i, 4096 + (i as usize % 3) * 1000);
+                img.write(i * 200_000, IoBuf::copy_from(&data))
+                    .await
+                    .unwrap();
+            }
+            img.flush().await.unwrap();
+            for i in 0..64u64 {
+                let data = pattern(i, 4096 + (i as usize % 3) * 1000);
+                let got = img
+                    .read(i * 200_000, IoBufMut::zeroed(data.len()))
+                    .await
+                    .unwrap();
+                assert!(got[..] == data[..], "{aio:?} {cache:?}: read back differs");
+            }
+            img.close().await.unwrap();
+            Some(())
+        });
+        if r.is_some() {
+            qemu_check_clean(&p);
+            let writes: Vec<String> = (0..64u64)
+                .step_by(9)
+                .map(|i| format!("read {} {}", i * 200_000, 4096 + (i % 3) * 1000))
+                .collect();
+            qemu_io(&p, "qcow2", &writes);
+        }
+    }
+}

@@ -24,6 +24,7 @@ use super::barrier::Barrier;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{IoContext, Result};
 use crate::storage::StorageRef;
+use crate::striped::StripedCounter;
 use crate::units::HostOffset;
 use futures_util::future::{try_join_all, BoxFuture};
 use parking_lot::{Mutex, MutexGuard};
@@ -279,9 +280,9 @@ impl Index {
 /// Cache statistics (monotonic counters).
 #[derive(Default)]
 pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub evictions: AtomicU64,
+    pub hits: StripedCounter,
+    pub misses: StripedCounter,
+    pub evictions: StripedCounter,
 }
 
 /// A cache of same-sized tables (L2 slices or refcount blocks).
@@ -341,6 +342,29 @@ impl MetaCache {
         Ok(t)
     }
 
+    /// Runs `f` on a cached, loaded table without taking a reference to it (no I/O, no
+    /// allocation): the hit path of lookups. `None` if the table is not cached.
+    pub fn with_loaded<R>(
+        &self,
+        offset: HostOffset,
+        f: impl FnOnce(&TableState) -> R,
+    ) -> Option<R> {
+        let idx = self.index.lock();
+        let &i = idx.map.get(&offset.0)?;
+        let t = &idx.slots[i];
+        if !t.loaded.initialized() {
+            return None;
+        }
+        // Load first: a store on every hit would pull the line exclusive on every core.
+        if !t.referenced.load(Relaxed) {
+            t.referenced.store(true, Relaxed);
+        }
+        self.stats.hits.incr();
+        // Lock order: index, then table state (as the evictor does).
+        let st = t.state.lock();
+        Some(f(&st))
+    }
+
     /// Installs a table whose on-disk content is already `data` (a freshly written table).
     /// Replaces any stale entry for the same offset.
     pub async fn insert_written(
@@ -370,13 +394,13 @@ impl MetaCache {
             if let Some(&i) = idx.map.get(&offset.0) {
                 let t = idx.slots[i].clone();
                 t.referenced.store(true, Relaxed);
-                self.stats.hits.fetch_add(1, Relaxed);
+                self.stats.hits.incr();
                 return Ok(t);
             }
-            self.stats.misses.fetch_add(1, Relaxed);
+            self.stats.misses.incr();
             let mut dirty = Vec::new();
             while idx.slots.len() >= self.capacity && idx.evict_one(&mut dirty) {
-                self.stats.evictions.fetch_add(1, Relaxed);
+                self.stats.evictions.incr();
             }
             let initialized = data.is_some();
             let t = Arc::new(Table::new(
@@ -400,7 +424,7 @@ impl MetaCache {
             let mut idx = self.index.lock();
             let mut none = Vec::new();
             while idx.slots.len() > self.capacity && idx.evict_one(&mut none) {
-                self.stats.evictions.fetch_add(1, Relaxed);
+                self.stats.evictions.incr();
             }
         }
         Ok(t)

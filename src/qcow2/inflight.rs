@@ -11,6 +11,7 @@
 //!   mapping lookup until its I/O is done; freeing clusters waits for a grace period in which all
 //!   guards older than the free have been dropped (the idea of RCU).
 
+use crate::striped::{stripe, Padded, STRIPES};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -115,10 +116,15 @@ impl Claims {
 }
 
 /// Grace periods for host cluster reuse.
+///
+/// The counts of active guards are striped per thread (`crate::striped`): every read and write
+/// enters and leaves, so one shared counter would be the hottest cache line of the engine. A
+/// guard leaves on the stripe it entered, so each stripe's count is exact; only their sum means
+/// anything, and only the grace period reads it.
 #[derive(Default)]
 pub struct IoEpochs {
     epoch: AtomicU64,
-    active: [AtomicU64; 2],
+    active: [[Padded; STRIPES]; 2],
     drained: Notify,
 }
 
@@ -126,33 +132,47 @@ pub struct IoEpochs {
 pub struct IoGuard<'a> {
     epochs: &'a IoEpochs,
     parity: usize,
+    stripe: usize,
 }
 
 impl Drop for IoGuard<'_> {
     fn drop(&mut self) {
-        if self.epochs.active[self.parity].fetch_sub(1, SeqCst) == 1 {
-            self.epochs.drained.notify_waiters();
-        }
+        self.epochs.leave(self.parity, self.stripe);
     }
 }
 
 impl IoEpochs {
     pub fn enter(&self) -> IoGuard<'_> {
+        let stripe = stripe();
         loop {
             let e = self.epoch.load(SeqCst);
             let parity = (e & 1) as usize;
-            self.active[parity].fetch_add(1, SeqCst);
+            self.active[parity][stripe].0.fetch_add(1, SeqCst);
             if self.epoch.load(SeqCst) == e {
                 return IoGuard {
                     epochs: self,
                     parity,
+                    stripe,
                 };
             }
             // A grace period started meanwhile: register in the new epoch instead.
-            if self.active[parity].fetch_sub(1, SeqCst) == 1 {
-                self.drained.notify_waiters();
-            }
+            self.leave(parity, stripe);
         }
+    }
+
+    fn leave(&self, parity: usize, stripe: usize) {
+        // Only a guard of an epoch that a grace period is waiting for (its parity is no longer
+        // the current one) needs to wake it, and only when its stripe empties. SeqCst on both
+        // sides: either the waiter sees this decrement, or this load sees its epoch increment.
+        if self.active[parity][stripe].0.fetch_sub(1, SeqCst) == 1
+            && (self.epoch.load(SeqCst) & 1) as usize != parity
+        {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn active_in(&self, parity: usize) -> u64 {
+        self.active[parity].iter().map(|s| s.0.load(SeqCst)).sum()
     }
 
     /// Waits until every guard entered before this call has been dropped. Callers must not run
@@ -164,7 +184,7 @@ impl IoEpochs {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.active[parity].load(SeqCst) == 0 {
+            if self.active_in(parity) == 0 {
                 return;
             }
             notified.await;

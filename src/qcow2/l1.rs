@@ -5,13 +5,16 @@
 //! an L1 entry that points to a new L2 table carries a dependency on that table's content (and
 //! refcount) being durable, and only the chunks that changed are written.
 //!
-//! Replacing the whole table (growth) swaps the chunk list under the write lock; ordinary
-//! requests only take the read lock for the instant it takes to look at an entry.
+//! Lookups are on the hot path of every request, so they take no lock at all: entries are also
+//! kept in an array of atomics (updated together with the chunk, under the chunk's lock), and the
+//! whole structure is replaced (growth) by swapping an `Arc` (`arc-swap`), which readers load
+//! without writing to any shared cache line.
 
 use super::cache::{put_u64, Dep, Table};
 use crate::format::table::L1Entry;
 use crate::units::HostOffset;
-use parking_lot::RwLock;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 struct Inner {
@@ -19,17 +22,19 @@ struct Inner {
     size: u64,
     chunk_entries: usize,
     chunks: Vec<Arc<Table>>,
+    /// The entries, readable without locks.
+    entries: Box<[AtomicU64]>,
 }
 
 pub struct L1Table {
-    inner: RwLock<Inner>,
+    inner: ArcSwap<Inner>,
 }
 
 impl L1Table {
     /// Builds the table from its on-disk bytes (`bytes.len() >= size * 8`).
     pub fn new(offset: HostOffset, size: u64, bytes: &[u8], cluster_size: u64) -> Self {
         L1Table {
-            inner: RwLock::new(Self::build(offset, size, bytes, cluster_size)),
+            inner: ArcSwap::from_pointee(Self::build(offset, size, bytes, cluster_size)),
         }
     }
 
@@ -49,54 +54,56 @@ impl L1Table {
                 ))
             })
             .collect();
+        let entries = padded
+            .chunks_exact(8)
+            .take(size as usize)
+            .map(|e| AtomicU64::new(crate::format::be::u64(e, 0)))
+            .collect();
         Inner {
             offset,
             size,
             chunk_entries,
             chunks,
+            entries,
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.inner.read().size
+        self.inner.load().size
     }
 
     pub fn offset(&self) -> HostOffset {
-        self.inner.read().offset
+        self.inner.load().offset
     }
 
     /// Entry `i`, or `None` past the end of the table.
     pub fn get(&self, i: u64) -> Option<L1Entry> {
-        let inner = self.inner.read();
-        if i >= inner.size {
-            return None;
-        }
-        let ce = inner.chunk_entries;
-        let chunk = &inner.chunks[i as usize / ce];
-        let v = chunk.lock().u64_at(i as usize % ce);
-        Some(L1Entry(v))
+        let inner = self.inner.load();
+        let e = inner.entries.get(i as usize)?;
+        Some(L1Entry(e.load(Ordering::Acquire)))
     }
 
     /// Sets entry `i` (which must exist), to be written once `deps` are durable.
     pub fn set(&self, i: u64, e: L1Entry, deps: Vec<Dep>) {
-        let inner = self.inner.read();
+        let inner = self.inner.load();
         let ce = inner.chunk_entries;
         let chunk = &inner.chunks[i as usize / ce];
         let mut st = chunk.lock();
         let data = st.modify(deps);
         put_u64(data, i as usize % ce, e.0);
+        inner.entries[i as usize].store(e.0, Ordering::Release);
     }
 
     /// A dependency on entry `i` reaching the disk in its current state.
     pub fn dep_on_entry(&self, i: u64) -> Dep {
-        let inner = self.inner.read();
+        let inner = self.inner.load();
         inner.chunks[i as usize / inner.chunk_entries].dep_current()
     }
 
     /// The chunks with unwritten changes.
     pub fn dirty_chunks(&self) -> Vec<Arc<Table>> {
         self.inner
-            .read()
+            .load()
             .chunks
             .iter()
             .filter(|c| c.is_dirty())
@@ -106,20 +113,18 @@ impl L1Table {
 
     /// All entries (for check and snapshot code).
     pub fn entries(&self) -> Vec<u64> {
-        let inner = self.inner.read();
-        let mut out = Vec::with_capacity(inner.size as usize);
-        for c in &inner.chunks {
-            let st = c.lock();
-            for j in 0..inner.chunk_entries {
-                out.push(st.u64_at(j));
-            }
-        }
-        out.truncate(inner.size as usize);
-        out
+        let inner = self.inner.load();
+        inner
+            .entries
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
+            .collect()
     }
 
-    /// Replaces the table by one already written at `offset` with `bytes` (growth).
+    /// Replaces the table by one already written at `offset` with `bytes` (growth). Callers
+    /// hold the resize lock exclusively, so no `set` runs concurrently.
     pub fn replace(&self, offset: HostOffset, size: u64, bytes: &[u8], cluster_size: u64) {
-        *self.inner.write() = Self::build(offset, size, bytes, cluster_size);
+        self.inner
+            .store(Arc::new(Self::build(offset, size, bytes, cluster_size)));
     }
 }

@@ -5,6 +5,7 @@
 //! decodes entries. Callers that will use the host offsets hold an I/O epoch guard from before
 //! the lookup (see `inflight`).
 
+use super::cache::TableState;
 use super::Qcow2;
 use crate::block::BlockStatus;
 use crate::error::{IoContext, Result};
@@ -52,32 +53,48 @@ impl Qcow2 {
     }
 
     async fn lookup_inner(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
-        let g = self.geo;
-        let cs = g.cluster_size();
         let len = self.bytes_in_slice(offset, len);
         let end = offset + len;
-        let first = GuestCluster(offset >> g.cluster_bits);
-        let l1i = g.l1_index(first);
-        let l2i = g.l2_index(first) as u64;
-        let slice = l2i / self.slice_entries;
-        let in_slice = (l2i % self.slice_entries) as usize;
-
-        let l2 = match self.l1.get(l1i) {
-            Some(e) => e.l2_offset(g, l1i)?,
-            None => None,
-        };
-        let Some(l2) = l2 else {
+        let Some(table_off) = self.slice_of(offset)? else {
             return Ok(vec![Run {
                 offset,
                 len,
                 kind: RunKind::Unallocated,
             }]);
         };
-        let table = self.l2.get(&self.w, self.slice_offset(l2, slice)).await?;
+        let table = self.l2.get(&self.w, table_off).await?;
         let st = table.lock();
-        let mut runs: Vec<Run> = Vec::new();
+        let mut runs = Vec::new();
         let mut pos = offset;
-        let mut i = in_slice;
+        while pos < end {
+            let run = self.first_run(&st, pos, end)?;
+            pos += run.len;
+            runs.push(run);
+        }
+        Ok(runs)
+    }
+
+    /// The offset of the L2 slice holding `offset`, `None` if no L2 table is allocated there.
+    fn slice_of(&self, offset: u64) -> Result<Option<HostOffset>> {
+        let g = self.geo;
+        let first = GuestCluster(offset >> g.cluster_bits);
+        let l1i = g.l1_index(first);
+        let l2 = match self.l1.get(l1i) {
+            Some(e) => e.l2_offset(g, l1i)?,
+            None => None,
+        };
+        let slice = g.l2_index(first) as u64 / self.slice_entries;
+        Ok(l2.map(|l2| self.slice_offset(l2, slice)))
+    }
+
+    /// The run starting at `offset`, as long as the entries allow (up to `end`, which must lie
+    /// in the same slice as `offset`).
+    fn first_run(&self, st: &TableState, offset: u64, end: u64) -> Result<Run> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let mut i = self.index_in_slice(GuestCluster(offset >> g.cluster_bits));
+        let mut run: Option<Run> = None;
+        let mut pos = offset;
         while pos < end {
             let in_cluster = pos & (cs - 1);
             let n = (cs - in_cluster).min(end - pos);
@@ -91,18 +108,38 @@ impl Qcow2 {
                 },
                 Mapping::Compressed { host, sectors } => RunKind::Compressed { host, sectors },
             };
-            match runs.last_mut() {
-                Some(last) if continues(last, kind) => last.len += n,
-                _ => runs.push(Run {
-                    offset: pos,
-                    len: n,
-                    kind,
-                }),
+            match run.as_mut() {
+                None => {
+                    run = Some(Run {
+                        offset: pos,
+                        len: n,
+                        kind,
+                    })
+                }
+                Some(r) if continues(r, kind) => r.len += n,
+                Some(_) => break,
             }
             pos += n;
             i += 1;
         }
-        Ok(runs)
+        run.ok_or_else(|| crate::error::Error::arg("empty lookup"))
+    }
+
+    /// The first run of `[offset, offset+len)` if it can be had without I/O (its L2 slice is
+    /// cached, or there is no L2 table): the allocation-free path of cached reads.
+    pub(crate) fn lookup_first_cached(&self, offset: u64, len: u64) -> Result<Option<Run>> {
+        let len = self.bytes_in_slice(offset, len);
+        match self.slice_of(offset)? {
+            None => Ok(Some(Run {
+                offset,
+                len,
+                kind: RunKind::Unallocated,
+            })),
+            Some(table_off) => self
+                .l2
+                .with_loaded(table_off, |st| self.first_run(st, offset, offset + len))
+                .transpose(),
+        }
     }
 
     /// What this layer says about the extent at `offset` (for map and NBD block status).

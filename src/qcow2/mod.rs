@@ -425,13 +425,11 @@ impl Qcow2 {
 
     pub fn stats(&self) -> EngineStats {
         EngineStats {
-            metadata_reads: self.l2.stats.misses.load(Relaxed)
-                + self.rc.cache.stats.misses.load(Relaxed),
+            metadata_reads: self.l2.stats.misses.load() + self.rc.cache.stats.misses.load(),
             metadata_writes: self.w.writes.load(Relaxed),
             flushes: self.w.barrier.count.load(Relaxed),
-            cache_hits: self.l2.stats.hits.load(Relaxed) + self.rc.cache.stats.hits.load(Relaxed),
-            cache_misses: self.l2.stats.misses.load(Relaxed)
-                + self.rc.cache.stats.misses.load(Relaxed),
+            cache_hits: self.l2.stats.hits.load() + self.rc.cache.stats.hits.load(),
+            cache_misses: self.l2.stats.misses.load() + self.rc.cache.stats.misses.load(),
             clusters_allocated: self.rc.allocated.load(Relaxed),
         }
     }

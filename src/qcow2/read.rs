@@ -20,6 +20,14 @@ impl Qcow2 {
             return Ok(buf);
         }
         let _guard = self.epochs.enter();
+        // Fast path: one run covering the whole request, its metadata cached.
+        let first = match self.lookup_first_cached(offset, buf.len() as u64) {
+            Ok(r) => r,
+            Err(e) => return Err(self.signal_corruption(e).await),
+        };
+        if let Some(run) = first.filter(|r| r.len == buf.len() as u64) {
+            return self.read_run(run, buf).await;
+        }
         let mut pieces: Vec<(Run, IoBufMut)> = Vec::new();
         let mut rest = buf;
         let mut pos = offset;

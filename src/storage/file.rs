@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 const DIRECT_ALIGN: u64 = 4096;
 const ZERO_CHUNK: usize = 1 << 20;
+/// Largest buffered write done on the calling thread where `RWF_NOWAIT` writes are refused.
+pub const INLINE_WRITE_MAX: usize = 64 << 10;
 
 /// How to open a file.
 #[derive(Clone, Copy, Debug, Default)]
@@ -121,6 +123,38 @@ impl FileStorage {
                 Err((buf, 0))
             }
         }
+    }
+
+    /// Writes what can be written on the calling thread: how many bytes were (0: hand it all
+    /// to a worker). Buffered writes only. Where the file system serves `RWF_NOWAIT` writes,
+    /// whatever the page cache absorbs without blocking. Where it does not (ext4 refuses them),
+    /// a small write (at most [`INLINE_WRITE_MAX`]) is written with a plain `pwrite` here: it is
+    /// a copy into the page cache, far cheaper than waking a worker thread and switching back,
+    /// and may only block briefly (page allocation, dirty throttling far above our request
+    /// sizes). Large writes always go to the pool.
+    pub(crate) fn try_write_inline(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.direct.is_some()
+            && offset % DIRECT_ALIGN == 0
+            && buf.len() as u64 % DIRECT_ALIGN == 0
+            && buf.as_ptr() as u64 % DIRECT_ALIGN == 0
+        {
+            return Ok(0);
+        }
+        if self.nowait_writes.load(Relaxed) {
+            match nowait_write(&self.buffered, buf, offset) {
+                NoWait::Done(n) => return Ok(n),
+                NoWait::WouldBlock => return Ok(0),
+                NoWait::Unsupported => self.nowait_writes.store(false, Relaxed),
+            }
+        }
+        if buf.len() <= INLINE_WRITE_MAX {
+            self.buffered.write_all_at(buf, offset)?;
+            return Ok(buf.len());
+        }
+        Ok(0)
     }
 
     /// The descriptor to use for a request: the direct one if the request is aligned.
@@ -240,22 +274,19 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
+        let done = match self.try_write_inline(&buf, offset) {
+            Ok(n) if n == buf.len() => return Box::pin(async { Ok(()) }),
+            Ok(n) => n,
+            Err(e) => return Box::pin(async { Err(e) }),
+        };
         let f = self.fd_for(offset, buf.len(), buf.as_ptr() as usize);
-        let mut done = 0usize;
-        if self.direct.is_none() && self.nowait_writes.load(Relaxed) {
-            match nowait_write(&f, &buf, offset) {
-                NoWait::Done(n) if n == buf.len() => return Box::pin(async { Ok(()) }),
-                NoWait::Done(n) => done = n,
-                NoWait::WouldBlock => {}
-                NoWait::Unsupported => self.nowait_writes.store(false, Relaxed),
-            }
-        }
         Box::pin(async move {
             Pool::global()
                 .run(move || f.write_all_at(&buf[done..], offset + done as u64))
                 .await
         })
     }
+
     fn flush(&self) -> IoFuture<'_, io::Result<()>> {
         if self.no_flush {
             return Box::pin(async { Ok(()) });

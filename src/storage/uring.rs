@@ -251,9 +251,16 @@ impl Storage for UringStorage {
     }
 
     fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
+        // Small buffered writes complete on the calling thread (see `try_write_inline`): on
+        // ext4 io_uring would punt each of them to a kernel worker thread.
+        let inline = match self.file.try_write_inline(&buf, offset) {
+            Ok(n) if n == buf.len() => return Box::pin(async { Ok(()) }),
+            Ok(n) => n,
+            Err(e) => return Box::pin(async { Err(e) }),
+        };
         let f = self.file.fd_for(offset, buf.len(), buf.as_ptr() as usize);
         Box::pin(async move {
-            let mut done = 0usize;
+            let mut done = inline;
             let mut keep = Keep::Ref(buf);
             loop {
                 let len = match &keep {
