@@ -52,11 +52,21 @@ impl Allocation {
 impl Allocation {
     /// An allocation of `len` bytes whose content is unspecified (but initialized): a recycled
     /// one when the pool has one of that size.
+    ///
+    /// Sizes up to the largest pool class are rounded up to a power of two (at most twice the
+    /// memory, for a short-lived buffer): requests of odd sizes, such as the data runs between
+    /// holes that convert copies, then reuse pooled memory too instead of faulting in and
+    /// zeroing fresh pages every time.
     fn recycled(len: usize) -> Arc<Self> {
-        if let Some(class) = pool_class(len) {
+        if len == 0 {
+            return Self::zeroed(0);
+        }
+        let rounded = len.max(1 << MIN_POOL_BITS).checked_next_power_of_two();
+        if let Some(class) = rounded.and_then(pool_class) {
             if let Some(a) = POOL.lock()[class].pop() {
                 return Arc::new(a);
             }
+            return Self::zeroed(1 << (class as u32 + MIN_POOL_BITS));
         }
         Self::zeroed(len)
     }
