@@ -298,3 +298,63 @@ fn handle_and_futures_are_send_sync() {
         close_and_check(s).await;
     });
 }
+
+/// Reads served from a thread's private copy of a hot L2 slice (`l2view`) must see every change
+/// made since: writes that allocate, zero writes, discards, made on the same thread and on others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_slice_copies_never_serve_stale_mappings() {
+    let s = setup(16, 64 << 20, false, false).await;
+    let img = s.img.clone();
+    let cs = 64usize << 10;
+    let first_byte = |off: u64| {
+        let img = img.clone();
+        async move { img.read(off, IoBufMut::zeroed(4096)).await.unwrap()[0] }
+    };
+    img.write_at(0, IoBuf::copy_from(&vec![1u8; cs]))
+        .await
+        .unwrap();
+    let mut model = [0u8; 9];
+    model[0] = 1;
+    for round in 0..60u8 {
+        let i = round as usize % 8 + 1;
+        let c = (i * cs) as u64;
+        // Settle: this task reads the slice again and again (its thread makes a copy).
+        for _ in 0..4 {
+            assert_eq!(first_byte(0).await, 1);
+            assert_eq!(
+                first_byte(c).await,
+                model[i],
+                "round {round}: before the change"
+            );
+        }
+        let v = round.wrapping_add(2);
+        match round % 4 {
+            0 | 1 => img
+                .write_at(c, IoBuf::copy_from(&vec![v; cs]))
+                .await
+                .unwrap(),
+            2 => img
+                .write_zeroes(c, cs as u64, ZeroFlags::default())
+                .await
+                .unwrap(),
+            _ => img.discard(c, cs as u64).await.unwrap(),
+        }
+        model[i] = if round % 4 < 2 { v } else { 0 };
+        assert_eq!(
+            first_byte(c).await,
+            model[i],
+            "round {round}: same task after the change"
+        );
+        // Another task (likely on the other thread) sees it too.
+        let other = tokio::spawn({
+            let img = img.clone();
+            async move { img.read(c, IoBufMut::zeroed(4096)).await.unwrap()[0] }
+        });
+        assert_eq!(
+            other.await.unwrap(),
+            model[i],
+            "round {round}: another task"
+        );
+    }
+    close_and_check(s).await;
+}

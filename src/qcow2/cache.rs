@@ -74,6 +74,8 @@ impl TableState {
 
     /// Starts a modification that needs `deps` on disk first; returns the bytes to change.
     pub fn modify(&mut self, deps: impl IntoIterator<Item = Dep>) -> &mut [u8] {
+        // Before the change: no thread may use its copy of any table from here on (l2view).
+        super::l2view::bump();
         self.version += 1;
         let v = self.version;
         self.deps.extend(deps.into_iter().map(|d| (v, d)));
@@ -236,6 +238,7 @@ struct Index {
 
 impl Index {
     fn remove_slot(&mut self, i: usize) -> Arc<Table> {
+        super::l2view::bump();
         let t = self.slots.swap_remove(i);
         self.map.remove(&t.offset.0);
         if let Some(moved) = self.slots.get(i) {
@@ -294,8 +297,16 @@ pub struct MetaCache {
     pub stats: CacheStats,
 }
 
+impl Drop for MetaCache {
+    fn drop(&mut self) {
+        // Another cache may be created at this address: no copy of ours may look like its.
+        super::l2view::bump();
+    }
+}
+
 impl MetaCache {
     pub fn new(what: &'static str, entry_size: usize, capacity: usize) -> Self {
+        super::l2view::bump();
         MetaCache {
             what,
             entry_size,
@@ -365,6 +376,23 @@ impl MetaCache {
         Some(f(&st))
     }
 
+    /// Like [`with_loaded`](Self::with_loaded), but served from this thread's copy of the table
+    /// when it has a current one, and making one when the metadata has settled (`l2view`).
+    pub fn with_loaded_or_copy<R>(&self, offset: HostOffset, f: impl Fn(&[u8]) -> R) -> Option<R> {
+        let id = self as *const MetaCache as usize;
+        let now = super::l2view::epoch();
+        if let Some(r) = super::l2view::with_copy(id, offset.0, now, &f) {
+            return Some(r);
+        }
+        let settled = super::l2view::settled(now);
+        self.with_loaded(offset, |st| {
+            if settled {
+                super::l2view::keep(id, offset.0, now, st.data());
+            }
+            f(st.data())
+        })
+    }
+
     /// Installs a table whose on-disk content is already `data` (a freshly written table).
     /// Replaces any stale entry for the same offset.
     pub async fn insert_written(
@@ -410,6 +438,7 @@ impl MetaCache {
             if initialized {
                 let _ = t.loaded.set(());
             }
+            super::l2view::bump();
             let i = idx.slots.len();
             idx.slots.push(t.clone());
             idx.map.insert(offset.0, i);

@@ -124,6 +124,7 @@ impl L1Table {
     /// Replaces the table by one already written at `offset` with `bytes` (growth). Callers
     /// hold the resize lock exclusively, so no `set` runs concurrently.
     pub fn replace(&self, offset: HostOffset, size: u64, bytes: &[u8], cluster_size: u64) {
+        super::l2view::bump();
         self.inner
             .store(Arc::new(Self::build(offset, size, bytes, cluster_size)));
     }

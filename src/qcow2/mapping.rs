@@ -2,10 +2,10 @@
 //! are handled alike (contiguous data, zeros, unallocated, one compressed cluster).
 //!
 //! A lookup holds no lock while it waits for a table to load, and the table lock only while it
-//! decodes entries. Callers that will use the host offsets hold an I/O epoch guard from before
+//! decodes entries. The cached-read fast path decodes from the thread's own copy of the slice
+//! when it has a current one (`l2view`), touching no shared lock at all. Callers that will use the host offsets hold an I/O epoch guard from before
 //! the lookup (see `inflight`).
 
-use super::cache::TableState;
 use super::Qcow2;
 use crate::block::BlockStatus;
 use crate::error::{IoContext, Result};
@@ -23,6 +23,15 @@ pub(crate) enum RunKind {
     Unallocated,
     /// Part of one compressed cluster.
     Compressed { host: HostOffset, sectors: u64 },
+}
+
+/// Big-endian entry `i` of a table's bytes (0 past the end: callers stay inside the slice).
+#[inline]
+fn be_u64_at(entries: &[u8], i: usize) -> u64 {
+    entries
+        .get(i * 8..i * 8 + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 /// A run of guest bytes `[offset, offset + len)`.
@@ -67,7 +76,7 @@ impl Qcow2 {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let run = self.first_run(&st, pos, end)?;
+            let run = self.first_run(st.data(), pos, end)?;
             pos += run.len;
             runs.push(run);
         }
@@ -89,7 +98,7 @@ impl Qcow2 {
 
     /// The run starting at `offset`, as long as the entries allow (up to `end`, which must lie
     /// in the same slice as `offset`).
-    fn first_run(&self, st: &TableState, offset: u64, end: u64) -> Result<Run> {
+    fn first_run(&self, entries: &[u8], offset: u64, end: u64) -> Result<Run> {
         let g = self.geo;
         let cs = g.cluster_size();
         let mut i = self.index_in_slice(GuestCluster(offset >> g.cluster_bits));
@@ -98,7 +107,7 @@ impl Qcow2 {
         while pos < end {
             let in_cluster = pos & (cs - 1);
             let n = (cs - in_cluster).min(end - pos);
-            let kind = match Mapping::decode(st.u64_at(i), g)? {
+            let kind = match Mapping::decode(be_u64_at(entries, i), g)? {
                 Mapping::Unallocated => RunKind::Unallocated,
                 Mapping::Zero { prealloc, .. } => RunKind::Zero {
                     prealloc: prealloc.map(|h| h.0 + in_cluster),
@@ -137,7 +146,9 @@ impl Qcow2 {
             })),
             Some(table_off) => self
                 .l2
-                .with_loaded(table_off, |st| self.first_run(st, offset, offset + len))
+                .with_loaded_or_copy(table_off, |entries| {
+                    self.first_run(entries, offset, offset + len)
+                })
                 .transpose(),
         }
     }

@@ -22,6 +22,7 @@ mod flush;
 mod header_store;
 mod inflight;
 mod l1;
+mod l2view;
 mod mapping;
 mod read;
 pub mod refcount;
