@@ -339,15 +339,7 @@ fn sequential_cache_survives_power_loss() {
                     "crash at {k}: {out}"
                 );
                 let st: StorageRef = Arc::new(img);
-                let q = Qcow2::open(
-                    st,
-                    "x".into(),
-                    &Qcow2Options::default(),
-                    true,
-                    CacheMode::Writeback,
-                )
-                .await
-                .unwrap();
+                let q = open_read_only(st, "x").await.unwrap();
                 let got = q.read_at(0, IoBufMut::zeroed(size as usize)).await.unwrap();
                 for i in 0..size as usize {
                     assert!(

@@ -211,15 +211,9 @@ async fn verify(s: &Scenario, img: &MemoryStorage, t: &Tracker, what: &str) -> R
         return Err(format!("{what}: qemu-img check rc={code}:\n{out}"));
     }
     let storage: StorageRef = Arc::new(MemoryStorage::from_bytes(&std::fs::read(&p).unwrap()));
-    let q = Qcow2::open(
-        storage,
-        "x".into(),
-        &Qcow2Options::default(),
-        true,
-        CacheMode::Writeback,
-    )
-    .await
-    .map_err(|e| format!("{what}: open failed: {e}"))?;
+    let q = open_read_only(storage, "x")
+        .await
+        .map_err(|e| format!("{what}: open failed: {e}"))?;
     if s.backing {
         q.set_backing(backing_device(s));
     }
@@ -518,15 +512,7 @@ fn kill_9_writer_process() {
         let rt = rt();
         let ok = rt.block_on(async {
             let storage: StorageRef = Arc::new(MemoryStorage::from_bytes(&img));
-            let q = Qcow2::open(
-                storage,
-                "k".into(),
-                &Qcow2Options::default(),
-                true,
-                CacheMode::Writeback,
-            )
-            .await
-            .unwrap();
+            let q = open_read_only(storage, "k").await.unwrap();
             // Check each durable write that no later write (durable or not) overlaps.
             for (k, (off, pat)) in &expect {
                 let later_overlap = expect

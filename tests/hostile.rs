@@ -55,15 +55,7 @@ fn seed_images() -> Vec<Vec<u8>> {
 async fn exercise(bytes: Vec<u8>) {
     // Read-only: open, read all, map, check.
     let storage: StorageRef = Arc::new(MemoryStorage::from_bytes(&bytes));
-    if let Ok(img) = Qcow2::open(
-        storage,
-        "h".into(),
-        &Qcow2Options::default(),
-        true,
-        CacheMode::Writeback,
-    )
-    .await
-    {
+    if let Ok(img) = open_read_only(storage, "h").await {
         let size = img.virtual_size().min(64 << 20);
         let _ = img.read_at(0, IoBufMut::zeroed(size as usize)).await;
         let mut off = 0;

@@ -136,11 +136,7 @@ impl FileStorage {
         if buf.is_empty() {
             return Ok(0);
         }
-        if self.direct.is_some()
-            && offset % DIRECT_ALIGN == 0
-            && buf.len() as u64 % DIRECT_ALIGN == 0
-            && buf.as_ptr() as u64 % DIRECT_ALIGN == 0
-        {
+        if self.goes_direct(offset, buf.len(), buf.as_ptr() as usize) {
             return Ok(0);
         }
         if self.nowait_writes.load(Relaxed) {
@@ -160,15 +156,17 @@ impl FileStorage {
     /// The descriptor to use for a request: the direct one if the request is aligned.
     pub(crate) fn fd_for(&self, offset: u64, len: usize, addr: usize) -> Arc<File> {
         match &self.direct {
-            Some(d)
-                if offset % DIRECT_ALIGN == 0
-                    && len as u64 % DIRECT_ALIGN == 0
-                    && addr as u64 % DIRECT_ALIGN == 0 =>
-            {
-                d.clone()
-            }
+            Some(d) if self.goes_direct(offset, len, addr) => d.clone(),
             _ => self.buffered.clone(),
         }
+    }
+
+    /// Whether a request bypasses the page cache: `O_DIRECT` is on and the request is aligned.
+    fn goes_direct(&self, offset: u64, len: usize, addr: usize) -> bool {
+        self.direct.is_some()
+            && offset % DIRECT_ALIGN == 0
+            && len as u64 % DIRECT_ALIGN == 0
+            && addr as u64 % DIRECT_ALIGN == 0
     }
 }
 

@@ -96,3 +96,18 @@ pub fn qemu_io(p: &Path, fmt: &str, cmds: &[String]) -> String {
     );
     t
 }
+
+/// Opens a qcow2 image read-only with default options (as a checker reading it back would).
+pub async fn open_read_only(
+    storage: qimg::storage::StorageRef,
+    name: &str,
+) -> qimg::Result<qimg::Qcow2> {
+    qimg::Qcow2::open(
+        storage,
+        name.into(),
+        &qimg::qcow2::Qcow2Options::default(),
+        true,
+        qimg::CacheMode::Writeback,
+    )
+    .await
+}
