@@ -42,6 +42,35 @@ pub enum Dep {
 }
 
 impl Dep {
+    /// Widens `self` to also cover `other` when both are about the same thing (the same table,
+    /// or both syncs): the later version or generation covers the earlier. Returns whether it did.
+    pub fn absorb(&mut self, other: &Dep) -> bool {
+        match (self, other) {
+            (Dep::Sync(g), Dep::Sync(n)) => {
+                *g = (*g).max(*n);
+                true
+            }
+            (
+                Dep::Table { table, version },
+                Dep::Table {
+                    table: t,
+                    version: n,
+                },
+            ) if Arc::ptr_eq(table, t) => {
+                *version = (*version).max(*n);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds `d` to `deps`, merged into an entry it can be absorbed by.
+    pub fn push_merged(deps: &mut Vec<Dep>, d: Dep) {
+        if !deps.iter_mut().any(|old| old.absorb(&d)) {
+            deps.push(d);
+        }
+    }
+
     pub fn satisfied(&self, barrier: &Barrier) -> bool {
         match self {
             Dep::Table { table, version } => {
@@ -78,8 +107,25 @@ impl TableState {
         super::l2view::bump();
         self.version += 1;
         let v = self.version;
-        self.deps.extend(deps.into_iter().map(|d| (v, d)));
+        for d in deps {
+            self.add_dep(v, d);
+        }
         &mut self.data
+    }
+
+    /// Records `d` for version `v`, merged with an entry for the same table (or the sync) when
+    /// there is one: a later version of a table, or a sync after a later generation, covers the
+    /// earlier. The merged entry takes the newest tag, so it is kept until a write covers it.
+    /// Without merging, a table modified many times between writebacks (thousands of compressed
+    /// clusters in one L2 slice under `cache=unsafe`) would collect one entry per change.
+    fn add_dep(&mut self, v: u64, d: Dep) {
+        for (tag, old) in self.deps.iter_mut() {
+            if old.absorb(&d) {
+                *tag = v;
+                return;
+            }
+        }
+        self.deps.push((v, d));
     }
 
     /// Big-endian u64 entry `i` (L2 entries).
@@ -525,6 +571,32 @@ mod tests {
             writethrough: false,
             writes: AtomicU64::new(0),
         }
+    }
+
+    #[tokio::test]
+    async fn repeated_dependencies_merge_and_still_order_writes() {
+        let mem = MemoryStorage::new();
+        let crash = Arc::new(CrashStorage::new(&mem));
+        let w = writer(crash.clone());
+        let rc = MetaCache::new("refcount block", 512, 4);
+        let l2 = MetaCache::new("L2 table", 512, 4);
+        let a = rc.get(&w, HostOffset(512)).await.unwrap();
+        let b = rc.get(&w, HostOffset(1024)).await.unwrap();
+        let table = l2.get(&w, HostOffset(2048)).await.unwrap();
+        for i in 0..1024u64 {
+            let block = if i % 2 == 0 { &a } else { &b };
+            block.lock().modify([])[(i / 2 % 512) as usize] = 1;
+            let deps = [block.dep_current(), Dep::Sync(w.barrier.generation())];
+            put_u64(table.lock().modify(deps), (i % 64) as usize, i + 1);
+        }
+        // One entry per table and one sync, not one per modification.
+        assert_eq!(table.lock().deps.len(), 3);
+        w.write_back(&table).await.unwrap();
+        // Both blocks at their latest versions were synced before the L2 table was written.
+        let img = crash.crash_now(CrashPolicy::KeepNone).to_vec();
+        assert!(img[512..1024].iter().all(|&x| x == 1));
+        assert!(img[1024..1536].iter().all(|&x| x == 1));
+        assert!(!a.is_dirty() && !b.is_dirty() && !table.is_dirty());
     }
 
     #[tokio::test]

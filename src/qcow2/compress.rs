@@ -1,7 +1,7 @@
 //! Compressed cluster writes.
 //!
-//! Each whole guest cluster is compressed on a worker thread (never on the async executor; at
-//! most one compression per CPU at a time, many clusters in flight), then packed into the image
+//! Each whole guest cluster is compressed on the CPU threads (`crate::cpu`: never on the async
+//! executor, one thread per core, many clusters in flight), then packed into the image
 //! right after the previous compressed cluster, byte-contiguously, as QEMU does: host clusters
 //! holding compressed data are shared, each holding one reference per compressed cluster that
 //! touches it. Host space is handed out in submission order (tickets), so the layout of a
@@ -18,6 +18,7 @@ use crate::block::{check_range, ZeroFlags};
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::format::compression;
+use crate::format::header::CompressionType;
 use crate::format::table::{compressed_range, max_compressed_offset, Mapping};
 use crate::units::{GuestCluster, HostOffset};
 
@@ -25,8 +26,6 @@ use crate::units::{GuestCluster, HostOffset};
 pub(crate) struct Tickets {
     state: parking_lot::Mutex<TicketState>,
     serving: tokio::sync::watch::Sender<u64>,
-    /// Limits concurrent compressions to the number of CPUs.
-    cpus: tokio::sync::Semaphore,
 }
 
 #[derive(Default)]
@@ -39,11 +38,9 @@ struct TicketState {
 
 impl Default for Tickets {
     fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         Tickets {
             state: parking_lot::Mutex::new(TicketState::default()),
             serving: tokio::sync::watch::channel(0).0,
-            cpus: tokio::sync::Semaphore::new(cpus),
         }
     }
 }
@@ -118,6 +115,35 @@ impl Tickets {
     }
 }
 
+/// Bytes of input per compression job (at least one cluster).
+const COMPRESS_JOB_BYTES: usize = 256 << 10;
+
+/// Compresses whole clusters of `input` (the last may be partial: the disk's last cluster,
+/// compressed zero padded).
+fn compress_clusters(kind: CompressionType, input: &[u8], cs: usize) -> Result<Vec<Outcome>> {
+    let mut out = Vec::with_capacity(input.len().div_ceil(cs));
+    let mut padded = Vec::new();
+    for part in input.chunks(cs) {
+        if part.iter().all(|&b| b == 0) {
+            out.push(Outcome::Zeros);
+            continue;
+        }
+        let full: &[u8] = if part.len() == cs {
+            part
+        } else {
+            padded.clear();
+            padded.extend_from_slice(part);
+            padded.resize(cs, 0);
+            &padded
+        };
+        out.push(match compression::compress(kind, full)? {
+            Some(c) => Outcome::Compressed(c),
+            None => Outcome::Raw,
+        });
+    }
+    Ok(out)
+}
+
 /// What compressing one cluster produced.
 enum Outcome {
     /// All zeros: becomes a zero cluster.
@@ -170,38 +196,21 @@ impl Qcow2 {
     async fn compressed_request(&self, offset: u64, data: IoBuf, ticket: Ticket<'_>) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size() as usize;
-        // Compress every cluster of the request in one worker-thread task.
-        let outcomes = {
-            let _cpu = self.tickets.cpus.acquire().await;
-            let kind = self.compression;
-            let input = data.clone();
-            tokio::task::spawn_blocking(move || -> Result<Vec<Outcome>> {
-                let mut out = Vec::new();
-                let mut padded = Vec::new();
-                for part in input.chunks(cs) {
-                    if part.iter().all(|&b| b == 0) {
-                        out.push(Outcome::Zeros);
-                        continue;
-                    }
-                    let full: &[u8] = if part.len() == cs {
-                        part
-                    } else {
-                        // The disk's last, partial cluster: compressed zero padded.
-                        padded.clear();
-                        padded.extend_from_slice(part);
-                        padded.resize(cs, 0);
-                        &padded
-                    };
-                    out.push(match compression::compress(kind, full)? {
-                        Some(c) => Outcome::Compressed(c),
-                        None => Outcome::Raw,
-                    });
-                }
-                Ok(out)
+        // Compress on the CPU threads, in jobs of a few clusters so that both cores can work
+        // on one request and a job's result comes back soon.
+        let per_job = (COMPRESS_JOB_BYTES / cs).max(1) * cs;
+        let jobs: Vec<_> = (0..data.len())
+            .step_by(per_job)
+            .map(|from| {
+                let part = data.slice(from..(from + per_job).min(data.len()));
+                let kind = self.compression;
+                crate::cpu::run(move || compress_clusters(kind, &part, cs))
             })
-            .await
-            .map_err(|e| Error::arg(format!("compression task failed: {e}")))??
-        };
+            .collect();
+        let mut outcomes = Vec::with_capacity(data.len().div_ceil(cs));
+        for job in futures_util::future::join_all(jobs).await {
+            outcomes.extend(job.ok_or_else(|| Error::arg("compression task failed"))??);
+        }
         let first = GuestCluster(offset >> g.cluster_bits);
         let n = outcomes.len() as u64;
         self.enable_lazy_refcounts_if_configured().await?;
@@ -229,7 +238,9 @@ impl Qcow2 {
                                 .into(),
                         ));
                     }
-                    deps.extend(d);
+                    for d in d {
+                        Dep::push_merged(&mut deps, d);
+                    }
                     placed.push(Some((host, b.len() as u64)));
                 }
                 _ => placed.push(None),
