@@ -82,6 +82,7 @@ impl CacheMode {
             read_only,
             direct: self.direct(),
             no_flush: self.no_flush(),
+            writes_on_caller: false,
         }
     }
 }
@@ -264,6 +265,9 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// How file I/O is issued.
     pub aio: Aio,
+    /// Opened by a batch job (convert) rather than a server: buffered writes of any size are
+    /// done on the calling thread (`FileOptions::writes_on_caller`).
+    pub batch: bool,
 }
 
 /// Probes the format of a file from its first bytes.
@@ -294,7 +298,11 @@ fn open_layer<'a>(
             )));
         }
         let name = path.display().to_string();
-        let storage = FileStorage::open(path, opts.cache.file_options(opts.read_only))
+        let file_opts = FileOptions {
+            writes_on_caller: opts.batch,
+            ..opts.cache.file_options(opts.read_only)
+        };
+        let storage = FileStorage::open(path, file_opts)
             .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
         if let Ok(canon) = std::fs::canonicalize(path) {
             if seen.contains(&canon) {
@@ -343,6 +351,7 @@ fn open_layer<'a>(
                         qcow2: Qcow2Options::default(),
                         no_backing: false,
                         aio: opts.aio,
+                        batch: opts.batch,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

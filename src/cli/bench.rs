@@ -198,6 +198,7 @@ async fn open_file(
             .map(Aio::parse)
             .transpose()?
             .unwrap_or_default(),
+        batch: false,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

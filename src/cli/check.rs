@@ -50,6 +50,7 @@ pub async fn run(a: Args) -> u8 {
         cache: a.cache.as_deref(),
         runtime_opts: &[],
         no_backing: true,
+        batch: false,
     })
     .await
     {

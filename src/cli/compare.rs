@@ -52,6 +52,7 @@ pub async fn run(a: Args) -> u8 {
                 cache: cache.as_deref(),
                 runtime_opts: &[],
                 no_backing: false,
+                batch: false,
             })
             .await
             .map_err(|e| format!("Could not open '{path}': {e}"))

@@ -103,6 +103,7 @@ async fn convert(a: &Args) -> Result<()> {
             cache: Some(&a.source_cache),
             runtime_opts: &[],
             no_backing: false,
+            batch: false,
         })
         .await
         .map_err(|e| Error::arg(format!("Could not open '{s}': {e}")))?;
@@ -150,6 +151,7 @@ async fn convert(a: &Args) -> Result<()> {
         cache: Some(&a.target_cache),
         runtime_opts: &[],
         no_backing: a.backing.is_none() && !a.no_create,
+        batch: true,
     })
     .await
     .map_err(|e| Error::arg(format!("Could not open '{target}': {e}")))?;

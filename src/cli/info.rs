@@ -40,6 +40,7 @@ pub async fn run(a: Args) -> u8 {
         cache: None,
         runtime_opts: &[],
         no_backing: !a.backing_chain,
+        batch: false,
     })
     .await
     {

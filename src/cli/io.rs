@@ -52,6 +52,7 @@ pub async fn run(a: Args) -> u8 {
         cache: cache.as_deref(),
         runtime_opts: &a.options,
         no_backing: false,
+        batch: false,
     })
     .await
     {

@@ -113,6 +113,7 @@ pub async fn run(a: Args) -> u8 {
         cache: None,
         runtime_opts: &[],
         no_backing: false,
+        batch: false,
     })
     .await
     {

@@ -45,6 +45,8 @@ pub struct ImageArgs<'a> {
     pub cache: Option<&'a str>,
     pub runtime_opts: &'a [String],
     pub no_backing: bool,
+    /// A batch job's image (see `OpenOptions::batch`).
+    pub batch: bool,
 }
 
 pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
@@ -68,6 +70,7 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
         cache,
         qcow2,
         no_backing: a.no_backing,
+        batch: a.batch,
         ..Default::default()
     };
     open_image(Path::new(a.path), &opts).await

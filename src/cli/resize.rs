@@ -28,6 +28,7 @@ pub async fn run(a: Args) -> u8 {
         cache: None,
         runtime_opts: &[],
         no_backing: true,
+        batch: false,
     })
     .await
     {

@@ -141,6 +141,7 @@ async fn serve(a: Args) -> Result<u8> {
         qcow2,
         no_backing: false,
         aio,
+        batch: false,
     };
     let img = open_image(path, &opts).await?;
 

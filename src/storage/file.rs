@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 const DIRECT_ALIGN: u64 = 4096;
 const ZERO_CHUNK: usize = 1 << 20;
-/// Largest buffered write done on the calling thread where `RWF_NOWAIT` writes are refused.
+/// Largest buffered write done on the calling thread where `RWF_NOWAIT` writes are refused
+/// (unless `FileOptions::writes_on_caller`).
 pub const INLINE_WRITE_MAX: usize = 64 << 10;
 
 /// How to open a file.
@@ -29,6 +30,11 @@ pub struct FileOptions {
     pub direct: bool,
     /// Make `flush` a no-op (qemu-img's `cache=unsafe`).
     pub no_flush: bool,
+    /// Do buffered writes of any size on the calling thread, not only small ones (see
+    /// `try_write_inline`). For batch jobs (convert) whose executor threads have nothing better
+    /// to do than the copy: it saves two thread hops per write. Not for servers, where a
+    /// multi-megabyte write would stall the other requests of that executor thread.
+    pub writes_on_caller: bool,
 }
 
 /// A file on the host.
@@ -36,6 +42,8 @@ pub struct FileStorage {
     buffered: Arc<File>,
     direct: Option<Arc<File>>,
     no_flush: bool,
+    /// Largest buffered write done on the calling thread where `RWF_NOWAIT` writes are refused.
+    inline_write_max: usize,
     path: PathBuf,
     /// The kernel serves `RWF_NOWAIT` reads/writes on this file (cleared on EOPNOTSUPP).
     nowait_reads: AtomicBool,
@@ -66,6 +74,11 @@ impl FileStorage {
             buffered: Arc::new(buffered),
             direct,
             no_flush: opts.no_flush,
+            inline_write_max: if opts.writes_on_caller {
+                usize::MAX
+            } else {
+                INLINE_WRITE_MAX
+            },
             path: path.to_path_buf(),
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
@@ -131,7 +144,8 @@ impl FileStorage {
     /// a small write (at most [`INLINE_WRITE_MAX`]) is written with a plain `pwrite` here: it is
     /// a copy into the page cache, far cheaper than waking a worker thread and switching back,
     /// and may only block briefly (page allocation, dirty throttling far above our request
-    /// sizes). Large writes always go to the pool.
+    /// sizes). Large writes go to the pool, unless the file was opened for a batch job
+    /// (`FileOptions::writes_on_caller`).
     pub(crate) fn try_write_inline(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
@@ -146,11 +160,18 @@ impl FileStorage {
                 NoWait::Unsupported => self.nowait_writes.store(false, Relaxed),
             }
         }
-        if buf.len() <= INLINE_WRITE_MAX {
+        if buf.len() <= self.inline_write_max {
             self.buffered.write_all_at(buf, offset)?;
             return Ok(buf.len());
         }
         Ok(0)
+    }
+
+    /// Whether a write of this shape is buffered on a file system that refuses non-blocking
+    /// buffered writes (ext4): the kernel can then only do it in a blocking call, whoever
+    /// issues it.
+    pub(crate) fn buffered_write_blocks(&self, offset: u64, len: usize, addr: usize) -> bool {
+        !self.goes_direct(offset, len, addr) && !self.nowait_writes.load(Relaxed)
     }
 
     /// The descriptor to use for a request: the direct one if the request is aligned.
