@@ -4,7 +4,10 @@
 //! The source is walked in chunks; what reads as zeros is not written (the target starts out
 //! zero) unless the target cannot guarantee zeros (`-n`, or a backing file), and what a `-B`
 //! target's backing file already provides (data not allocated in the source's top layer) is not
-//! copied. Data is scanned for zero runs of at least `-S` bytes, which are skipped too. `-m`
+//! copied. Data is scanned for zero runs of at least `-S` bytes, which are skipped too (for a
+//! qcow2 target in whole clusters: a cluster with any data is written whole, so the host file
+//! has no holes inside allocated clusters); `-S 0` writes every byte, zeros included, as
+//! qemu-img does (`tests/convert.rs` checks the resulting allocation against qemu-img's). `-m`
 //! chunks are in flight at once; writes are issued in order unless `-W` allows any order (with
 //! `-c`, only the order in which compressed clusters are placed is kept, and compression of
 //! many clusters runs in parallel either way).
@@ -13,6 +16,7 @@ use super::create::{make, parse_options};
 use super::fail;
 use super::opts::{open, ImageArgs};
 use qimg::block::{chain_status, BlockDevice, Format, ZeroFlags};
+use qimg::qcow2::Preallocation;
 use qimg::size::parse_size;
 use qimg::{Error, IoBuf, IoBufMut, Result};
 use std::io::IsTerminal;
@@ -127,8 +131,12 @@ async fn convert(a: &Args) -> Result<()> {
             "Backing file not supported for file format 'raw'",
         ));
     }
+    // Whether the target's clusters are all still to be allocated (a new qcow2 target without
+    // preallocation).
+    let mut fresh_clusters = false;
     if !a.no_create {
         let mut parsed = parse_options(format, &a.options, None)?;
+        fresh_clusters = parsed.opts.preallocation == Preallocation::Off;
         parsed.opts.size = parsed.size.unwrap_or(total);
         if let Some(b) = &a.backing {
             parsed.opts.backing_file = Some(b.clone());
@@ -165,6 +173,15 @@ async fn convert(a: &Args) -> Result<()> {
     let zero_init = !a.no_create && a.backing.is_none();
     let cluster = dst.as_qcow2().map_or(512, |q| q.cluster_size());
     let chunk = CHUNK.max(cluster) / cluster * cluster;
+    // A new qcow2 cluster is allocated whole: one with any data in it is written whole (its
+    // zeros too) rather than left with holes in the host file. This is also what qemu-img's
+    // output looks like (its qcow2 driver fills the rest of a newly allocated cluster); in
+    // clusters that already exist (preallocation, `-n`) only the data is written, as there.
+    let sparse = if sparse > 0 && format == Format::Qcow2 && fresh_clusters {
+        sparse.div_ceil(cluster) * cluster
+    } else {
+        sparse
+    };
     let progress = Progress::new(a.progress && !a.quiet, total);
     let job = Arc::new(Job {
         srcs,
@@ -280,9 +297,10 @@ impl Job {
             let n = st.len.clamp(1, max);
             if self.top_only && st.depth > 0 {
                 pieces.push(Piece::Backing);
-            } else if !st.data && (st.zero || !st.present) {
+            } else if !st.data && (st.zero || !st.present) && self.sparse > 0 {
                 pieces.push(Piece::Zeros { off: pos, len: n });
             } else {
+                // Data, or (`-S 0`: the target is fully allocated) zeros written as data.
                 let buf = src
                     .img
                     .read(local, IoBufMut::for_overwrite(n as usize))

@@ -1,0 +1,242 @@
+//! `qimg convert` against `qemu-img convert`: the same sources and flags give targets with the
+//! same content and the same allocation (what is left sparse, what is zero, what comes from the
+//! backing file), and qemu-img check accepts every qcow2 target.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+
+const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
+const SIZE: u64 = 8 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Sources made by QEMU's tools: a raw file with data, written zeros, holes and unaligned
+/// edges; a qcow2 image over a backing file, with zero clusters over backing data; a
+/// compressed image.
+struct Sources {
+    raw: PathBuf,
+    base: PathBuf,
+    top: PathBuf,
+    comp: PathBuf,
+}
+
+fn sources(dir: &Path) -> Sources {
+    let raw = dir.join("src.raw");
+    let mut data = vec![0u8; SIZE as usize];
+    data[..1 << 20].copy_from_slice(&pattern(1, 1 << 20));
+    // [1 MiB, 1 MiB + 64 KiB): zeros written as data (allocated in the file).
+    let odd = (5 << 20) + 512;
+    data[odd..odd + 4096].copy_from_slice(&pattern(2, 4096));
+    let tail = SIZE as usize - 3000;
+    data[tail..].copy_from_slice(&pattern(3, 3000));
+    // A 4 KiB zero block inside data, and an 8 KiB one, to test -S granularity.
+    data[(6 << 20)..(7 << 20)].copy_from_slice(&pattern(4, 1 << 20));
+    data[(6 << 20) + 8192..(6 << 20) + 12288].fill(0);
+    data[(6 << 20) + 65536..(6 << 20) + 65536 + 8192].fill(0);
+    std::fs::write(&raw, &data).unwrap();
+    // Punch [2 MiB, 4 MiB) so the file has a real hole (zeros that are not allocated).
+    let o = run(
+        "fallocate",
+        &["-p", "-o", "2097152", "-l", "2097152", s(&raw)],
+    );
+    assert!(o.status.success(), "fallocate: {}", text(&o));
+
+    let base = dir.join("base.qcow2");
+    qemu_create(&base, "cluster_size=65536", SIZE, &[]);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write -P 0x11 0 3M".into(), "write -P 0x22 5M 1M".into()],
+    );
+    let top = dir.join("top.qcow2");
+    qemu_create(
+        &top,
+        "cluster_size=65536",
+        SIZE,
+        &["-b", s(&base), "-F", "qcow2"],
+    );
+    qemu_io(
+        &top,
+        "qcow2",
+        &[
+            "write -P 0x33 64k 100k".into(),
+            "write -z 1M 512k".into(),
+            "write -P 0x44 7M 4k".into(),
+        ],
+    );
+    let comp = dir.join("comp.qcow2");
+    let o = run(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", s(&raw), s(&comp)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    Sources {
+        raw,
+        base,
+        top,
+        comp,
+    }
+}
+
+/// `qemu-img map` of an image as (start, length, depth, present, zero, data) runs, adjacent
+/// equal runs merged (host offsets differ between tools and are left out).
+fn allocation(p: &Path, fmt: &str) -> Vec<(u64, u64, u64, bool, bool, bool)> {
+    let o = run("qemu-img", &["map", "--output=json", "-f", fmt, s(p)]);
+    assert!(o.status.success(), "qemu-img map: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut runs: Vec<(u64, u64, u64, bool, bool, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let u = |k: &str| e[k].as_u64().unwrap_or(0);
+        let b = |k: &str| e[k].as_bool().unwrap_or(false);
+        let r = (
+            u("start"),
+            u("length"),
+            u("depth"),
+            b("present"),
+            b("zero"),
+            b("data"),
+        );
+        match runs.last_mut() {
+            Some(l) if l.0 + l.1 == r.0 && (l.2, l.3, l.4, l.5) == (r.2, r.3, r.4, r.5) => {
+                l.1 += r.1
+            }
+            _ => runs.push(r),
+        }
+    }
+    runs
+}
+
+/// Runs both tools with the same arguments into `<name>.qimg` and `<name>.qemu` and checks that
+/// the targets agree. `prepare` makes a target beforehand (for `-n`).
+fn same_as_qemu(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    srcs: &[&Path],
+    prepare: Option<&dyn Fn(&Path)>,
+) {
+    let fmt = args
+        .windows(2)
+        .find(|w| w[0] == "-O")
+        .map_or("raw", |w| w[1]);
+    let mut outs = Vec::new();
+    for tool in [QIMG, "qemu-img"] {
+        let out = dir.join(format!(
+            "{name}.{}",
+            if tool == QIMG { "qimg" } else { "qemu" }
+        ));
+        let _ = std::fs::remove_file(&out);
+        if let Some(p) = prepare {
+            p(&out);
+        }
+        let mut a: Vec<&str> = vec!["convert"];
+        a.extend_from_slice(args);
+        a.extend(srcs.iter().map(|p| s(p)));
+        a.push(s(&out));
+        let o = run(tool, &a);
+        assert!(
+            o.status.success(),
+            "{name}: {tool} convert {a:?}: {}",
+            text(&o)
+        );
+        outs.push(out);
+    }
+    let (ours, theirs) = (&outs[0], &outs[1]);
+    if fmt == "qcow2" {
+        qemu_check_clean(ours);
+    }
+    let o = run(
+        "qemu-img",
+        &["compare", "-f", fmt, "-F", fmt, s(ours), s(theirs)],
+    );
+    assert!(o.status.success(), "{name}: content differs: {}", text(&o));
+    assert_eq!(
+        allocation(ours, fmt),
+        allocation(theirs, fmt),
+        "{name}: allocation differs from qemu-img's"
+    );
+}
+
+#[test]
+fn convert_matches_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = sources(d);
+    let raw: &[&Path] = &[&src.raw];
+    let top: &[&Path] = &[&src.top];
+    let cases: &[(&str, &[&str], &[&Path])] = &[
+        ("raw-to-qcow2", &["-O", "qcow2"], raw),
+        ("raw-to-raw", &["-O", "raw"], raw),
+        ("sparse-0", &["-O", "qcow2", "-S", "0"], raw),
+        ("sparse-64k", &["-O", "qcow2", "-S", "64k"], raw),
+        (
+            "small-clusters-unordered",
+            &["-O", "qcow2", "-o", "cluster_size=4096", "-W", "-m", "3"],
+            raw,
+        ),
+        ("flatten", &["-O", "qcow2"], top),
+        ("flatten-to-raw", &["-f", "qcow2", "-O", "raw"], top),
+        (
+            "top-only",
+            &["-O", "qcow2", "-B", s(&src.base), "-F", "qcow2"],
+            top,
+        ),
+        ("decompress", &["-O", "raw"], &[&src.comp]),
+        ("recompress-to-qcow2", &["-O", "qcow2"], &[&src.comp]),
+        ("concatenated", &["-O", "qcow2"], &[&src.raw, &src.top]),
+        ("compressed", &["-c", "-O", "qcow2"], raw),
+        (
+            "compressed-zstd-from-backing-chain",
+            &["-c", "-O", "qcow2", "-o", "compression_type=zstd"],
+            top,
+        ),
+        (
+            "big-clusters",
+            &["-O", "qcow2", "-o", "cluster_size=2M"],
+            raw,
+        ),
+        (
+            "preallocated-metadata",
+            &["-O", "qcow2", "-o", "preallocation=metadata"],
+            raw,
+        ),
+        (
+            "preallocated-falloc-raw",
+            &["-O", "raw", "-o", "preallocation=falloc"],
+            raw,
+        ),
+    ];
+    for (name, args, srcs) in cases {
+        same_as_qemu(d, name, args, srcs, None);
+    }
+}
+
+#[test]
+fn convert_into_existing_target_overwrites_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = sources(d);
+    // -n: the target exists, full of other data; zeros in the source must be written.
+    let junk = |p: &Path| {
+        qemu_create(p, "", SIZE, &[]);
+        qemu_io(p, "qcow2", &["write -P 0xee 0 8M".into()]);
+    };
+    same_as_qemu(
+        d,
+        "no-create",
+        &["-n", "-O", "qcow2"],
+        &[&src.raw],
+        Some(&junk),
+    );
+    same_as_qemu(
+        d,
+        "no-create-top",
+        &["-n", "-O", "qcow2"],
+        &[&src.top],
+        Some(&junk),
+    );
+}
