@@ -73,11 +73,12 @@ where
     T: Send + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    // Sending (and dropping the result when the caller went away) inside the catch too: no
+    // panic may end a pool thread.
     let job: Job = Box::new(move || {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        if let Ok(v) = r {
-            let _ = tx.send(v);
-        }
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _ = tx.send(f());
+        }));
     });
     let p = pool();
     if p.threads == 0 {

@@ -240,3 +240,33 @@ fn convert_into_existing_target_overwrites_everything() {
         Some(&junk),
     );
 }
+
+#[test]
+fn bad_sparse_sizes_are_refused_as_qemu_img_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, vec![1u8; 65536]).unwrap();
+    let out = dir.path().join("o.qcow2");
+    for bad in [
+        "1000",
+        "32M",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551616",
+        "-1",
+        "x",
+    ] {
+        let msg = |tool: &str| {
+            let o = run(
+                tool,
+                &["convert", "-S", bad, "-O", "qcow2", s(&src), s(&out)],
+            );
+            assert_eq!(o.status.code(), Some(1), "{tool} -S {bad}: {}", text(&o));
+            String::from_utf8_lossy(&o.stderr)
+                .replace("qemu-img: ", "")
+                .replace("qimg: ", "")
+        };
+        assert_eq!(msg(QIMG), msg("qemu-img"), "-S {bad}");
+        assert!(!out.exists(), "-S {bad}: no target is created");
+    }
+}

@@ -5,8 +5,8 @@
 //! zero) unless the target cannot guarantee zeros (`-n`, or a backing file), and what a `-B`
 //! target's backing file already provides (data not allocated in the source's top layer) is not
 //! copied. Data is scanned for zero runs of at least `-S` bytes, which are skipped too (for a
-//! qcow2 target in whole clusters: a cluster with any data is written whole, so the host file
-//! has no holes inside allocated clusters); `-S 0` writes every byte, zeros included, as
+//! new qcow2 target in whole clusters, so that the host file has no holes inside the clusters
+//! written); `-S 0` writes every byte, zeros included, as
 //! qemu-img does (`tests/convert.rs` checks the resulting allocation against qemu-img's). `-m`
 //! chunks are in flight at once; writes are issued in order unless `-W` allows any order (with
 //! `-c`, only the order in which compressed clusters are placed is kept, and compression of
@@ -17,7 +17,7 @@ use super::fail;
 use super::opts::{open, ImageArgs};
 use qimg::block::{chain_status, BlockDevice, Format, ZeroFlags};
 use qimg::qcow2::Preallocation;
-use qimg::size::parse_size;
+use qimg::size::{parse_size, SizeError};
 use qimg::{Error, IoBuf, IoBufMut, Result};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -48,7 +48,7 @@ pub struct Args {
     #[arg(short = 'W', long = "oob-writes")]
     oob: bool,
     /// Minimum run of zeros that is left sparse (default 4k; 0 writes every byte)
-    #[arg(short = 'S', long = "sparse-size")]
+    #[arg(short = 'S', long = "sparse-size", allow_hyphen_values = true)]
     sparse: Option<String>,
     /// Do not create the target (it must exist and be large enough)
     #[arg(short = 'n', long = "no-create")]
@@ -77,6 +77,9 @@ pub struct Args {
 
 /// Bytes per copy step (aligned to the target cluster size).
 const CHUNK: u64 = 2 << 20;
+
+/// Largest `-S` (qemu-img's limit).
+const MAX_SPARSE: u64 = 16 << 20;
 
 pub async fn run(a: Args) -> u8 {
     match convert(&a).await {
@@ -118,8 +121,31 @@ async fn convert(a: &Args) -> Result<()> {
         total += img.size();
     }
     let sparse = match &a.sparse {
-        Some(s) => parse_size(s)
-            .map_err(|_| Error::arg("Invalid buffer size for sparse output specified"))?,
+        Some(s) => {
+            let n = match parse_size(s) {
+                Ok(n) if n <= i64::MAX as u64 => n,
+                Err(SizeError::Invalid) if !s.trim_start().starts_with('-') => {
+                    return Err(Error::arg(format!(
+                        "Invalid buffer size for sparse output specified: '{s}'."
+                    )))
+                }
+                _ => {
+                    return Err(Error::arg(format!(
+                        "Invalid buffer size for sparse output specified. Must be between 0 \
+                         and {}.",
+                        i64::MAX
+                    )))
+                }
+            };
+            if n % 512 != 0 || n > MAX_SPARSE {
+                return Err(Error::arg(format!(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples \
+                     of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully \
+                     allocates output)."
+                )));
+            }
+            n
+        }
         None => 4096,
     };
     let format = Format::parse(&a.target_format)?;
@@ -173,10 +199,11 @@ async fn convert(a: &Args) -> Result<()> {
     let zero_init = !a.no_create && a.backing.is_none();
     let cluster = dst.as_qcow2().map_or(512, |q| q.cluster_size());
     let chunk = CHUNK.max(cluster) / cluster * cluster;
-    // A new qcow2 cluster is allocated whole: one with any data in it is written whole (its
-    // zeros too) rather than left with holes in the host file. This is also what qemu-img's
-    // output looks like (its qcow2 driver fills the rest of a newly allocated cluster); in
-    // clusters that already exist (preallocation, `-n`) only the data is written, as there.
+    // A new qcow2 cluster is allocated whole: zero runs inside the data the source provides
+    // are only left out in whole target clusters, so a cluster is not left with holes in the
+    // host file. This is also what qemu-img's output looks like (its qcow2 driver fills the
+    // rest of a newly allocated cluster); in clusters that already exist (preallocation, `-n`)
+    // only the data is written, as there.
     let sparse = if sparse > 0 && format == Format::Qcow2 && fresh_clusters {
         sparse.div_ceil(cluster) * cluster
     } else {
