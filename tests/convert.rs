@@ -242,7 +242,7 @@ fn convert_into_existing_target_overwrites_everything() {
 }
 
 #[test]
-fn bad_sparse_sizes_are_refused_as_qemu_img_refuses_them() {
+fn bad_sparse_sizes_and_parallelism_are_refused_as_qemu_img_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("s.raw");
     std::fs::write(&src, vec![1u8; 65536]).unwrap();
@@ -269,4 +269,25 @@ fn bad_sparse_sizes_are_refused_as_qemu_img_refuses_them() {
         assert_eq!(msg(QIMG), msg("qemu-img"), "-S {bad}");
         assert!(!out.exists(), "-S {bad}: no target is created");
     }
+    // -m bounds the memory held by requests in flight.
+    for bad in ["0", "17", "1000000", "-1", "x"] {
+        let msg = |tool: &str| {
+            let o = run(
+                tool,
+                &["convert", "-m", bad, "-O", "qcow2", s(&src), s(&out)],
+            );
+            assert_eq!(o.status.code(), Some(1), "{tool} -m {bad}: {}", text(&o));
+            String::from_utf8_lossy(&o.stderr)
+                .replace("qemu-img: ", "")
+                .replace("qimg: ", "")
+        };
+        assert_eq!(msg(QIMG), msg("qemu-img"), "-m {bad}");
+        assert!(!out.exists(), "-m {bad}: no target is created");
+    }
+    let o = run(
+        QIMG,
+        &["convert", "-m", "16", "-O", "qcow2", s(&src), s(&out)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    qemu_compare_raw(&out, &src);
 }

@@ -42,8 +42,13 @@ pub struct Args {
     #[arg(short = 'p', long = "progress")]
     progress: bool,
     /// Requests in flight (default 8)
-    #[arg(short = 'm', long = "parallel", default_value = "8")]
-    parallel: usize,
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        default_value = "8",
+        allow_hyphen_values = true
+    )]
+    parallel: String,
     /// Allow out-of-order writes
     #[arg(short = 'W', long = "oob-writes")]
     oob: bool,
@@ -77,6 +82,9 @@ pub struct Args {
 
 /// Bytes per copy step (aligned to the target cluster size).
 const CHUNK: u64 = 2 << 20;
+
+/// Most requests in flight (`-m`, qemu-img's limit).
+const MAX_PARALLEL: usize = 16;
 
 /// Largest `-S` (qemu-img's limit).
 const MAX_SPARSE: u64 = 16 << 20;
@@ -120,6 +128,21 @@ async fn convert(a: &Args) -> Result<()> {
         });
         total += img.size();
     }
+    // Each request in flight holds a chunk buffer: bounded as qemu-img bounds it.
+    let parallel = match a.parallel.trim().parse::<i64>() {
+        Ok(n) if (1..=MAX_PARALLEL as i64).contains(&n) => n as usize,
+        Ok(_) => {
+            return Err(Error::arg(format!(
+                "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
+            )))
+        }
+        Err(_) => {
+            return Err(Error::arg(format!(
+                "Invalid number of coroutines specified: '{}'.",
+                a.parallel
+            )))
+        }
+    };
     let sparse = match &a.sparse {
         Some(s) => {
             let n = match parse_size(s) {
@@ -225,7 +248,7 @@ async fn convert(a: &Args) -> Result<()> {
         progress,
     });
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..a.parallel.max(1) {
+    for _ in 0..parallel {
         let job = job.clone();
         tasks.spawn(async move { job.worker().await });
     }
