@@ -241,12 +241,35 @@ fn convert_into_existing_target_overwrites_everything() {
     );
 }
 
+/// `qimg convert FLAG VALUE` fails as `qemu-img convert FLAG VALUE` does (exit code 1, same
+/// message), and creates no target.
+fn refused_like_qemu_img(dir: &Path, flag: &str, value: &str) {
+    let src = dir.join("s.raw");
+    std::fs::write(&src, vec![1u8; 65536]).unwrap();
+    let out = dir.join("o.qcow2");
+    let msg = |tool: &str| {
+        let o = run(
+            tool,
+            &["convert", flag, value, "-O", "qcow2", s(&src), s(&out)],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{tool} {flag} {value}: {}",
+            text(&o)
+        );
+        String::from_utf8_lossy(&o.stderr)
+            .replace("qemu-img: ", "")
+            .replace("qimg: ", "")
+    };
+    assert_eq!(msg(QIMG), msg("qemu-img"), "{flag} {value}");
+    assert!(!out.exists(), "{flag} {value}: no target is created");
+}
+
 #[test]
 fn bad_sparse_sizes_and_parallelism_are_refused_as_qemu_img_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("s.raw");
-    std::fs::write(&src, vec![1u8; 65536]).unwrap();
-    let out = dir.path().join("o.qcow2");
+    let d = dir.path();
     for bad in [
         "1000",
         "32M",
@@ -256,34 +279,13 @@ fn bad_sparse_sizes_and_parallelism_are_refused_as_qemu_img_refuses_them() {
         "-1",
         "x",
     ] {
-        let msg = |tool: &str| {
-            let o = run(
-                tool,
-                &["convert", "-S", bad, "-O", "qcow2", s(&src), s(&out)],
-            );
-            assert_eq!(o.status.code(), Some(1), "{tool} -S {bad}: {}", text(&o));
-            String::from_utf8_lossy(&o.stderr)
-                .replace("qemu-img: ", "")
-                .replace("qimg: ", "")
-        };
-        assert_eq!(msg(QIMG), msg("qemu-img"), "-S {bad}");
-        assert!(!out.exists(), "-S {bad}: no target is created");
+        refused_like_qemu_img(d, "-S", bad);
     }
     // -m bounds the memory held by requests in flight.
     for bad in ["0", "17", "1000000", "-1", "x"] {
-        let msg = |tool: &str| {
-            let o = run(
-                tool,
-                &["convert", "-m", bad, "-O", "qcow2", s(&src), s(&out)],
-            );
-            assert_eq!(o.status.code(), Some(1), "{tool} -m {bad}: {}", text(&o));
-            String::from_utf8_lossy(&o.stderr)
-                .replace("qemu-img: ", "")
-                .replace("qimg: ", "")
-        };
-        assert_eq!(msg(QIMG), msg("qemu-img"), "-m {bad}");
-        assert!(!out.exists(), "-m {bad}: no target is created");
+        refused_like_qemu_img(d, "-m", bad);
     }
+    let (src, out) = (d.join("s.raw"), d.join("o.qcow2"));
     let o = run(
         QIMG,
         &["convert", "-m", "16", "-O", "qcow2", s(&src), s(&out)],

@@ -6,8 +6,8 @@
 //! target's backing file already provides (data not allocated in the source's top layer) is not
 //! copied. Data is scanned for zero runs of at least `-S` bytes, which are skipped too (for a
 //! new qcow2 target in whole clusters, so that the host file has no holes inside the clusters
-//! written); `-S 0` writes every byte, zeros included, as
-//! qemu-img does (`tests/convert.rs` checks the resulting allocation against qemu-img's). `-m`
+//! written); `-S 0` writes every byte, zeros included, as qemu-img does (`tests/convert.rs`
+//! checks the resulting allocation against qemu-img's). `-m`
 //! chunks are in flight at once; writes are issued in order unless `-W` allows any order (with
 //! `-c`, only the order in which compressed clusters are placed is kept, and compression of
 //! many clusters runs in parallel either way).
@@ -96,6 +96,45 @@ pub async fn run(a: Args) -> u8 {
     }
 }
 
+/// `-m`: requests in flight. Each holds a chunk buffer, so it is bounded as qemu-img bounds it
+/// (same messages).
+fn parse_parallel(s: &str) -> Result<usize> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if (1..=MAX_PARALLEL as i64).contains(&n) => Ok(n as usize),
+        Ok(_) => Err(Error::arg(format!(
+            "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
+        ))),
+        Err(_) => Err(Error::arg(format!(
+            "Invalid number of coroutines specified: '{s}'."
+        ))),
+    }
+}
+
+/// `-S`: bytes, a multiple of 512 up to 16 MiB, validated as qemu-img validates it.
+fn parse_sparse(s: &str) -> Result<u64> {
+    let n = match parse_size(s) {
+        Ok(n) if n <= i64::MAX as u64 => n,
+        Err(SizeError::Invalid) if !s.trim_start().starts_with('-') => {
+            return Err(Error::arg(format!(
+                "Invalid buffer size for sparse output specified: '{s}'."
+            )))
+        }
+        _ => {
+            return Err(Error::arg(format!(
+                "Invalid buffer size for sparse output specified. Must be between 0 and {}.",
+                i64::MAX
+            )))
+        }
+    };
+    if n % 512 != 0 || n > MAX_SPARSE {
+        return Err(Error::arg(format!(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 \
+             up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully allocates output)."
+        )));
+    }
+    Ok(n)
+}
+
 /// One source image at a position of the concatenated input.
 struct Source {
     img: Arc<dyn BlockDevice>,
@@ -128,49 +167,8 @@ async fn convert(a: &Args) -> Result<()> {
         });
         total += img.size();
     }
-    // Each request in flight holds a chunk buffer: bounded as qemu-img bounds it.
-    let parallel = match a.parallel.trim().parse::<i64>() {
-        Ok(n) if (1..=MAX_PARALLEL as i64).contains(&n) => n as usize,
-        Ok(_) => {
-            return Err(Error::arg(format!(
-                "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
-            )))
-        }
-        Err(_) => {
-            return Err(Error::arg(format!(
-                "Invalid number of coroutines specified: '{}'.",
-                a.parallel
-            )))
-        }
-    };
-    let sparse = match &a.sparse {
-        Some(s) => {
-            let n = match parse_size(s) {
-                Ok(n) if n <= i64::MAX as u64 => n,
-                Err(SizeError::Invalid) if !s.trim_start().starts_with('-') => {
-                    return Err(Error::arg(format!(
-                        "Invalid buffer size for sparse output specified: '{s}'."
-                    )))
-                }
-                _ => {
-                    return Err(Error::arg(format!(
-                        "Invalid buffer size for sparse output specified. Must be between 0 \
-                         and {}.",
-                        i64::MAX
-                    )))
-                }
-            };
-            if n % 512 != 0 || n > MAX_SPARSE {
-                return Err(Error::arg(format!(
-                    "Invalid buffer size for sparse output specified. Valid sizes are multiples \
-                     of 512 up to {MAX_SPARSE}. Select 0 to disable sparse detection (fully \
-                     allocates output)."
-                )));
-            }
-            n
-        }
-        None => 4096,
-    };
+    let parallel = parse_parallel(&a.parallel)?;
+    let sparse = a.sparse.as_deref().map_or(Ok(4096), parse_sparse)?;
     let format = Format::parse(&a.target_format)?;
     if a.compress && format != Format::Qcow2 {
         return Err(Error::arg("Compression not supported for this file format"));
