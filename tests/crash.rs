@@ -401,6 +401,53 @@ fn crash_v2_narrow_refcounts_small_cache() {
     rt().block_on(crash_everywhere(s, 120));
 }
 
+/// Wide refcounts on 512-byte clusters: a refcount block covers 32 KiB (64-bit) or 64 KiB
+/// (32-bit) and the first refcount table 2 or 4 MiB, so runs longer than a block's range need
+/// new blocks mid-run and the table grows once or twice. Power fails everywhere in between.
+#[test]
+fn crash_wide_refcounts_through_block_creation_and_table_growth() {
+    for (refcount_bits, seed) in [(64u32, 20u64), (32, 21)] {
+        let size = 8u64 << 20;
+        let mut r = fastrand::Rng::with_seed(seed);
+        let mut ops = Vec::new();
+        let mut off = 0;
+        while off < 6 << 20 {
+            let len = r.u64(20_000..200_000);
+            ops.push(Op::Write {
+                off,
+                len,
+                seed: off,
+            });
+            off += len + r.u64(0..3) * 512;
+            match r.u8(0..8) {
+                0 => ops.push(Op::Flush),
+                1 => ops.push(Op::Discard {
+                    off: r.u64(0..off) / 512 * 512,
+                    len: r.u64(512..100_000),
+                }),
+                _ => {}
+            }
+        }
+        ops.push(Op::Flush);
+        let s = Scenario {
+            name: if refcount_bits == 64 {
+                "64bit"
+            } else {
+                "32bit"
+            },
+            cluster_bits: 9,
+            refcount_bits,
+            v3: true,
+            lazy: false,
+            size,
+            small_cache: true,
+            backing: false,
+            ops,
+        };
+        rt().block_on(crash_everywhere(s, 40));
+    }
+}
+
 #[test]
 fn crash_lazy_refcounts() {
     let s = Scenario {

@@ -192,13 +192,8 @@ impl Refcounts {
                         break;
                     }
                 }
-                next_free = next_free && self.ensure_blocks(w, hdr, &mut st, c + 1, extra).await?;
-                // ensure_blocks may have placed a new refcount block right there.
-                for n in c + 1..=c + extra {
-                    if next_free && self.get(w, HostCluster(n)).await? != 0 {
-                        next_free = false;
-                    }
-                }
+                // Clusters without a refcount block: take the general path, which creates it.
+                next_free = next_free && self.missing_blocks(c + 1, extra)?.is_empty();
             }
             if next_free {
                 self.add(w, HostCluster(c), 1).await?;
@@ -238,10 +233,25 @@ impl Refcounts {
         count: u64,
     ) -> Result<Allocation> {
         debug_assert!(count > 0);
+        // Clusters wanted right after the run for the refcount blocks it needs.
+        let mut room = 0;
         let start = loop {
-            let start = self.find_free_run(w, st, count).await?;
-            if self.ensure_blocks(w, hdr, st, start, count).await? {
+            let start = self.find_free_run(w, st, count + room).await?;
+            let needed = self.blocks_to_create(start, count)?;
+            let Some(&last) = needed.last() else {
                 break start;
+            };
+            if last >= self.table.read().entries.len() as u64 {
+                self.grow_table(w, hdr, st, last + 1).await?;
+                room = 0;
+            } else if needed.len() as u64 > room {
+                // Search again for a run with space for the blocks behind it.
+                room = needed.len() as u64;
+            } else {
+                let at = start + count;
+                self.create_blocks(w, &needed, at).await?;
+                st.high_water = st.high_water.max(at + needed.len() as u64);
+                room = 0;
             }
         };
         let deps = self.set_range(w, start, count, 1).await?;
@@ -324,64 +334,99 @@ impl Refcounts {
         Ok(start)
     }
 
-    /// Makes sure refcount blocks exist for `[start, start+count)`. Returns false if it had to
-    /// take clusters for new metadata (the caller searches again).
-    async fn ensure_blocks(
-        &self,
-        w: &Writer,
-        hdr: &HeaderStore,
-        st: &mut AllocState,
-        start: u64,
-        count: u64,
-    ) -> Result<bool> {
+    /// Refcount table indexes of the blocks that would cover `[start, start+count)` but do not
+    /// exist (including indexes past the end of the table).
+    fn missing_blocks(&self, start: u64, count: u64) -> Result<Vec<u64>> {
         let epb = self.entries_per_block;
-        let first = start / epb;
-        let last = (start + count - 1) / epb;
-        for bi in first..=last {
-            if bi >= self.table.read().entries.len() as u64 {
-                self.grow_table(w, hdr, st, bi + 1).await?;
-                return Ok(false);
-            }
+        let mut missing = Vec::new();
+        for bi in start / epb..=(start + count - 1) / epb {
             if self.block_offset(bi)?.is_none() {
-                // Place the new block in the first cluster it covers that our free run holds:
-                // it describes itself, and everything else it covers is free.
-                let at = start.max(bi * epb);
-                self.create_block(w, bi, at).await?;
-                st.high_water = st.high_water.max(at + 1);
-                return Ok(false);
+                missing.push(bi);
             }
         }
-        Ok(true)
+        Ok(missing)
     }
 
-    /// Writes a new refcount block at cluster `at` for table index `bi`, then the table entry.
-    async fn create_block(&self, w: &Writer, bi: u64, at: u64) -> Result<()> {
-        let cs = self.geo.cluster_size() as usize;
-        let mut data = vec![0u8; cs].into_boxed_slice();
-        if at / self.entries_per_block == bi {
-            self.width
-                .set(&mut data, (at % self.entries_per_block) as usize, 1)?;
+    /// The blocks to create so that a run of `count` clusters at `start` is covered, together
+    /// with the new blocks themselves placed right after the run: the fixed point of "k blocks
+    /// after the run fall under these missing blocks". Empty if the run is covered already.
+    ///
+    /// The blocks go after the run, never inside it: a run at least as long as a block's range
+    /// has no cluster of its own outside the run, and placing blocks inside the run would push
+    /// the run past the block it just made, which then needs another block, without end.
+    fn blocks_to_create(&self, start: u64, count: u64) -> Result<Vec<u64>> {
+        let mut k = 0u64;
+        loop {
+            let needed = self.missing_blocks(start, count + k)?;
+            if needed.len() as u64 <= k {
+                return Ok(needed);
+            }
+            k = needed.len() as u64;
         }
-        let off = self.geo.host_offset(HostCluster(at));
-        w.storage
-            .write_at(IoBuf::copy_from(&data), off.0)
-            .await
-            .context(|| format!("writing new refcount block at {off}"))?;
+    }
+
+    /// Writes new refcount blocks for table indexes `needed` at clusters `at`, `at + 1`, ...
+    /// (free clusters), counts each block's own cluster (in a new block or an existing one),
+    /// makes all of it durable, and only then writes the table entries that point to them.
+    async fn create_blocks(&self, w: &Writer, needed: &[u64], at: u64) -> Result<()> {
+        let cs = self.geo.cluster_size() as usize;
+        let epb = self.entries_per_block;
+        let mut blocks: Vec<(u64, HostOffset, Box<[u8]>)> = needed
+            .iter()
+            .enumerate()
+            .map(|(i, &bi)| {
+                let off = self.geo.host_offset(HostCluster(at + i as u64));
+                (bi, off, vec![0u8; cs].into_boxed_slice())
+            })
+            .collect();
+        let mut touched = Vec::new();
+        for c in at..at + needed.len() as u64 {
+            let i = (c % epb) as usize;
+            if let Some(b) = blocks.iter_mut().find(|b| b.0 == c / epb) {
+                self.width.set(&mut b.2, i, 1)?;
+                continue;
+            }
+            let t = self.block(w, c / epb).await?.ok_or_else(|| {
+                Error::corrupt(format!(
+                    "no refcount block counts new block at cluster {c:#x}"
+                ))
+            })?;
+            {
+                let mut g = t.lock();
+                if self.width.get(g.data(), i) != 0 {
+                    return Err(Error::corrupt(format!(
+                        "new refcount block placed on host cluster {c:#x}, which is in use"
+                    )));
+                }
+                self.width.set(g.modify([]), i, 1)?;
+            }
+            touched.push(t);
+        }
+        for (_, off, data) in &blocks {
+            w.storage
+                .write_at(IoBuf::copy_from(data), off.0)
+                .await
+                .context(|| format!("writing new refcount block at {off}"))?;
+        }
+        for t in &touched {
+            w.write_back(t).await?;
+        }
         w.barrier.sync_now().await?;
-        // The table entry goes to disk only after the block it points to.
-        let table_off = {
-            let mut t = self.table.write();
-            t.entries[bi as usize] = off.0;
-            t.offset
-        };
-        let mut entry = [0u8; 8];
-        be::put_u64(&mut entry, 0, off.0);
-        w.storage
-            .write_at(IoBuf::copy_from(&entry), table_off.0 + bi * 8)
-            .await
-            .context(|| "writing refcount table entry".to_string())?;
+        // The table entries go to disk only after the blocks they point to.
+        let table_off = self.table.read().offset;
+        for (bi, off, _) in &blocks {
+            let mut entry = [0u8; 8];
+            be::put_u64(&mut entry, 0, off.0);
+            w.storage
+                .write_at(IoBuf::copy_from(&entry), table_off.0 + bi * 8)
+                .await
+                .context(|| "writing refcount table entry".to_string())?;
+        }
         w.barrier.sync_now().await?;
-        self.cache.insert_written(w, off, data).await?;
+        for (bi, off, data) in blocks.drain(..) {
+            self.cache.insert_written(w, off, data).await?;
+            self.table.write().entries[bi as usize] = off.0;
+        }
         Ok(())
     }
 
