@@ -8,7 +8,8 @@ use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
-use crate::storage::file::{FileOptions, FileStorage};
+use crate::storage::file::{FileOptions, FileStorage, LockRequest};
+pub use crate::storage::lock::{Access, LockOptions, Locking};
 use crate::storage::uring::UringStorage;
 use crate::storage::{IoFuture, StorageRef};
 use std::path::{Path, PathBuf};
@@ -83,6 +84,7 @@ impl CacheMode {
             direct: self.direct(),
             no_flush: self.no_flush(),
             writes_on_caller: false,
+            lock: None,
         }
     }
 }
@@ -253,11 +255,95 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// Which other files an image may make qimg open. An image is untrusted input: its header can
+/// name any path as its backing file, so a program that opens images from elsewhere (a guest's
+/// upload, a backup) narrows this. The default is QEMU's behaviour: any local file, any depth,
+/// formats probed when the image does not name them.
+#[derive(Clone, Debug)]
+pub struct FilePolicy {
+    /// Backing files may be opened at all.
+    pub backing: bool,
+    /// A backing file may name a backing file of its own.
+    pub nested_backing: bool,
+    /// Backing files must lie (after resolving symlinks and `..`) inside one of these
+    /// directories; `None` allows any.
+    pub allowed_dirs: Option<Vec<PathBuf>>,
+    /// Formats a backing file may have; `None` allows any.
+    pub allowed_formats: Option<Vec<Format>>,
+    /// A backing file whose format the image does not name may be probed.
+    pub probe_backing: bool,
+}
+
+impl Default for FilePolicy {
+    fn default() -> Self {
+        FilePolicy {
+            backing: true,
+            nested_backing: true,
+            allowed_dirs: None,
+            allowed_formats: None,
+            probe_backing: true,
+        }
+    }
+}
+
+impl FilePolicy {
+    /// Checks a backing file named by `image` against the policy.
+    fn check_backing(
+        &self,
+        image: &str,
+        path: &Path,
+        format: Option<Format>,
+        depth: usize,
+    ) -> Result<()> {
+        let refuse = |why: String| {
+            Err(Error::NotPermitted(format!(
+                "'{image}' names backing file '{}', which the open policy does not allow: {why}",
+                path.display()
+            )))
+        };
+        if !self.backing {
+            return refuse("backing files are not allowed".into());
+        }
+        if depth > 0 && !self.nested_backing {
+            return refuse("a backing file may not have a backing file".into());
+        }
+        if let Some(dirs) = &self.allowed_dirs {
+            let canon = std::fs::canonicalize(path).map_err(|e| {
+                Error::io(
+                    format!("Could not open backing file '{}'", path.display()),
+                    e,
+                )
+            })?;
+            let inside = dirs
+                .iter()
+                .any(|d| std::fs::canonicalize(d).is_ok_and(|d| canon.starts_with(d)));
+            if !inside {
+                return refuse("it is outside the allowed directories".into());
+            }
+        }
+        match (format, &self.allowed_formats) {
+            (None, _) if !self.probe_backing => {
+                refuse("its format is not named and probing is not allowed".into())
+            }
+            (Some(f), Some(allowed)) if !allowed.contains(&f) => {
+                refuse(format!("format {} is not allowed", f.name()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// How to open an image.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
-    /// `None` probes (qcow2 by magic, otherwise raw).
+    /// The image's format. `None` is an error unless `probe` is set: guessing lets whoever
+    /// writes a raw image's first sector decide what it opens as next time.
     pub format: Option<Format>,
+    /// Guess the format when `format` is `None` (qcow2 by its magic, otherwise raw). A probed
+    /// raw image refuses writes that would make it probe as another format, as QEMU does.
+    pub probe: bool,
+    /// Which backing files the image may make us open.
+    pub policy: FilePolicy,
     pub read_only: bool,
     pub cache: CacheMode,
     pub qcow2: Qcow2Options,
@@ -268,6 +354,34 @@ pub struct OpenOptions {
     /// Opened by a batch job (convert) rather than a server: buffered writes of any size are
     /// done on the calling thread (`FileOptions::writes_on_caller`).
     pub batch: bool,
+    /// QEMU-compatible image locks (`locking=`, `-U`): see [`crate::storage::lock`]. The
+    /// default locks wherever the file system allows it, as QEMU does.
+    pub lock: LockOptions,
+    /// Opened to read metadata only (`info`): holds no permission on the image, so it can be
+    /// opened while a writer has it only with `-U`, as with qemu-img.
+    pub metadata_only: bool,
+}
+
+impl OpenOptions {
+    /// What this open holds and shares (QEMU's permissions for the same use).
+    fn access(&self) -> Result<Access> {
+        let access = if self.metadata_only {
+            Access::METADATA
+        } else if self.read_only {
+            Access::READ
+        } else {
+            Access::READ_WRITE
+        };
+        if !self.lock.force_share {
+            return Ok(access);
+        }
+        if !self.read_only {
+            return Err(Error::arg(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
+        Ok(access.force_shared())
+    }
 }
 
 /// Probes the format of a file from its first bytes.
@@ -300,10 +414,19 @@ fn open_layer<'a>(
         let name = path.display().to_string();
         let file_opts = FileOptions {
             writes_on_caller: opts.batch,
+            lock: Some(LockRequest {
+                access: opts.access()?,
+                locking: opts.lock.locking,
+            }),
             ..opts.cache.file_options(opts.read_only)
         };
-        let storage = FileStorage::open(path, file_opts)
-            .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+        let storage = FileStorage::open(path, file_opts).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Error::Locked(e.to_string())
+            } else {
+                Error::io(format!("Could not open '{name}'"), e)
+            }
+        })?;
         if let Ok(canon) = std::fs::canonicalize(path) {
             if seen.contains(&canon) {
                 return Err(Error::invalid(format!(
@@ -315,6 +438,12 @@ fn open_layer<'a>(
         let storage: StorageRef = opts.aio.storage(storage)?;
         let format = match opts.format {
             Some(f) => f,
+            None if !opts.probe => {
+                return Err(Error::arg(format!(
+                    "Image format was not specified for '{name}' (give the format, or allow \
+                     probing with OpenOptions::probe)"
+                )));
+            }
             None => {
                 let head = crate::storage::read_vec(&*storage, 0, 512)
                     .await
@@ -337,21 +466,27 @@ fn open_layer<'a>(
                 .await?;
                 if let (Some(bname), false) = (img.backing_filename(), opts.no_backing) {
                     let bpath = resolve_backing(path, &bname)?;
+                    let bformat = match img.backing_format() {
+                        Some(f) => Some(Format::parse(&f).map_err(|_| {
+                            Error::unsupported(format!(
+                                "Unknown backing file format '{f}' of '{name}'"
+                            ))
+                        })?),
+                        None => None,
+                    };
+                    opts.policy.check_backing(&name, &bpath, bformat, depth)?;
                     let bopts = OpenOptions {
-                        format: match img.backing_format() {
-                            Some(f) => Some(Format::parse(&f).map_err(|_| {
-                                Error::unsupported(format!(
-                                    "Unknown backing file format '{f}' of '{name}'"
-                                ))
-                            })?),
-                            None => None,
-                        },
+                        format: bformat,
+                        probe: true,
+                        policy: opts.policy.clone(),
                         read_only: true,
                         cache: opts.cache,
                         qcow2: Qcow2Options::default(),
                         no_backing: false,
                         aio: opts.aio,
                         batch: opts.batch,
+                        lock: opts.lock,
+                        metadata_only: opts.metadata_only,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

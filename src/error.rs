@@ -37,6 +37,13 @@ pub enum Error {
     /// A request outside the virtual disk.
     #[error("Request out of range: offset {offset} length {len} (disk size {size})")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    /// The request is refused by a safety rule (a write that would change the probed format of
+    /// a raw image; a file the open policy does not allow).
+    #[error("{0}")]
+    NotPermitted(String),
+    /// Another user of the image holds a lock that excludes this use (QEMU's message).
+    #[error("{0}")]
+    Locked(String),
     /// The image cannot grow any further (host offsets would exceed the format's limits).
     #[error("No space left in the image: {0}")]
     NoSpace(String),
@@ -75,6 +82,8 @@ impl Error {
             Error::InvalidArgument(_) | Error::OutOfRange { .. } => 22, // EINVAL
             Error::ReadOnly => 1,        // EPERM
             Error::NoSpace(_) => 28,     // ENOSPC
+            Error::Locked(_) => 11,      // EAGAIN
+            Error::NotPermitted(_) => 1, // EPERM
         }
     }
 }

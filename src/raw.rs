@@ -13,7 +13,16 @@ pub struct Raw {
     size: u64,
     read_only: bool,
     writethrough: bool,
+    /// The format was guessed, not given: writes to the first sector are checked so that the
+    /// image's user cannot make it probe as another format next time (see `write`).
+    probed: bool,
+    /// Serializes checked writes to the first sector (two writes that each look harmless could
+    /// together build a header).
+    first_sector: tokio::sync::Mutex<()>,
 }
+
+/// The bytes format probing looks at.
+const PROBE_BYTES: u64 = 512;
 
 impl Raw {
     pub async fn open(storage: StorageRef, filename: String, opts: &OpenOptions) -> Result<Raw> {
@@ -27,7 +36,38 @@ impl Raw {
             size,
             read_only: opts.read_only,
             writethrough: opts.cache.writethrough(),
+            probed: opts.format.is_none(),
+            first_sector: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Whether the format was probed rather than given (writes to block 0 are restricted).
+    pub fn probed(&self) -> bool {
+        self.probed
+    }
+
+    /// Refuses a write to the first sector of a probed image that would make the image probe as
+    /// another format (QEMU's rule: a guest must not turn its raw disk into, say, a qcow2 image
+    /// naming a host file as its backing file). The caller holds `first_sector`.
+    async fn check_first_sector(&self, offset: u64, data: &IoBuf) -> Result<()> {
+        let head_len = PROBE_BYTES.min(self.size) as usize;
+        let mut head = self
+            .storage
+            .read_at(IoBufMut::zeroed(head_len), 0)
+            .await
+            .context(|| format!("reading '{}' at 0", self.filename))?
+            .to_vec();
+        let end = (offset + data.len() as u64).min(head_len as u64) as usize;
+        let start = offset as usize;
+        head[start..end].copy_from_slice(&data[..end - start]);
+        if crate::block::probe(&head) != Format::Raw {
+            return Err(Error::NotPermitted(format!(
+                "Operation not permitted: a write to the first sector of '{}' would change its \
+                 probed format (specify the raw format explicitly to allow it)",
+                self.filename
+            )));
+        }
+        Ok(())
     }
 
     /// A raw device over any storage (tests, benchmarks).
@@ -38,6 +78,8 @@ impl Raw {
             size,
             read_only,
             writethrough: false,
+            probed: false,
+            first_sector: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -89,6 +131,13 @@ impl BlockDevice for Raw {
     fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>> {
         Box::pin(async move {
             self.writable(offset, data.len() as u64)?;
+            let _guard = if self.probed && offset < PROBE_BYTES && !data.is_empty() {
+                let g = self.first_sector.lock().await;
+                self.check_first_sector(offset, &data).await?;
+                Some(g)
+            } else {
+                None
+            };
             self.storage
                 .write_at(data, offset)
                 .await
@@ -132,7 +181,11 @@ impl BlockDevice for Raw {
     }
 
     fn close(&self) -> IoFuture<'_, Result<()>> {
-        self.flush()
+        Box::pin(async move {
+            self.flush().await?;
+            self.storage.release_locks();
+            Ok(())
+        })
     }
 
     fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use qimg::block::{open_image, BlockDevice, OpenOptions, ZeroFlags};
+use qimg::block::{open_image, BlockDevice, Format, OpenOptions, ZeroFlags};
 use qimg::{IoBuf, IoBufMut};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,11 +22,19 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+fn qcow2_opts() -> OpenOptions {
+    OpenOptions {
+        format: Some(Format::Qcow2),
+        ..Default::default()
+    }
+}
+
 async fn read_all(p: &Path) -> Vec<u8> {
     let img = open_image(
         p,
         &OpenOptions {
             read_only: true,
+            probe: true,
             ..Default::default()
         },
     )
@@ -232,9 +240,7 @@ fn backing_chains_both_ways() {
 
     // qimg writes through the chain (COW from both lower layers); QEMU reads it back.
     rt.block_on(async {
-        let img = open_image(&d("top.qcow2"), &OpenOptions::default())
-            .await
-            .unwrap();
+        let img = open_image(&d("top.qcow2"), &qcow2_opts()).await.unwrap();
         img.write(1 << 20, IoBuf::copy_from(&[0x44; 3000]))
             .await
             .unwrap();
@@ -333,7 +339,7 @@ fn writing_images_with_internal_snapshots_keeps_snapshots() {
     assert!(o.status.success());
     // qimg overwrites shared clusters (partially and fully), zeroes and discards some.
     rt.block_on(async {
-        let img: Arc<dyn BlockDevice> = open_image(&p, &OpenOptions::default()).await.unwrap();
+        let img: Arc<dyn BlockDevice> = open_image(&p, &qcow2_opts()).await.unwrap();
         img.write(4096, IoBuf::copy_from(&[0x9; 5000]))
             .await
             .unwrap();
@@ -386,7 +392,7 @@ fn both_io_engines_write_and_read_the_same() {
         let opts = OpenOptions {
             aio,
             cache,
-            ..Default::default()
+            ..qcow2_opts()
         };
         let r = rt.block_on(async {
             let img = match open_image(&p, &opts).await {

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
-use qimg::block::{open_image, BlockDevice, OpenOptions, ZeroFlags};
+use qimg::block::{open_image, BlockDevice, Format, OpenOptions, ZeroFlags};
 use qimg::format::CompressionType;
 use qimg::qcow2::{create, CreateOptions, Qcow2Options};
 use qimg::storage::file::{FileOptions, FileStorage};
@@ -159,6 +159,7 @@ impl World {
             q.l2_cache_entry_size = Some(self.s.cs() / 4);
         }
         OpenOptions {
+            format: Some(Format::Qcow2),
             qcow2: q,
             ..Default::default()
         }

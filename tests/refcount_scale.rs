@@ -16,7 +16,7 @@
 mod common;
 
 use common::*;
-use qimg::block::{open_image, BlockDevice, OpenOptions};
+use qimg::block::{open_image, BlockDevice, Format, OpenOptions};
 use qimg::format::CompressionType;
 use qimg::qcow2::{create, CreateOptions};
 use qimg::storage::file::{FileOptions, FileStorage};
@@ -101,7 +101,15 @@ fn fill(seed: u64) -> u8 {
 }
 
 async fn run_qimg(img: &Path, ops: &[Op]) {
-    let dev: Arc<dyn BlockDevice> = open_image(img, &OpenOptions::default()).await.unwrap();
+    let dev: Arc<dyn BlockDevice> = open_image(
+        img,
+        &OpenOptions {
+            format: Some(Format::Qcow2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     for op in ops {
         match *op {
             Op::Write { off, len, seed } => {

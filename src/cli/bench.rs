@@ -180,14 +180,12 @@ async fn open_file(
     Arc<dyn BlockDevice>,
     Option<Arc<qimg::storage::counting::Counters>>,
 )> {
-    let mut qcow2 = Qcow2Options::default();
-    for list in &a.options {
-        for (k, v) in super::opts::parse_kv_list(list) {
-            qcow2.set(&k, &v)?;
-        }
-    }
+    let (qcow2, locking) = super::opts::runtime_options(&a.options)?;
+    let format = a.format.as_deref().map(Format::parse).transpose()?;
     let opts = OpenOptions {
-        format: a.format.as_deref().map(Format::parse).transpose()?,
+        format,
+        probe: format.is_none(),
+        policy: Default::default(),
         read_only: !a.write,
         cache: CacheMode::parse(&a.cache)?,
         qcow2,
@@ -199,6 +197,11 @@ async fn open_file(
             .transpose()?
             .unwrap_or_default(),
         batch: false,
+        lock: qimg::block::LockOptions {
+            locking,
+            force_share: false,
+        },
+        metadata_only: false,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

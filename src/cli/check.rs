@@ -31,7 +31,6 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> u8 {
-    let _ = a.force_share;
     if a.output != "human" && a.output != "json" {
         return fail(format!(
             "--output expects 'human' or 'json' not '{}'",
@@ -51,6 +50,8 @@ pub async fn run(a: Args) -> u8 {
         runtime_opts: &[],
         no_backing: true,
         batch: false,
+        force_share: a.force_share,
+        metadata_only: false,
     })
     .await
     {

@@ -39,7 +39,7 @@ enum Outcome {
 }
 
 pub async fn run(a: Args) -> u8 {
-    let _ = (a.force_share, a.progress);
+    let _ = a.progress;
     let open_one = |path: &str, fmt: Option<&str>| {
         let path = path.to_string();
         let fmt = fmt.map(str::to_string);
@@ -53,6 +53,8 @@ pub async fn run(a: Args) -> u8 {
                 runtime_opts: &[],
                 no_backing: false,
                 batch: false,
+                force_share: a.force_share,
+                metadata_only: false,
             })
             .await
             .map_err(|e| format!("Could not open '{path}': {e}"))

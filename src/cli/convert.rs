@@ -142,7 +142,6 @@ struct Source {
 }
 
 async fn convert(a: &Args) -> Result<()> {
-    let _ = a.force_share;
     let (target, sources) = a
         .files
         .split_last()
@@ -158,6 +157,8 @@ async fn convert(a: &Args) -> Result<()> {
             runtime_opts: &[],
             no_backing: false,
             batch: false,
+            force_share: a.force_share,
+            metadata_only: false,
         })
         .await
         .map_err(|e| Error::arg(format!("Could not open '{s}': {e}")))?;
@@ -207,6 +208,8 @@ async fn convert(a: &Args) -> Result<()> {
         runtime_opts: &[],
         no_backing: a.backing.is_none() && !a.no_create,
         batch: true,
+        force_share: false,
+        metadata_only: false,
     })
     .await
     .map_err(|e| Error::arg(format!("Could not open '{target}': {e}")))?;

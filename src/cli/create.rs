@@ -132,6 +132,15 @@ pub(crate) fn parse_options(format: Format, lists: &[String], size: Option<u64>)
     })
 }
 
+/// A lock conflict says only QEMU's words; other errors say what failed.
+fn create_error(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Error::Locked(e.to_string())
+    } else {
+        Error::io("Could not create image", e)
+    }
+}
+
 /// Creates the image file (qcow2 or raw) with validated options.
 pub(crate) async fn make(path: &str, format: Format, o: &CreateOptions) -> Result<()> {
     match format {
@@ -139,7 +148,7 @@ pub(crate) async fn make(path: &str, format: Format, o: &CreateOptions) -> Resul
             o.validate()?;
             let s: StorageRef = Arc::new(
                 FileStorage::create(Path::new(path), FileOptions::default())
-                    .map_err(|e| Error::io("Could not create image", e))?,
+                    .map_err(create_error)?,
             );
             create(s, o).await
         }
@@ -185,6 +194,7 @@ async fn create_image(a: &Args) -> Result<()> {
         let path = resolve_backing(Path::new(&a.filename), b)?;
         let opts = OpenOptions {
             format: fmt,
+            probe: fmt.is_none(),
             read_only: true,
             ..Default::default()
         };
@@ -252,8 +262,7 @@ pub(crate) fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) 
 }
 
 async fn create_raw(path: &str, size: u64, prealloc: Preallocation) -> Result<()> {
-    let s = FileStorage::create(Path::new(path), FileOptions::default())
-        .map_err(|e| Error::io("Could not create image", e))?;
+    let s = FileStorage::create(Path::new(path), FileOptions::default()).map_err(create_error)?;
     let ctx = |e| Error::io("Could not resize the new image", e);
     match prealloc {
         Preallocation::Falloc if size > 0 => s.allocate(0, size).await.map_err(ctx)?,

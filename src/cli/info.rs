@@ -32,7 +32,6 @@ pub async fn run(a: Args) -> u8 {
             a.output
         ));
     }
-    let _ = a.force_share;
     let img = match open(&ImageArgs {
         path: &a.filename,
         format: a.format.as_deref(),
@@ -41,6 +40,8 @@ pub async fn run(a: Args) -> u8 {
         runtime_opts: &[],
         no_backing: !a.backing_chain,
         batch: false,
+        force_share: a.force_share,
+        metadata_only: true,
     })
     .await
     {

@@ -18,6 +18,9 @@ pub struct Args {
     /// Image format (probed if not given)
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    /// Share the image with other users, writers included (read-only only)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Open read-only
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
@@ -53,6 +56,8 @@ pub async fn run(a: Args) -> u8 {
         runtime_opts: &a.options,
         no_backing: false,
         batch: false,
+        force_share: a.force_share,
+        metadata_only: false,
     })
     .await
     {

@@ -99,7 +99,6 @@ pub async fn map(img: &Arc<dyn BlockDevice>, start: u64, end: u64) -> Result<Vec
 }
 
 pub async fn run(a: Args) -> u8 {
-    let _ = a.force_share;
     if a.output != "human" && a.output != "json" {
         return fail(format!(
             "--output expects 'human' or 'json' not '{}'",
@@ -114,6 +113,8 @@ pub async fn run(a: Args) -> u8 {
         runtime_opts: &[],
         no_backing: false,
         batch: false,
+        force_share: a.force_share,
+        metadata_only: false,
     })
     .await
     {

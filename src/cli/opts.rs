@@ -1,7 +1,7 @@
 //! Option parsing shared by the commands: `-o key=value,...` lists (with QEMU's `,,` escape for a
 //! literal comma), image opening with the common flags.
 
-use qimg::block::{open_image, BlockDevice, CacheMode, Format, OpenOptions};
+use qimg::block::{open_image, BlockDevice, CacheMode, Format, LockOptions, Locking, OpenOptions};
 use qimg::qcow2::Qcow2Options;
 use qimg::Result;
 use std::path::Path;
@@ -37,6 +37,24 @@ pub fn parse_kv_list(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Runtime options (`-o` lists): the qcow2 driver's, and the file driver's `locking`
+/// (QEMU spells it `file.locking` below a format driver; both are taken). Unknown keys are
+/// refused.
+pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
+    let mut qcow2 = Qcow2Options::default();
+    let mut locking = Locking::default();
+    for list in lists {
+        for (k, v) in parse_kv_list(list) {
+            if k == "locking" || k == "file.locking" {
+                locking = Locking::parse(&v)?;
+            } else if !qcow2.set(&k, &v)? {
+                return Err(qimg::Error::arg(format!("Invalid parameter '{k}'")));
+            }
+        }
+    }
+    Ok((qcow2, locking))
+}
+
 /// Everything needed to open an image from the command line.
 pub struct ImageArgs<'a> {
     pub path: &'a str,
@@ -47,6 +65,10 @@ pub struct ImageArgs<'a> {
     pub no_backing: bool,
     /// A batch job's image (see `OpenOptions::batch`).
     pub batch: bool,
+    /// `-U`: share the image with writers (read-only opens only).
+    pub force_share: bool,
+    /// Only metadata is read (`info`): see `OpenOptions::metadata_only`.
+    pub metadata_only: bool,
 }
 
 pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
@@ -56,24 +78,39 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
         .map(CacheMode::parse)
         .transpose()?
         .unwrap_or_default();
-    let mut qcow2 = Qcow2Options::default();
-    for list in a.runtime_opts {
-        for (k, v) in parse_kv_list(list) {
-            if !qcow2.set(&k, &v)? {
-                return Err(qimg::Error::arg(format!("Invalid parameter '{k}'")));
-            }
-        }
-    }
+    let (qcow2, locking) = runtime_options(a.runtime_opts)?;
     let opts = OpenOptions {
         format,
+        probe: format.is_none(),
         read_only: a.read_only,
         cache,
         qcow2,
         no_backing: a.no_backing,
         batch: a.batch,
+        lock: LockOptions {
+            locking,
+            force_share: a.force_share,
+        },
+        metadata_only: a.metadata_only,
         ..Default::default()
     };
-    open_image(Path::new(a.path), &opts).await
+    let img = open_image(Path::new(a.path), &opts).await?;
+    warn_if_probed_raw(&*img, &opts);
+    Ok(img)
+}
+
+/// QEMU's warning for a writable image whose format was guessed as raw (its first sector is
+/// then write-protected against changes of format).
+pub fn warn_if_probed_raw(img: &dyn BlockDevice, opts: &OpenOptions) {
+    if opts.format.is_none() && !opts.read_only && img.format() == Format::Raw {
+        eprintln!(
+            "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+             Automatically detecting the format is dangerous for raw images, write operations \
+             on block 0 will be restricted.\n         Specify the 'raw' format explicitly to \
+             remove the restrictions.",
+            img.filename()
+        );
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub async fn run(a: Args) -> u8 {
         runtime_opts: &[],
         no_backing: true,
         batch: false,
+        force_share: false,
+        metadata_only: false,
     })
     .await
     {

@@ -5,10 +5,9 @@
 //! stopped server leaves a clean image.
 
 use super::fail;
-use super::opts::parse_kv_list;
 use qimg::block::{open_image, Aio, CacheMode, Format, OpenOptions};
 use qimg::nbd::{DiscardMode, Export, ExportConfig, Listen, Server, ServerConfig};
-use qimg::qcow2::{create, CreateOptions, Qcow2Options};
+use qimg::qcow2::{create, CreateOptions};
 use qimg::size::{human_size, parse_size};
 use qimg::storage::file::{FileOptions, FileStorage};
 use qimg::storage::{Storage, StorageRef};
@@ -100,14 +99,7 @@ async fn serve(a: Args) -> Result<u8> {
         .transpose()?
         .unwrap_or_default();
     let discard = DiscardMode::parse(&a.discard)?;
-    let mut qcow2 = Qcow2Options::default();
-    for list in &a.options {
-        for (k, v) in parse_kv_list(list) {
-            if !qcow2.set(&k, &v)? {
-                return Err(Error::arg(format!("Invalid parameter '{k}'")));
-            }
-        }
-    }
+    let (mut qcow2, locking) = super::opts::runtime_options(&a.options)?;
     if a.compress {
         qcow2.compress = Some(true);
     }
@@ -136,14 +128,22 @@ async fn serve(a: Args) -> Result<u8> {
 
     let opts = OpenOptions {
         format,
+        probe: format.is_none(),
+        policy: Default::default(),
         read_only: a.read_only,
         cache,
         qcow2,
         no_backing: false,
         aio,
         batch: false,
+        lock: qimg::block::LockOptions {
+            locking,
+            force_share: false,
+        },
+        metadata_only: false,
     };
     let img = open_image(path, &opts).await?;
+    super::opts::warn_if_probed_raw(&*img, &opts);
 
     let (name, aliases) = match &a.export_name {
         Some(n) => (n.clone(), Vec::new()),

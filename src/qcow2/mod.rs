@@ -510,6 +510,8 @@ impl Qcow2 {
         if let Some(b) = self.backing.get() {
             b.close().await?;
         }
+        // Closed means others may have the image now, even while this handle lives on.
+        self.w.storage.release_locks();
         Ok(())
     }
 }

@@ -5,9 +5,11 @@
 //! header write, an unaligned guest request) goes through a second, buffered descriptor. Linux
 //! keeps the two coherent (direct I/O writes back and invalidates cached pages in its range).
 
+use super::lock::{Access, Locking};
 use super::pool::Pool;
 use super::{IoFuture, Storage};
 use crate::buf::{IoBuf, IoBufMut};
+use crate::error::Error;
 use rustix::fs::FallocateFlags;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -35,6 +37,17 @@ pub struct FileOptions {
     /// to do than the copy: it saves two thread hops per write. Not for servers, where a
     /// multi-megabyte write would stall the other requests of that executor thread.
     pub writes_on_caller: bool,
+    /// QEMU-compatible locks to take on the file when it is opened (see [`super::lock`]);
+    /// `None` takes none. [`FileStorage::create`] always takes the creator's locks unless
+    /// this says `locking=off`.
+    pub lock: Option<LockRequest>,
+}
+
+/// Which locks to take, and whether to take any.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockRequest {
+    pub access: Access,
+    pub locking: Locking,
 }
 
 /// A file on the host.
@@ -50,12 +63,27 @@ pub struct FileStorage {
     nowait_writes: AtomicBool,
 }
 
+/// Takes the locks; a conflict becomes an I/O error whose message is QEMU's.
+fn lock_file(file: &File, path: &Path, req: LockRequest) -> io::Result<()> {
+    super::lock::lock(file, path, req.access, req.locking).map_err(|e| match e {
+        Error::Io { source, .. } => source,
+        other => io::Error::new(io::ErrorKind::WouldBlock, other.to_string()),
+    })
+}
+
 impl FileStorage {
-    /// Opens an existing file.
+    /// Opens an existing file (and locks it as `opts.lock` says).
     pub fn open(path: &Path, opts: FileOptions) -> io::Result<Self> {
         let mut o = OpenOptions::new();
         o.read(true).write(!opts.read_only);
         let buffered = o.open(path)?;
+        if let Some(req) = opts.lock {
+            lock_file(&buffered, path, req)?;
+        }
+        Self::with_file(buffered, path, opts)
+    }
+
+    fn with_file(buffered: File, path: &Path, opts: FileOptions) -> io::Result<Self> {
         let direct = if opts.direct {
             let mut o = OpenOptions::new();
             o.read(true)
@@ -85,14 +113,28 @@ impl FileStorage {
         })
     }
 
-    /// Creates (or truncates) a file and opens it read-write.
+    /// Creates a file, or empties an existing one, read-write. The file is locked as its creator
+    /// (write and resize held, resize not shared) *before* it is truncated, so an image in use
+    /// by another process (qimg or QEMU) is refused rather than destroyed.
     pub fn create(path: &Path, opts: FileOptions) -> io::Result<Self> {
-        OpenOptions::new()
+        let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
-        Self::open(
+        let locking = opts.lock.map_or(Locking::Auto, |l| l.locking);
+        lock_file(
+            &file,
+            path,
+            LockRequest {
+                access: Access::CREATE,
+                locking,
+            },
+        )?;
+        file.set_len(0)?;
+        Self::with_file(
+            file,
             path,
             FileOptions {
                 read_only: false,
@@ -273,6 +315,10 @@ fn unsupported(e: &io::Error) -> bool {
 }
 
 impl Storage for FileStorage {
+    fn release_locks(&self) {
+        super::lock::unlock(&self.buffered);
+    }
+
     // Reads and writes first try RWF_NOWAIT on the calling thread: a page cache hit (or a write
     // the page cache absorbs) completes in a microsecond without waking a worker thread. Only
     // what would block goes to the pool. O_DIRECT requests always go to the pool.

@@ -12,6 +12,8 @@
 //!   (adds a fixed delay to every operation, for measurements without disk noise) and
 //!   [`crash::CrashStorage`] (records unflushed writes and can "lose power").
 //!
+//! [`lock`] takes QEMU's image locks on a file when it is opened (`FileOptions::lock`).
+//!
 //! Contract every backend keeps: a read past the end of the file returns zeros for the missing
 //! part; a write past the end extends the file; `flush` makes every write that completed before
 //! it was called durable.
@@ -20,6 +22,7 @@ pub mod counting;
 pub mod crash;
 pub mod file;
 pub mod latency;
+pub mod lock;
 pub mod memory;
 mod pool;
 pub mod uring;
@@ -74,6 +77,10 @@ pub trait Storage: Send + Sync + 'static {
         let _ = offset;
         Box::pin(async move { Ok((false, max)) })
     }
+
+    /// Drops the image locks taken when the file was opened (the image was closed; the handle
+    /// may live on). Storage without locks has nothing to do.
+    fn release_locks(&self) {}
 }
 
 /// Shared handle to a storage backend.

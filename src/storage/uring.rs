@@ -209,6 +209,10 @@ fn os_err(res: i32) -> io::Error {
 }
 
 impl Storage for UringStorage {
+    fn release_locks(&self) {
+        self.file.release_locks();
+    }
+
     fn read_at(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
         let (buf, done) = match self.file.try_read_inline(buf, offset) {
             Ok(b) => return Box::pin(async move { Ok(b) }),
