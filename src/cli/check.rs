@@ -6,7 +6,7 @@ use super::fail;
 use super::info::pretty;
 use super::opts::{open, ImageArgs};
 use qimg::block::Format;
-use qimg::qcow2::CheckReport;
+use qimg::qcow2::{CheckReport, Fix};
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
@@ -63,32 +63,26 @@ pub async fn run(a: Args) -> u8 {
         let _ = Format::Raw;
         return fail("This image format does not support checks");
     };
-    let mut result = q.check().await;
+    let fix = match a.repair.as_deref() {
+        Some("all") => Fix::ALL,
+        Some(_) => Fix::LEAKS,
+        None => Fix::NONE,
+    };
+    let mut result = q.check_with(fix).await;
     let mut fixed = (0u64, 0u64);
-    if let (Some(_), Ok(before)) = (&a.repair, &result) {
-        if before.leaks > 0 || before.corruptions > 0 {
-            for m in &before.messages {
+    if let Ok(first) = &result {
+        if first.leaks_fixed > 0 || first.corruptions_fixed > 0 {
+            for m in &first.messages {
                 eprintln!("{m}");
             }
-            eprintln!("Rebuilding refcount structure");
-            if let Err(e) = q.repair_refcounts().await {
-                let _ = img.close().await;
-                return fail(format!("Check failed: {e}"));
-            }
-            let after = q.check().await;
-            if let Ok(r) = &after {
-                fixed = (
-                    before.leaks.saturating_sub(r.leaks),
-                    before.corruptions.saturating_sub(r.corruptions),
+            fixed = (first.leaks_fixed, first.corruptions_fixed);
+            if a.output == "human" && !a.quiet {
+                println!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                    fixed.0, fixed.1
                 );
-                if a.output == "human" && !a.quiet {
-                    println!(
-                        "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
-                        fixed.0, fixed.1
-                    );
-                }
             }
-            result = after;
+            result = q.check().await;
         }
     }
     let code = match result {

@@ -34,6 +34,9 @@ pub struct CheckReport {
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
     pub image_end_offset: u64,
+    /// Repaired by this run (`check -r`).
+    pub leaks_fixed: u64,
+    pub corruptions_fixed: u64,
     /// Diagnostic lines, in the order QEMU prints them (to stderr).
     pub messages: Vec<String>,
 }
@@ -53,11 +56,33 @@ impl CheckReport {
     }
 }
 
-/// What the check is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckMode {
-    /// Report only (qemu-img check without -r).
-    ReadOnly,
+/// What a check may repair (qemu-img check `-r leaks` / `-r all`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fix {
+    /// Refcounts higher than the references (wasted space only).
+    pub leaks: bool,
+    /// Refcounts lower than the references, and wrong COPIED flags (both can corrupt data on
+    /// the next write), and broken refcount structures (by a rebuild).
+    pub errors: bool,
+}
+
+impl Fix {
+    pub const NONE: Fix = Fix {
+        leaks: false,
+        errors: false,
+    };
+    pub const LEAKS: Fix = Fix {
+        leaks: true,
+        errors: false,
+    };
+    pub const ALL: Fix = Fix {
+        leaks: true,
+        errors: true,
+    };
+
+    fn any(self) -> bool {
+        self.leaks || self.errors
+    }
 }
 
 /// Why a walk stopped early (QEMU: "Check failed: <strerror>").
@@ -71,6 +96,8 @@ pub(crate) struct Walk<'a> {
     pub refs: Vec<u32>,
     refcount_max: u64,
     pub report: CheckReport,
+    /// The refcount structures themselves are broken: only a rebuild repairs them.
+    pub rebuild: bool,
 }
 
 impl<'a> Walk<'a> {
@@ -91,6 +118,7 @@ impl<'a> Walk<'a> {
             file_len,
             refs: vec![0; nb as usize],
             refcount_max: img.rc.width.max(),
+            rebuild: false,
             report: CheckReport {
                 total_clusters: img.geo.clusters_for(size_rounded),
                 ..Default::default()
@@ -351,6 +379,12 @@ impl<'a> Walk<'a> {
     }
 
     /// Counts the refcount table and blocks (last, to catch overlaps).
+    /// A corruption of the refcount structures themselves.
+    fn structure_error(&mut self, m: String) {
+        self.rebuild = true;
+        self.corruption(m);
+    }
+
     async fn refcount_structures(&mut self) {
         let img = self.img;
         let cs = img.geo.cluster_size();
@@ -359,27 +393,27 @@ impl<'a> Walk<'a> {
         for (i, &e) in t.entries.iter().enumerate() {
             let off = e & !REFTABLE_RESERVED;
             if e & REFTABLE_RESERVED != 0 {
-                self.corruption(format!(
+                self.structure_error(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
                 continue;
             }
             if off % cs != 0 {
-                self.corruption(format!(
+                self.structure_error(format!(
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 continue;
             }
             let c = (off >> img.geo.cluster_bits) as usize;
             if off != 0 && c >= self.refs.len() {
-                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                self.structure_error(format!("ERROR refcount block {i} is outside image"));
                 continue;
             }
             if off != 0 {
                 self.inc(off, cs);
                 if self.refs[c] != 1 {
                     let r = self.refs[c];
-                    self.corruption(format!("ERROR refcount block {i} refcount={r}"));
+                    self.structure_error(format!("ERROR refcount block {i} refcount={r}"));
                 }
             }
         }
@@ -395,6 +429,26 @@ struct StoredRefcounts {
 impl Qcow2 {
     /// Checks the image (see module docs). Errors only when the check itself cannot run.
     pub async fn check(&self) -> Result<CheckReport, (CheckReport, Error)> {
+        self.check_with(Fix::NONE).await
+    }
+
+    /// Checks the image and repairs what `fix` allows, as QEMU's check does: refcounts that
+    /// differ from the references are set to them one cluster at a time ("Repairing cluster"),
+    /// broken refcount structures are rebuilt (errors only: a leaks-only repair refuses with
+    /// "need to rebuild refcount structures"), and COPIED flags are set where the refcount is 1
+    /// and cleared elsewhere. Everything goes through the caches and is flushed before the COPIED
+    /// pass reads the refcounts back. Requests must not run meanwhile (the CLI holds the image
+    /// alone).
+    pub async fn check_with(&self, fix: Fix) -> Result<CheckReport, (CheckReport, Error)> {
+        if fix.any() {
+            if let Err(e) = self.check_writable() {
+                return Err((CheckReport::default(), e));
+            }
+            let _f = self.flush_lock.lock().await;
+            if let Err(e) = self.flush_locked().await {
+                return Err((CheckReport::default(), e));
+            }
+        }
         let mut w = match Walk::new(self).await {
             Ok(w) => w,
             Err(e) => return Err((CheckReport::default(), e)),
@@ -403,10 +457,59 @@ impl Qcow2 {
             return Err((w.report, e));
         }
         w.refcount_structures().await;
-        let stored = self.stored_refcounts(w.refs.len()).await;
+        let mut stored = self.stored_refcounts(w.refs.len()).await;
+        let pre = w.report.clone();
+        let mut highest = self.compare_refcounts(&mut w, &stored, Fix::NONE).await;
+        if fix.any() && (w.rebuild || w.report.leaks > 0 || w.report.corruptions > 0) {
+            if w.rebuild && fix.errors {
+                w.msg("Rebuilding refcount structure".into());
+                if let Err(e) = self.rebuild_refcounts().await {
+                    return Err((w.report, e));
+                }
+                w.report.corruptions_fixed += w.report.corruptions;
+                w.report.leaks_fixed += w.report.leaks;
+                w.report.corruptions = 0;
+                w.report.leaks = 0;
+            } else if w.rebuild {
+                w.msg("ERROR need to rebuild refcount structures".into());
+                w.report.check_errors += 1;
+                return Err((
+                    w.report,
+                    Error::corrupt("the refcount structures need to be rebuilt (-r all)"),
+                ));
+            } else {
+                // Counts restart from before the comparison; its messages stay, as QEMU's do.
+                let messages = std::mem::take(&mut w.report.messages);
+                w.report = CheckReport { messages, ..pre };
+                highest = self.compare_refcounts(&mut w, &stored, fix).await;
+            }
+            if let Err(e) = self.flush_locked_guarded().await {
+                return Err((w.report, e));
+            }
+            stored = self.stored_refcounts(w.refs.len()).await;
+        }
+        if let Err(e) = self.check_copied(&mut w, &stored, fix).await {
+            return Err((w.report, e));
+        }
+        if fix.any() && w.report.corruptions_fixed > 0 {
+            if let Err(e) = self.flush_locked_guarded().await {
+                return Err((w.report, e));
+            }
+        }
+        w.report.image_end_offset = (highest + 1) * self.geo.cluster_size();
+        Ok(w.report)
+    }
+
+    async fn flush_locked_guarded(&self) -> Result<()> {
+        let _f = self.flush_lock.lock().await;
+        self.flush_locked().await
+    }
+
+    /// Compares stored refcounts with the counted references, repairing what `fix` allows.
+    /// Returns the highest cluster in use.
+    async fn compare_refcounts(&self, w: &mut Walk<'_>, stored: &StoredRefcounts, fix: Fix) -> u64 {
         let mut highest = 0u64;
         let mut announced = false;
-        let mut copied_checks = Vec::new();
         for i in 0..w.refs.len() {
             let counted = u64::from(w.refs[i]);
             let Some(refcount) = stored.get(self, i as u64) else {
@@ -435,21 +538,72 @@ impl Qcow2 {
             if refcount > 0 || counted > 0 {
                 highest = i as u64;
             }
-            if refcount != counted {
-                if refcount < counted {
-                    w.report.corruptions += 1;
-                    w.msg(format!(
-                        "ERROR cluster {i} refcount={refcount} reference={counted}"
-                    ));
-                } else {
-                    w.report.leaks += 1;
-                    w.msg(format!(
-                        "Leaked cluster {i} refcount={refcount} reference={counted}"
-                    ));
+            if refcount == counted {
+                continue;
+            }
+            let repair = if refcount == 0 {
+                w.rebuild = true;
+                false
+            } else if refcount > counted {
+                fix.leaks
+            } else {
+                fix.errors
+            };
+            if repair {
+                w.msg(format!(
+                    "Repairing cluster {i} refcount={refcount} reference={counted}"
+                ));
+                let delta = counted as i64 - refcount as i64;
+                match self
+                    .rc
+                    .add(&self.w, crate::units::HostCluster(i as u64), delta)
+                    .await
+                {
+                    Ok(_) if refcount > counted => {
+                        w.report.leaks_fixed += 1;
+                        continue;
+                    }
+                    Ok(_) => {
+                        w.report.corruptions_fixed += 1;
+                        continue;
+                    }
+                    Err(e) => w.msg(format!("ERROR fixing refcount of cluster {i}: {e}")),
                 }
+            } else if refcount < counted {
+                w.msg(format!(
+                    "ERROR cluster {i} refcount={refcount} reference={counted}"
+                ));
+            } else {
+                w.msg(format!(
+                    "Leaked cluster {i} refcount={refcount} reference={counted}"
+                ));
+            }
+            if refcount < counted {
+                w.report.corruptions += 1;
+            } else {
+                w.report.leaks += 1;
             }
         }
-        // COPIED flags of the active L1 and its L2 tables, against the stored refcounts.
+        highest
+    }
+
+    /// COPIED flags of the active L1 and its L2 tables against the stored refcounts: set
+    /// exactly where the refcount is 1. Repaired through the caches with `fix.errors`.
+    async fn check_copied(
+        &self,
+        w: &mut Walk<'_>,
+        stored: &StoredRefcounts,
+        fix: Fix,
+    ) -> Result<()> {
+        const COPIED: u64 = 1 << 63;
+        // A leaks-only repair fixes COPIED flags too when the refcounts are known to be right
+        // by now (nothing left unrepaired), as QEMU's does: the flags then follow from them.
+        let repair = fix.errors
+            || (fix.leaks
+                && w.report.check_errors == 0
+                && w.report.corruptions == 0
+                && w.report.leaks == 0);
+        let what = if repair { "Repairing" } else { "ERROR" };
         let cs = self.geo.cluster_size();
         let l1 = self.l1.entries();
         for (i, &e) in l1.iter().enumerate() {
@@ -460,11 +614,18 @@ impl Qcow2 {
             let Some(rc) = stored.get(self, l2 >> self.geo.cluster_bits) else {
                 continue;
             };
-            if (rc == 1) != (e & (1 << 63) != 0) {
-                w.report.corruptions += 1;
+            if (rc == 1) != (e & COPIED != 0) {
                 w.msg(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                    "{what} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
+                if repair {
+                    let fixed = if rc == 1 { e | COPIED } else { e & !COPIED };
+                    self.l1
+                        .set(i as u64, crate::format::table::L1Entry(fixed), Vec::new());
+                    w.report.corruptions_fixed += 1;
+                } else {
+                    w.report.corruptions += 1;
+                }
             }
             let buf = match self
                 .w
@@ -476,9 +637,10 @@ impl Qcow2 {
                 Err(err) => {
                     w.report.check_errors += 1;
                     w.msg(format!("ERROR: Could not read L2 table: {}", os_text(&err)));
-                    return Err((w.report, Error::io("reading L2 table", err)));
+                    return Err(Error::io("reading L2 table", err));
                 }
             };
+            let mut copied_checks = Vec::new();
             for j in 0..self.geo.l2_entries() as usize {
                 let x = be::u64(&buf, j * 8);
                 if x & (1 << 62) != 0 || x & OFFSET_MASK == 0 {
@@ -487,17 +649,39 @@ impl Qcow2 {
                 let Some(rc) = stored.get(self, (x & OFFSET_MASK) >> self.geo.cluster_bits) else {
                     continue;
                 };
-                if (rc == 1) != (x & (1 << 63) != 0) {
+                if (rc == 1) != (x & COPIED != 0) {
                     copied_checks.push(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}"
+                        "{what} OFLAG_COPIED data cluster: l2_entry={x:x} refcount={rc}"
                     ));
+                    if repair {
+                        let fixed = if rc == 1 { x | COPIED } else { x & !COPIED };
+                        self.set_l2_entry_raw(l2, j, fixed).await?;
+                    }
                 }
             }
-            w.report.corruptions += copied_checks.len() as u64;
+            if repair {
+                w.report.corruptions_fixed += copied_checks.len() as u64;
+            } else {
+                w.report.corruptions += copied_checks.len() as u64;
+            }
             w.report.messages.append(&mut copied_checks);
         }
-        w.report.image_end_offset = (highest + 1) * cs;
-        Ok(w.report)
+        Ok(())
+    }
+
+    /// Rewrites entry `j` of the L2 table at host offset `l2` through the L2 cache (repair).
+    async fn set_l2_entry_raw(&self, l2: u64, j: usize, value: u64) -> Result<()> {
+        let slice_bytes = self.l2.entry_size();
+        let per_slice = slice_bytes / 8;
+        let slice_off = l2 + (j / per_slice * slice_bytes) as u64;
+        let t = self
+            .l2
+            .get(&self.w, crate::units::HostOffset(slice_off))
+            .await?;
+        let mut g = t.lock();
+        let data = g.modify([]);
+        super::cache::put_u64(data, j % per_slice, value);
+        Ok(())
     }
 
     async fn stored_refcounts(&self, clusters: usize) -> StoredRefcounts {

@@ -51,7 +51,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-pub use check::{CheckMode, CheckReport};
+pub use check::{CheckReport, Fix};
 pub use create::{create, CreateOptions, Preallocation};
 
 /// QEMU's upper bound for the default L2 cache (Linux).

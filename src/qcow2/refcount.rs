@@ -574,7 +574,7 @@ impl Refcounts {
     }
 
     /// Adds `delta` to the refcount of cluster `c` in the cache. Returns the new refcount.
-    async fn add(&self, w: &Writer, c: HostCluster, delta: i64) -> Result<u64> {
+    pub(crate) async fn add(&self, w: &Writer, c: HostCluster, delta: i64) -> Result<u64> {
         let epb = self.entries_per_block;
         let t = self.block(w, c.0 / epb).await?.ok_or_else(|| {
             Error::corrupt(format!(
