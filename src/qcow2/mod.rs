@@ -19,6 +19,7 @@ pub mod check;
 mod compress;
 pub mod create;
 mod flush;
+mod frees;
 mod header_store;
 mod inflight;
 mod l1;
@@ -359,6 +360,9 @@ impl Qcow2 {
     /// (`cache-clean-interval`) and, for a compressed target, the writeback of its cache.
     pub fn start_background(self: &Arc<Self>, interval_secs: Option<u64>) {
         if let Some(t) = self.start_seq_writeback() {
+            self.background.lock().push(t);
+        }
+        if let Some(t) = self.start_free_scheduler() {
             self.background.lock().push(t);
         }
         self.start_cache_cleaner(interval_secs);

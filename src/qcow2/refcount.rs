@@ -34,6 +34,14 @@ use std::sync::Arc;
 /// Reserved bits of a refcount table entry.
 const REFTABLE_RESERVED: u64 = 0x1ff;
 
+/// Queued frees that ask for a flush of their own, without waiting for the guest's: a guest that
+/// discards (or overwrites compressed or shared clusters) and never flushes would otherwise grow
+/// the file without bound. Whichever comes first: this many bytes, this many queued frees, or a
+/// free this old when the next one is queued.
+const FREE_SOON_BYTES: u64 = 32 << 20;
+const FREE_SOON_COUNT: usize = 4096;
+const FREE_SOON_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The refcount table as held in memory.
 #[derive(Clone, Debug)]
 pub struct RefTable {
@@ -64,6 +72,14 @@ struct PendingFree {
     discard: bool,
 }
 
+#[derive(Default)]
+struct FreeQueue {
+    pending: Vec<PendingFree>,
+    bytes: u64,
+    /// When the oldest queued free was queued.
+    since: Option<std::time::Instant>,
+}
+
 struct AllocState {
     /// No free cluster lies below this one.
     free_hint: u64,
@@ -81,7 +97,10 @@ pub struct Refcounts {
     table: RwLock<RefTable>,
     pub cache: MetaCache,
     alloc: tokio::sync::Mutex<AllocState>,
-    frees: Mutex<Vec<PendingFree>>,
+    frees: Mutex<FreeQueue>,
+    /// Signalled when queued frees should be applied without waiting for a guest flush (see
+    /// `FREE_SOON_*`); the image's free scheduler task waits on it and flushes.
+    pub free_wanted: Arc<tokio::sync::Notify>,
     /// Lazy refcounts are active (dirty bit set): pointers need not wait for refcounts.
     pub lazy: AtomicBool,
     /// Clusters allocated (statistics).
@@ -107,7 +126,8 @@ impl Refcounts {
                 high_water: geo.clusters_for(file_len),
                 byte_tail: None,
             }),
-            frees: Mutex::new(Vec::new()),
+            frees: Mutex::new(FreeQueue::default()),
+            free_wanted: Arc::new(tokio::sync::Notify::new()),
             lazy: AtomicBool::new(false),
             allocated: AtomicU64::new(0),
         }
@@ -609,16 +629,27 @@ impl Refcounts {
     /// Queues a refcount decrease for every cluster overlapped by `[offset, offset+len)`, to be
     /// applied once `after` is durable (see module docs).
     pub fn defer_free(&self, offset: HostOffset, len: u64, after: Option<Dep>, discard: bool) {
-        self.frees.lock().push(PendingFree {
-            offset,
-            len,
-            after,
-            discard,
-        });
+        let soon = {
+            let mut q = self.frees.lock();
+            q.pending.push(PendingFree {
+                offset,
+                len,
+                after,
+                discard,
+            });
+            q.bytes += len;
+            let since = *q.since.get_or_insert_with(std::time::Instant::now);
+            q.bytes >= FREE_SOON_BYTES
+                || q.pending.len() >= FREE_SOON_COUNT
+                || since.elapsed() >= FREE_SOON_AGE
+        };
+        if soon {
+            self.free_wanted.notify_one();
+        }
     }
 
     pub fn has_pending_frees(&self) -> bool {
-        !self.frees.lock().is_empty()
+        !self.frees.lock().pending.is_empty()
     }
 
     /// Applies the queued frees whose precondition is durable. Returns the host clusters whose
@@ -627,9 +658,16 @@ impl Refcounts {
         let ready: Vec<PendingFree> = {
             let mut q = self.frees.lock();
             let (ready, wait): (Vec<_>, Vec<_>) = q
+                .pending
                 .drain(..)
                 .partition(|f| f.after.as_ref().is_none_or(|d| d.satisfied(&w.barrier)));
-            *q = wait;
+            q.bytes = wait.iter().map(|f| f.len).sum();
+            q.since = if wait.is_empty() {
+                None
+            } else {
+                Some(std::time::Instant::now())
+            };
+            q.pending = wait;
             ready
         };
         if ready.is_empty() {
@@ -668,7 +706,7 @@ impl Refcounts {
 
     /// Drops every queued free (after a refcount rebuild made them moot).
     pub fn clear_pending_frees(&self) {
-        self.frees.lock().clear();
+        *self.frees.lock() = FreeQueue::default();
     }
 
     /// Installs a refcount table rebuilt from scratch (repair): resets the allocator hints.
