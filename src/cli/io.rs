@@ -219,6 +219,12 @@ impl Session {
                     ('u', _) => f.unmap = true,
                     ('c', _) => f.compress = true,
                     ('n', _) => f.no_fallback = true,
+                    ('b', _) => {
+                        // The VM-state area is not implemented: ignoring -b
+                        // would touch guest data instead.
+                        eprintln!("{cmd}: -b (VM-state area) is not supported");
+                        return None;
+                    }
                     ('f' | 'p' | 'r', _) => {}
                     _ => {}
                 }
