@@ -372,3 +372,61 @@ fn io_refuses_vmstate_flag() {
     let out = qemu_io(&img, "qcow2", &["read -P 0 0 4k".into()]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+/// Output into a pipe whose reader went away ends the command quietly (SIGPIPE, as for
+/// qemu-img), never with a panic.
+#[test]
+fn closed_pipes_end_commands_without_a_panic() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.qcow2");
+    qemu_create(&img, "", 64 << 20, &[]);
+    qemu_io(&img, "qcow2", &["write -P 3 0 8M".into()]);
+    let raw = dir.path().join("out.raw");
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "io".into(),
+            "-c".into(),
+            "read -v 0 1M".into(),
+            img.to_str().unwrap().into(),
+        ],
+        vec![
+            "convert".into(),
+            "-p".into(),
+            "-O".into(),
+            "raw".into(),
+            img.to_str().unwrap().into(),
+            raw.to_str().unwrap().into(),
+        ],
+        vec![
+            "map".into(),
+            "--output=json".into(),
+            img.to_str().unwrap().into(),
+        ],
+    ];
+    for args in cases {
+        let mut child = Command::new(QIMG)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 10];
+        let _ = out.read(&mut first);
+        drop(out);
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(
+            !err.contains("panicked") && status.code() != Some(101),
+            "qimg {args:?} into a closed pipe: {status:?}\n{err}"
+        );
+    }
+}

@@ -61,6 +61,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
+    if !matches!(cli.cmd, Command::Serve(_)) {
+        restore_sigpipe();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("qimg")
@@ -87,6 +90,19 @@ pub fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
+}
+
+/// Output to a closed pipe (`qimg io -c 'read -v ...' img | head`) ends the process quietly, as it
+/// ends qemu-img: by SIGPIPE. Rust ignores SIGPIPE and turns the write error into a panic in
+/// `print!`; the default disposition is restored for every command but `serve`, whose sockets
+/// must see EPIPE as an error rather than die of a client that hung up (its own console output
+/// ignores write errors).
+fn restore_sigpipe() {
+    // SAFETY: setting a signal's disposition to its default before any other thread exists
+    // (the runtime is not built yet) has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Diagnostics from the library go to stderr, warnings and errors only unless `QIMG_LOG` says
