@@ -158,7 +158,13 @@ impl StopSignal {
                 Box::pin(async move { rx.changed().await.is_ok() })
             });
             match fut.as_mut().poll(cx) {
-                Poll::Ready(true) => self.changed = None,
+                Poll::Ready(true) => {
+                    // The clone that saw the change is gone; mark the change seen on `rx` too,
+                    // or the next clone (made from `rx`'s old version) would see the same change
+                    // again at once, and this loop would spin forever on the executor thread.
+                    self.rx.borrow_and_update();
+                    self.changed = None;
+                }
                 // The server dropped the sender: never wake again.
                 Poll::Ready(false) => {
                     self.changed = Some(Box::pin(std::future::pending()));
@@ -585,5 +591,42 @@ fn poll_read_some<R: AsyncRead + Unpin>(
         Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         Poll::Pending => Poll::Pending,
+    }
+}
+
+#[cfg(test)]
+mod stop_signal_tests {
+    use super::*;
+    use std::task::Context;
+
+    /// After the stop level changed once, polling it again must return (not spin) and must
+    /// leave a wakeup registered for the next change.
+    #[test]
+    fn stop_level_seen_once_does_not_spin() {
+        let (tx, rx) = watch::channel(RUNNING);
+        let mut sig = StopSignal::new(rx);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(sig.poll_level(&mut cx), RUNNING);
+        let _ = tx.send(STOP);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let waker = futures_util::task::noop_waker();
+            let mut cx = Context::from_waker(&waker);
+            let first = sig.poll_level(&mut cx);
+            let second = sig.poll_level(&mut cx);
+            let pending = sig
+                .changed
+                .as_mut()
+                .map(|f| f.as_mut().poll(&mut cx).is_pending());
+            let _ = done_tx.send((first, second, pending));
+            drop(tx);
+        });
+        let got = done_rx.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(
+            got.ok(),
+            Some((STOP, STOP, Some(true))),
+            "poll_level spun or missed the change"
+        );
     }
 }
