@@ -72,7 +72,10 @@ async fn exercise(image: &[u8], ops: &[u8]) {
                 continue;
             }
             let _ = match op[0] % 5 {
-                0 => img.write_at(off, IoBuf::copy_from(&vec![op[2]; len as usize])).await,
+                0 => {
+                    img.write_at(off, IoBuf::copy_from(&vec![op[2]; len as usize]))
+                        .await
+                }
                 1 => {
                     let flags = ZeroFlags {
                         may_unmap: op[2] & 1 == 1,
@@ -82,7 +85,10 @@ async fn exercise(image: &[u8], ops: &[u8]) {
                 }
                 2 => img.discard_range(off, len).await,
                 3 => img.flush().await,
-                _ => img.read_at(off, IoBufMut::zeroed(len as usize)).await.map(|_| ()),
+                _ => img
+                    .read_at(off, IoBufMut::zeroed(len as usize))
+                    .await
+                    .map(|_| ()),
             };
         }
     }

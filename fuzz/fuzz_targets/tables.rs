@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use qimg::format::{bitmap, compression, snapshot, CompressionType, L1Entry, Mapping, RefcountWidth};
+use qimg::format::{
+    bitmap, compression, snapshot, CompressionType, L1Entry, Mapping, RefcountWidth,
+};
 use qimg::units::Geometry;
 
 fuzz_target!(|data: &[u8]| {
