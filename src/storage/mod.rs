@@ -9,8 +9,9 @@
 //!   optionally `O_DIRECT`;
 //! - [`memory::MemoryStorage`]: a file held in memory (tests, benchmarks);
 //! - wrappers: [`counting::CountingStorage`] (counts operations), [`latency::LatencyStorage`]
-//!   (adds a fixed delay to every operation, for measurements without disk noise) and
-//!   [`crash::CrashStorage`] (records unflushed writes and can "lose power").
+//!   (adds a fixed delay to every operation, for measurements without disk noise),
+//!   [`crash::CrashStorage`] (records unflushed writes and can "lose power") and
+//!   [`fault::FaultStorage`] (fails chosen operations with `EIO` or `ENOSPC`, for failure tests).
 //!
 //! [`lock`] takes QEMU's image locks on a file when it is opened (`FileOptions::lock`).
 //!
@@ -20,6 +21,7 @@
 
 pub mod counting;
 pub mod crash;
+pub mod fault;
 pub mod file;
 pub mod latency;
 pub mod lock;
