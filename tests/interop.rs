@@ -429,3 +429,39 @@ fn both_io_engines_write_and_read_the_same() {
         }
     }
 }
+
+/// A discard on a v2 image over a backing file keeps the guest's data, as QEMU does (iotest
+/// 290): v2 has no ZERO flag, so dropping the cluster would show the backing file's data.
+#[test]
+fn v2_discard_over_a_backing_file_keeps_the_guests_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_create(&base, "", 1 << 20, &[]);
+    qemu_io(&base, "qcow2", &["write -P 0xff 0 1M".into()]);
+    for (name, tool) in [("qimg.qcow2", "qimg"), ("qemu.qcow2", "qemu-io")] {
+        let top = dir.path().join(name);
+        qemu_create(
+            &top,
+            "compat=0.10",
+            1 << 20,
+            &["-b", base.to_str().unwrap(), "-F", "qcow2"],
+        );
+        qemu_io(&top, "qcow2", &["write -P 1 0 256k".into()]);
+        if tool == "qimg" {
+            rt().block_on(async {
+                let img = open_image(&top, &qcow2_opts()).await.unwrap();
+                img.discard(0, 256 << 10).await.unwrap();
+                let b = img.read(0, IoBufMut::zeroed(256 << 10)).await.unwrap();
+                assert!(
+                    b.iter().all(|&x| x == 1),
+                    "discard exposed the backing file"
+                );
+                img.close().await.unwrap();
+            });
+        } else {
+            qemu_io(&top, "qcow2", &["discard 0 256k".into()]);
+        }
+        qemu_io(&top, "qcow2", &["read -P 1 0 256k".into()]);
+        qemu_check_clean(&top);
+    }
+}

@@ -5,8 +5,9 @@
 //!   unmapped (a ZERO flag cannot sit on a compressed descriptor). Partial clusters and v2 images
 //!   get real zeros written, except where the guest already reads zeros.
 //! - Discard works on whole clusters only, as QEMU's does: a discarded cluster reads as zeros on
-//!   v3 images (ZERO flag) and falls through to the backing file on v2 (or reads zeros without
-//!   one). Freed clusters are punched out of the file (`pass-discard-request`, on by default).
+//!   v3 images (ZERO flag) and on v2 images without a backing file; on a v2 image with a backing
+//!   file it is left as it is (without a ZERO flag it would read the backing file's data instead
+//!   of the guest's, which QEMU does not allow either). Freed clusters are punched out of the file (`pass-discard-request`, on by default).
 //!
 //! Both claim the clusters they change, like allocating writes, and free host clusters only after
 //! the new entries are durable.
@@ -135,7 +136,9 @@ impl Qcow2 {
         let cs = g.cluster_size();
         let first = GuestCluster(offset >> g.cluster_bits);
         let n = len.div_ceil(cs) as usize;
-        let has_backing = self.backing.get().is_some();
+        // Named in the header counts even when the chain was not opened (`info`-style opens):
+        // what the guest reads through the chain must not change.
+        let has_backing = self.backing.get().is_some() || self.backing_filename().is_some();
 
         // Without an L2 table every cluster is unallocated and reads as zeros unless a backing
         // file shows through: then there is nothing to change (and no table to allocate).
@@ -230,6 +233,11 @@ impl Qcow2 {
                 },
             },
             ClusterOp::Discard => {
+                // v2 has no ZERO flag: dropping the cluster would expose the backing file's
+                // data where the guest wrote its own. QEMU keeps the data then; so do we.
+                if !v3 && has_backing {
+                    return old;
+                }
                 let allocated = !matches!(
                     old,
                     Mapping::Unallocated | Mapping::Zero { prealloc: None, .. }
