@@ -542,7 +542,18 @@ fn kill_9_writer_process() {
         );
         child.kill().unwrap();
         let _ = child.wait();
-        let (code, corruptions, _, out) = qemu_check(&p);
+        // The image lock goes away with the killed process's last file reference, and the
+        // kernel drops those held by an io_uring instance asynchronously, a moment after the
+        // process is reaped: wait for it (bounded) rather than race it.
+        let mut tries = 0;
+        let (code, corruptions, _, out) = loop {
+            let r = qemu_check(&p);
+            tries += 1;
+            if !r.3.contains("Failed to get") || tries >= 100 {
+                break r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         assert!(
             corruptions == 0 && (code == 0 || code == 3),
             "after kill -9: rc={code}\n{out}"

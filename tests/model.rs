@@ -139,8 +139,6 @@ fn ops(size: u64, cs: u64) -> impl Strategy<Value = Vec<Op>> {
 struct World {
     dir: tempfile::TempDir,
     s: Setup,
-    /// What the backing chain reads (zeros past its end).
-    backing: Vec<u8>,
     model: Vec<u8>,
 }
 
@@ -213,8 +211,7 @@ async fn build(s: Setup) -> World {
     World {
         dir,
         s,
-        model: backing.clone(),
-        backing,
+        model: backing,
     }
 }
 
