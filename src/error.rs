@@ -57,6 +57,17 @@ impl Error {
         }
     }
 
+    /// What every write and flush returns once an fsync of the image failed (`EIO`): Linux
+    /// reports a failed writeback once, so nothing written before it can be counted as durable
+    /// again in this session (see `qcow2::barrier`, "Failure (poisoning)").
+    pub fn sync_failed() -> Self {
+        Error::io(
+            "an earlier flush of the image file failed, so writes made before it may be lost; \
+             the image accepts no more writes or flushes until it is reopened",
+            io::Error::from_raw_os_error(5), // EIO
+        )
+    }
+
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidImage(msg.into())
     }

@@ -5,6 +5,7 @@ use crate::block::{check_range, BlockDevice, BlockStatus, Format, OpenOptions, Z
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::{IoFuture, StorageRef};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 pub struct Raw {
@@ -19,6 +20,10 @@ pub struct Raw {
     /// Serializes checked writes to the first sector (two writes that each look harmless could
     /// together build a header).
     first_sector: tokio::sync::Mutex<()>,
+    /// An fsync failed: as for qcow2 (see `qcow2::barrier`), writes made before it may be lost
+    /// although a later fsync would succeed, so every later write and flush fails with `EIO`
+    /// until the image is reopened.
+    sync_failed: AtomicBool,
 }
 
 /// The bytes format probing looks at.
@@ -38,6 +43,7 @@ impl Raw {
             writethrough: opts.cache.writethrough(),
             probed: opts.format.is_none(),
             first_sector: tokio::sync::Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
         })
     }
 
@@ -80,6 +86,7 @@ impl Raw {
             writethrough: false,
             probed: false,
             first_sector: tokio::sync::Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
         }
     }
 
@@ -87,15 +94,31 @@ impl Raw {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        if self.sync_failed.load(Relaxed) {
+            return Err(Error::sync_failed());
+        }
         check_range(offset, len, self.size)
     }
 
     async fn after_write(&self) -> Result<()> {
         if self.writethrough {
-            self.storage
-                .flush()
-                .await
-                .context(|| format!("flushing '{}'", self.filename))?;
+            self.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// One fsync; a failure poisons the image (`sync_failed`).
+    async fn sync(&self) -> Result<()> {
+        if self.sync_failed.load(Relaxed) {
+            return Err(Error::sync_failed());
+        }
+        if let Err(e) = self.storage.flush().await {
+            self.sync_failed.store(true, Relaxed);
+            tracing::error!(
+                "flushing '{}' failed ({e}): no more writes or flushes",
+                self.filename
+            );
+            return Err(e).context(|| format!("flushing '{}'", self.filename));
         }
         Ok(())
     }
@@ -173,10 +196,7 @@ impl BlockDevice for Raw {
             if self.read_only {
                 return Ok(());
             }
-            self.storage
-                .flush()
-                .await
-                .context(|| format!("flushing '{}'", self.filename))
+            self.sync().await
         })
     }
 
@@ -213,5 +233,34 @@ impl BlockDevice for Raw {
 
     fn allocated_bytes(&self) -> Option<u64> {
         self.storage.allocated_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fault::{FaultError, FaultStorage, OpKind};
+    use crate::storage::memory::MemoryStorage;
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_write_and_flush() {
+        let s = Arc::new(FaultStorage::new(MemoryStorage::from_bytes(&[0u8; 8192])));
+        let faults = s.handle();
+        let raw = Raw::with_storage(s.clone(), 8192, false);
+        raw.write(0, IoBuf::copy_from(&[1u8; 512])).await.unwrap();
+        faults.fail_nth(OpKind::Flush, 1, FaultError::Io);
+        assert!(raw.flush().await.is_err());
+        let flushes = faults.count(OpKind::Flush);
+        // The storage would sync again; the image must not count that as durability.
+        assert_eq!(raw.flush().await.map_err(|e| e.errno()), Err(5));
+        let w = raw.write(512, IoBuf::copy_from(&[2u8; 512])).await;
+        assert_eq!(w.map_err(|e| e.errno()), Err(5));
+        assert_eq!(
+            faults.count(OpKind::Flush),
+            flushes,
+            "no fsync after the failure"
+        );
+        let r = raw.read(0, IoBufMut::zeroed(512)).await.unwrap();
+        assert_eq!(&r[..], &[1u8; 512][..], "reads still work");
     }
 }

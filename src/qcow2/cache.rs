@@ -236,6 +236,10 @@ impl Writer {
                 (IoBuf::copy_from(&st.data), st.version, unsatisfied)
             };
             self.satisfy(&deps).await?;
+            if self.barrier.sync_failed() {
+                // The table stays dirty; what was durable before the failure is unknown.
+                return Err(crate::error::Error::sync_failed());
+            }
             self.writes.fetch_add(1, Relaxed);
             self.storage
                 .write_at(snapshot, t.offset.0)

@@ -12,15 +12,19 @@
 //! allocated since the last one.
 
 use super::Qcow2;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use futures_util::future::try_join_all;
 
 impl Qcow2 {
     /// Makes every completed write durable.
+    ///
+    /// After a failed fsync this fails with `EIO` until the image is reopened, whatever the
+    /// storage would say now (`barrier`: poisoning).
     pub async fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        self.check_not_failed()?;
         self.flush_seq_cache().await?;
         self.flush_plain().await
     }
@@ -34,7 +38,16 @@ impl Qcow2 {
         self.flush_locked().await
     }
 
+    /// Fails once an fsync failed: no metadata is written back to such an image.
+    fn check_not_failed(&self) -> Result<()> {
+        if self.w.barrier.sync_failed() {
+            return Err(Error::sync_failed());
+        }
+        Ok(())
+    }
+
     pub(crate) async fn flush_locked(&self) -> Result<()> {
+        self.check_not_failed()?;
         self.rc.cache.write_back_all(&self.w).await?;
         self.l2.write_back_all(&self.w).await?;
         let l1 = self.l1.dirty_chunks();

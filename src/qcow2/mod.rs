@@ -41,7 +41,7 @@ use crate::format::snapshot::{self, Snapshot};
 use crate::format::{be, CompressionType, RefcountWidth};
 use crate::storage::{IoFuture, StorageRef};
 use crate::units::{Geometry, HostOffset};
-use barrier::Barrier;
+use barrier::{Barrier, Unwritable};
 use cache::{MetaCache, Writer};
 use header_store::HeaderStore;
 use inflight::{Claims, IoEpochs};
@@ -185,8 +185,6 @@ pub struct Qcow2 {
     pub(crate) backing: OnceLock<Arc<dyn BlockDevice>>,
     pub(crate) size: AtomicU64,
     pub(crate) read_only: bool,
-    /// Corruption was found during this session: no more writes.
-    pub(crate) corrupt: AtomicBool,
     pub(crate) pass_discard: bool,
     pub(crate) snapshots: Vec<Snapshot>,
     /// The sequential write cache of a compressed target.
@@ -297,7 +295,6 @@ impl Qcow2 {
             backing: OnceLock::new(),
             size: AtomicU64::new(h.size),
             read_only,
-            corrupt: AtomicBool::new(false),
             pass_discard: opts.pass_discard_request.unwrap_or(true),
             snapshots,
             seq: (opts.compress == Some(true) && !read_only)
@@ -444,12 +441,14 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        if self.corrupt.load(Relaxed) {
-            return Err(Error::corrupt(
+        // One relaxed load for both reasons (corruption, a failed flush): see `barrier`.
+        match self.w.barrier.writable() {
+            Ok(()) => Ok(()),
+            Err(Unwritable::Corrupt) => Err(Error::corrupt(
                 "the image was marked corrupt; writes are refused (run 'qemu-img check -r all')",
-            ));
+            )),
+            Err(Unwritable::SyncFailed) => Err(Error::sync_failed()),
         }
-        Ok(())
     }
 
     /// Reacts to corrupt metadata found while serving a request: on a writable image, set the
@@ -457,7 +456,11 @@ impl Qcow2 {
     pub(crate) async fn signal_corruption(&self, e: Error) -> Error {
         if let Error::Corrupt(msg) = &e {
             tracing::error!("{}: {msg}", self.filename);
-            if !self.read_only && !self.corrupt.swap(true, Relaxed) && self.version >= 3 {
+            if !self.read_only
+                && !self.w.barrier.mark_corrupt()
+                && !self.w.barrier.sync_failed()
+                && self.version >= 3
+            {
                 let _ = self
                     .hdr
                     .update(&self.w, |h| h.incompatible_features |= incompat::CORRUPT)
@@ -496,7 +499,7 @@ impl Qcow2 {
         if self.closed.load(Relaxed) {
             return Ok(());
         }
-        if !self.read_only && !self.corrupt.load(Relaxed) {
+        if !self.read_only && self.w.barrier.writable().is_ok() {
             self.flush_seq_cache().await?;
         }
         if self.closed.swap(true, Relaxed) {
@@ -508,7 +511,8 @@ impl Qcow2 {
         for t in self.background.lock().drain(..) {
             t.abort();
         }
-        if !self.read_only && !self.corrupt.load(Relaxed) {
+        if !self.read_only && !self.w.barrier.is_corrupt() {
+            // After a failed flush this fails: closing must not report durability it lacks.
             self.flush_for_close().await?;
         }
         if let Some(b) = self.backing.get() {

@@ -7,6 +7,11 @@
 //! operations survive is chosen by a [`CrashPolicy`]: all, none, or a random subset in which a
 //! surviving write may also be torn at 512-byte sector granularity (disks persist sectors, not
 //! requests, and reorder them).
+//!
+//! It also models Linux's failed writeback ([`CrashStorage::fail_flush`]): the fsync reports
+//! `EIO`, the writes it was to persist are lost for good (a chosen subset reaches the disk, as in
+//! a crash), yet reads keep seeing them (the page cache marked them clean) and the next fsync
+//! succeeds. A program that counts that next fsync as covering the lost writes is caught.
 
 use super::memory::MemoryStorage;
 use super::{IoFuture, Storage};
@@ -40,6 +45,9 @@ struct State {
     ops: u64,
     crash_at: Option<(u64, CrashPolicy)>,
     captured: Option<MemoryStorage>,
+    /// The flush (counted from 1) that fails, and which of its writes reach the disk.
+    fail_flush: Option<(u64, CrashPolicy)>,
+    flushes: u64,
 }
 
 /// Storage that can lose power.
@@ -62,6 +70,8 @@ impl CrashStorage {
                 ops: 0,
                 crash_at: None,
                 captured: None,
+                fail_flush: None,
+                flushes: 0,
             }),
         }
     }
@@ -71,6 +81,15 @@ impl CrashStorage {
         let mut st = self.state.lock();
         let at = st.ops + op;
         st.crash_at = Some((at, policy));
+    }
+
+    /// The `n`-th flush from now (counting from 1) fails with `EIO` as a failed writeback does
+    /// on Linux: of the writes since the last flush, only those `policy` keeps become durable,
+    /// the others are lost although reads still return them, and later flushes succeed.
+    pub fn fail_flush(&self, n: u64, policy: CrashPolicy) {
+        let mut st = self.state.lock();
+        let at = st.flushes + n;
+        st.fail_flush = Some((at, policy));
     }
 
     /// Operations performed so far.
@@ -200,11 +219,21 @@ impl Storage for CrashStorage {
         let r = {
             let mut st = self.state.lock();
             if Self::step(&mut st) {
-                let pending = std::mem::take(&mut st.pending);
-                for op in &pending {
-                    apply(&st.durable, op);
+                st.flushes += 1;
+                match st.fail_flush {
+                    Some((at, policy)) if at == st.flushes => {
+                        st.durable = capture(&st, policy);
+                        st.pending.clear();
+                        Err(io::Error::from_raw_os_error(5))
+                    }
+                    _ => {
+                        let pending = std::mem::take(&mut st.pending);
+                        for op in &pending {
+                            apply(&st.durable, op);
+                        }
+                        Ok(())
+                    }
                 }
-                Ok(())
             } else {
                 Err(dead())
             }
