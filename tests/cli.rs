@@ -430,3 +430,100 @@ fn closed_pipes_end_commands_without_a_panic() {
         );
     }
 }
+
+/// `compare -s` compares block status as qemu-img does (a zero cluster and an unallocated one
+/// differ; so do an unallocated middle and an unallocated tail), and `-p` prints qemu-img's
+/// progress lines. Both byte for byte against qemu-img.
+#[test]
+fn compare_strict_and_progress_match_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    let c = dir.path().join("c.qcow2");
+    for p in [&a, &b, &c] {
+        qemu_create(p, "", 1 << 20, &[]);
+    }
+    qemu_io(&a, "qcow2", &["write -z 64k 64k".into()]);
+    qemu_io(&b, "qcow2", &["write -P 0 128k 64k".into()]);
+    let (a, b, c) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        c.to_str().unwrap(),
+    );
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-s", a, b],
+        vec!["-s", b, a],
+        vec!["-s", a, c],
+        vec!["-s", a, a],
+        vec![a, b],
+        vec!["-p", a, b],
+        vec!["-p", "-s", a, c],
+        vec!["-p", "-q", a, b],
+    ];
+    for args in cases {
+        let ours = qimg(&[&["compare"][..], &args].concat());
+        let theirs = run("qemu-img", &[&["compare"][..], &args].concat());
+        assert_eq!(
+            (ours.status.code(), ours.stdout.clone()),
+            (theirs.status.code(), theirs.stdout.clone()),
+            "compare {args:?}: ours {:?}, qemu-img {:?}",
+            stdout(&ours),
+            String::from_utf8_lossy(&theirs.stdout)
+        );
+    }
+}
+
+/// qemu-io's sub-command flags do what qemu-io's do: `write -f` (FUA) completes durably,
+/// `-p` (ignored by qemu-io for compatibility) and `-r` (buffer registration, a hint) change
+/// nothing, `aio_write -i`/`aio_read -i` only report an invalid request and do no I/O.
+#[test]
+fn io_flags_match_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("f.qcow2");
+    qemu_create(&img, "", 4 << 20, &[]);
+    let p = img.to_str().unwrap();
+    let cmds = [
+        "write -P 1 0 64k",
+        "write -f -P 2 64k 64k",
+        "write -p -r -P 3 128k 4k",
+        "writev -f -r -P 4 192k 4k 4k",
+        "read -p -P 1 0 64k",
+        "readv -r -P 2 64k 64k",
+        "aio_write -i -P 5 0 4k",
+        "aio_flush",
+        "aio_read -i 0 4k",
+        "aio_flush",
+        "read -P 1 0 4k",
+    ];
+    let mut args = vec!["-f", "qcow2"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(p);
+    let ours = qimg(&[&["io"][..], &args].concat());
+    // qemu-io on its own copy, the same commands.
+    let theirs_img = dir.path().join("g.qcow2");
+    qemu_create(&theirs_img, "", 4 << 20, &[]);
+    let mut targs = args.clone();
+    *targs.last_mut().unwrap() = theirs_img.to_str().unwrap();
+    let theirs = run("qemu-io", &targs);
+    let strip = |s: String| -> Vec<String> {
+        s.lines()
+            .filter(|l| !l.contains("ops;"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        strip(stdout(&ours)),
+        strip(String::from_utf8_lossy(&theirs.stdout).into_owned()),
+        "stderr: {}",
+        stderr(&ours)
+    );
+    assert_eq!(ours.status.code(), theirs.status.code());
+    let out = qemu_io(
+        &img,
+        "qcow2",
+        &["read -P 4 192k 8k".into(), "read -P 3 128k 4k".into()],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+}

@@ -1,6 +1,7 @@
 //! `qimg compare`: content equality of two images (exit 0 identical, 1 different, 2 error).
 
 use super::opts::{open, ImageArgs};
+use super::progress::Progress;
 use qimg::block::BlockDevice;
 use qimg::{IoBufMut, Result};
 use std::sync::Arc;
@@ -24,7 +25,7 @@ pub struct Args {
     cache: Option<String>,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Show progress (accepted, ignored)
+    /// Show progress
     #[arg(short = 'p')]
     progress: bool,
     filename1: String,
@@ -39,7 +40,6 @@ enum Outcome {
 }
 
 pub async fn run(a: Args) -> u8 {
-    let _ = a.progress;
     let open_one = |path: &str, fmt: Option<&str>| {
         let path = path.to_string();
         let fmt = fmt.map(str::to_string);
@@ -70,7 +70,11 @@ pub async fn run(a: Args) -> u8 {
             return 2;
         }
     };
-    let r = compare(&a1, &a2, a.strict).await;
+    let progress = Progress::new(a.progress && !a.quiet, a1.size().min(a2.size()));
+    let r = compare(&a1, &a2, a.strict, &progress).await;
+    if matches!(r, Ok(Outcome::Identical)) {
+        progress.finish_before_message();
+    }
     let _ = a1.close().await;
     let _ = a2.close().await;
     match r {
@@ -78,12 +82,14 @@ pub async fn run(a: Args) -> u8 {
             if !a.quiet {
                 println!("Images are identical.");
             }
+            progress.end_after_message();
             0
         }
         Ok(Outcome::Mismatch(msg)) => {
             if !a.quiet {
                 println!("{msg}");
             }
+            progress.end_after_message();
             1
         }
         Err(e) => {
@@ -93,10 +99,26 @@ pub async fn run(a: Args) -> u8 {
     }
 }
 
+/// The block status qemu-img's strict mode compares: allocated (anywhere in the chain), zero,
+/// data, compressed, and whether the extent reaches the end of the image (QEMU's `EOF` flag is
+/// part of the status it compares, so an unallocated tail differs from an unallocated middle).
+fn strict_status(e: &super::map::MapEntry, size: u64) -> (bool, bool, bool, bool, bool) {
+    (
+        e.present,
+        e.zero,
+        e.data,
+        e.compressed,
+        e.start + e.length >= size,
+    )
+}
+
+/// Walks the common part extent by extent, as qemu-img does: ranges that read as zeros in both
+/// images are not read; strict mode fails at the first extent whose status differs.
 async fn compare(
     a: &Arc<dyn BlockDevice>,
     b: &Arc<dyn BlockDevice>,
     strict: bool,
+    progress: &Progress,
 ) -> Result<Outcome> {
     let (sa, sb) = (a.size(), b.size());
     if strict && sa != sb {
@@ -107,23 +129,36 @@ async fn compare(
     let common = sa.min(sb);
     let mut off = 0;
     while off < common {
-        let n = CHUNK.min(common - off);
-        // Both ranges known to read as zeros: nothing to read.
-        if both_zero(a, b, off, n).await? {
-            off += n;
-            continue;
-        }
-        let (x, y) = tokio::try_join!(
-            a.read(off, IoBufMut::zeroed(n as usize)),
-            b.read(off, IoBufMut::zeroed(n as usize))
+        let (ea, eb) = tokio::try_join!(
+            super::map::entry_at(a, off, sa - off),
+            super::map::entry_at(b, off, sb - off)
         )?;
-        if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
+        let extent = ea.length.min(eb.length).min(common - off).max(1);
+        if strict && strict_status(&ea, sa) != strict_status(&eb, sb) {
             return Ok(Outcome::Mismatch(format!(
-                "Content mismatch at offset {}!",
-                off + first_sector(i as u64)
+                "Strict mode: Offset {off} block status mismatch!"
             )));
         }
-        off += n;
+        progress.add(extent);
+        if ea.zero && !ea.data && eb.zero && !eb.data {
+            off += extent;
+            continue;
+        }
+        let end = off + extent;
+        while off < end {
+            let n = CHUNK.min(end - off);
+            let (x, y) = tokio::try_join!(
+                a.read(off, IoBufMut::zeroed(n as usize)),
+                b.read(off, IoBufMut::zeroed(n as usize))
+            )?;
+            if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
+                return Ok(Outcome::Mismatch(format!(
+                    "Content mismatch at offset {}!",
+                    off + first_sector(i as u64)
+                )));
+            }
+            off += n;
+        }
     }
     // The longer image must read as zeros past the shorter one.
     let (longer, len) = if sa > sb { (a, sa) } else { (b, sb) };
@@ -145,18 +180,4 @@ async fn compare(
 /// qemu-img reports mismatches at sector granularity.
 fn first_sector(i: u64) -> u64 {
     i / 512 * 512
-}
-
-async fn zero_through_chain(img: &Arc<dyn BlockDevice>, off: u64, n: u64) -> Result<bool> {
-    let e = super::map::entry_at(img, off, n).await?;
-    Ok(e.length >= n && e.zero && !e.data)
-}
-
-async fn both_zero(
-    a: &Arc<dyn BlockDevice>,
-    b: &Arc<dyn BlockDevice>,
-    off: u64,
-    n: u64,
-) -> Result<bool> {
-    Ok(zero_through_chain(a, off, n).await? && zero_through_chain(b, off, n).await?)
 }

@@ -15,14 +15,13 @@
 use super::create::{make, parse_options};
 use super::fail;
 use super::opts::{open, ImageArgs};
+use super::progress::Progress;
 use qimg::block::{chain_status, BlockDevice, Format, ZeroFlags};
 use qimg::qcow2::Preallocation;
 use qimg::size::{parse_size, SizeError};
 use qimg::{Error, IoBuf, IoBufMut, Result};
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -512,70 +511,4 @@ fn read_err(off: u64, e: Error) -> Error {
 
 fn write_err(off: u64, e: Error) -> Error {
     Error::arg(format!("error while writing at byte {off}: {e}"))
-}
-
-/// Progress: a bar with rate and ETA on a terminal, qemu-img's `(NN.NN/100%)` otherwise.
-struct Progress {
-    enabled: bool,
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    done: AtomicU64,
-    last_pct: AtomicU64,
-    started: Instant,
-}
-
-impl Progress {
-    fn new(enabled: bool, total: u64) -> Progress {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b
-        });
-        if enabled && bar.is_none() {
-            print!("    (0.00/100%)\r");
-        }
-        Progress {
-            enabled,
-            bar,
-            total,
-            done: AtomicU64::new(0),
-            last_pct: AtomicU64::new(0),
-            started: Instant::now(),
-        }
-    }
-
-    fn add(&self, n: u64) {
-        if !self.enabled {
-            return;
-        }
-        let done = self.done.fetch_add(n, Relaxed) + n;
-        if let Some(b) = &self.bar {
-            b.set_position(done);
-            return;
-        }
-        // qemu-img prints when progress moved by at least 1%.
-        let pct = done * 10000 / self.total.max(1);
-        let last = self.last_pct.load(Relaxed);
-        if pct >= last + 100 || done >= self.total {
-            self.last_pct.store(pct, Relaxed);
-            use std::io::Write;
-            print!("    ({:.2}/100%)\r", pct as f64 / 100.0);
-            let _ = std::io::stdout().flush();
-        }
-    }
-
-    fn finish(&self) {
-        if !self.enabled {
-            return;
-        }
-        match &self.bar {
-            Some(b) => b.finish_with_message(format!("done in {:.1?}", self.started.elapsed())),
-            None => println!("    (100.00/100%)"),
-        }
-    }
 }

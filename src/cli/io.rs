@@ -104,6 +104,10 @@ struct Flags {
     unmap: bool,
     compress: bool,
     no_fallback: bool,
+    /// `-f`: Force Unit Access: the write is durable when it completes.
+    fua: bool,
+    /// `-i` (aio): account the request as invalid instead of doing it.
+    invalid: bool,
 }
 
 impl Session {
@@ -225,7 +229,12 @@ impl Session {
                         eprintln!("{cmd}: -b (VM-state area) is not supported");
                         return None;
                     }
-                    ('f' | 'p' | 'r', _) => {}
+                    ('f', _) => f.fua = true,
+                    ('i', _) => f.invalid = true,
+                    // qemu-io: `-p` is "ignored for backwards compatibility"; `-r` registers the
+                    // buffer with the block layer, a performance hint with no effect on what is
+                    // read or written (our buffers need no registration).
+                    ('p' | 'r', _) => {}
                     _ => {}
                 }
             }
@@ -335,6 +344,15 @@ impl Session {
     }
 
     async fn do_write(&self, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
+        self.write_once(offset, len, f).await?;
+        if f.fua {
+            // FUA: durable before the write is reported complete.
+            self.img.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_once(&self, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
         if f.compress {
             let mut buf = IoBufMut::zeroed(len as usize);
             buf.fill(f.pattern.unwrap_or(0xcd));
@@ -397,6 +415,14 @@ impl Session {
         let Some((f, pos)) = Self::parse(cmd, args, allowed) else {
             return false;
         };
+        if f.invalid {
+            // qemu-io only counts such a request in its statistics; it does no I/O.
+            println!(
+                "injecting invalid {} request",
+                if write { "write" } else { "read" }
+            );
+            return true;
+        }
         if pos.len() < 2 {
             eprintln!(
                 "bad argument count {} to {cmd}, expected at least 2 arguments",
@@ -438,6 +464,10 @@ impl Session {
                     let mut b = IoBufMut::zeroed(len as usize);
                     b.fill(f.pattern.unwrap_or(0xcd));
                     img.write(offset, b.freeze()).await
+                };
+                let r = match r {
+                    Ok(()) if f.fua => img.flush().await,
+                    r => r,
                 };
                 match r {
                     Ok(()) if !f.quiet => {

@@ -10,6 +10,7 @@ mod info;
 mod io;
 mod map;
 mod opts;
+mod progress;
 mod resize;
 mod serve;
 
