@@ -116,11 +116,16 @@ fn init_logging() {
         Ok("error") => tracing::Level::ERROR,
         _ => tracing::Level::WARN,
     };
+    // Plain lines as QEMU's tools print them ("qcow2: Marking image as corrupt: ..."); levels
+    // and colours only when asked for a log or on a terminal.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)
+        .with_level(std::env::var_os("QIMG_LOG").is_some())
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

@@ -21,8 +21,9 @@
 //! evicted afterwards; the cache may run over its size meanwhile rather than block.
 
 use super::barrier::Barrier;
+use super::overlap::{Fixed, MetadataMap};
 use crate::buf::{IoBuf, IoBufMut};
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::storage::StorageRef;
 use crate::striped::StripedCounter;
 use crate::units::HostOffset;
@@ -156,6 +157,9 @@ pub struct Table {
     referenced: AtomicBool,
     /// Set when the cluster was freed: the table must never be written again.
     discarded: AtomicBool,
+    /// A chunk of a fixed structure (the L1 table) rather than an L2 slice or refcount block:
+    /// what its writes may overlap (see `overlap`).
+    fixed: Option<Fixed>,
 }
 
 impl Table {
@@ -172,6 +176,7 @@ impl Table {
             writeback: tokio::sync::Mutex::new(()),
             loaded: tokio::sync::OnceCell::new(),
             referenced: AtomicBool::new(true),
+            fixed: None,
             discarded: AtomicBool::new(false),
         }
     }
@@ -180,6 +185,13 @@ impl Table {
     pub fn new_loaded(offset: HostOffset, data: Box<[u8]>) -> Self {
         let t = Table::new(offset, data);
         let _ = t.loaded.set(());
+        t
+    }
+
+    /// A chunk of the active L1 table (its writes are checked as the L1 table's).
+    pub fn new_l1_chunk(offset: HostOffset, data: Box<[u8]>) -> Self {
+        let mut t = Table::new_loaded(offset, data);
+        t.fixed = Some(Fixed::ActiveL1);
         t
     }
 
@@ -215,9 +227,23 @@ pub struct Writer {
     pub writethrough: bool,
     /// Metadata writes issued (statistics).
     pub writes: AtomicU64,
+    /// Where metadata lives: every metadata and data write is checked against it.
+    pub overlap: MetadataMap,
 }
 
 impl Writer {
+    /// Refuses a metadata write that would overwrite other metadata, and marks the image
+    /// corrupt in memory at once (the caller's error path persists the corrupt bit).
+    pub fn check_metadata_write(&self, offset: u64, len: u64, own: Option<Fixed>) -> Result<()> {
+        match self.overlap.check_metadata(offset, len, own) {
+            Ok(()) => Ok(()),
+            Err(o) => {
+                self.barrier.mark_corrupt();
+                Err(Error::corrupt(o.message()))
+            }
+        }
+    }
+
     /// Writes `t` back if dirty, after everything its modifications depend on.
     pub fn write_back<'a>(&'a self, t: &'a Arc<Table>) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
@@ -240,6 +266,7 @@ impl Writer {
                 // The table stays dirty; what was durable before the failure is unknown.
                 return Err(crate::error::Error::sync_failed());
             }
+            self.check_metadata_write(t.offset.0, snapshot.len() as u64, t.fixed)?;
             self.writes.fetch_add(1, Relaxed);
             self.storage
                 .write_at(snapshot, t.offset.0)
@@ -574,6 +601,7 @@ mod tests {
             storage: s,
             writethrough: false,
             writes: AtomicU64::new(0),
+            overlap: MetadataMap::new(super::super::overlap::OverlapCheck::Cached, 16),
         }
     }
 

@@ -25,8 +25,15 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_not_failed()?;
-        self.flush_seq_cache().await?;
-        self.flush_plain().await
+        let r = match self.flush_seq_cache().await {
+            Ok(()) => self.flush_plain().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            // A metadata write refused as overlapping (see `overlap`): mark the image corrupt.
+            Err(e @ Error::Corrupt(_)) => Err(self.signal_corruption(e).await),
+            r => r,
+        }
     }
 
     /// Flush without writing out a compressed target's cache (the cache's own writes use it).

@@ -48,7 +48,7 @@ impl L1Table {
             .chunks(chunk_bytes)
             .enumerate()
             .map(|(i, c)| {
-                Arc::new(Table::new_loaded(
+                Arc::new(Table::new_l1_chunk(
                     HostOffset(offset.0 + (i * chunk_bytes) as u64),
                     c.to_vec().into_boxed_slice(),
                 ))

@@ -7,6 +7,7 @@
 //! - `inflight`: claims that serialize overlapping metadata changes, and I/O epochs that keep
 //!   freed clusters from being reused under an in-flight request;
 //! - `mapping`, `read`, `write`, `zero`, `flush`: the request paths;
+//! - `overlap`: where metadata lives, so that no write lands on it;
 //! - `create`, `check`, `repair`: whole-image operations.
 //!
 //! Concurrency: the handle is `Send + Sync` and every request is an `async fn` taking `&self`;
@@ -25,6 +26,7 @@ mod inflight;
 mod l1;
 mod l2view;
 mod mapping;
+pub mod overlap;
 mod read;
 pub mod refcount;
 mod repair;
@@ -81,6 +83,9 @@ pub struct Qcow2Options {
     /// Compressed target: every write is stored compressed, small sequential writes are
     /// gathered into whole clusters first.
     pub compress: Option<bool>,
+    /// QEMU's `overlap-check`: which writes are checked against the metadata (default: all of
+    /// them, against every structure `overlap` knows).
+    pub overlap_check: Option<overlap::OverlapCheck>,
 }
 
 impl Qcow2Options {
@@ -104,6 +109,7 @@ impl Qcow2Options {
                 self.pass_discard_request = Some(crate::size::parse_bool(key, value)?)
             }
             "compress" => self.compress = Some(crate::size::parse_bool(key, value)?),
+            "overlap-check" => self.overlap_check = Some(overlap::OverlapCheck::parse(value)?),
             _ => return Ok(false),
         }
         Ok(true)
@@ -186,6 +192,8 @@ pub struct Qcow2 {
     pub(crate) size: AtomicU64,
     pub(crate) read_only: bool,
     pub(crate) pass_discard: bool,
+    /// The corrupt bit was written to the header in this session (see `signal_corruption`).
+    corrupt_bit_written: AtomicBool,
     pub(crate) snapshots: Vec<Snapshot>,
     /// The sequential write cache of a compressed target.
     pub(crate) seq: Option<seqcache::SeqCache>,
@@ -241,6 +249,10 @@ impl Qcow2 {
             barrier,
             writethrough: cache.writethrough(),
             writes: AtomicU64::new(0),
+            overlap: overlap::MetadataMap::new(
+                opts.overlap_check.unwrap_or_default(),
+                g.cluster_bits,
+            ),
         };
 
         let l1_bytes = u64::from(h.l1_size) * 8;
@@ -301,15 +313,72 @@ impl Qcow2 {
                 .then(|| seqcache::SeqCache::new(g.cluster_size())),
             filename,
             closed: AtomicBool::new(false),
+            corrupt_bit_written: AtomicBool::new(false),
             clean_task: Mutex::new(None),
             background: Mutex::new(Vec::new()),
             hdr: HeaderStore::new(h),
         };
 
         if !read_only {
+            img.map_metadata(&img.hdr.with(|h| h.clone()));
             img.prepare_for_writing().await?;
         }
         Ok(img)
+    }
+
+    /// Records where the metadata lives (`overlap`), from the tables already in memory.
+    /// Clusters that two structures claim are logged and remembered as conflicts.
+    fn map_metadata(&self, h: &Header) {
+        use overlap::Fixed;
+        let m = &self.w.overlap;
+        let cs = self.geo.cluster_size();
+        m.set_fixed(Fixed::Header, 0, cs);
+        m.set_fixed(
+            Fixed::ActiveL1,
+            h.l1_table_offset.0,
+            u64::from(h.l1_size) * 8,
+        );
+        m.set_fixed(
+            Fixed::RefcountTable,
+            h.refcount_table_offset.0,
+            u64::from(h.refcount_table_clusters) * cs,
+        );
+        if h.nb_snapshots > 0 {
+            let table: u64 = self
+                .snapshots
+                .iter()
+                .map(|s| {
+                    (40 + s.extra_data.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64
+                })
+                .sum();
+            m.set_fixed(Fixed::SnapshotTable, h.snapshots_offset.0, table);
+            for s in &self.snapshots {
+                m.set_fixed(
+                    Fixed::InactiveL1,
+                    s.l1_table_offset.0,
+                    u64::from(s.l1_size) * 8,
+                );
+            }
+        }
+        let mut clashes = 0u64;
+        for e in self.l1.entries() {
+            let off = e & crate::format::table::OFFSET_MASK;
+            if off != 0 && !m.mark_table(off >> self.geo.cluster_bits) {
+                clashes += 1;
+            }
+        }
+        for e in self.rc.table().entries {
+            let off = e & !refcount::REFTABLE_RESERVED;
+            if off != 0 && !m.mark_table(off >> self.geo.cluster_bits) {
+                clashes += 1;
+            }
+        }
+        if clashes > 0 {
+            tracing::warn!(
+                "{}: {clashes} metadata cluster(s) claimed by two structures; writes to them are refused",
+                self.filename
+            );
+        }
     }
 
     fn refuse_unsupported(h: &Header) -> Result<()> {
@@ -455,20 +524,36 @@ impl Qcow2 {
     /// corrupt bit (as QEMU does) so that no program keeps writing to it; always return the error.
     pub(crate) async fn signal_corruption(&self, e: Error) -> Error {
         if let Error::Corrupt(msg) = &e {
-            tracing::error!("{}: {msg}", self.filename);
-            if !self.read_only
-                && !self.w.barrier.mark_corrupt()
-                && !self.w.barrier.sync_failed()
-                && self.version >= 3
-            {
-                let _ = self
-                    .hdr
-                    .update(&self.w, |h| h.incompatible_features |= incompat::CORRUPT)
-                    .await;
-                let _ = self.w.barrier.sync_now().await;
+            if self.read_only {
+                tracing::error!("{}: {msg}", self.filename);
+                return e;
+            }
+            // The in-memory mark may have been set already where the corruption was met (a
+            // metadata write refused deep in the cache): the message and header bit follow once.
+            self.w.barrier.mark_corrupt();
+            if !self.corrupt_bit_written.swap(true, Relaxed) {
+                tracing::error!(
+                    "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+                );
+                if !self.w.barrier.sync_failed() && self.version >= 3 {
+                    let _ = self
+                        .hdr
+                        .update(&self.w, |h| h.incompatible_features |= incompat::CORRUPT)
+                        .await;
+                    let _ = self.w.barrier.sync_now().await;
+                }
             }
         }
         e
+    }
+
+    /// Passes a request's result through [`Qcow2::signal_corruption`] when it reports corrupt
+    /// metadata (met anywhere below: the allocator, a refcount block, an overlap check).
+    pub(crate) async fn corruption_checked<T>(&self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e @ Error::Corrupt(_)) => Err(self.signal_corruption(e).await),
+            r => r,
+        }
     }
 
     /// With lazy refcounts, the first allocation sets the dirty bit (durably): from then on
@@ -513,7 +598,12 @@ impl Qcow2 {
         }
         if !self.read_only && !self.w.barrier.is_corrupt() {
             // After a failed flush this fails: closing must not report durability it lacks.
-            self.flush_for_close().await?;
+            if let Err(e) = self.flush_for_close().await {
+                return Err(match e {
+                    e @ Error::Corrupt(_) => self.signal_corruption(e).await,
+                    e => e,
+                });
+            }
         }
         if let Some(b) = self.backing.get() {
             b.close().await?;

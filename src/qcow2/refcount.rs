@@ -21,6 +21,7 @@
 use super::cache::{Dep, MetaCache, Table, Writer};
 use super::header_store::HeaderStore;
 use super::inflight::IoEpochs;
+use super::overlap::Fixed;
 use crate::buf::IoBuf;
 use crate::error::{Error, IoContext, Result};
 use crate::format::be;
@@ -32,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Reserved bits of a refcount table entry.
-const REFTABLE_RESERVED: u64 = 0x1ff;
+pub(crate) const REFTABLE_RESERVED: u64 = 0x1ff;
 
 /// Queued frees that ask for a flush of their own, without waiting for the guest's: a guest that
 /// discards (or overwrites compressed or shared clusters) and never flushes would otherwise grow
@@ -423,6 +424,7 @@ impl Refcounts {
             touched.push(t);
         }
         for (_, off, data) in &blocks {
+            w.overlap.mark_table(self.geo.host_cluster(*off).0);
             w.storage
                 .write_at(IoBuf::copy_from(data), off.0)
                 .await
@@ -437,6 +439,7 @@ impl Refcounts {
         for (bi, off, _) in &blocks {
             let mut entry = [0u8; 8];
             be::put_u64(&mut entry, 0, off.0);
+            w.check_metadata_write(table_off.0 + bi * 8, 8, Some(Fixed::RefcountTable))?;
             w.storage
                 .write_at(IoBuf::copy_from(&entry), table_off.0 + bi * 8)
                 .await
@@ -501,6 +504,7 @@ impl Refcounts {
                 self.width.set(&mut data, (c % epb) as usize, 1)?;
             }
             let off = self.geo.host_offset(HostCluster(at));
+            w.overlap.mark_table(at);
             w.storage
                 .write_at(IoBuf::copy_from(&data), off.0)
                 .await
@@ -546,6 +550,8 @@ impl Refcounts {
             clusters: new_clusters as u32,
             entries,
         };
+        w.overlap
+            .set_fixed(Fixed::RefcountTable, table_off.0, new_clusters * cs);
         st.high_water = st.high_water.max(end);
         // The old table is unreferenced now that the header is durable.
         for c in 0..u64::from(old.clusters) {
@@ -613,6 +619,10 @@ impl Refcounts {
         })?;
         let data = g.modify([]);
         self.width.set(data, i, new)?;
+        if new == 0 {
+            // A free cluster holds no metadata (see `overlap`).
+            w.overlap.unmark(c.0);
+        }
         Ok(new)
     }
 

@@ -113,6 +113,20 @@ impl Qcow2 {
                 total * cs,
             )
             .await;
+        // The old blocks are gone; the new ones and the new table are the metadata now.
+        self.w.overlap.clear_tables();
+        self.w
+            .overlap
+            .set_fixed(super::overlap::Fixed::RefcountTable, table_off.0, nt * cs);
+        for bi in 0..nb {
+            self.w.overlap.mark_table(start + bi);
+        }
+        for e in self.l1.entries() {
+            let off = e & crate::format::table::OFFSET_MASK;
+            if off != 0 {
+                self.w.overlap.mark_table(off >> g.cluster_bits);
+            }
+        }
         tracing::info!(
             "refcounts rebuilt: new table at {} ({} blocks)",
             HostOffset(table_off.0),

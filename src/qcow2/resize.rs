@@ -82,6 +82,9 @@ impl Qcow2 {
             .await?;
         self.w.barrier.sync_now().await?;
         self.l1.replace(new_offset, entries, &bytes, cs);
+        self.w
+            .overlap
+            .set_fixed(super::overlap::Fixed::ActiveL1, new_offset.0, entries * 8);
         let old_bytes = (old_size * 8).div_ceil(cs) * cs;
         if old_size > 0 {
             self.rc.defer_free(old_offset, old_bytes, None, false);

@@ -71,7 +71,8 @@ impl Qcow2 {
             while pos < data.len() {
                 let off = offset + pos as u64;
                 let n = self.bytes_in_slice(off, (data.len() - pos) as u64) as usize;
-                self.write_segment(off, data.slice(pos..pos + n)).await?;
+                let r = self.write_segment(off, data.slice(pos..pos + n)).await;
+                self.corruption_checked(r).await?;
                 pos += n;
             }
         }
@@ -172,6 +173,15 @@ impl Qcow2 {
         let g = self.geo;
         let cs = g.cluster_size();
         let end = offset + data.len() as u64;
+        // The slice will be written back with new entries: refuse now, at the request, if that
+        // write would land on other metadata (a hostile L1 entry), rather than at the flush.
+        let slice_bytes = self.slice_entries * 8;
+        if let Err(e) = self
+            .w
+            .check_metadata_write(slice.offset().0, slice_bytes, None)
+        {
+            return Err(self.signal_corruption(e).await);
+        }
         self.enable_lazy_refcounts_if_configured().await?;
 
         let actions: Vec<Action> = old
@@ -351,6 +361,16 @@ impl Qcow2 {
     }
 
     async fn run_ops(&self, ops: Vec<Op>) -> Result<()> {
+        // No guest data lands on metadata (a hostile L2 entry may point anywhere): see `overlap`.
+        for op in &ops {
+            let (h, n) = match op {
+                Op::Write(h, b) => (*h, b.len() as u64),
+                Op::Zero(h, n) => (*h, *n),
+            };
+            if let Err(o) = self.w.overlap.check_data(h, n) {
+                return Err(self.signal_corruption(Error::corrupt(o.message())).await);
+            }
+        }
         let storage = &self.w.storage;
         let run = |op: Op| async move {
             match op {
@@ -410,6 +430,7 @@ impl Qcow2 {
         self.enable_lazy_refcounts_if_configured().await?;
         let alloc = self.rc.allocate(&self.w, &self.hdr, 1).await?;
         let at = self.geo.host_offset(alloc.start);
+        self.w.overlap.mark_table(alloc.start.0);
         let content = match old {
             None => vec![0u8; cs as usize],
             Some(off) => self

@@ -120,6 +120,11 @@ impl Qcow2 {
 
     /// Applies `op` to whole clusters, one L2 slice at a time.
     async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+        let r = self.cluster_op_unchecked(offset, len, op).await;
+        self.corruption_checked(r).await
+    }
+
+    async fn cluster_op_unchecked(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
         let _resize = self.resize_lock.read().await;
         let mut pos = offset;
         let end = offset + len;
