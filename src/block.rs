@@ -395,6 +395,14 @@ pub fn probe(header: &[u8]) -> Format {
 
 /// Opens an image file and its backing chain.
 pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
+    // Requests run tasks on the caller's tokio runtime (background writeback, the free
+    // scheduler): another executor gets an error here rather than a panic later.
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(Error::arg(
+            "qimg images must be opened from within a tokio runtime (multi-thread or current-thread; \
+             timers are not needed)",
+        ));
+    }
     let mut seen = Vec::new();
     open_layer(path, opts, 0, &mut seen).await
 }

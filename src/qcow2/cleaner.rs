@@ -36,7 +36,9 @@ fn cleaner() -> Option<&'static Cleaner> {
         {
             Ok(_) => Some(c),
             Err(e) => {
-                tracing::warn!("cannot start the cache cleaner thread ({e}); caches are not cleaned");
+                tracing::warn!(
+                    "cannot start the cache cleaner thread ({e}); caches are not cleaned"
+                );
                 None
             }
         }
@@ -47,11 +49,7 @@ impl Cleaner {
     fn run(&self) {
         let mut list = self.list.lock();
         loop {
-            list.retain(|e| {
-                e.img
-                    .upgrade()
-                    .is_some_and(|img| !img.closed.load(Relaxed))
-            });
+            list.retain(|e| e.img.upgrade().is_some_and(|img| !img.closed.load(Relaxed)));
             let now = Instant::now();
             for e in list.iter_mut().filter(|e| e.next <= now) {
                 if let Some(img) = e.img.upgrade() {
@@ -85,4 +83,56 @@ pub(crate) fn register(img: &Arc<Qcow2>, every: Duration) -> bool {
     });
     c.changed.notify_one();
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::CacheMode;
+    use crate::buf::{IoBuf, IoBufMut};
+    use crate::qcow2::{create, CreateOptions, Qcow2Options};
+    use crate::storage::memory::MemoryStorage;
+
+    /// Tables unused for two intervals leave the cache, with no timer of the runtime involved.
+    #[test]
+    fn idle_tables_leave_the_cache() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mem = Arc::new(MemoryStorage::new());
+            let o = CreateOptions {
+                size: 64 << 20,
+                cluster_size: 4096,
+                ..Default::default()
+            };
+            create(mem.clone(), &o).await.unwrap();
+            let img = Arc::new(
+                Qcow2::open(
+                    mem,
+                    "c".into(),
+                    &Qcow2Options::default(),
+                    false,
+                    CacheMode::Writeback,
+                )
+                .await
+                .unwrap(),
+            );
+            for i in 0..8u64 {
+                img.write_at(i << 21, IoBuf::copy_from(&[1u8; 4096]))
+                    .await
+                    .unwrap();
+            }
+            img.flush().await.unwrap();
+            let _ = img.read_at(0, IoBufMut::zeroed(4096)).await.unwrap();
+            assert!(img.l2.len() >= 8);
+            assert!(register(&img, Duration::from_millis(20)));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !img.l2.is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(img.l2.is_empty(), "{} tables still cached", img.l2.len());
+            img.close().await.unwrap();
+        });
+    }
 }

@@ -21,6 +21,7 @@ impl Qcow2 {
     /// After a failed fsync this fails with `EIO` until the image is reopened, whatever the
     /// storage would say now (`barrier`: poisoning).
     pub async fn flush(&self) -> Result<()> {
+        self.check_open()?;
         if self.read_only {
             return Ok(());
         }

@@ -17,6 +17,7 @@
 mod barrier;
 pub mod cache;
 pub mod check;
+mod cleaner;
 mod compress;
 pub mod create;
 mod flush;
@@ -51,7 +52,7 @@ use l1::L1Table;
 use parking_lot::Mutex;
 use refcount::{RefTable, Refcounts};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use check::{CheckReport, Fix};
@@ -199,7 +200,6 @@ pub struct Qcow2 {
     pub(crate) seq: Option<seqcache::SeqCache>,
     filename: String,
     pub(crate) closed: AtomicBool,
-    clean_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -314,7 +314,6 @@ impl Qcow2 {
             filename,
             closed: AtomicBool::new(false),
             corrupt_bit_written: AtomicBool::new(false),
-            clean_task: Mutex::new(None),
             background: Mutex::new(Vec::new()),
             hdr: HeaderStore::new(h),
         };
@@ -434,24 +433,14 @@ impl Qcow2 {
         self.start_cache_cleaner(interval_secs);
     }
 
-    /// Starts the periodic cache cleaner (`cache-clean-interval`). Needs the image in an `Arc`.
+    /// Starts the periodic cache cleaner (`cache-clean-interval`, see `cleaner`). Needs the
+    /// image in an `Arc`; runs on its own thread, whatever the embedder's executor.
     pub fn start_cache_cleaner(self: &Arc<Self>, interval_secs: Option<u64>) {
         let secs = interval_secs.unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL);
         if secs == 0 {
             return;
         }
-        let weak: Weak<Qcow2> = Arc::downgrade(self);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(secs));
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(img) = weak.upgrade() else { return };
-                img.l2.clean_unused();
-                img.rc.cache.clean_unused();
-            }
-        });
-        *self.clean_task.lock() = Some(task);
+        cleaner::register(self, Duration::from_secs(secs));
     }
 
     pub fn set_backing(&self, b: Arc<dyn BlockDevice>) {
@@ -506,7 +495,24 @@ impl Qcow2 {
     }
 
     /// Fails if the image may not be written.
+    /// Refuses requests on a closed handle (its locks are gone: another program may own the
+    /// image by now).
+    #[inline]
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Relaxed) {
+            return Err(Error::io(
+                format!(
+                    "'{}' was closed; it accepts no more requests",
+                    self.filename
+                ),
+                std::io::Error::from_raw_os_error(9), // EBADF
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_writable(&self) -> Result<()> {
+        self.check_open()?;
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -590,9 +596,6 @@ impl Qcow2 {
         if self.closed.swap(true, Relaxed) {
             return Ok(());
         }
-        if let Some(t) = self.clean_task.lock().take() {
-            t.abort();
-        }
         for t in self.background.lock().drain(..) {
             t.abort();
         }
@@ -611,6 +614,19 @@ impl Qcow2 {
         // Closed means others may have the image now, even while this handle lives on.
         self.w.storage.release_locks();
         Ok(())
+    }
+}
+
+/// A handle dropped without [`Qcow2::close`] cannot flush (that needs I/O, and drop cannot wait
+/// for it): writes acknowledged since the last flush may be lost. Say so loudly.
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if !self.read_only && !self.closed.load(Relaxed) {
+            tracing::error!(
+                "{}: image handle dropped without close(): writes since the last flush may be lost",
+                self.filename
+            );
+        }
     }
 }
 

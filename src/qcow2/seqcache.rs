@@ -123,6 +123,7 @@ impl Drop for Writeback<'_> {
 impl Qcow2 {
     /// Reads the virtual disk (through the compressed target's cache when there is one).
     pub async fn read_at(&self, offset: u64, buf: IoBufMut) -> Result<IoBufMut> {
+        self.check_open()?;
         let Some(seq) = &self.seq else {
             return self.read_plain(offset, buf).await;
         };
