@@ -389,7 +389,7 @@ mod tests {
 
     static INJECT_SUBMIT_FAILURES: AtomicU32 = AtomicU32::new(0);
     /// Serializes the tests that use the process-wide ring's injection counter.
-    static INJECTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static INJECTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     pub(super) fn take_injected_submit_failure() -> bool {
         INJECT_SUBMIT_FAILURES
@@ -418,7 +418,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failed_submits_neither_fail_nor_free_queued_operations() {
-        let _one = INJECTING.lock().unwrap();
+        let _one = INJECTING.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let Some(s) = uring_file(&dir.path().join("u")) else {
             return;
@@ -447,7 +447,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_read_write_flush() {
-        let _one = INJECTING.lock().unwrap();
+        let _one = INJECTING.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let Some(s) = uring_file(&dir.path().join("u")) else {
             return;
