@@ -11,6 +11,8 @@ pub mod buf;
 pub mod cpu;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;

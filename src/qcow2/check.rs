@@ -94,6 +94,9 @@ pub(crate) struct Walk<'a> {
     pub file_len: u64,
     /// Counted references per host cluster.
     pub refs: Vec<u32>,
+    /// Refcount blocks' ranges in which some reference was counted: the comparison skips the
+    /// others without touching `refs` (a hostile image can make the file huge and sparse).
+    counted_blocks: std::collections::HashSet<u64>,
     refcount_max: u64,
     pub report: CheckReport,
     /// The refcount structures themselves are broken: only a rebuild repairs them.
@@ -117,6 +120,7 @@ impl<'a> Walk<'a> {
             img,
             file_len,
             refs: vec![0; nb as usize],
+            counted_blocks: Default::default(),
             refcount_max: img.rc.width.max(),
             rebuild: false,
             report: CheckReport {
@@ -166,7 +170,20 @@ impl<'a> Walk<'a> {
                 continue;
             }
             self.refs[k] += 1;
+            self.counted_blocks
+                .insert(k as u64 / self.img.rc.entries_per_block());
         }
+    }
+
+    /// Whether a reference was counted in refcount block `bi`'s range.
+    pub(crate) fn counted_in_block(&self, bi: u64) -> bool {
+        self.counted_blocks.contains(&bi)
+    }
+
+    /// Records a reference set directly in `refs` (a rebuild's new structures).
+    pub(crate) fn note_counted(&mut self, c: u64) {
+        self.counted_blocks
+            .insert(c / self.img.rc.entries_per_block());
     }
 
     async fn read(&self, offset: u64, len: usize) -> std::io::Result<IoBufMut> {
@@ -518,7 +535,7 @@ impl Qcow2 {
             // at memory speed instead of cluster by cluster.
             if i % epb == 0 {
                 let end = (i + epb).min(w.refs.len());
-                if stored.block_is_zero(i / epb) && w.refs[i..end].iter().all(|&r| r == 0) {
+                if stored.block_is_zero(i / epb) && !w.counted_in_block((i / epb) as u64) {
                     i = end;
                     continue;
                 }

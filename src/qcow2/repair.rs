@@ -67,6 +67,7 @@ impl Qcow2 {
         w.refs.resize(total as usize, 0);
         for c in start..total {
             w.refs[c as usize] = 1;
+            w.note_counted(c);
         }
         let mut entries = vec![0u64; (nt * cs / 8) as usize];
         for bi in 0..nb {
