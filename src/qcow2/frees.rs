@@ -7,12 +7,26 @@
 //! When the queue passes a size, a count or an age (`refcount::FREE_SOON_*`), this task runs an
 //! ordinary flush on the image's behalf: same ordering rules, same code path, at most one flush
 //! per batch of frees. It holds only a weak reference: it never keeps a dropped image alive, and
-//! `close` stops it.
+//! `close` stops it (between flushes: a flush that took frees off the queue must finish them).
+//!
+//! A background flush can lag behind a fast writer on a slow disk, so there is also a hard limit
+//! (`refcount::FREE_HARD_*`, twice the soft one): past it, the next write, write-zeroes or
+//! discard flushes itself before allocating (`apply_frees_if_overdue`, one relaxed load when not
+//! needed). The file stays bounded whatever the timing.
 
 use super::Qcow2;
 use std::sync::{Arc, Weak};
 
 impl Qcow2 {
+    /// Backpressure: when queued frees pass the hard limit (the background flush lags behind a
+    /// fast writer), the request flushes itself, which applies them, before allocating more.
+    pub(crate) async fn apply_frees_if_overdue(&self) -> crate::Result<()> {
+        if self.rc.frees_overdue() {
+            self.flush_plain().await?;
+        }
+        Ok(())
+    }
+
     /// Starts the task that flushes when queued frees ask for it (writable images only).
     pub(crate) fn start_free_scheduler(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
         if self.read_only {

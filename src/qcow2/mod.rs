@@ -596,8 +596,14 @@ impl Qcow2 {
         if self.closed.swap(true, Relaxed) {
             return Ok(());
         }
-        for t in self.background.lock().drain(..) {
-            t.abort();
+        {
+            // A background flush holds the flush lock while it applies frees it has taken off
+            // the queue: aborting it there would lose them (leaked clusters). Stop the tasks
+            // between flushes.
+            let _f = self.flush_lock.lock().await;
+            for t in self.background.lock().drain(..) {
+                t.abort();
+            }
         }
         if !self.read_only && !self.w.barrier.is_corrupt() {
             // After a failed flush this fails: closing must not report durability it lacks.

@@ -42,6 +42,11 @@ pub(crate) const REFTABLE_RESERVED: u64 = 0x1ff;
 const FREE_SOON_BYTES: u64 = 32 << 20;
 const FREE_SOON_COUNT: usize = 4096;
 const FREE_SOON_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Queued frees past which requests stop allocating until a flush has applied them (the
+/// background flush may lag behind a fast writer on a slow disk): the file stays bounded
+/// whatever the timing.
+const FREE_HARD_BYTES: u64 = 2 * FREE_SOON_BYTES;
+const FREE_HARD_COUNT: usize = 2 * FREE_SOON_COUNT;
 
 /// The refcount table as held in memory.
 #[derive(Clone, Debug)]
@@ -99,6 +104,8 @@ pub struct Refcounts {
     pub cache: MetaCache,
     alloc: tokio::sync::Mutex<AllocState>,
     frees: Mutex<FreeQueue>,
+    /// The queue is past the hard limit (mirrors `frees`, read on the request path).
+    frees_overdue: AtomicBool,
     /// Signalled when queued frees should be applied without waiting for a guest flush (see
     /// `FREE_SOON_*`); the image's free scheduler task waits on it and flushes.
     pub free_wanted: Arc<tokio::sync::Notify>,
@@ -128,6 +135,7 @@ impl Refcounts {
                 byte_tail: None,
             }),
             frees: Mutex::new(FreeQueue::default()),
+            frees_overdue: AtomicBool::new(false),
             free_wanted: Arc::new(tokio::sync::Notify::new()),
             lazy: AtomicBool::new(false),
             allocated: AtomicU64::new(0),
@@ -648,6 +656,9 @@ impl Refcounts {
                 discard,
             });
             q.bytes += len;
+            if q.bytes >= FREE_HARD_BYTES || q.pending.len() >= FREE_HARD_COUNT {
+                self.frees_overdue.store(true, Relaxed);
+            }
             let since = *q.since.get_or_insert_with(std::time::Instant::now);
             q.bytes >= FREE_SOON_BYTES
                 || q.pending.len() >= FREE_SOON_COUNT
@@ -656,6 +667,13 @@ impl Refcounts {
         if soon {
             self.free_wanted.notify_one();
         }
+    }
+
+    /// Whether queued frees are past the hard limit: the caller should flush (which applies
+    /// them) before allocating more. One relaxed load.
+    #[inline]
+    pub fn frees_overdue(&self) -> bool {
+        self.frees_overdue.load(Relaxed)
     }
 
     pub fn has_pending_frees(&self) -> bool {
@@ -678,6 +696,10 @@ impl Refcounts {
                 Some(std::time::Instant::now())
             };
             q.pending = wait;
+            self.frees_overdue.store(
+                q.bytes >= FREE_HARD_BYTES || q.pending.len() >= FREE_HARD_COUNT,
+                Relaxed,
+            );
             ready
         };
         if ready.is_empty() {
@@ -717,6 +739,7 @@ impl Refcounts {
     /// Drops every queued free (after a refcount rebuild made them moot).
     pub fn clear_pending_frees(&self) {
         *self.frees.lock() = FreeQueue::default();
+        self.frees_overdue.store(false, Relaxed);
     }
 
     /// Installs a refcount table rebuilt from scratch (repair): resets the allocator hints.

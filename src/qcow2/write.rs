@@ -65,6 +65,7 @@ impl Qcow2 {
         if data.is_empty() {
             return Ok(());
         }
+        self.apply_frees_if_overdue().await?;
         {
             let _resize = self.resize_lock.read().await;
             let mut pos = 0usize;

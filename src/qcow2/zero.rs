@@ -120,6 +120,7 @@ impl Qcow2 {
 
     /// Applies `op` to whole clusters, one L2 slice at a time.
     async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+        self.apply_frees_if_overdue().await?;
         let r = self.cluster_op_unchecked(offset, len, op).await;
         self.corruption_checked(r).await
     }
