@@ -46,6 +46,16 @@ fn point_cluster_1_at(p: &Path, lay: &Layout, target: u64) {
     std::fs::write(p, b).unwrap();
 }
 
+/// Runs one qemu-io command on `p` with `tool`: qimg's `io` or QEMU's qemu-io, same arguments.
+fn io_write(tool: &str, cmd: &str, p: &Path) -> std::process::Output {
+    let args = ["-f", "qcow2", "-c", cmd, p.to_str().unwrap()];
+    if tool == "qimg" {
+        run(QIMG, &[&["io"][..], &args].concat())
+    } else {
+        run("qemu-io", &args)
+    }
+}
+
 #[test]
 fn guest_writes_onto_metadata_are_refused_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,30 +74,7 @@ fn guest_writes_onto_metadata_are_refused_like_qemu() {
             let lay = image(&p);
             point_cluster_1_at(&p, &lay, target);
             let before = std::fs::read(&p).unwrap();
-            let out = if tool == "qimg" {
-                run(
-                    QIMG,
-                    &[
-                        "io",
-                        "-f",
-                        "qcow2",
-                        "-c",
-                        "write -P 7 64k 4k",
-                        p.to_str().unwrap(),
-                    ],
-                )
-            } else {
-                run(
-                    "qemu-io",
-                    &[
-                        "-f",
-                        "qcow2",
-                        "-c",
-                        "write -P 7 64k 4k",
-                        p.to_str().unwrap(),
-                    ],
-                )
-            };
+            let out = io_write(tool, "write -P 7 64k 4k", &p);
             let t = text(&out);
             assert!(
                 t.contains("write failed: Input/output error"),
@@ -178,18 +165,7 @@ fn metadata_writes_onto_other_metadata_are_refused_like_qemu() {
         let at = lay.l1 as usize;
         b[at..at + 8].copy_from_slice(&(lay.reftable | 1 << 63).to_be_bytes());
         std::fs::write(&p, &b).unwrap();
-        let args = [
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 7 320k 4k",
-            p.to_str().unwrap(),
-        ];
-        let out = if tool == "qimg" {
-            run(QIMG, &[&["io"][..], &args].concat())
-        } else {
-            run("qemu-io", &args)
-        };
+        let out = io_write(tool, "write -P 7 320k 4k", &p);
         let t = text(&out);
         assert!(
             t.contains("write failed: Input/output error"),
@@ -222,12 +198,7 @@ fn unaligned_refcount_table_entry_marks_the_image_corrupt_like_qemu() {
         let rt = be64(&b, 48) as usize;
         b[rt + 14] = 0x06;
         std::fs::write(&p, &b).unwrap();
-        let args = ["-f", "qcow2", "-c", "write 121k 3k", p.to_str().unwrap()];
-        let out = if tool == "qimg" {
-            run(QIMG, &[&["io"][..], &args].concat())
-        } else {
-            run("qemu-io", &args)
-        };
+        let out = io_write(tool, "write 121k 3k", &p);
         let t = text(&out);
         assert!(
             t.contains("write failed: Input/output error"),
