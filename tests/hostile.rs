@@ -166,4 +166,13 @@ fn fuzz_findings_finish_in_bounded_time() {
         seen += 1;
     }
     assert!(seen > 0, "no fuzz findings found in {}", dir.display());
+    // Memory, too: the fuzzer's limit was 2 GiB; here every finding stays far below it.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(peak_kib < 1 << 20, "peak RSS {peak_kib} KiB");
 }
+

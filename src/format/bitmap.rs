@@ -11,6 +11,9 @@ use crate::units::{Geometry, HostOffset};
 pub const MAX_DIRECTORY_BYTES: u64 = 64 << 10 << 10;
 /// QEMU's cap on the number of bitmaps.
 pub const MAX_BITMAPS: u32 = 65535;
+/// QEMU's caps on a bitmap's table: entries, and the bytes of bitmap data they can address.
+pub const MAX_TABLE_ENTRIES: u32 = 0x800_0000;
+pub const MAX_PHYS_BYTES: u64 = 0x2000_0000;
 /// Host offset bits of a bitmap table entry.
 pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
@@ -49,6 +52,12 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
         if !g.is_aligned(table_offset.0) {
             return Err(Error::invalid("Bitmap table offset is not cluster aligned"));
         }
+        // Checked before the table is read: its size comes from the untrusted directory.
+        if table_size > MAX_TABLE_ENTRIES
+            || u64::from(table_size) * g.cluster_size() > MAX_PHYS_BYTES
+        {
+            return Err(Error::invalid("Bitmap table is too large"));
+        }
         let name_start = 24 + extra;
         out.push(BitmapEntry {
             table_offset,
@@ -66,6 +75,23 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_tables_larger_than_qemu_allows() {
+        let mut buf = vec![0u8; 32];
+        be::put_u64(&mut buf, 0, 0x50000);
+        buf[16] = 1;
+        buf[17] = 16;
+        be::put_u16(&mut buf, 18, 2);
+        buf[24..26].copy_from_slice(b"b0");
+        // 512 MiB of bitmap data addressed with 64 KiB clusters is the limit.
+        be::put_u32(&mut buf, 8, 8192);
+        assert!(decode_directory(&buf, 1, Geometry::new(16)).is_ok());
+        be::put_u32(&mut buf, 8, 8193);
+        assert!(decode_directory(&buf, 1, Geometry::new(16)).is_err());
+        be::put_u32(&mut buf, 8, u32::MAX);
+        assert!(decode_directory(&buf, 1, Geometry::new(9)).is_err());
+    }
 
     #[test]
     fn decodes_entry_and_rejects_truncation() {
