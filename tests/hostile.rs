@@ -176,3 +176,41 @@ fn fuzz_findings_finish_in_bounded_time() {
     assert!(peak_kib < 1 << 20, "peak RSS {peak_kib} KiB");
 }
 
+/// Runs `qimg check` in an address space of 1 GiB and returns its exit code and output.
+fn check_in_one_gib(p: &std::path::Path) -> (Option<i32>, String) {
+    let started = std::time::Instant::now();
+    let o = std::process::Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -v 1048576 && exec \"$0\" check \"$1\"",
+            env!("CARGO_BIN_EXE_qimg"),
+            p.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "check took {took:?}");
+    (o.status.code(), text(&o))
+}
+
+/// `check`'s memory follows the clusters an image references, not its file length: a file made
+/// huge and sparse (1 TiB of 1 KiB clusters: a billion clusters) is checked within 1 GiB of
+/// address space, with the result qemu-img gives. Before, a per-cluster array of 4 GiB was
+/// allocated up front.
+#[test]
+fn check_memory_follows_referenced_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = dir.path().join("sparse.qcow2");
+    qemu_create(&sparse, "cluster_size=1024", 4 << 20, &[]);
+    qemu_io(&sparse, "qcow2", &["write -P 7 0 64k".into()]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&sparse)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let (code, out) = check_in_one_gib(&sparse);
+    assert_eq!(code, Some(0), "{out}");
+    let q = run("qemu-img", &["check", sparse.to_str().unwrap()]);
+    assert_eq!(out, text(&q));
+}

@@ -89,11 +89,60 @@ impl Fix {
 #[derive(Debug)]
 pub struct Aborted(pub Error);
 
+/// Counted references per host cluster, in chunks allocated on first use: a hostile image can
+/// make its file huge and sparse (a refcount table hundreds of gigabytes out), and the check's
+/// memory must follow the clusters referenced, not the file's length.
+pub(crate) struct ClusterCounts {
+    chunks: Vec<Option<Box<[u32]>>>,
+    len: u64,
+}
+
+const COUNT_CHUNK_BITS: u32 = 16;
+
+impl ClusterCounts {
+    fn new(len: u64) -> ClusterCounts {
+        let mut c = ClusterCounts {
+            chunks: Vec::new(),
+            len: 0,
+        };
+        c.grow(len);
+        c
+    }
+
+    /// Clusters covered: one past the highest cluster counted or set, at least the file's.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Covers clusters `0..len` (never shrinks).
+    pub(crate) fn grow(&mut self, len: u64) {
+        if len > self.len {
+            self.len = len;
+            let chunks = len.div_ceil(1 << COUNT_CHUNK_BITS) as usize;
+            self.chunks.resize(chunks, None);
+        }
+    }
+
+    pub(crate) fn get(&self, c: u64) -> u32 {
+        match self.chunks.get((c >> COUNT_CHUNK_BITS) as usize) {
+            Some(Some(chunk)) => chunk[(c & ((1 << COUNT_CHUNK_BITS) - 1)) as usize],
+            _ => 0,
+        }
+    }
+
+    pub(crate) fn set(&mut self, c: u64, v: u32) {
+        self.grow(c + 1);
+        let chunk = self.chunks[(c >> COUNT_CHUNK_BITS) as usize]
+            .get_or_insert_with(|| vec![0; 1 << COUNT_CHUNK_BITS].into_boxed_slice());
+        chunk[(c & ((1 << COUNT_CHUNK_BITS) - 1)) as usize] = v;
+    }
+}
+
 pub(crate) struct Walk<'a> {
     img: &'a Qcow2,
     pub file_len: u64,
     /// Counted references per host cluster.
-    pub refs: Vec<u32>,
+    pub refs: ClusterCounts,
     /// Refcount blocks' ranges in which some reference was counted: the comparison skips the
     /// others without touching `refs` (a hostile image can make the file huge and sparse).
     counted_blocks: std::collections::HashSet<u64>,
@@ -119,7 +168,7 @@ impl<'a> Walk<'a> {
         Ok(Walk {
             img,
             file_len,
-            refs: vec![0; nb as usize],
+            refs: ClusterCounts::new(nb),
             counted_blocks: Default::default(),
             refcount_max: img.rc.width.max(),
             rebuild: false,
@@ -155,23 +204,20 @@ impl<'a> Walk<'a> {
         let first = offset >> self.img.geo.cluster_bits;
         let last = (end - 1) >> self.img.geo.cluster_bits;
         for k in first..=last {
-            let k = k as usize;
-            if k >= self.refs.len() {
-                self.refs.resize(k + 1, 0);
-            }
-            if u64::from(self.refs[k]) >= self.refcount_max.min(u64::from(u32::MAX)) {
+            let counted = self.refs.get(k);
+            if u64::from(counted) >= self.refcount_max.min(u64::from(u32::MAX)) {
                 self.corruption(format!(
                     "ERROR: overflow cluster offset={:#x}",
-                    (k as u64) << self.img.geo.cluster_bits
+                    k << self.img.geo.cluster_bits
                 ));
                 self.report.messages.push(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
                 );
                 continue;
             }
-            self.refs[k] += 1;
+            self.refs.set(k, counted + 1);
             self.counted_blocks
-                .insert(k as u64 / self.img.rc.entries_per_block());
+                .insert(k / self.img.rc.entries_per_block());
         }
     }
 
@@ -421,15 +467,15 @@ impl<'a> Walk<'a> {
                 ));
                 continue;
             }
-            let c = (off >> img.geo.cluster_bits) as usize;
+            let c = off >> img.geo.cluster_bits;
             if off != 0 && c >= self.refs.len() {
                 self.structure_error(format!("ERROR refcount block {i} is outside image"));
                 continue;
             }
             if off != 0 {
                 self.inc(off, cs);
-                if self.refs[c] != 1 {
-                    let r = self.refs[c];
+                let r = self.refs.get(c);
+                if r != 1 {
                     self.structure_error(format!("ERROR refcount block {i} refcount={r}"));
                 }
             }
@@ -437,10 +483,14 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// Reads the stored refcounts of clusters `0..n`, as QEMU's check sees them: `None` where the
-/// refcount block is unusable (reported once as corruption of the image).
+/// The stored refcounts of clusters `0..n`, as QEMU's check sees them. Per refcount table entry:
+/// `None` where the block is unusable (reported once as corruption of the image), `Some(None)`
+/// where there is none or it holds only zeros, else the index of its content in `data`. Entries
+/// naming the same block share one copy, and only blocks holding data inside the file are kept,
+/// so memory follows the file's size whatever the table says.
 struct StoredRefcounts {
-    blocks: Vec<Option<Option<Vec<u8>>>>,
+    blocks: Vec<Option<Option<usize>>>,
+    data: Vec<Vec<u8>>,
 }
 
 impl Qcow2 {
@@ -529,12 +579,13 @@ impl Qcow2 {
         let mut announced = false;
         let epb = self.rc.entries_per_block() as usize;
         let mut i = 0usize;
-        while i < w.refs.len() {
+        let clusters = w.refs.len() as usize;
+        while i < clusters {
             // A file can be huge and sparse (a hostile image may name a refcount table hundreds
             // of gigabytes out): whole blocks with nothing stored and nothing counted are skipped
             // at memory speed instead of cluster by cluster.
             if i % epb == 0 {
-                let end = (i + epb).min(w.refs.len());
+                let end = (i + epb).min(clusters);
                 if stored.block_is_zero(i / epb) && !w.counted_in_block((i / epb) as u64) {
                     i = end;
                     continue;
@@ -545,7 +596,7 @@ impl Qcow2 {
                 i += 1;
                 c
             };
-            let counted = u64::from(w.refs[i]);
+            let counted = u64::from(w.refs.get(i as u64));
             let Some(refcount) = stored.get(self, i as u64) else {
                 if !announced {
                     announced = true;
@@ -718,32 +769,46 @@ impl Qcow2 {
         Ok(())
     }
 
-    async fn stored_refcounts(&self, clusters: usize) -> StoredRefcounts {
+    async fn stored_refcounts(&self, clusters: u64) -> StoredRefcounts {
         let cs = self.geo.cluster_size();
         let epb = self.rc.entries_per_block();
         let t = self.rc.table();
-        let nblocks = (clusters as u64).div_ceil(epb) as usize;
+        // Blocks past the table's end hold no refcounts; `get` answers 0 for them.
+        let nblocks = (clusters.div_ceil(epb) as usize).min(t.entries.len());
         let mut blocks = Vec::with_capacity(nblocks);
-        for bi in 0..nblocks {
-            let e = t.entries.get(bi).copied().unwrap_or(0);
+        let mut data = Vec::new();
+        let mut seen: std::collections::HashMap<u64, Option<Option<usize>>> = Default::default();
+        for &e in &t.entries[..nblocks] {
             let off = e & !REFTABLE_RESERVED;
-            blocks.push(if off == 0 {
-                Some(None)
-            } else if off % cs != 0 {
-                None
-            } else {
-                match self
-                    .w
-                    .storage
-                    .read_at(IoBufMut::for_overwrite(cs as usize), off)
-                    .await
-                {
-                    Ok(b) => Some(Some(b.to_vec())),
-                    Err(_) => None,
+            if off == 0 {
+                blocks.push(Some(None));
+                continue;
+            }
+            if off % cs != 0 {
+                blocks.push(None);
+                continue;
+            }
+            if let Some(&known) = seen.get(&off) {
+                blocks.push(known);
+                continue;
+            }
+            let read = self
+                .w
+                .storage
+                .read_at(IoBufMut::for_overwrite(cs as usize), off)
+                .await;
+            let entry = match read {
+                Err(_) => None,
+                Ok(b) if b.iter().all(|&x| x == 0) => Some(None),
+                Ok(b) => {
+                    data.push(b.to_vec());
+                    Some(Some(data.len() - 1))
                 }
-            });
+            };
+            seen.insert(off, entry);
+            blocks.push(entry);
         }
-        StoredRefcounts { blocks }
+        StoredRefcounts { blocks, data }
     }
 }
 
@@ -753,7 +818,7 @@ impl StoredRefcounts {
         match self.blocks.get(bi) {
             None | Some(Some(None)) => true,
             Some(None) => false,
-            Some(Some(Some(b))) => b.iter().all(|&x| x == 0),
+            Some(Some(Some(i))) => self.data[*i].iter().all(|&x| x == 0),
         }
     }
 
@@ -763,7 +828,7 @@ impl StoredRefcounts {
             None => Some(0),
             Some(None) => None,
             Some(Some(None)) => Some(0),
-            Some(Some(Some(b))) => Some(img.rc.width.get(b, (c % epb) as usize)),
+            Some(Some(Some(i))) => Some(img.rc.width.get(&self.data[*i], (c % epb) as usize)),
         }
     }
 }

@@ -43,7 +43,7 @@ impl Qcow2 {
         // Place the new structures past every used cluster, the old refcount structures and the
         // end of the file.
         let old = self.rc.table();
-        let mut start = g.clusters_for(w.file_len).max(w.refs.len() as u64);
+        let mut start = g.clusters_for(w.file_len).max(w.refs.len());
         start = start.max(g.host_cluster(old.offset).0 + u64::from(old.clusters));
         for &e in &old.entries {
             let off = e & !0x1ff;
@@ -64,20 +64,18 @@ impl Qcow2 {
             nt = nt.max(nt2);
         }
         let total = start + nb + nt;
-        w.refs.resize(total as usize, 0);
+        w.refs.grow(total);
         for c in start..total {
-            w.refs[c as usize] = 1;
+            w.refs.set(c, 1);
             w.note_counted(c);
         }
         let mut entries = vec![0u64; (nt * cs / 8) as usize];
         for bi in 0..nb {
             let mut block = vec![0u8; cs as usize];
             for c in bi * epb..((bi + 1) * epb).min(total) {
-                self.rc.width.set(
-                    &mut block,
-                    (c % epb) as usize,
-                    u64::from(w.refs[c as usize]),
-                )?;
+                self.rc
+                    .width
+                    .set(&mut block, (c % epb) as usize, u64::from(w.refs.get(c)))?;
             }
             let off = g.host_offset(HostCluster(start + bi));
             self.w
