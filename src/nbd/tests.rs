@@ -282,3 +282,113 @@ async fn pipelined_session_over_a_tiny_pipe() {
         .unwrap();
     assert!(all[..] == model[..]);
 }
+
+/// The error code of a reply: a simple reply's error field, or an error chunk's code.
+fn reply_error(chunk: &Option<(u16, u16, Vec<u8>)>, simple: u32) -> u32 {
+    match chunk {
+        Some((_, REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET, p)) => {
+            u32::from_be_bytes(p[0..4].try_into().unwrap())
+        }
+        _ => simple,
+    }
+}
+
+/// A failed fsync under the server (Linux's failed writeback: the next fsync would "succeed")
+/// reaches the client as EIO, and from then on every write, write-zeroes and flush does too:
+/// nothing tells a client that data is durable when it is not. Reads still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_fsync_gives_clients_eio_from_then_on() {
+    use crate::storage::crash::{CrashPolicy, CrashStorage};
+    const EIO: u32 = NbdError::Io as u32;
+    let mem = Arc::new(MemoryStorage::new());
+    let opts = CreateOptions {
+        size: SIZE,
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    create(mem.clone(), &opts).await.unwrap();
+    let crash = Arc::new(CrashStorage::new(&mem));
+    let q = Qcow2::open(
+        crash.clone(),
+        "failing".into(),
+        &Qcow2Options::default(),
+        false,
+        CacheMode::Writeback,
+    )
+    .await
+    .unwrap();
+    crash.fail_flush(1, CrashPolicy::KeepNone);
+    let img: Arc<dyn BlockDevice> = Arc::new(q);
+    let export = Arc::new(Export::new(img.clone(), ExportConfig::default()));
+    let (client, server) = tokio::io::duplex(4096);
+    let (sr, mut sw) = tokio::io::split(server);
+    let (_stop_tx, stop_rx) = watch::channel(RUNNING);
+    let srv = tokio::spawn(async move {
+        let mut r = BufReader::new(sr);
+        let neg = handshake(&mut r, &mut sw, &export).await.unwrap();
+        let conn = Arc::new(Conn::new(export, neg));
+        serve(conn, r, sw, Limits::default(), stop_rx, Tracker::default()).await
+    });
+    let (mut cr, mut cw) = tokio::io::split(client);
+    client_handshake(&mut cr, &mut cw).await;
+
+    let data = vec![0x6bu8; 8192];
+    // One request at a time, so that the order of effects is the order of the steps.
+    let steps: [(u16, u64, u32, u32); 6] = [
+        (CMD_WRITE, 0, 8192, 0),
+        (CMD_FLUSH, 0, 0, EIO),
+        (CMD_WRITE, 65536, 8192, EIO),
+        (CMD_WRITE_ZEROES, 131072, 4096, EIO),
+        (CMD_FLUSH, 0, 0, EIO),
+        (CMD_READ, 0, 8192, 0),
+    ];
+    for (i, (cmd, offset, len, want)) in steps.into_iter().enumerate() {
+        let cookie = i as u64 + 1;
+        let req = Request {
+            flags: 0,
+            cmd,
+            cookie,
+            offset,
+            len,
+        };
+        cw.write_all(&req.encode()).await.unwrap();
+        if cmd == CMD_WRITE {
+            cw.write_all(&data).await.unwrap();
+        }
+        let mut read = Vec::new();
+        loop {
+            let (c, chunk, simple) = message(&mut cr).await;
+            assert_eq!(c, cookie);
+            let err = reply_error(&chunk, simple);
+            assert_eq!(err, want, "step {i}: {}", command_name(cmd));
+            match chunk {
+                Some((flags, kind, p)) => {
+                    if kind == REPLY_TYPE_OFFSET_DATA {
+                        read.extend_from_slice(&p[8..]);
+                    }
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        if cmd == CMD_READ {
+            assert!(read == data, "the written data still reads back");
+        }
+    }
+    cw.write_all(
+        &Request {
+            flags: 0,
+            cmd: CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    srv.await.unwrap();
+    assert!(img.close().await.is_err(), "close cannot claim durability");
+}
