@@ -1251,3 +1251,56 @@ fn sigkill_keeps_every_flushed_write() {
         assert_eq!(corruptions, 0, "round {round} after reopen: {out}");
     }
 }
+
+/// The whole-session fuzz target's body (`qimg::fuzzing::exercise_nbd_session`) on the seeds of
+/// its corpus and on every finding kept in tests/data/fuzz (`session-*`): each finishes quickly,
+/// and each seed reaches the end it was written for, so the corpus really covers the request loop.
+#[test]
+fn session_fuzz_inputs_finish_in_bounded_time() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let expected: HashMap<&str, Option<&str>> = [
+        ("seed-structured-go", Some("Disconnect")),
+        ("seed-simple-export-name", Some("Disconnect")),
+        ("seed-readonly-writethrough", Some("Disconnect")),
+        ("seed-bad-magic", Some("Violation")),
+        ("seed-list-meta-abort", None),
+    ]
+    .into_iter()
+    .collect();
+    let mut inputs = Vec::new();
+    for (dir, prefix) in [
+        ("fuzz/corpus/session", "seed-"),
+        ("tests/data/fuzz", "session-"),
+    ] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with(prefix) {
+                inputs.push((name, path));
+            }
+        }
+    }
+    inputs.sort();
+    let mut seeds = 0;
+    for (name, path) in inputs {
+        let data = std::fs::read(&path).unwrap();
+        let started = Instant::now();
+        let end = qimg::fuzzing::exercise_nbd_session(&data);
+        let took = started.elapsed();
+        eprintln!("{name}: {end:?} in {took:?}");
+        assert!(took < Duration::from_secs(3), "{name}: took {took:?}");
+        if let Some(want) = expected.get(name.as_str()) {
+            seeds += 1;
+            match (want, &end) {
+                (None, None) => {}
+                (Some(w), Some(e)) if e.starts_with(w) => {}
+                _ => panic!("{name}: ended {end:?}, expected {want:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        seeds,
+        expected.len(),
+        "a seed is missing from fuzz/corpus/session"
+    );
+}
