@@ -12,8 +12,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O error from the storage below, with what we were doing.
-    #[error("{context}: {source}")]
+    /// An I/O error from the storage below, with what we were doing. Shown as QEMU shows it:
+    /// the C library's text, without Rust's " (os error N)".
+    #[error("{context}: {}", strerror(.source))]
     Io {
         context: String,
         #[source]
@@ -47,6 +48,16 @@ pub enum Error {
     /// The image cannot grow any further (host offsets would exceed the format's limits).
     #[error("No space left in the image: {0}")]
     NoSpace(String),
+}
+
+/// An I/O error's text as `strerror` gives it ("No such file or directory"): what QEMU's tools
+/// print and what scripts match.
+pub fn strerror(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 impl Error {

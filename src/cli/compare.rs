@@ -66,7 +66,7 @@ pub async fn run(a: Args) -> u8 {
     ) {
         (Ok(x), Ok(y)) => (x, y),
         (Err(e), _) | (_, Err(e)) => {
-            eprintln!("qimg: {e}");
+            eprintln!("{}: {e}", super::prog());
             return 2;
         }
     };
@@ -93,7 +93,7 @@ pub async fn run(a: Args) -> u8 {
             1
         }
         Err(e) => {
-            eprintln!("qimg: Error while reading: {e}");
+            eprintln!("{}: Error while reading: {e}", super::prog());
             2
         }
     }

@@ -72,7 +72,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qimg: cannot start the runtime: {e}");
+            eprintln!("{}: cannot start the runtime: {e}", prog());
             return ExitCode::from(1);
         }
     };
@@ -129,8 +129,25 @@ fn init_logging() {
         .try_init();
 }
 
-/// Prints `qemu-img: msg` (qimg's name) to stderr and returns exit status 1.
+/// The name messages are prefixed with: the basename of `argv[0]`, as QEMU's tools do. Run as
+/// `qimg` it is `qimg`; run through a link or `exec -a` named `qemu-img`/`qemu-io`, scripts see the
+/// prefix they expect (`qemu-io: can't open device ...`).
+pub fn prog() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .as_deref()
+            .map(std::path::Path::new)
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "qimg".into())
+    })
+}
+
+/// Prints `<prog>: msg` to stderr and returns exit status 1.
 pub fn fail(msg: impl std::fmt::Display) -> u8 {
-    eprintln!("qimg: {msg}");
+    eprintln!("{}: {msg}", prog());
     1
 }

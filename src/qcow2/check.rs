@@ -721,7 +721,10 @@ impl Qcow2 {
                 Ok(b) => b,
                 Err(err) => {
                     w.report.check_errors += 1;
-                    w.msg(format!("ERROR: Could not read L2 table: {}", os_text(&err)));
+                    w.msg(format!(
+                        "ERROR: Could not read L2 table: {}",
+                        crate::error::strerror(&err)
+                    ));
                     return Err(Error::io("reading L2 table", err));
                 }
             };
@@ -839,13 +842,5 @@ fn c_hex(v: u64) -> String {
         "0".into()
     } else {
         format!("{v:#x}")
-    }
-}
-
-fn os_text(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
     }
 }
