@@ -527,3 +527,75 @@ fn io_flags_match_qemu_io() {
     );
     assert!(!out.contains("verification failed"), "{out}");
 }
+
+/// Runs `prog` named `name` (argv[0], as QEMU's iotests run their wrappers) with `input` on
+/// standard input.
+fn run_named(prog: &str, name: &str, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(prog)
+        .arg0(name)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Without `-c`, `qimg io` reads commands from standard input as qemu-io does: the same prompt
+/// (the program's name, here `qemu-io` through argv[0]), outputs and exit codes, `quit` ends the
+/// session, a failed command makes the exit status 1; messages carry the same prefix.
+#[test]
+fn io_reads_commands_from_stdin_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = [
+        "write -P 7 0 64k\nread -P 7 0 4k\nlength\nquit\nwrite 0 4k\n",
+        "write 0 4k\nread -P 9 0 4k\nbogus\n\nflush\n",
+        "read -P 0 1M 4k",
+    ];
+    for (i, script) in scripts.iter().enumerate() {
+        let mut outs = Vec::new();
+        for (prog, args) in [(QIMG, &["io"][..]), ("qemu-io", &[][..])] {
+            let img = dir.path().join(format!("s{i}-{}.qcow2", outs.len()));
+            qemu_create(&img, "", 4 << 20, &[]);
+            let mut a = args.to_vec();
+            a.extend(["-f", "qcow2", img.to_str().unwrap()]);
+            let o = run_named(prog, "qemu-io", &a, script);
+            let out: Vec<String> = stdout(&o)
+                .lines()
+                .filter(|l| !l.contains("ops;"))
+                .map(str::to_string)
+                .collect();
+            outs.push((
+                out,
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+                o.status.code(),
+            ));
+            if prog == QIMG {
+                // What the script wrote is in the image (the session ran, then closed it).
+                if script.starts_with("write -P 7") {
+                    let r = qemu_io(&img, "qcow2", &["read -P 7 0 64k".into()]);
+                    assert!(!r.contains("failed"), "{r}");
+                }
+            }
+        }
+        assert_eq!(outs[0], outs[1], "script {i}: {script:?}");
+    }
+    // Message prefixes follow argv[0] too.
+    let missing = dir.path().join("missing.qcow2");
+    let ours = run_named(QIMG, "qemu-io", &["io", missing.to_str().unwrap()], "");
+    let theirs = run_named("qemu-io", "qemu-io", &[missing.to_str().unwrap()], "");
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stderr),
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    assert_eq!(ours.status.code(), theirs.status.code());
+}

@@ -4,8 +4,13 @@
 //! `aio_read`, `aio_write`, `aio_flush`, `length`, `quit`. Output lines, number parsing, error
 //! messages and the exit status (1 if any synchronous command failed) follow qemu-io 10.
 //! Asynchronous requests run concurrently and report when they complete.
+//!
+//! Without `-c`, commands are read from standard input, one per line, each preceded by qemu-io's
+//! prompt (`<prog>> `, printed whether or not the input is a terminal, as qemu-io does: scripts
+//! filter it out), until `quit` or the end of the input.
 
 use super::opts::{open, ImageArgs};
+use super::prog;
 use qimg::block::{BlockDevice, ZeroFlags};
 use qimg::{Error, IoBufMut};
 use std::io::Write as _;
@@ -63,7 +68,7 @@ pub async fn run(a: Args) -> u8 {
     {
         Ok(i) => i,
         Err(e) => {
-            eprintln!("qimg: can't open device {}: {}", a.filename, e);
+            eprintln!("{}: can't open device {}: {}", prog(), a.filename, e);
             return 1;
         }
     };
@@ -72,6 +77,9 @@ pub async fn run(a: Args) -> u8 {
         aio: JoinSet::new(),
         failed: false,
     };
+    if a.cmds.is_empty() {
+        session.interactive().await;
+    }
     for c in &a.cmds {
         if !session.command(c).await {
             break;
@@ -79,7 +87,7 @@ pub async fn run(a: Args) -> u8 {
     }
     session.drain().await;
     if let Err(e) = img.close().await {
-        eprintln!("qimg: {e}");
+        eprintln!("{}: {e}", prog());
         session.failed = true;
     }
     u8::from(session.failed)
@@ -111,6 +119,33 @@ struct Flags {
 }
 
 impl Session {
+    /// Reads commands from standard input until `quit` or its end.
+    async fn interactive(&mut self) {
+        loop {
+            print!("{}> ", prog());
+            let _ = std::io::stdout().flush();
+            // A blocking read on its own thread: asynchronous requests keep completing meanwhile.
+            let read = tokio::task::spawn_blocking(|| {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).map(|n| (n, line))
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let line = match read {
+                Ok((0, _)) => break,
+                Ok((_, line)) => line,
+                Err(e) => {
+                    eprintln!("{}: reading commands: {e}", prog());
+                    self.failed = true;
+                    break;
+                }
+            };
+            if !self.command(line.trim_end_matches(['\n', '\r'])).await {
+                break;
+            }
+        }
+    }
+
     /// Runs one command line; returns false to stop (quit).
     async fn command(&mut self, line: &str) -> bool {
         let words: Vec<&str> = line.split(' ').filter(|w| !w.is_empty()).collect();
@@ -644,14 +679,7 @@ pub fn errno_text(e: &Error) -> String {
     match e {
         Error::OutOfRange { .. } => "Input/output error".into(),
         Error::ReadOnly => "Block node is read-only".into(),
-        other => {
-            let code = other.errno();
-            let s = std::io::Error::from_raw_os_error(code).to_string();
-            match s.find(" (os error") {
-                Some(i) => s[..i].to_string(),
-                None => s,
-            }
-        }
+        other => qimg::error::strerror(&std::io::Error::from_raw_os_error(other.errno())),
     }
 }
 
