@@ -472,7 +472,12 @@ fn open_layer<'a>(
                     opts.cache,
                 )
                 .await?;
-                if let (Some(bname), false) = (img.backing_filename(), opts.no_backing) {
+                // A failure past this point closes the image before it is reported: a handle
+                // must not be dropped open (its locks and background work end with `close`).
+                let attached = async {
+                    let (Some(bname), false) = (img.backing_filename(), opts.no_backing) else {
+                        return Ok(());
+                    };
                     let bpath = resolve_backing(path, &bname)?;
                     let bformat = match img.backing_format() {
                         Some(f) => Some(Format::parse(&f).map_err(|_| {
@@ -507,6 +512,14 @@ fn open_layer<'a>(
                                 other => other,
                             })?;
                     img.set_backing(backing);
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = attached {
+                    if let Err(c) = img.close().await {
+                        tracing::warn!("{name}: closing after a failed open: {c}");
+                    }
+                    return Err(e);
                 }
                 let img = Arc::new(img);
                 img.start_background(opts.qcow2.cache_clean_interval);
