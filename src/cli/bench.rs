@@ -3,7 +3,7 @@
 //! measuring cache and CPU effects without disk noise) and per-request statistics.
 
 use super::fail;
-use qimg::block::{open_image, Aio, BlockDevice, CacheMode, Format, OpenOptions, ZeroFlags};
+use qimg::block::{open_image, BlockDevice, CacheMode, Format, OpenOptions, ZeroFlags};
 use qimg::qcow2::{Qcow2, Qcow2Options};
 use qimg::size::parse_size;
 use qimg::storage::counting::CountingStorage;
@@ -193,7 +193,7 @@ async fn open_file(
         aio: a
             .aio
             .as_deref()
-            .map(Aio::parse)
+            .map(super::opts::parse_aio)
             .transpose()?
             .unwrap_or_default(),
         batch: false,

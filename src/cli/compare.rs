@@ -55,6 +55,7 @@ pub async fn run(a: Args) -> u8 {
                 batch: false,
                 force_share: a.force_share,
                 metadata_only: false,
+                aio: None,
             })
             .await
             .map_err(|e| format!("Could not open '{path}': {e}"))

@@ -158,6 +158,7 @@ async fn convert(a: &Args) -> Result<()> {
             batch: false,
             force_share: a.force_share,
             metadata_only: false,
+            aio: None,
         })
         .await
         .map_err(|e| Error::arg(format!("Could not open '{s}': {e}")))?;
@@ -209,6 +210,7 @@ async fn convert(a: &Args) -> Result<()> {
         batch: true,
         force_share: false,
         metadata_only: false,
+        aio: None,
     })
     .await
     .map_err(|e| Error::arg(format!("Could not open '{target}': {e}")))?;

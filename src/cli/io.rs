@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 #[derive(clap::Args)]
+// qemu-io takes the last of a repeated option (the iotests pass `-f` twice: their own and the test's).
+#[command(args_override_self = true)]
 pub struct Args {
     /// Image format (probed if not given)
     #[arg(short = 'f', long = "format")]
@@ -38,6 +40,9 @@ pub struct Args {
     /// Bypass the host page cache (same as -t none)
     #[arg(short = 'n', long = "nocache")]
     nocache: bool,
+    /// How file I/O is issued: threads or io_uring (native is refused)
+    #[arg(short = 'i', long = "aio")]
+    aio: Option<String>,
     /// Command to run (repeatable)
     #[arg(short = 'c', long = "cmd")]
     cmds: Vec<String>,
@@ -63,6 +68,7 @@ pub async fn run(a: Args) -> u8 {
         batch: false,
         force_share: a.force_share,
         metadata_only: false,
+        aio: a.aio.as_deref(),
     })
     .await
     {

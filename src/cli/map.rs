@@ -115,6 +115,7 @@ pub async fn run(a: Args) -> u8 {
         batch: false,
         force_share: a.force_share,
         metadata_only: false,
+        aio: None,
     })
     .await
     {

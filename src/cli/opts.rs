@@ -1,7 +1,9 @@
 //! Option parsing shared by the commands: `-o key=value,...` lists (with QEMU's `,,` escape for a
 //! literal comma), image opening with the common flags.
 
-use qimg::block::{open_image, BlockDevice, CacheMode, Format, LockOptions, Locking, OpenOptions};
+use qimg::block::{
+    open_image, Aio, BlockDevice, CacheMode, Format, LockOptions, Locking, OpenOptions,
+};
 use qimg::qcow2::Qcow2Options;
 use qimg::Result;
 use std::path::Path;
@@ -69,6 +71,18 @@ pub struct ImageArgs<'a> {
     pub force_share: bool,
     /// Only metadata is read (`info`): see `OpenOptions::metadata_only`.
     pub metadata_only: bool,
+    /// `--aio` / `-i`: how file I/O is issued (QEMU's `aio=`: threads, io_uring; native refused).
+    pub aio: Option<&'a str>,
+}
+
+/// QEMU's `aio=` values. `native` (Linux AIO) is not implemented: refused, never replaced.
+pub fn parse_aio(s: &str) -> Result<Aio> {
+    match s {
+        "native" => Err(qimg::Error::unsupported(
+            "aio=native (Linux AIO) is not supported; use aio=threads or aio=io_uring",
+        )),
+        other => Aio::parse(other),
+    }
 }
 
 pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
@@ -92,6 +106,7 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
             force_share: a.force_share,
         },
         metadata_only: a.metadata_only,
+        aio: a.aio.map(parse_aio).transpose()?.unwrap_or_default(),
         ..Default::default()
     };
     let img = open_image(Path::new(a.path), &opts).await?;

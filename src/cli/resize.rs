@@ -31,6 +31,7 @@ pub async fn run(a: Args) -> u8 {
         batch: false,
         force_share: false,
         metadata_only: false,
+        aio: None,
     })
     .await
     {

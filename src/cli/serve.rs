@@ -5,7 +5,7 @@
 //! stopped server leaves a clean image.
 
 use super::fail;
-use qimg::block::{open_image, Aio, CacheMode, Format, OpenOptions};
+use qimg::block::{open_image, CacheMode, Format, OpenOptions};
 use qimg::nbd::{DiscardMode, Export, ExportConfig, Listen, Server, ServerConfig};
 use qimg::qcow2::{create, CreateOptions};
 use qimg::size::{human_size, parse_size};
@@ -95,7 +95,7 @@ async fn serve(a: Args) -> Result<u8> {
     let aio = a
         .aio
         .as_deref()
-        .map(Aio::parse)
+        .map(super::opts::parse_aio)
         .transpose()?
         .unwrap_or_default();
     let discard = DiscardMode::parse(&a.discard)?;
