@@ -667,3 +667,60 @@ fn failed_backing_open_reports_only_qemus_message() {
     );
     assert_eq!(ours.status.code(), theirs.status.code());
 }
+
+/// `open` and `close` in a qemu-io session, with and without an image on the command line: the
+/// same standard output, standard error and exit status as qemu-io, for commands before any
+/// open, a second open, closing, read-only opens refusing writes, usage errors and runtime
+/// options. What the session wrote is in the image afterwards.
+#[test]
+fn io_open_and_close_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let sessions: [&[&str]; 3] = [
+        &[
+            "read 0 1",
+            "open -o l2-cache-size=1M IMG",
+            "l",
+            "write -P 5 0 4k",
+            "open IMG",
+            "close",
+            "length",
+            "open -r IMG",
+            "write 0 1",
+            "discard 0 4k",
+            "close",
+            "open",
+            "open -x IMG",
+            "open -U -r IMG",
+            "read -P 5 0 4k",
+        ],
+        &["open -o bogus=1 IMG", "read 0 1"],
+        &["close", "close", "open -n IMG", "read -P 0 0 4k"],
+    ];
+    for (i, cmds) in sessions.iter().enumerate() {
+        let mut outs = Vec::new();
+        for (prog, pre) in [(QIMG, &["io"][..]), ("qemu-io", &[][..])] {
+            let img = dir.path().join(format!("o{i}-{}.qcow2", outs.len()));
+            qemu_create(&img, "", 1 << 20, &[]);
+            let p = img.to_str().unwrap();
+            let mut args: Vec<String> = pre.iter().map(|s| s.to_string()).collect();
+            for c in cmds.iter() {
+                args.push("-c".into());
+                args.push(c.replace("IMG", p));
+            }
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            let o = run_named(prog, "qemu-io", &a, "");
+            let out: Vec<String> = stdout(&o)
+                .lines()
+                .filter(|l| !l.contains("ops;"))
+                .map(|l| l.replace(p, "IMG"))
+                .collect();
+            let err = String::from_utf8_lossy(&o.stderr).replace(p, "IMG");
+            outs.push((out, err, o.status.code()));
+            if i == 0 {
+                let r = qemu_io(&img, "qcow2", &["read -P 5 0 4k".into()]);
+                assert!(!r.contains("failed"), "{prog}: {r}");
+            }
+        }
+        assert_eq!(outs[0], outs[1], "session {i}");
+    }
+}

@@ -1,9 +1,11 @@
 //! `qimg io`: a qemu-io compatible subset, for poking images the way QEMU's test suite does.
 //!
 //! Commands: `read`/`r`, `write`/`w`, `readv`, `writev`, `discard`/`d`, `flush`/`f`,
-//! `aio_read`, `aio_write`, `aio_flush`, `length`, `quit`. Output lines, number parsing, error
-//! messages and the exit status (1 if any synchronous command failed) follow qemu-io 10.
-//! Asynchronous requests run concurrently and report when they complete.
+//! `aio_read`, `aio_write`, `aio_flush`, `length`/`l`, `open`/`o`, `close`/`c`, `quit`/`q`.
+//! Output lines, number parsing, error messages and the exit status (1 if any synchronous
+//! command failed) follow qemu-io 10. Asynchronous requests run concurrently and report when
+//! they complete. The image on the command line is optional, as in qemu-io: `open` opens one
+//! later, and commands that need one say "no file open" until then.
 //!
 //! Without `-c`, commands are read from standard input, one per line, each preceded by qemu-io's
 //! prompt (`<prog>> `, printed whether or not the input is a terminal, as qemu-io does: scripts
@@ -46,7 +48,8 @@ pub struct Args {
     /// Command to run (repeatable)
     #[arg(short = 'c', long = "cmd")]
     cmds: Vec<String>,
-    filename: String,
+    /// The image (optional: the `open` command opens one later)
+    filename: Option<String>,
 }
 
 /// Largest single request qemu-io accepts.
@@ -58,31 +61,33 @@ pub async fn run(a: Args) -> u8 {
     } else {
         a.cache.clone()
     };
-    let img = match open(&ImageArgs {
-        path: &a.filename,
-        format: a.format.as_deref(),
-        read_only: a.read_only,
-        cache: cache.as_deref(),
-        runtime_opts: &a.options,
-        no_backing: false,
-        batch: false,
-        force_share: a.force_share,
-        metadata_only: false,
-        aio: a.aio.as_deref(),
-    })
-    .await
-    {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("{}: can't open device {}: {}", prog(), a.filename, e);
-            return 1;
-        }
-    };
     let mut session = Session {
-        img: img.clone(),
+        img: None,
         aio: JoinSet::new(),
         failed: false,
     };
+    if let Some(filename) = &a.filename {
+        let opened = open(&ImageArgs {
+            path: filename,
+            format: a.format.as_deref(),
+            read_only: a.read_only,
+            cache: cache.as_deref(),
+            runtime_opts: &a.options,
+            no_backing: false,
+            batch: false,
+            force_share: a.force_share,
+            metadata_only: false,
+            aio: a.aio.as_deref(),
+        })
+        .await;
+        match opened {
+            Ok(i) => session.img = Some(i),
+            Err(e) => {
+                eprintln!("{}: can't open device {filename}: {e}", prog());
+                return 1;
+            }
+        }
+    }
     if a.cmds.is_empty() {
         session.interactive().await;
     }
@@ -91,18 +96,41 @@ pub async fn run(a: Args) -> u8 {
             break;
         }
     }
-    session.drain().await;
-    if let Err(e) = img.close().await {
-        eprintln!("{}: {e}", prog());
+    if !session.close().await {
         session.failed = true;
     }
     u8::from(session.failed)
 }
 
 struct Session {
-    img: Arc<dyn BlockDevice>,
+    /// The open image (`None` before the first `open`, after `close`).
+    img: Option<Arc<dyn BlockDevice>>,
     aio: JoinSet<()>,
     failed: bool,
+}
+
+type Dev = Arc<dyn BlockDevice>;
+
+/// Commands that work on the open image (qemu-io answers "no file open" for them without one).
+fn is_image_command(name: &str) -> bool {
+    matches!(
+        name,
+        "read"
+            | "r"
+            | "readv"
+            | "write"
+            | "w"
+            | "writev"
+            | "aio_read"
+            | "aio_write"
+            | "aio_flush"
+            | "discard"
+            | "d"
+            | "flush"
+            | "f"
+            | "length"
+            | "l"
+    )
 }
 
 /// Parsed flags of read/write style commands.
@@ -159,13 +187,51 @@ impl Session {
             return true;
         };
         let ok = match name {
-            "read" | "r" => self.rw(name, "read", args, false).await,
-            "readv" => self.rw(name, "readv", args, true).await,
-            "write" | "w" => self.rw(name, "write", args, false).await,
-            "writev" => self.rw(name, "writev", args, true).await,
-            "aio_read" => self.aio(name, false, args),
-            "aio_write" => self.aio(name, true, args),
-            "discard" | "d" => self.discard(name, args).await,
+            "quit" | "q" => return false,
+            "open" | "o" => self.open(args).await,
+            "close" | "c" if self.img.is_none() => {
+                eprintln!("no file open, try 'help open'");
+                false
+            }
+            "close" | "c" => self.close().await,
+            _ => match self.img.clone() {
+                Some(img) => self.image_command(&img, name, args).await,
+                None if is_image_command(name) => {
+                    eprintln!("no file open, try 'help open'");
+                    false
+                }
+                None => {
+                    eprintln!("command \"{name}\" not found");
+                    false
+                }
+            },
+        };
+        if !ok {
+            self.failed = true;
+        }
+        let _ = std::io::stdout().flush();
+        true
+    }
+
+    /// Runs a command that needs the open image; returns whether it succeeded.
+    async fn image_command(&mut self, img: &Dev, name: &str, args: &[&str]) -> bool {
+        // qemu-io takes the write permission before a writing command runs.
+        let writes = matches!(
+            name,
+            "write" | "w" | "writev" | "aio_write" | "discard" | "d"
+        );
+        if writes && img.read_only() {
+            eprintln!("{}: Block node is read-only", prog());
+            return false;
+        }
+        match name {
+            "read" | "r" => self.rw(img, name, "read", args, false).await,
+            "readv" => self.rw(img, name, "readv", args, true).await,
+            "write" | "w" => self.rw(img, name, "write", args, false).await,
+            "writev" => self.rw(img, name, "writev", args, true).await,
+            "aio_read" => self.aio(img, name, false, args),
+            "aio_write" => self.aio(img, name, true, args),
+            "discard" | "d" => self.discard(img, name, args).await,
             "flush" | "f" => {
                 if !args.is_empty() {
                     eprintln!(
@@ -174,7 +240,7 @@ impl Session {
                     );
                     false
                 } else {
-                    match self.img.flush().await {
+                    match img.flush().await {
                         Ok(()) => true,
                         Err(e) => {
                             println!("flush failed: {}", errno_text(&e));
@@ -185,7 +251,7 @@ impl Session {
             }
             "aio_flush" => {
                 self.drain().await;
-                match self.img.flush().await {
+                match img.flush().await {
                     Ok(()) => true,
                     Err(e) => {
                         println!("aio_flush failed: {}", errno_text(&e));
@@ -193,25 +259,130 @@ impl Session {
                     }
                 }
             }
-            "length" => {
-                println!("{}", cvtstr(self.img.size() as f64));
+            "length" | "l" => {
+                println!("{}", cvtstr(img.size() as f64));
                 true
             }
-            "quit" | "q" => return false,
             other => {
                 eprintln!("command \"{other}\" not found");
                 false
             }
-        };
-        if !ok {
-            self.failed = true;
         }
-        let _ = std::io::stdout().flush();
-        true
     }
 
     async fn drain(&mut self) {
         while self.aio.join_next().await.is_some() {}
+    }
+
+    /// `close`: waits for asynchronous requests, then closes the image (flushing it). Returns
+    /// false if closing failed; closing nothing succeeds, as in qemu-io.
+    async fn close(&mut self) -> bool {
+        self.drain().await;
+        let Some(img) = self.img.take() else {
+            return true;
+        };
+        match img.close().await {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("{}: {e}", prog());
+                false
+            }
+        }
+    }
+
+    /// `open [-rnU] [-i AIO] [-t CACHE] [-o OPTIONS] PATH`, as qemu-io's. Its `-s` (temporary
+    /// snapshot overlay), `-C` (copy-on-read), `-k` (Linux AIO) and `-d` (discard mode) are not
+    /// implemented and are refused.
+    async fn open(&mut self, args: &[&str]) -> bool {
+        const USAGE: &str = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
+        if args.is_empty() {
+            eprintln!("bad argument count 0 to open, expected at least 1 arguments");
+            return false;
+        }
+        if self.img.is_some() {
+            eprintln!("{}: file open already, try 'help close'", prog());
+            return false;
+        }
+        let (mut read_only, mut force_share) = (false, false);
+        let (mut cache, mut aio): (Option<String>, Option<String>) = (None, None);
+        let mut options = Vec::new();
+        let mut paths = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i];
+            i += 1;
+            if a.len() < 2 || !a.starts_with('-') {
+                paths.push(a);
+                continue;
+            }
+            let mut chars = a[1..].chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    'r' => read_only = true,
+                    'U' => force_share = true,
+                    'n' => cache = Some("none".into()),
+                    's' | 'C' | 'k' | 'd' => {
+                        let what = match c {
+                            's' => "-s (a temporary snapshot overlay)",
+                            'C' => "-C (copy-on-read)",
+                            'k' => "-k (Linux AIO)",
+                            _ => "-d (discard modes)",
+                        };
+                        eprintln!("open: {what} is not supported");
+                        return false;
+                    }
+                    't' | 'i' | 'o' => {
+                        let rest: String = chars.by_ref().collect();
+                        let value = if !rest.is_empty() {
+                            rest
+                        } else if i < args.len() {
+                            i += 1;
+                            args[i - 1].to_string()
+                        } else {
+                            println!("{USAGE}");
+                            return false;
+                        };
+                        match c {
+                            't' => cache = Some(value),
+                            'i' => aio = Some(value),
+                            _ => options.push(value),
+                        }
+                    }
+                    other => {
+                        eprintln!("open: invalid option -- '{other}'");
+                        println!("{USAGE}");
+                        return false;
+                    }
+                }
+            }
+        }
+        let [path] = paths[..] else {
+            println!("{USAGE}");
+            return false;
+        };
+        let opened = open(&ImageArgs {
+            path,
+            format: None,
+            read_only,
+            cache: cache.as_deref(),
+            runtime_opts: &options,
+            no_backing: false,
+            batch: false,
+            force_share,
+            metadata_only: false,
+            aio: aio.as_deref(),
+        })
+        .await;
+        match opened {
+            Ok(img) => {
+                self.img = Some(img);
+                true
+            }
+            Err(e) => {
+                eprintln!("{}: can't open device {path}: {e}", prog());
+                false
+            }
+        }
     }
 
     /// Parses flags; returns the flags and the positional arguments.
@@ -284,7 +455,14 @@ impl Session {
         Some((f, pos))
     }
 
-    async fn rw(&mut self, cmd: &str, kind: &str, args: &[&str], vectored: bool) -> bool {
+    async fn rw(
+        &mut self,
+        img: &Dev,
+        cmd: &str,
+        kind: &str,
+        args: &[&str],
+        vectored: bool,
+    ) -> bool {
         let write = kind.starts_with('w');
         let allowed = match (write, vectored) {
             (false, false) => "CqvPslpb",
@@ -349,10 +527,9 @@ impl Session {
         }
         let start = Instant::now();
         let result = if write {
-            self.do_write(offset, len, &f).await.map(|_| None)
+            Self::do_write(img, offset, len, &f).await.map(|_| None)
         } else {
-            self.img
-                .read(offset, IoBufMut::zeroed(len as usize))
+            img.read(offset, IoBufMut::zeroed(len as usize))
                 .await
                 .map(Some)
         };
@@ -384,20 +561,20 @@ impl Session {
         }
     }
 
-    async fn do_write(&self, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
-        self.write_once(offset, len, f).await?;
+    async fn do_write(img: &Dev, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
+        Self::write_once(img, offset, len, f).await?;
         if f.fua {
             // FUA: durable before the write is reported complete.
-            self.img.flush().await?;
+            img.flush().await?;
         }
         Ok(())
     }
 
-    async fn write_once(&self, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
+    async fn write_once(img: &Dev, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
         if f.compress {
             let mut buf = IoBufMut::zeroed(len as usize);
             buf.fill(f.pattern.unwrap_or(0xcd));
-            return match self.img.as_qcow2() {
+            return match img.as_qcow2() {
                 Some(q) => q.write_compressed(offset, buf.freeze()).await,
                 None => Err(qimg::Error::unsupported(
                     "compressed writes need a qcow2 image",
@@ -409,15 +586,15 @@ impl Session {
                 may_unmap: f.unmap,
                 fast_only: f.no_fallback,
             };
-            return self.img.write_zeroes(offset, len, flags).await;
+            return img.write_zeroes(offset, len, flags).await;
         }
         let byte = f.pattern.unwrap_or(0xcd);
         let mut buf = IoBufMut::zeroed(len as usize);
         buf.fill(byte);
-        self.img.write(offset, buf.freeze()).await
+        img.write(offset, buf.freeze()).await
     }
 
-    async fn discard(&mut self, cmd: &str, args: &[&str]) -> bool {
+    async fn discard(&mut self, img: &Dev, cmd: &str, args: &[&str]) -> bool {
         let Some((f, pos)) = Self::parse(cmd, args, "Cq") else {
             return false;
         };
@@ -436,7 +613,7 @@ impl Session {
             return false;
         }
         let start = Instant::now();
-        match self.img.discard(offset, len).await {
+        match img.discard(offset, len).await {
             Err(e) => {
                 println!("discard failed: {}", errno_text(&e));
                 false
@@ -451,7 +628,7 @@ impl Session {
     }
 
     /// Starts an asynchronous request; its report is printed when it completes.
-    fn aio(&mut self, cmd: &str, write: bool, args: &[&str]) -> bool {
+    fn aio(&mut self, img: &Dev, cmd: &str, write: bool, args: &[&str]) -> bool {
         let allowed = if write { "CfiqruzP" } else { "CiqrvP" };
         let Some((f, pos)) = Self::parse(cmd, args, allowed) else {
             return false;
@@ -487,7 +664,7 @@ impl Session {
             println!("-u requires -z to be specified");
             return false;
         }
-        let img = self.img.clone();
+        let img = img.clone();
         self.aio.spawn(async move {
             let start = Instant::now();
             if write {

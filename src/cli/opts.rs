@@ -41,7 +41,7 @@ pub fn parse_kv_list(s: &str) -> Vec<(String, String)> {
 
 /// Runtime options (`-o` lists): the qcow2 driver's, and the file driver's `locking`
 /// (QEMU spells it `file.locking` below a format driver; both are taken). Unknown keys are
-/// refused.
+/// refused with QEMU's message.
 pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
     let mut qcow2 = Qcow2Options::default();
     let mut locking = Locking::default();
@@ -50,7 +50,10 @@ pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
             if k == "locking" || k == "file.locking" {
                 locking = Locking::parse(&v)?;
             } else if !qcow2.set(&k, &v)? {
-                return Err(qimg::Error::arg(format!("Invalid parameter '{k}'")));
+                // Every runtime option taken here is the qcow2 driver's or the file's.
+                return Err(qimg::Error::arg(format!(
+                    "Block format 'qcow2' does not support the option '{k}'"
+                )));
             }
         }
     }
