@@ -724,3 +724,40 @@ fn io_open_and_close_like_qemu_io() {
         assert_eq!(outs[0], outs[1], "session {i}");
     }
 }
+
+/// Cache size options that contradict each other are refused at open with qemu-io's messages
+/// (QEMU's iotest 103), and consistent ones open.
+#[test]
+fn io_cache_size_options_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    qemu_create(&img, "", 1 << 20, &[]);
+    let p = img.to_str().unwrap();
+    for opts in [
+        "cache-size=1.25M,l2-cache-size=1M,refcount-cache-size=0.25M",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "cache-size=0,l2-cache-size=0,refcount-cache-size=0",
+        "l2-cache-entry-size=256",
+        "l2-cache-entry-size=4242",
+        "cache-size=1M,l2-cache-size=512k",
+        "cache-size=1M,refcount-cache-size=256k",
+    ] {
+        let cmd = format!("open -o {opts} {p}");
+        let ours = run_named(QIMG, "qemu-io", &["io", "-c", &cmd, "-c", "length"], "");
+        let theirs = run_named("qemu-io", "qemu-io", &["-c", &cmd, "-c", "length"], "");
+        assert_eq!(
+            (
+                stdout(&ours),
+                String::from_utf8_lossy(&ours.stderr),
+                ours.status.code()
+            ),
+            (
+                stdout(&theirs),
+                String::from_utf8_lossy(&theirs.stderr),
+                theirs.status.code()
+            ),
+            "{opts}"
+        );
+    }
+}

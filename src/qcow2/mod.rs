@@ -133,13 +133,18 @@ impl Qcow2Options {
             self.l2_cache_size,
             self.refcount_cache_size,
         ) {
-            (Some(total), Some(l2), Some(rc)) if l2 + rc != total => {
-                return Err(Error::arg(
-                    "l2-cache-size + refcount-cache-size must equal cache-size",
-                ))
+            // QEMU's rules and messages.
+            (Some(_), Some(_), Some(_)) => return Err(Error::arg(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+            )),
+            (Some(total), Some(l2), None) if l2 > total => {
+                return Err(Error::arg("l2-cache-size may not exceed cache-size"))
             }
-            (Some(total), Some(l2), None) => (l2, total.saturating_sub(l2)),
-            (Some(total), None, Some(rc)) => (total.saturating_sub(rc), rc),
+            (Some(total), None, Some(rc)) if rc > total => {
+                return Err(Error::arg("refcount-cache-size may not exceed cache-size"))
+            }
+            (Some(total), Some(l2), None) => (l2, total - l2),
+            (Some(total), None, Some(rc)) => (total - rc, rc),
             (Some(total), None, None) => {
                 let l2 = whole_disk.min(total.saturating_sub(min_rc));
                 (l2, total.saturating_sub(l2))
