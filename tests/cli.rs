@@ -761,3 +761,33 @@ fn io_cache_size_options_like_qemu_io() {
         );
     }
 }
+
+/// Concurrent asynchronous requests report in whole two-line blocks (iotest 035 sends 192
+/// overlapping `aio_write`s on standard input; the line pairs of two completions must not
+/// interleave).
+#[test]
+fn aio_reports_do_not_interleave() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    qemu_create(&img, "cluster_size=512", 6 << 30, &[]);
+    let mut script = String::new();
+    for i in 0..64 {
+        for _ in 0..3 {
+            script.push_str(&format!("aio_write {i}M 512\n"));
+        }
+    }
+    for _ in 0..5 {
+        let o = run_named(QIMG, "qemu-io", &["io", img.to_str().unwrap()], &script);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o).replace("qemu-io> ", "");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2 * 192, "{out}");
+        for pair in lines.chunks(2) {
+            assert!(
+                pair[0].starts_with("wrote 512/512 bytes at offset ")
+                    && pair[1].starts_with("512 bytes, 1 ops;"),
+                "{pair:?}"
+            );
+        }
+    }
+}

@@ -695,7 +695,10 @@ impl Session {
                     Err(e) => println!("aio_write failed: {}", errno_text(&e)),
                 }
             } else {
-                match img.read(offset, IoBufMut::zeroed(len as usize)).await {
+                let read = img.read(offset, IoBufMut::zeroed(len as usize)).await;
+                // Everything this completion prints comes out together (the lock is reentrant).
+                let _out = std::io::stdout().lock();
+                match read {
                     Ok(buf) => {
                         if let Some(p) = f.pattern {
                             if buf.iter().any(|&b| b != p) {
@@ -791,9 +794,9 @@ fn print_report(op: &str, t: Duration, offset: u64, count: u64, machine: bool) {
         );
         return;
     }
-    println!("{op} {count}/{count} bytes at offset {offset}");
-    println!(
-        "{}, 1 ops; {} ({}/sec and {:.4} ops/sec)",
+    // One write: reports of concurrent requests must not interleave line by line.
+    print!(
+        "{op} {count}/{count} bytes at offset {offset}\n{}, 1 ops; {} ({}/sec and {:.4} ops/sec)\n",
         cvtstr(count as f64),
         timestr(t, false),
         cvtstr(count as f64 / secs),
