@@ -791,3 +791,64 @@ fn aio_reports_do_not_interleave() {
         }
     }
 }
+
+/// `alloc` and `map` report the image's own allocation (not its backing file's; zero clusters
+/// count) exactly as qemu-io does, including past the end and on bad arguments.
+#[test]
+fn io_alloc_and_map_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.qcow2");
+    let top = dir.path().join("t.qcow2");
+    qemu_create(&base, "", 4 << 20, &[]);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write 0 64k".into(), "write 1M 128k".into()],
+    );
+    qemu_create(
+        &top,
+        "cluster_size=4096",
+        4 << 20,
+        &["-b", base.to_str().unwrap(), "-F", "qcow2"],
+    );
+    qemu_io(
+        &top,
+        "qcow2",
+        &[
+            "write 32k 64k".into(),
+            "write -z 2M 64k".into(),
+            "write 3M 1k".into(),
+            "discard 40k 4k".into(),
+        ],
+    );
+    let t = top.to_str().unwrap();
+    let cmds = [
+        "map",
+        "alloc 0",
+        "alloc 0 4M",
+        "alloc 1M 64k",
+        "alloc 512 1",
+        "alloc 4M 1",
+        "alloc 3M 8k",
+        "alloc",
+        "map 1",
+        "alloc 100",
+        "alloc 5M",
+        "alloc x",
+        "alloc 0 1 2",
+        "alloc 36k 8k",
+    ];
+    let mut args = vec!["-r"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(t);
+    let ours = run_named(QIMG, "qemu-io", &[&["io"][..], &args].concat(), "");
+    let theirs = run_named("qemu-io", "qemu-io", &args, "");
+    assert_eq!(stdout(&ours), stdout(&theirs));
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stderr),
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    assert_eq!(ours.status.code(), theirs.status.code());
+}

@@ -1,7 +1,8 @@
 //! `qimg io`: a qemu-io compatible subset, for poking images the way QEMU's test suite does.
 //!
 //! Commands: `read`/`r`, `write`/`w`, `readv`, `writev`, `discard`/`d`, `flush`/`f`,
-//! `aio_read`, `aio_write`, `aio_flush`, `length`/`l`, `open`/`o`, `close`/`c`, `quit`/`q`.
+//! `aio_read`, `aio_write`, `aio_flush`, `length`/`l`, `alloc`/`a`, `map`, `open`/`o`, `close`/`c`,
+//! `quit`/`q`.
 //! Output lines, number parsing, error messages and the exit status (1 if any synchronous
 //! command failed) follow qemu-io 10. Asynchronous requests run concurrently and report when
 //! they complete. The image on the command line is optional, as in qemu-io: `open` opens one
@@ -130,7 +131,118 @@ fn is_image_command(name: &str) -> bool {
             | "f"
             | "length"
             | "l"
+            | "alloc"
+            | "a"
+            | "map"
     )
+}
+
+/// How much of `[offset, offset + len)`, from its start, this layer alone defines (data or
+/// zeros) or leaves to its backing file: `(allocated, bytes)`, `bytes` 0 at or past the end.
+async fn layer_allocation(img: &Dev, offset: u64, len: u64) -> qimg::Result<(bool, u64)> {
+    let size = img.size();
+    if offset >= size || len == 0 {
+        return Ok((false, 0));
+    }
+    let len = len.min(size - offset);
+    let st = img.block_status(offset, len).await?;
+    Ok((st.allocated, st.len.clamp(1, len)))
+}
+
+/// `alloc OFFSET [COUNT]`: how many bytes of the range the image itself allocates (its backing
+/// file's do not count), as qemu-io prints it.
+async fn alloc(img: &Dev, args: &[&str]) -> bool {
+    if args.is_empty() || args.len() > 2 {
+        eprintln!(
+            "bad argument count {} to alloc, expected between 1 and 2 arguments",
+            args.len()
+        );
+        return false;
+    }
+    let Some(start) = cvtnum(args[0]) else {
+        return false;
+    };
+    let mut count = 512;
+    if let Some(c) = args.get(1) {
+        let Some(c) = cvtnum(c) else { return false };
+        count = c;
+    }
+    let (mut offset, mut remaining, mut sum) = (start, count, 0u64);
+    while remaining > 0 {
+        match layer_allocation(img, offset, remaining).await {
+            Err(e) => {
+                println!("is_allocated failed: {}", errno_text(&e));
+                return false;
+            }
+            Ok((_, 0)) => {
+                count -= remaining;
+                remaining = 0;
+            }
+            Ok((allocated, n)) => {
+                offset += n;
+                remaining -= n;
+                if allocated {
+                    sum += n;
+                }
+            }
+        }
+    }
+    println!(
+        "{sum}/{count} bytes allocated at offset {}",
+        cvtstr(start as f64)
+    );
+    true
+}
+
+/// `map`: the image's own allocation, extent by extent (runs of the same state merged).
+async fn map(img: &Dev, args: &[&str]) -> bool {
+    if !args.is_empty() {
+        eprintln!(
+            "bad argument count {} to map, expected 0 arguments",
+            args.len()
+        );
+        return false;
+    }
+    let size = img.size();
+    let mut offset = 0;
+    while offset < size {
+        let mut run = 0;
+        let mut first = None;
+        loop {
+            match layer_allocation(img, offset + run, size - offset - run).await {
+                Err(e) => {
+                    eprintln!(
+                        "{}: Failed to get allocation status: {}",
+                        prog(),
+                        errno_text(&e)
+                    );
+                    return false;
+                }
+                Ok((_, 0)) => break,
+                Ok((allocated, n)) if first.is_none_or(|f| f == allocated) => {
+                    first = Some(allocated);
+                    run += n;
+                }
+                Ok(_) => break,
+            }
+        }
+        let Some(allocated) = first else {
+            eprintln!("{}: Unexpected end of image", prog());
+            return false;
+        };
+        println!(
+            "{} ({run:#x}) bytes {} at offset {} ({offset:#x})",
+            cvtstr(run as f64),
+            if allocated {
+                "    allocated"
+            } else {
+                "not allocated"
+            },
+            cvtstr(offset as f64),
+        );
+        offset += run;
+    }
+    true
 }
 
 /// Parsed flags of read/write style commands.
@@ -232,6 +344,8 @@ impl Session {
             "aio_read" => self.aio(img, name, false, args),
             "aio_write" => self.aio(img, name, true, args),
             "discard" | "d" => self.discard(img, name, args).await,
+            "alloc" | "a" => alloc(img, args).await,
+            "map" => map(img, args).await,
             "flush" | "f" => {
                 if !args.is_empty() {
                     eprintln!(
