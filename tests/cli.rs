@@ -852,3 +852,98 @@ fn io_alloc_and_map_like_qemu_io() {
     );
     assert_eq!(ours.status.code(), theirs.status.code());
 }
+
+/// `truncate`, `sleep` and `sigraise` as qemu-io runs them: growing an image (the new part
+/// reads as zeros), argument errors, a read-only image refusing; then `sigraise 9` kills the
+/// process mid-session as the iotests do, and the image it leaves passes `qemu-img check`
+/// (leaks at most) with the flushed data in it.
+#[test]
+fn io_truncate_sleep_and_sigraise_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outs = Vec::new();
+    for (prog, pre) in [(QIMG, &["io"][..]), ("qemu-io", &[][..])] {
+        let img = dir.path().join(format!("t{}.qcow2", outs.len()));
+        qemu_create(&img, "", 1 << 20, &[]);
+        let p = img.to_str().unwrap();
+        let mut result = Vec::new();
+        for (ro, cmds) in [
+            (
+                false,
+                &[
+                    "truncate",
+                    "truncate 2M",
+                    "length",
+                    "truncate -m off 3M",
+                    "length",
+                    "truncate -m bogus 4M",
+                    "truncate x",
+                    "sleep 10",
+                    "sleep",
+                    "sigraise",
+                    "sigraise 999",
+                    "write -P 7 2M 4k",
+                ][..],
+            ),
+            (true, &["truncate 4M", "length"][..]),
+        ] {
+            let mut args: Vec<&str> = pre.to_vec();
+            if ro {
+                args.push("-r");
+            }
+            for c in cmds {
+                args.extend(["-c", c]);
+            }
+            args.push(p);
+            let o = run_named(prog, "qemu-io", &args, "");
+            let out: Vec<String> = stdout(&o)
+                .lines()
+                .filter(|l| !l.contains("ops;"))
+                .map(str::to_string)
+                .collect();
+            result.push((
+                out,
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+                o.status.code(),
+            ));
+        }
+        let r = qemu_io(
+            &img,
+            "qcow2",
+            &["read -P 7 2M 4k".into(), "read -P 0 2052k 1020k".into()],
+        );
+        assert!(!r.contains("failed"), "{prog}: {r}");
+        qemu_check_clean(&img);
+        outs.push(result);
+    }
+    assert_eq!(outs[0], outs[1]);
+
+    // Killed by its own sigraise after a flushed write and an unflushed one.
+    let img = dir.path().join("k.qcow2");
+    qemu_create(&img, "", 4 << 20, &[]);
+    let o = run_named(
+        QIMG,
+        "qemu-io",
+        &[
+            "io",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 2 1M 64k",
+            "-c",
+            "sigraise 9",
+            "-c",
+            "write -P 3 2M 64k",
+            img.to_str().unwrap(),
+        ],
+        "",
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("offset 2097152"), "ran past sigraise");
+    let (code, _, _, out) = qemu_check(&img);
+    assert!(code == 0 || code == 3, "{out}");
+    let r = qemu_io(&img, "qcow2", &["read -P 1 0 64k".into()]);
+    assert!(!r.contains("failed"), "{r}");
+}

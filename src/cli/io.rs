@@ -1,8 +1,8 @@
 //! `qimg io`: a qemu-io compatible subset, for poking images the way QEMU's test suite does.
 //!
 //! Commands: `read`/`r`, `write`/`w`, `readv`, `writev`, `discard`/`d`, `flush`/`f`,
-//! `aio_read`, `aio_write`, `aio_flush`, `length`/`l`, `alloc`/`a`, `map`, `open`/`o`, `close`/`c`,
-//! `quit`/`q`.
+//! `aio_read`, `aio_write`, `aio_flush`, `length`/`l`, `alloc`/`a`, `map`, `truncate`/`t`,
+//! `open`/`o`, `close`/`c`, `sleep`, `sigraise`, `abort`, `quit`/`q`.
 //! Output lines, number parsing, error messages and the exit status (1 if any synchronous
 //! command failed) follow qemu-io 10. Asynchronous requests run concurrently and report when
 //! they complete. The image on the command line is optional, as in qemu-io: `open` opens one
@@ -134,7 +134,119 @@ fn is_image_command(name: &str) -> bool {
             | "alloc"
             | "a"
             | "map"
+            | "truncate"
+            | "t"
     )
+}
+
+/// `truncate [-m PREALLOC] SIZE`: grows the image (preallocation `off`). Shrinking a qcow2
+/// image and the other preallocation modes are not implemented and are refused.
+async fn truncate(img: &Dev, args: &[&str]) -> bool {
+    if args.is_empty() || args.len() > 3 {
+        eprintln!(
+            "bad argument count {} to truncate, expected between 1 and 3 arguments",
+            args.len()
+        );
+        return false;
+    }
+    let mut size = None;
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "-m" && i + 1 < args.len() {
+            let mode = args[i + 1];
+            match mode {
+                "off" => {}
+                "metadata" | "falloc" | "full" => {
+                    eprintln!(
+                        "{}: truncate with preallocation '{mode}' is not supported",
+                        prog()
+                    );
+                    return false;
+                }
+                _ => {
+                    eprintln!("{}: Invalid preallocation mode '{mode}'", prog());
+                    return false;
+                }
+            }
+            i += 2;
+            continue;
+        }
+        let Some(n) = cvtnum(args[i]) else {
+            return false;
+        };
+        size = Some(n);
+        i += 1;
+    }
+    let Some(size) = size else {
+        eprintln!(
+            "bad argument count {} to truncate, expected between 1 and 3 arguments",
+            args.len()
+        );
+        return false;
+    };
+    let result = match img.as_qcow2() {
+        Some(q) if size >= img.size() => q.grow(size).await,
+        Some(_) => Err(Error::unsupported(
+            "shrinking a qcow2 image is not supported yet",
+        )),
+        None => Err(Error::unsupported(
+            "truncate of raw images is not supported yet",
+        )),
+    };
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("{}: {e}", prog());
+            false
+        }
+    }
+}
+
+/// `sleep MILLISECONDS`.
+async fn sleep(args: &[&str]) -> bool {
+    let [ms] = args[..] else {
+        eprintln!(
+            "bad argument count {} to sleep, expected 1 arguments",
+            args.len()
+        );
+        return false;
+    };
+    let Some(ms) = cvtnum(ms) else {
+        return false;
+    };
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    true
+}
+
+/// `sigraise SIGNAL`: raises a signal against this process, after flushing what was printed
+/// (the iotests use it with SIGKILL to leave an image as a killed process leaves it).
+fn sigraise(args: &[&str]) -> bool {
+    let [arg] = args[..] else {
+        eprintln!(
+            "bad argument count {} to sigraise, expected 1 arguments",
+            args.len()
+        );
+        return false;
+    };
+    let Some(sig) = cvtnum(arg) else {
+        return false;
+    };
+    let Ok(sig) =
+        i32::try_from(sig)
+            .map_err(|_| ())
+            .and_then(|s| if s < 65 { Ok(s) } else { Err(()) })
+    else {
+        println!("signal argument '{arg}' is too large to be a valid signal");
+        return false;
+    };
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: raise() has no memory-safety preconditions; the signal's disposition decides what
+    // happens next, as for qemu-io.
+    unsafe {
+        libc::raise(sig);
+    }
+    true
 }
 
 /// How much of `[offset, offset + len)`, from its start, this layer alone defines (data or
@@ -301,6 +413,11 @@ impl Session {
         let ok = match name {
             "quit" | "q" => return false,
             "open" | "o" => self.open(args).await,
+            "sleep" => sleep(args).await,
+            "sigraise" => sigraise(args),
+            // qemu-io's `abort`: ends the process as a crash would (the iotests use it to leave
+            // an image the way a crashed process leaves it).
+            "abort" => std::process::abort(),
             "close" | "c" if self.img.is_none() => {
                 eprintln!("no file open, try 'help open'");
                 false
@@ -330,7 +447,7 @@ impl Session {
         // qemu-io takes the write permission before a writing command runs.
         let writes = matches!(
             name,
-            "write" | "w" | "writev" | "aio_write" | "discard" | "d"
+            "write" | "w" | "writev" | "aio_write" | "discard" | "d" | "truncate" | "t"
         );
         if writes && img.read_only() {
             eprintln!("{}: Block node is read-only", prog());
@@ -346,6 +463,7 @@ impl Session {
             "discard" | "d" => self.discard(img, name, args).await,
             "alloc" | "a" => alloc(img, args).await,
             "map" => map(img, args).await,
+            "truncate" | "t" => truncate(img, args).await,
             "flush" | "f" => {
                 if !args.is_empty() {
                     eprintln!(
