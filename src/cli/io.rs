@@ -231,10 +231,9 @@ fn sigraise(args: &[&str]) -> bool {
     let Some(sig) = cvtnum(arg) else {
         return false;
     };
-    let Ok(sig) =
-        i32::try_from(sig)
-            .map_err(|_| ())
-            .and_then(|s| if s < 65 { Ok(s) } else { Err(()) })
+    let Ok(sig) = i32::try_from(sig)
+        .map_err(|_| ())
+        .and_then(|s| if s < 65 { Ok(s) } else { Err(()) })
     else {
         println!("signal argument '{arg}' is too large to be a valid signal");
         return false;
