@@ -27,7 +27,9 @@ pub async fn run(a: Args) -> u8 {
         read_only: false,
         cache: None,
         runtime_opts: &[],
-        no_backing: true,
+        // With its backing file, as qemu-img opens it: growing over a longer backing file
+        // must zero the new area, and only the open backing file tells its length.
+        no_backing: false,
         batch: false,
         force_share: false,
         metadata_only: false,

@@ -5,8 +5,15 @@
 //! (with every pending L1 change already in it) and synced together with the refcounts of its
 //! clusters before the header points to it; the old table is freed only after the header switch
 //! is durable. A crash at any point leaves either the old or the new table in use, complete.
+//!
+//! An image whose backing file is longer than the image would show the backing file's data in
+//! the new area, which the guest never saw there: as QEMU does, the new area is then made to
+//! read zeros (zero clusters, or zero data in version 2 images) right after the size changes.
+//! A crash in between leaves the new area showing the backing file; nothing the guest wrote is
+//! affected, since the guest could not write there before the resize returned.
 
 use super::Qcow2;
+use crate::block::ZeroFlags;
 use crate::buf::IoBuf;
 use crate::error::{Error, Result};
 use crate::format::be;
@@ -42,6 +49,13 @@ impl Qcow2 {
         self.w.barrier.sync_now().await?;
         self.size
             .store(new_size, std::sync::atomic::Ordering::Relaxed);
+        drop(_exclusive);
+        let backing_shows = self.backing.get().is_some_and(|b| b.size() > old_size);
+        if backing_shows && new_size > old_size {
+            self.zero_plain(old_size, new_size - old_size, ZeroFlags::default())
+                .await?;
+            self.flush_plain().await?;
+        }
         Ok(())
     }
 
