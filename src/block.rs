@@ -360,6 +360,9 @@ pub struct OpenOptions {
     /// Opened to read metadata only (`info`): holds no permission on the image, so it can be
     /// opened while a writer has it only with `-U`, as with qemu-img.
     pub metadata_only: bool,
+    /// Opens the backing file this many layers down (1: the image's own backing file)
+    /// read-write, for `commit`, which writes into it. The layers between stay read-only.
+    pub writable_backing_depth: Option<usize>,
 }
 
 impl OpenOptions {
@@ -437,9 +440,7 @@ fn open_layer<'a>(
         })?;
         if let Ok(canon) = std::fs::canonicalize(path) {
             if seen.contains(&canon) {
-                return Err(Error::invalid(format!(
-                    "Backing file loop: '{name}' appears twice in the chain"
-                )));
+                return Err(Error::BackingLoop(name));
             }
             seen.push(canon);
         }
@@ -488,11 +489,12 @@ fn open_layer<'a>(
                         None => None,
                     };
                     opts.policy.check_backing(&name, &bpath, bformat, depth)?;
+                    let writable = opts.writable_backing_depth == Some(depth + 1);
                     let bopts = OpenOptions {
                         format: bformat,
                         probe: true,
                         policy: opts.policy.clone(),
-                        read_only: true,
+                        read_only: !writable,
                         cache: opts.cache,
                         qcow2: Qcow2Options::default(),
                         no_backing: false,
@@ -500,6 +502,7 @@ fn open_layer<'a>(
                         batch: opts.batch,
                         lock: opts.lock,
                         metadata_only: opts.metadata_only,
+                        writable_backing_depth: opts.writable_backing_depth,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

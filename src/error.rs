@@ -48,6 +48,9 @@ pub enum Error {
     /// The image cannot grow any further (host offsets would exceed the format's limits).
     #[error("No space left in the image: {0}")]
     NoSpace(String),
+    /// A backing chain names the same file twice (QEMU's message).
+    #[error("Backing file '{0}' creates an infinite loop.")]
+    BackingLoop(String),
 }
 
 /// An I/O error's text as `strerror` gives it ("No such file or directory"): what QEMU's tools
@@ -99,7 +102,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc_eio()),
-            Error::InvalidImage(_) | Error::Corrupt(_) => libc_eio(),
+            Error::InvalidImage(_) | Error::Corrupt(_) | Error::BackingLoop(_) => libc_eio(),
             Error::Unsupported(_) => 95, // ENOTSUP
             Error::InvalidArgument(_) | Error::OutOfRange { .. } => 22, // EINVAL
             Error::ReadOnly => 1,        // EPERM

@@ -202,6 +202,7 @@ async fn open_file(
             force_share: false,
         },
         metadata_only: false,
+        writable_backing_depth: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

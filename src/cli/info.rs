@@ -47,6 +47,8 @@ pub async fn run(a: Args) -> u8 {
     .await
     {
         Ok(i) => i,
+        // qemu-img walks the chain by names and reports a loop on its own.
+        Err(e @ qimg::Error::BackingLoop(_)) => return fail(e),
         Err(e) => return fail(format!("Could not open '{}': {e}", a.filename)),
     };
     let mut chain: Vec<Arc<dyn BlockDevice>> = vec![img.clone()];

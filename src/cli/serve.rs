@@ -141,6 +141,7 @@ async fn serve(a: Args) -> Result<u8> {
             force_share: false,
         },
         metadata_only: false,
+        writable_backing_depth: None,
     };
     let img = open_image(path, &opts).await?;
     super::opts::warn_if_probed_raw(&*img, &opts);

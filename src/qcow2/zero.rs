@@ -23,8 +23,13 @@ use crate::units::GuestCluster;
 /// What a metadata-only operation does to each cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ClusterOp {
-    Zero { unmap: bool },
+    Zero {
+        unmap: bool,
+    },
     Discard,
+    /// Drops the clusters whatever the guest then reads (the backing file's data shows
+    /// through): emptying an overlay whose data was committed into its backing file.
+    Deallocate,
 }
 
 impl Qcow2 {
@@ -118,6 +123,18 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Drops every cluster of the image (QEMU's `make_empty`): afterwards every read falls
+    /// through to the backing file. Used by `commit` once the data is durable in the backing
+    /// file; the freed clusters are punched out like discarded ones.
+    pub async fn deallocate_all(&self) -> Result<()> {
+        self.check_writable()?;
+        let size = self.virtual_size();
+        if size > 0 {
+            self.cluster_op(0, size, ClusterOp::Deallocate).await?;
+        }
+        self.flush_plain().await
+    }
+
     /// Applies `op` to whole clusters, one L2 slice at a time.
     async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
         self.apply_frees_if_overdue().await?;
@@ -154,6 +171,7 @@ impl Qcow2 {
             let needed = match op {
                 ClusterOp::Zero { .. } => has_backing,
                 ClusterOp::Discard => has_backing && self.version >= 3,
+                ClusterOp::Deallocate => false,
             };
             if !needed {
                 return Ok(());
@@ -201,7 +219,8 @@ impl Qcow2 {
             };
             drop(claim);
             if let Some(version) = version {
-                let discard = op == ClusterOp::Discard && self.pass_discard;
+                let discard =
+                    matches!(op, ClusterOp::Discard | ClusterOp::Deallocate) && self.pass_discard;
                 for (start, len) in frees {
                     let after = Some(Dep::Table {
                         table: slice.clone(),
@@ -238,6 +257,7 @@ impl Qcow2 {
                     copied: false,
                 },
             },
+            ClusterOp::Deallocate => Mapping::Unallocated,
             ClusterOp::Discard => {
                 // v2 has no ZERO flag: dropping the cluster would expose the backing file's
                 // data where the guest wrote its own. QEMU keeps the data then; so do we.
