@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod buf;
+pub mod chain;
 pub mod cpu;
 pub mod error;
 pub mod format;
