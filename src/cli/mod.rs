@@ -3,6 +3,7 @@
 
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -11,6 +12,7 @@ mod io;
 mod map;
 mod opts;
 mod progress;
+mod rebase;
 mod resize;
 mod serve;
 
@@ -51,6 +53,10 @@ enum Command {
     Serve(serve::Args),
     /// Copy images into a new one, converting the format, optionally compressed
     Convert(convert::Args),
+    /// Change the backing file of an image, keeping what the guest reads
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file
+    Commit(commit::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -88,6 +94,8 @@ pub fn main() -> ExitCode {
             Command::Bench(a) => bench::run(a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Convert(a) => convert::run(a).await,
+            Command::Rebase(a) => rebase::run(a).await,
+            Command::Commit(a) => commit::run(a).await,
         }
     });
     ExitCode::from(code)

@@ -89,6 +89,11 @@ pub fn parse_aio(s: &str) -> Result<Aio> {
 }
 
 pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
+    open_with(a.path, &open_options(a)?).await
+}
+
+/// The library's open options for the command line's flags.
+pub fn open_options(a: &ImageArgs<'_>) -> Result<OpenOptions> {
     let format = a.format.map(Format::parse).transpose()?;
     let cache = a
         .cache
@@ -96,7 +101,7 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
         .transpose()?
         .unwrap_or_default();
     let (qcow2, locking) = runtime_options(a.runtime_opts)?;
-    let opts = OpenOptions {
+    Ok(OpenOptions {
         format,
         probe: format.is_none(),
         read_only: a.read_only,
@@ -111,9 +116,13 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
         metadata_only: a.metadata_only,
         aio: a.aio.map(parse_aio).transpose()?.unwrap_or_default(),
         ..Default::default()
-    };
-    let img = open_image(Path::new(a.path), &opts).await?;
-    warn_if_probed_raw(&*img, &opts);
+    })
+}
+
+/// Opens an image with options from [`open_options`] (possibly adjusted).
+pub async fn open_with(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
+    let img = open_image(Path::new(path), opts).await?;
+    warn_if_probed_raw(&*img, opts);
     Ok(img)
 }
 

@@ -1,0 +1,154 @@
+//! `qimg commit`: write the data an image (and the layers between it and the base) holds into
+//! a backing file, as `qemu-img commit` does. The work (and its crash ordering) is
+//! `qimg::chain::commit`'s; this is the command line: qemu-img's options and messages.
+
+use super::opts::{open_options, open_with, ImageArgs};
+use super::progress::Progress;
+use qimg::chain::CommitOptions;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Format of the image
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Cache mode
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// The backing file to commit into (default: the image's own); implies -d
+    #[arg(short = 'b')]
+    base: Option<String>,
+    /// Rate limit in bytes per second (suffixes k, M, G ...)
+    #[arg(short = 'r', allow_hyphen_values = true)]
+    rate: Option<String>,
+    /// Do not empty the image after the commit
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// QEMU objects (secrets): not supported yet
+    #[arg(long = "object")]
+    object: Vec<String>,
+    /// Treat the file name as an option string: not supported yet
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    filenames: Vec<String>,
+}
+
+pub async fn run(a: Args) -> u8 {
+    if a.image_opts || !a.object.is_empty() {
+        return super::fail("--image-opts and --object are not supported by commit yet");
+    }
+    let [filename] = a.filenames.as_slice() else {
+        eprintln!("{}: Expecting one image file name", super::prog());
+        eprintln!("Try '{} commit --help' for more info", super::prog());
+        return 1;
+    };
+    let rate = match a.rate.as_deref().map(parse_rate).transpose() {
+        Ok(r) => r.filter(|&r| r > 0),
+        Err(msg) => return super::fail(msg),
+    };
+    if let Some(Err(e)) = a.cache.as_deref().map(qimg::block::CacheMode::parse) {
+        return super::fail(e);
+    }
+    let args = ImageArgs {
+        path: filename,
+        format: a.format.as_deref(),
+        read_only: false,
+        cache: a.cache.as_deref(),
+        runtime_opts: &[],
+        no_backing: false,
+        batch: true,
+        force_share: false,
+        metadata_only: false,
+        aio: None,
+    };
+    let depth = match base_depth(&args, a.base.as_deref()).await {
+        Ok(d) => d,
+        Err(msg) => return super::fail(msg),
+    };
+    let opened = match open_options(&args) {
+        Ok(mut o) => {
+            o.writable_backing_depth = Some(depth);
+            open_with(filename, &o).await
+        }
+        Err(e) => Err(e),
+    };
+    let top = match opened {
+        Ok(i) => i,
+        Err(e) => return super::fail(format!("Could not open '{filename}': {e}")),
+    };
+    // `-b` implies `-d`: emptying the image would expose the layers between it and the base.
+    let empty_top = !a.keep && a.base.is_none();
+    let progress = Progress::new(a.progress && !a.quiet, top.size());
+    let opts = CommitOptions { empty_top, rate };
+    let r = qimg::chain::commit(&top, depth, opts, &|n| progress.add(n)).await;
+    let closed = top.close().await;
+    match r.and(closed) {
+        Ok(()) => {
+            progress.finish_before_message();
+            progress.end_after_message();
+            if !a.quiet {
+                println!("Image committed.");
+            }
+            0
+        }
+        Err(e) => super::fail(format!("Block job failed: {e}")),
+    }
+}
+
+/// qemu-img's `-r`: a size (suffixes allowed) between 0 and `i64::MAX`.
+fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    if let Some(rest) = s.strip_prefix('-') {
+        if qimg::size::parse_size(rest).is_ok() {
+            return Err(format!(
+                "Invalid rate limit specified. Must be between 0 and {}.",
+                i64::MAX
+            ));
+        }
+    }
+    match qimg::size::parse_size(s) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(n),
+        Ok(_) => Err(format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        )),
+        Err(_) => Err(format!("Invalid rate limit specified: '{s}'.")),
+    }
+}
+
+/// How many layers below the image the base is: 1 without `-b`, else the layer the name
+/// designates (see `qimg::chain::find_backing_depth`).
+async fn base_depth(
+    args: &ImageArgs<'_>,
+    base: Option<&str>,
+) -> std::result::Result<usize, String> {
+    let filename = args.path;
+    let probe = ImageArgs {
+        read_only: true,
+        metadata_only: true,
+        ..*args
+    };
+    let img = match open_options(&probe) {
+        Ok(o) => open_with(filename, &o).await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| format!("Could not open '{filename}': {e}"))?;
+    let found = match base {
+        None => img.backing().map(|_| 1),
+        Some(name) => qimg::chain::find_backing_depth(&img, name),
+    };
+    if let Err(e) = img.close().await {
+        tracing::warn!("{filename}: closing: {e}");
+    }
+    match (found, base) {
+        (Some(d), _) => Ok(d),
+        (None, None) => Err("Image does not have a backing file".into()),
+        (None, Some(b)) => Err(format!(
+            "Did not find '{b}' in the backing chain of '{filename}'"
+        )),
+    }
+}
