@@ -61,6 +61,30 @@ impl Qcow2 {
         }
     }
 
+    /// The first run of `[offset, offset+len)` (what block status needs: decoding the rest of
+    /// the slice would make walking an image extent by extent quadratic).
+    pub(crate) async fn lookup_first(&self, offset: u64, len: u64) -> Result<Run> {
+        let r = self.lookup_first_inner(offset, len).await;
+        match r {
+            Ok(r) => Ok(r),
+            Err(e) => Err(self.signal_corruption(e).await),
+        }
+    }
+
+    async fn lookup_first_inner(&self, offset: u64, len: u64) -> Result<Run> {
+        let len = self.bytes_in_slice(offset, len);
+        let Some(table_off) = self.slice_of(offset)? else {
+            return Ok(Run {
+                offset,
+                len,
+                kind: RunKind::Unallocated,
+            });
+        };
+        let table = self.l2.get(&self.w, table_off).await?;
+        let st = table.lock();
+        self.first_run(st.data(), offset, offset + len)
+    }
+
     async fn lookup_inner(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
         let len = self.bytes_in_slice(offset, len);
         let end = offset + len;
@@ -159,8 +183,7 @@ impl Qcow2 {
         if max == 0 {
             return Ok(BlockStatus::default());
         }
-        let runs = self.lookup(offset, max).await?;
-        let r = runs[0];
+        let r = self.lookup_first(offset, max).await?;
         Ok(match r.kind {
             RunKind::Data { host } => {
                 // A data cluster over a hole in the file reads as zeros (preallocated metadata).
