@@ -61,6 +61,10 @@ pub struct FileStorage {
     /// The kernel serves `RWF_NOWAIT` reads/writes on this file (cleared on EOPNOTSUPP).
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// The last data region `hole_at` found (start, end): walking an image extent by extent
+    /// asks about the same region again and again. Writes only turn holes into data, so only
+    /// what punches holes (write-zeroes, discard, set_len) forgets it.
+    data_region: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// Takes the locks; a conflict becomes an I/O error whose message is QEMU's.
@@ -108,6 +112,7 @@ impl FileStorage {
                 INLINE_WRITE_MAX
             },
             path: path.to_path_buf(),
+            data_region: std::sync::Mutex::new(None),
             nowait_reads: AtomicBool::new(true),
             nowait_writes: AtomicBool::new(true),
         })
@@ -371,7 +376,12 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> IoFuture<'_, io::Result<()>> {
         let f = self.buffered.clone();
-        Box::pin(async move { Pool::global().run(move || f.set_len(len)).await })
+        Box::pin(async move {
+            self.holes_may_appear();
+            let r = Pool::global().run(move || f.set_len(len)).await;
+            self.holes_may_appear();
+            r
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
@@ -380,7 +390,8 @@ impl Storage for FileStorage {
             if len == 0 {
                 return Ok(());
             }
-            Pool::global()
+            self.holes_may_appear();
+            let r = Pool::global()
                 .run(move || {
                     match rustix::fs::fallocate(&*f, FallocateFlags::ZERO_RANGE, offset, len) {
                         Ok(()) => return Ok(()),
@@ -400,7 +411,9 @@ impl Storage for FileStorage {
                         Err(e) => Err(e.into()),
                     }
                 })
-                .await
+                .await;
+            self.holes_may_appear();
+            r
         })
     }
 
@@ -410,7 +423,8 @@ impl Storage for FileStorage {
             if len == 0 {
                 return Ok(());
             }
-            Pool::global()
+            self.holes_may_appear();
+            let r = Pool::global()
                 .run(move || {
                     let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
                     match rustix::fs::fallocate(&*f, flags, offset, len) {
@@ -419,7 +433,9 @@ impl Storage for FileStorage {
                         Err(e) => Err(e.into()),
                     }
                 })
-                .await
+                .await;
+            self.holes_may_appear();
+            r
         })
     }
 
@@ -445,29 +461,47 @@ impl Storage for FileStorage {
     }
 
     fn hole_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<(bool, u64)>> {
-        let f = self.buffered.clone();
+        // Two lseeks and an fstat cost less than handing them to a pool thread and back.
         Box::pin(async move {
-            Pool::global()
-                .run(move || {
-                    use rustix::fs::SeekFrom;
-                    let len = f.metadata()?.len();
-                    if offset >= len {
-                        return Ok((true, max));
-                    }
-                    // Where the next data starts; ENXIO means there is none.
-                    let data = match rustix::fs::seek(&*f, SeekFrom::Data(offset)) {
-                        Ok(d) => d,
-                        Err(rustix::io::Errno::NXIO) => len,
-                        Err(_) => return Ok((false, max)), // no SEEK_DATA: say data
-                    };
-                    if data > offset {
-                        return Ok((true, (data - offset).min(max)));
-                    }
-                    let hole = rustix::fs::seek(&*f, SeekFrom::Hole(offset)).unwrap_or(len);
-                    Ok((false, (hole.max(offset + 1) - offset).min(max)))
-                })
-                .await
+            if let Some((start, end)) = *self.lock_data_region() {
+                if (start..end).contains(&offset) {
+                    return Ok((false, (end - offset).min(max)));
+                }
+            }
+            use rustix::fs::SeekFrom;
+            let f = &*self.buffered;
+            let len = f.metadata()?.len();
+            if offset >= len {
+                return Ok((true, max));
+            }
+            // Where the next data starts; ENXIO means there is none.
+            let data = match rustix::fs::seek(f, SeekFrom::Data(offset)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => len,
+                Err(_) => return Ok((false, max)), // no SEEK_DATA: say data
+            };
+            if data > offset {
+                return Ok((true, (data - offset).min(max)));
+            }
+            let hole = rustix::fs::seek(f, SeekFrom::Hole(offset))
+                .unwrap_or(len)
+                .max(offset + 1);
+            *self.lock_data_region() = Some((offset, hole));
+            Ok((false, (hole - offset).min(max)))
         })
+    }
+}
+
+impl FileStorage {
+    fn lock_data_region(&self) -> std::sync::MutexGuard<'_, Option<(u64, u64)>> {
+        self.data_region
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Forgets the cached data region: holes may appear now.
+    fn holes_may_appear(&self) {
+        *self.lock_data_region() = None;
     }
 }
 
