@@ -709,17 +709,25 @@ impl Refcounts {
         epochs.grace_period().await;
         let mut st = self.alloc.lock().await;
         let mut zeroed = Vec::new();
+        // Adjacent clusters are discarded in one call (emptying an image frees thousands).
+        // Nobody can allocate before the allocator lock is released, after the last one.
+        let cs = self.geo.cluster_size();
+        let mut punch: Option<(u64, u64)> = None;
         for f in ready {
             let first = self.geo.host_cluster(f.offset).0;
             let last = (f.offset.0 + f.len.max(1) - 1) >> self.geo.cluster_bits;
             for c in first..=last {
                 let hc = HostCluster(c);
                 if f.discard && self.get(w, hc).await? == 1 {
-                    let off = self.geo.host_offset(hc);
-                    w.storage
-                        .discard(off.0, self.geo.cluster_size())
-                        .await
-                        .context(|| format!("discarding host cluster at {off}"))?;
+                    let off = self.geo.host_offset(hc).0;
+                    punch = match punch {
+                        Some((start, end)) if end == off => Some((start, end + cs)),
+                        Some(range) => {
+                            discard_range(w, range).await?;
+                            Some((off, off + cs))
+                        }
+                        None => Some((off, off + cs)),
+                    };
                 }
                 if self.add(w, hc, -1).await? == 0 {
                     st.free_hint = st.free_hint.min(c);
@@ -732,6 +740,9 @@ impl Refcounts {
                     }
                 }
             }
+        }
+        if let Some(range) = punch {
+            discard_range(w, range).await?;
         }
         Ok(zeroed)
     }
@@ -751,4 +762,12 @@ impl Refcounts {
         st.byte_tail = None;
         st.high_water = st.high_water.max(self.geo.clusters_for(file_len));
     }
+}
+
+/// Punches `[start, end)` of the image file out.
+async fn discard_range(w: &Writer, (start, end): (u64, u64)) -> Result<()> {
+    w.storage
+        .discard(start, end - start)
+        .await
+        .context(|| format!("discarding host clusters at {start:#x}..{end:#x}"))
 }
