@@ -20,6 +20,8 @@ use crate::block::{chain_status, BlockDevice, ZeroFlags};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, Result};
 use crate::qcow2::Qcow2;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,16 +171,16 @@ async fn zero_in_both(
 
 /// The content of `dev` at `[off, off+len)`: zeros past its end, or everywhere without it.
 async fn read_or_zeros(dev: Option<&Arc<dyn BlockDevice>>, off: u64, len: u64) -> Result<IoBuf> {
-    let mut out = IoBufMut::zeroed(len as usize);
-    let Some(dev) = dev else {
-        return Ok(out.freeze());
+    let inside = dev.map_or(0, |d| d.size().saturating_sub(off).min(len));
+    let Some(dev) = dev.filter(|_| inside > 0) else {
+        return Ok(IoBufMut::zeroed(len as usize).freeze());
     };
-    let inside = dev.size().saturating_sub(off).min(len);
-    if inside > 0 {
-        let tail = out.split_off(inside as usize);
-        out = dev.read(off, out).await?;
-        out.unsplit(tail);
-    }
+    // Pooled memory, not fresh zeroed pages: rebase reads two buffers per run of clusters.
+    let mut out = IoBufMut::for_overwrite(len as usize);
+    let mut tail = out.split_off(inside as usize);
+    tail.fill(0);
+    out = dev.read(off, out).await?;
+    out.unsplit(tail);
     Ok(out.freeze())
 }
 
@@ -288,7 +290,8 @@ pub async fn commit(
         base: &base,
         rate: opts.rate.filter(|&r| r > 0),
         started: Instant::now(),
-        copied: 0,
+        issued: 0,
+        inflight: FuturesUnordered::new(),
     };
     let granularity = base.as_qcow2().map_or(MAX_GRANULARITY, |q| {
         q.cluster_size().clamp(4096, MAX_GRANULARITY)
@@ -303,6 +306,7 @@ pub async fn commit(
             off = done;
         }
     }
+    copier.finish().await?;
     // The base holds the data durably before the image lets go of it.
     base.flush().await?;
     if opts.empty_top {
@@ -319,6 +323,8 @@ const MAX_GRANULARITY: u64 = 64 * 1024;
 const COMMIT_BATCH: u64 = 16 << 20;
 /// Largest data copy issued at once.
 const MAX_COPY: u64 = 1 << 20;
+/// Copies in flight at once.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// The runs of `granularity`-sized chunks (as chunk indices, end exclusive) that hold
 /// anything in a layer above the base: what commit must copy. Like QEMU's commit job, whole
@@ -394,12 +400,17 @@ struct Copier<'a> {
     base: &'a Arc<dyn BlockDevice>,
     rate: Option<u64>,
     started: Instant,
-    copied: u64,
+    /// Bytes of data copies issued so far (what the rate limit counts).
+    issued: u64,
+    /// Pieces being copied: several at once, as the engine serves concurrent requests (and as
+    /// QEMU's commit job keeps up to 16 in flight); pieces never overlap.
+    inflight: FuturesUnordered<BoxFuture<'static, Result<()>>>,
 }
 
 impl Copier<'_> {
-    /// Copies the dirty chunks of `[off, end)` (`off` chunk aligned), returns where it stopped
-    /// (`end`, or further when the last piece was a whole chunk past a partial one).
+    /// Issues the copies of the dirty chunks of `[off, end)` (`off` chunk aligned), returns
+    /// where it stopped (`end`, or further when the last piece was a whole chunk past a
+    /// partial one).
     ///
     /// The pieces are QEMU's: an extent of the chain that holds data is copied (at most
     /// [`MAX_COPY`] at once); one that reads as zeros becomes write-zeroes only when it covers
@@ -418,30 +429,51 @@ impl Copier<'_> {
                 as_zeros = off % align == 0 && io % align == 0;
             }
             let io = io.min(size - off);
-            if as_zeros {
+            let (top, base) = (self.top.clone(), self.base.clone());
+            let piece: BoxFuture<'static, Result<()>> = if as_zeros {
                 let unmap = ZeroFlags {
                     may_unmap: true,
                     fast_only: false,
                 };
-                self.base.write_zeroes(off, io, unmap).await?;
+                Box::pin(async move { base.write_zeroes(off, io, unmap).await })
             } else {
-                self.copy(off, io).await?;
+                self.pace(io).await;
+                Box::pin(async move {
+                    let buf = top.read(off, IoBufMut::for_overwrite(io as usize)).await?;
+                    base.write(off, buf.freeze()).await
+                })
+            };
+            while self.inflight.len() >= MAX_IN_FLIGHT {
+                self.next_done().await?;
             }
+            self.inflight.push(piece);
             off += io;
         }
         Ok(off)
     }
 
-    async fn copy(&mut self, off: u64, len: u64) -> Result<()> {
-        let buf = self.top.read(off, IoBufMut::zeroed(len as usize)).await?;
-        self.base.write(off, buf.freeze()).await?;
-        self.copied += len;
+    /// Sleeps until `len` more bytes of copying fit the rate limit.
+    async fn pace(&mut self, len: u64) {
+        self.issued += len;
         if let Some(rate) = self.rate {
-            // Sleep until the bytes copied so far fit the rate.
-            let due = Duration::from_secs_f64(self.copied as f64 / rate as f64);
+            let due = Duration::from_secs_f64(self.issued as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(self.started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
+        }
+    }
+
+    async fn next_done(&mut self) -> Result<()> {
+        match self.inflight.next().await {
+            Some(r) => r,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every piece in flight.
+    async fn finish(&mut self) -> Result<()> {
+        while !self.inflight.is_empty() {
+            self.next_done().await?;
         }
         Ok(())
     }
