@@ -4,7 +4,7 @@
 
 use super::fail;
 use super::info::pretty;
-use super::opts::{open, ImageArgs};
+use super::opts::{open_options, open_with, ImageArgs};
 use qimg::block::Format;
 use qimg::qcow2::{CheckReport, Fix};
 use serde_json::{json, Value};
@@ -42,7 +42,7 @@ pub async fn run(a: Args) -> u8 {
             return fail(format!("--repair (-r) expects 'leaks' or 'all' not '{r}'"));
         }
     }
-    let img = match open(&ImageArgs {
+    let args = ImageArgs {
         path: &a.filename,
         format: a.format.as_deref(),
         read_only: a.repair.is_none(),
@@ -53,9 +53,16 @@ pub async fn run(a: Args) -> u8 {
         force_share: a.force_share,
         metadata_only: false,
         aio: None,
-    })
-    .await
-    {
+    };
+    let opened = match open_options(&args) {
+        Ok(mut opts) => {
+            // A dirty image is checked as the crash left it, not silently repaired at open.
+            opts.qcow2.for_check = true;
+            open_with(&a.filename, &opts).await
+        }
+        Err(e) => Err(e),
+    };
+    let img = match opened {
         Ok(i) => i,
         Err(e) => return fail(format!("Could not open '{}': {e}", a.filename)),
     };
@@ -84,6 +91,14 @@ pub async fn run(a: Args) -> u8 {
                 );
             }
             result = q.check().await;
+        }
+    }
+    // Repaired (or found consistent) with -r: the image is clean now, as QEMU marks it.
+    if let Ok(report) = &result {
+        if fix != Fix::NONE && report.corruptions == 0 && report.check_errors == 0 {
+            if let Err(e) = q.mark_clean().await {
+                result = Err((report.clone(), e));
+            }
         }
     }
     let code = match result {

@@ -530,8 +530,19 @@ impl Qcow2 {
         if fix.any() && (w.rebuild || w.report.leaks > 0 || w.report.corruptions > 0) {
             if w.rebuild && fix.errors {
                 w.msg("Rebuilding refcount structure".into());
+                let old = self.refcount_structure_clusters();
                 if let Err(e) = self.rebuild_refcounts().await {
                     return Err((w.report, e));
+                }
+                // QEMU's rebuild counts the old structure in the new refcounts and then frees
+                // it as leaks, saying so cluster by cluster; ours never counts it, but says the
+                // same of every old cluster that is free now.
+                let top = old.last().map_or(0, |&c| c + 1);
+                let now = self.stored_refcounts(top).await;
+                for c in old {
+                    if now.get(self, c) == Some(0) {
+                        w.msg(format!("Repairing cluster {c} refcount=1 reference=0"));
+                    }
                 }
                 w.report.corruptions_fixed += w.report.corruptions;
                 w.report.leaks_fixed += w.report.leaks;
@@ -565,6 +576,26 @@ impl Qcow2 {
         }
         w.report.image_end_offset = (highest + 1) * self.geo.cluster_size();
         Ok(w.report)
+    }
+
+    /// The clusters of the refcount table and of the refcount blocks it points to (those at
+    /// aligned offsets), sorted.
+    fn refcount_structure_clusters(&self) -> Vec<u64> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let t = self.rc.table();
+        let first = t.offset.0 / cs;
+        let mut out: Vec<u64> = (first..first + u64::from(t.clusters)).collect();
+        out.extend(
+            t.entries
+                .iter()
+                .map(|&e| e & !REFTABLE_RESERVED)
+                .filter(|&off| off != 0 && off % cs == 0)
+                .map(|off| off / cs),
+        );
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     async fn flush_locked_guarded(&self) -> Result<()> {

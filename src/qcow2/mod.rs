@@ -88,6 +88,10 @@ pub struct Qcow2Options {
     /// QEMU's `overlap-check`: which writes are checked against the metadata (default: all of
     /// them, against every structure `overlap` knows).
     pub overlap_check: Option<overlap::OverlapCheck>,
+    /// Opened to be checked (QEMU's `BDRV_O_CHECK`): a dirty image is not repaired by a
+    /// read-write open, so that `check -r` sees and reports what the crash left, and marks
+    /// the image clean itself once repaired (`mark_clean`).
+    pub for_check: bool,
 }
 
 impl Qcow2Options {
@@ -326,7 +330,7 @@ impl Qcow2 {
 
         if !read_only {
             img.map_metadata(&img.hdr.with(|h| h.clone()));
-            img.prepare_for_writing().await?;
+            img.prepare_for_writing(opts.for_check).await?;
         }
         Ok(img)
     }
@@ -405,8 +409,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Read-write open: clear autoclear bits we do not maintain, repair a dirty image.
-    async fn prepare_for_writing(&self) -> Result<()> {
+    /// Read-write open: clear autoclear bits we do not maintain, repair a dirty image (unless
+    /// the image is opened to be checked).
+    async fn prepare_for_writing(&self, for_check: bool) -> Result<()> {
         let h = self.hdr.get();
         if h.version >= 3 && h.autoclear_features != 0 {
             // We maintain none of the autoclear features (bitmaps, raw external data): clearing
@@ -416,15 +421,24 @@ impl Qcow2 {
                 .await?;
             self.w.barrier.sync_now().await?;
         }
-        if h.is_dirty() {
+        if h.is_dirty() && !for_check {
             tracing::info!("{}: image is dirty, repairing refcounts", self.filename);
             self.rebuild_refcounts().await?;
-            self.hdr
-                .update(&self.w, |h| h.incompatible_features &= !incompat::DIRTY)
-                .await?;
-            self.w.barrier.sync_now().await?;
+            self.mark_clean().await?;
         }
         Ok(())
+    }
+
+    /// Clears the dirty bit (after the refcounts were rebuilt, or found right), durably.
+    pub async fn mark_clean(&self) -> Result<()> {
+        if !self.hdr.get().is_dirty() {
+            return Ok(());
+        }
+        self.flush().await?;
+        self.hdr
+            .update(&self.w, |h| h.incompatible_features &= !incompat::DIRTY)
+            .await?;
+        self.w.barrier.sync_now().await
     }
 
     /// Starts the background tasks of an image shared in an `Arc`: the cache cleaner
