@@ -72,7 +72,7 @@ pub async fn run(a: Args) -> u8 {
         }
     };
     let progress = Progress::new(a.progress && !a.quiet, a1.size().min(a2.size()));
-    let r = compare(&a1, &a2, a.strict, &progress).await;
+    let r = compare(&a1, &a2, a.strict, a.quiet, &progress).await;
     if matches!(r, Ok(Outcome::Identical)) {
         progress.finish_before_message();
     }
@@ -119,6 +119,7 @@ async fn compare(
     a: &Arc<dyn BlockDevice>,
     b: &Arc<dyn BlockDevice>,
     strict: bool,
+    quiet: bool,
     progress: &Progress,
 ) -> Result<Outcome> {
     let (sa, sb) = (a.size(), b.size());
@@ -162,6 +163,9 @@ async fn compare(
         }
     }
     // The longer image must read as zeros past the shorter one.
+    if sa != sb && !quiet {
+        println!("Warning: Image size mismatch!");
+    }
     let (longer, len) = if sa > sb { (a, sa) } else { (b, sb) };
     let mut off = common;
     while off < len {

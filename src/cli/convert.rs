@@ -190,7 +190,9 @@ async fn convert(a: &Args) -> Result<()> {
             parsed.opts.backing_file = Some(b.clone());
             parsed.opts.backing_format = a.backing_format.clone();
             if parsed.opts.backing_format.is_none() {
-                return Err(Error::arg("Backing file specified without backing format"));
+                return Err(Error::arg(
+                    "Use of backing file requires explicit backing format",
+                ));
             }
         }
         make(target, format, &parsed.opts).await.map_err(|e| {

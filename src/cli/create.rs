@@ -145,6 +145,12 @@ fn create_error(e: std::io::Error) -> Error {
 pub(crate) async fn make(path: &str, format: Format, o: &CreateOptions) -> Result<()> {
     match format {
         Format::Qcow2 => {
+            // qemu-img rounds a qcow2 image's size up to whole sectors (the "Formatting" line
+            // shows the size asked for).
+            let o = &CreateOptions {
+                size: o.size.checked_next_multiple_of(512).unwrap_or(o.size),
+                ..o.clone()
+            };
             o.validate()?;
             let s: StorageRef = Arc::new(
                 FileStorage::create(Path::new(path), FileOptions::default())
@@ -200,7 +206,7 @@ async fn create_image(a: &Args) -> Result<()> {
         };
         let img = open_image(&path, &opts)
             .await
-            .map_err(|e| Error::arg(format!("Could not open backing image: {e}")))?;
+            .map_err(|e| Error::arg(format!("{e}\nCould not open backing image.")))?;
         size = Some(img.size());
         img.close().await?;
     } else if let (Some(b), false) = (&o.backing_file, a.unsafe_backing) {

@@ -237,7 +237,7 @@ impl Header {
     }
 
     pub fn backing_format(&self) -> Option<&str> {
-        self.extensions.iter().find_map(|e| match e {
+        self.extensions.iter().rev().find_map(|e| match e {
             Extension::BackingFormat(s) => Some(s.as_str()),
             _ => None,
         })
@@ -250,9 +250,11 @@ impl Header {
         })
     }
 
+    /// The feature name table (the last one, when an image has several, as QEMU reads it).
     pub fn feature_table(&self) -> &[FeatureName] {
         self.extensions
             .iter()
+            .rev()
             .find_map(|e| match e {
                 Extension::FeatureTable(t) => Some(t.as_slice()),
                 _ => None,
@@ -403,6 +405,9 @@ impl Header {
         let l1_needed = g.l1_entries_for(h.size);
         if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
             return Err(Error::invalid("Active L1 table too large"));
+        }
+        if l1_needed > i32::MAX as u64 {
+            return Err(Error::invalid("Image is too big"));
         }
         if u64::from(h.l1_size) < l1_needed {
             return Err(Error::invalid("L1 table is too small"));
@@ -567,7 +572,13 @@ fn decode_extensions(buf: &[u8], start: u64, end: u64) -> Result<Vec<Extension>>
             return Err(Error::invalid("Header extension too large"));
         }
         let data = &buf[off as usize..(off + len) as usize];
-        if magic != 0 && seen.contains(&magic) && magic != ext::FEATURE_TABLE {
+        // QEMU reads a repeated backing format extension as the last one wins (older tools
+        // could add one beside the other); any other repeated extension is refused.
+        if magic != 0
+            && seen.contains(&magic)
+            && magic != ext::FEATURE_TABLE
+            && magic != ext::BACKING_FORMAT
+        {
             return Err(Error::invalid(format!(
                 "Header extension {magic:#x} appears more than once"
             )));
@@ -582,17 +593,26 @@ fn decode_extensions(buf: &[u8], start: u64, end: u64) -> Result<Vec<Extension>>
                 }
                 Extension::BackingFormat(utf8(data, "backing format")?)
             }
-            ext::FEATURE_TABLE => Extension::FeatureTable(
-                data.chunks_exact(48)
-                    .map(|rec| FeatureName {
-                        kind: rec[0],
-                        bit: rec[1],
-                        name: String::from_utf8_lossy(&rec[2..])
-                            .trim_end_matches('\0')
-                            .to_string(),
-                    })
-                    .collect(),
-            ),
+            ext::FEATURE_TABLE => {
+                // Records of 48 bytes, a short last one zero-padded; a name ends at its first
+                // NUL (QEMU reads the table the same way).
+                let mut padded = data.to_vec();
+                padded.resize(data.len().next_multiple_of(48), 0);
+                Extension::FeatureTable(
+                    padded
+                        .chunks_exact(48)
+                        .map(|rec| {
+                            let name = &rec[2..];
+                            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(46)];
+                            FeatureName {
+                                kind: rec[0],
+                                bit: rec[1],
+                                name: String::from_utf8_lossy(name).into_owned(),
+                            }
+                        })
+                        .collect(),
+                )
+            }
             ext::BITMAPS => {
                 if len != 24 {
                     return Err(Error::invalid("bitmaps_ext: Invalid extension length"));
@@ -633,19 +653,21 @@ fn utf8(data: &[u8], what: &str) -> Result<String> {
 
 /// Lists the set bits of `mask` by name (from the table) or as "Unknown ... feature".
 pub fn describe_features(mask: u64, kind: u8, table: &[FeatureName]) -> String {
+    // As QEMU words it: the table's names in table order (up to its first empty name), then
+    // whatever bits it does not name, together.
     let mut parts = Vec::new();
-    for bit in 0..64u8 {
-        if mask & (1u64 << bit) == 0 {
-            continue;
+    let mut left = mask;
+    for f in table.iter().take_while(|f| !f.name.is_empty()) {
+        if f.kind == kind && f.bit < 64 && left & (1u64 << f.bit) != 0 {
+            parts.push(f.name.clone());
+            left &= !(1u64 << f.bit);
         }
-        match table.iter().find(|f| f.kind == kind && f.bit == bit) {
-            Some(f) => parts.push(f.name.clone()),
-            None => parts.push(format!(
-                "Unknown {} feature: {:x}",
-                ["incompatible", "compatible", "autoclear"][kind.min(2) as usize],
-                1u64 << bit
-            )),
-        }
+    }
+    if left != 0 {
+        parts.push(format!(
+            "Unknown {} feature: {left:x}",
+            ["incompatible", "compatible", "autoclear"][kind.min(2) as usize]
+        ));
     }
     parts.join(", ")
 }

@@ -131,10 +131,10 @@ impl CreateOptions {
         }
         let g = Geometry::new(cs.trailing_zeros());
         if g.l1_entries_for(self.size) * 8 > header::MAX_L1_BYTES {
-            return Err(Error::arg(format!(
-                "Image size is too large for this cluster size (the L1 table would exceed {} MiB)",
-                header::MAX_L1_BYTES >> 20
-            )));
+            // qemu-img's words (its L1 table may not exceed 32 MiB either).
+            return Err(Error::arg(
+                "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+            ));
         }
         Ok(())
     }
