@@ -6,9 +6,11 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod opts;
 mod progress;
 mod resize;
@@ -51,6 +53,10 @@ enum Command {
     Serve(serve::Args),
     /// Copy images into a new one, converting the format, optionally compressed
     Convert(convert::Args),
+    /// Compute the file size a new image needs (qemu-img measure)
+    Measure(measure::Args),
+    /// Copy an image into a new one, dd style (qemu-img dd)
+    Dd(dd::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -88,6 +94,8 @@ pub fn main() -> ExitCode {
             Command::Bench(a) => bench::run(a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Convert(a) => convert::run(a).await,
+            Command::Measure(a) => measure::run(a).await,
+            Command::Dd(a) => dd::run(a).await,
         }
     });
     ExitCode::from(code)
