@@ -9,7 +9,7 @@
 
 use super::create::make;
 use super::fail;
-use super::measure::clean;
+use super::measure::{clean, disk_len};
 use super::opts::{open, ImageArgs};
 use qimg::block::{BlockDevice, Format};
 use qimg::error::strerror;
@@ -110,7 +110,8 @@ async fn copy(
         _ => return Err("Unknown file format".into()),
     };
     let bs = ops.bs;
-    let mut size = src.size();
+    let in_len = src.size();
+    let mut size = disk_len(src.as_ref());
     if let Some(c) = ops.count {
         if c <= i64::MAX as u64 / bs && c * bs < size {
             size = c * bs;
@@ -166,8 +167,7 @@ async fn copy(
         let mut out_pos = 0u64;
         while in_pos < size {
             let n = (size - in_pos).min(STEP);
-            let mut buf = src
-                .read(in_pos, IoBufMut::for_overwrite(n as usize))
+            let mut buf = read_padded(src, in_pos, n, in_len)
                 .await
                 .map_err(|e| format!("error while reading from input image file: {}", clean(&e)))?;
             if format == Format::Qcow2 && in_pos + n == size && dst.size() > out_pos + n {
@@ -193,6 +193,28 @@ async fn copy(
     let closed = dst.close().await;
     r?;
     closed.map_err(|e| clean(&e))
+}
+
+/// Reads `n` bytes at `off`; what lies past the stored length `len` (the rest of a partial last
+/// sector) reads as zeros.
+async fn read_padded(
+    src: &Arc<dyn BlockDevice>,
+    off: u64,
+    n: u64,
+    len: u64,
+) -> qimg::Result<IoBufMut> {
+    let stored = len.saturating_sub(off).min(n);
+    if stored == n {
+        return src.read(off, IoBufMut::for_overwrite(n as usize)).await;
+    }
+    let mut b = IoBufMut::zeroed(n as usize);
+    if stored > 0 {
+        let part = src
+            .read(off, IoBufMut::for_overwrite(stored as usize))
+            .await?;
+        b[..stored as usize].copy_from_slice(&part);
+    }
+    Ok(b)
 }
 
 /// Output formats QEMU can create that qimg cannot (refused as not supported, not unknown).

@@ -413,7 +413,7 @@ async fn measure(
     match format {
         Format::Raw => {
             let required = match input {
-                Some(i) => i.size(),
+                Some(i) => disk_len(i.as_ref()),
                 None => opts.size("size").unwrap_or(0).wrapping_add(511) & !511,
             };
             Ok(Measure {
@@ -472,7 +472,7 @@ async fn measure_qcow2(o: &Opts, input: Option<&Arc<dyn BlockDevice>>) -> Result
     let mut required = 0;
     let mut bitmaps = None;
     if let Some(img) = input {
-        let ssize = img.size();
+        let ssize = disk_len(img.as_ref());
         virtual_size = round_up(ssize, cs);
         required = if has_backing {
             // The new image's backing file may share nothing with the input: all of it counts.
@@ -504,6 +504,12 @@ async fn measure_qcow2(o: &Opts, input: Option<&Arc<dyn BlockDevice>>) -> Result
         fully_allocated,
         bitmaps,
     })
+}
+
+/// The length of an image as QEMU's block layer sees it: whole sectors (a raw file of 1000001
+/// bytes is a 1000448-byte disk whose last bytes read as zeros).
+pub(super) fn disk_len(img: &dyn BlockDevice) -> u64 {
+    img.size().next_multiple_of(512)
 }
 
 fn round_up(v: u64, to: u64) -> u64 {
@@ -562,7 +568,7 @@ async fn input_bitmaps_size(img: &dyn BlockDevice, cs: u64) -> qimg::Result<Opti
         .await
         .map_err(|e| Error::io("Could not read the bitmap directory", e))?;
     let entries = bitmap::decode_directory(&buf, ext.nb_bitmaps, q.geometry())?;
-    let len = img.size();
+    let len = disk_len(img);
     let mut dir = 0u64;
     for b in entries {
         let granularity = 1u64 << b.granularity_bits.min(63);
