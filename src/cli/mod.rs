@@ -7,9 +7,11 @@ mod commit;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod opts;
 mod progress;
 mod rebase;
@@ -57,6 +59,10 @@ enum Command {
     Rebase(rebase::Args),
     /// Write an image's data into its backing file
     Commit(commit::Args),
+    /// Compute the file size a new image needs (qemu-img measure)
+    Measure(measure::Args),
+    /// Copy an image into a new one, dd style (qemu-img dd)
+    Dd(dd::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -96,6 +102,8 @@ pub fn main() -> ExitCode {
             Command::Convert(a) => convert::run(a).await,
             Command::Rebase(a) => rebase::run(a).await,
             Command::Commit(a) => commit::run(a).await,
+            Command::Measure(a) => measure::run(a).await,
+            Command::Dd(a) => dd::run(a).await,
         }
     });
     ExitCode::from(code)
