@@ -48,6 +48,9 @@ pub enum Error {
     /// The image cannot grow any further (host offsets would exceed the format's limits).
     #[error("No space left in the image: {0}")]
     NoSpace(String),
+    /// A structure would exceed one of the format's size limits (a snapshot table, an L1 table).
+    #[error("{0}")]
+    TooLarge(String),
     /// A backing chain names the same file twice (QEMU's message).
     #[error("Backing file '{0}' creates an infinite loop.")]
     BackingLoop(String),
@@ -107,6 +110,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::OutOfRange { .. } => 22, // EINVAL
             Error::ReadOnly => 1,        // EPERM
             Error::NoSpace(_) => 28,     // ENOSPC
+            Error::TooLarge(_) => 27,    // EFBIG
             Error::Locked(_) => 11,      // EAGAIN
             Error::NotPermitted(_) => 1, // EPERM
         }

@@ -74,6 +74,10 @@ pub struct Args {
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Read an internal snapshot of the source: its ID or name, or
+    /// snapshot.id=ID[,snapshot.name=NAME]
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// Source file(s) and the target file (last)
     #[arg(required = true, num_args = 2..)]
     files: Vec<String>,
@@ -134,6 +138,55 @@ fn parse_sparse(s: &str) -> Result<u64> {
     Ok(n)
 }
 
+/// Which snapshot `-l` names.
+enum SnapshotParam {
+    /// An ID, or else a name.
+    IdOrName(String),
+    /// `snapshot.id=` and/or `snapshot.name=`: all given must match.
+    Exact {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
+fn parse_snapshot_param(s: &str) -> Result<SnapshotParam> {
+    if !s.starts_with("snapshot.") {
+        return Ok(SnapshotParam::IdOrName(s.to_string()));
+    }
+    let (mut id, mut name) = (None, None);
+    for (k, v) in super::opts::parse_kv_list(s) {
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                eprintln!("{}: Invalid parameter '{k}'", super::prog());
+                return Err(Error::arg(format!(
+                    "Failed in parsing snapshot param '{s}'"
+                )));
+            }
+        }
+    }
+    Ok(SnapshotParam::Exact { id, name })
+}
+
+/// Makes a source read snapshot `sn` instead of its active disk (QEMU's temporary load).
+async fn load_snapshot(img: &dyn BlockDevice, sn: &SnapshotParam) -> Result<()> {
+    let Some(q) = img.as_qcow2() else {
+        return Err(Error::unsupported(format!(
+            "Block format '{}' used by device '' does not support temporarily loading internal \
+             snapshots",
+            img.format().name()
+        )));
+    };
+    match sn {
+        SnapshotParam::IdOrName(x) => match q.load_snapshot(Some(x), None).await {
+            Ok(()) => Ok(()),
+            Err(_) => q.load_snapshot(None, Some(x)).await,
+        },
+        SnapshotParam::Exact { id, name } => q.load_snapshot(id.as_deref(), name.as_deref()).await,
+    }
+}
+
 /// One source image at a position of the concatenated input.
 struct Source {
     img: Arc<dyn BlockDevice>,
@@ -145,6 +198,14 @@ async fn convert(a: &Args) -> Result<()> {
         .files
         .split_last()
         .ok_or_else(|| Error::arg("Expecting image file name"))?;
+    let snapshot = a
+        .snapshot
+        .as_deref()
+        .map(parse_snapshot_param)
+        .transpose()?;
+    if sources.len() > 1 && snapshot.is_some() {
+        return Err(Error::arg("No support for concatenating multiple snapshot"));
+    }
     let mut srcs = Vec::new();
     let mut total = 0u64;
     for s in sources {
@@ -162,6 +223,11 @@ async fn convert(a: &Args) -> Result<()> {
         })
         .await
         .map_err(|e| Error::arg(format!("Could not open '{s}': {e}")))?;
+        if let Some(sn) = &snapshot {
+            load_snapshot(&*img, sn)
+                .await
+                .map_err(|e| Error::arg(format!("Failed to load snapshot: {e}")))?;
+        }
         srcs.push(Source {
             start: total,
             img: img.clone(),

@@ -212,7 +212,7 @@ fn info_human(img: &dyn BlockDevice) -> String {
         }
         if !q.snapshots().is_empty() {
             s += "Snapshot list:\n";
-            s += &snapshot_table(q.snapshots());
+            s += &snapshot_table(&q.snapshots());
         }
         s += "Format specific information:\n";
         s += &format!(

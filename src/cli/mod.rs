@@ -17,6 +17,7 @@ mod progress;
 mod rebase;
 mod resize;
 mod serve;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -63,6 +64,8 @@ enum Command {
     Measure(measure::Args),
     /// Copy an image into a new one, dd style (qemu-img dd)
     Dd(dd::Args),
+    /// List, create, apply or delete internal snapshots
+    Snapshot(snapshot::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -104,6 +107,7 @@ pub fn main() -> ExitCode {
             Command::Commit(a) => commit::run(a).await,
             Command::Measure(a) => measure::run(a).await,
             Command::Dd(a) => dd::run(a).await,
+            Command::Snapshot(a) => snapshot::run(a).await,
         }
     });
     ExitCode::from(code)

@@ -353,7 +353,7 @@ impl<'a> Walk<'a> {
         let h = img.hdr.get();
         self.l1(h.l1_table_offset.0, u64::from(h.l1_size), true)
             .await?;
-        let snaps = img.snapshots.clone();
+        let snaps = img.snapshots();
         if h.version >= 3 {
             for (i, sn) in snaps.iter().enumerate() {
                 if sn.extra_data.len() < 16 {
@@ -361,7 +361,7 @@ impl<'a> Walk<'a> {
                 }
             }
         }
-        for sn in &snaps {
+        for sn in snaps.iter() {
             if sn.l1_table_offset.0 % cs != 0 {
                 self.corruption(format!(
                     "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",

@@ -34,6 +34,8 @@ pub mod refcount;
 mod repair;
 mod resize;
 mod seqcache;
+pub mod snapshot;
+mod snapshot_refs;
 mod write;
 mod zero;
 
@@ -41,7 +43,7 @@ use crate::block::{BlockDevice, BlockStatus, CacheMode, Format, ZeroFlags};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{self, incompat, Header};
-use crate::format::snapshot::{self, Snapshot};
+use crate::format::snapshot::{self as snapshot_format, Snapshot};
 use crate::format::{be, CompressionType, RefcountWidth};
 use crate::storage::{IoFuture, StorageRef};
 use crate::units::{Geometry, HostOffset};
@@ -205,7 +207,8 @@ pub struct Qcow2 {
     pub(crate) pass_discard: bool,
     /// The corrupt bit was written to the header in this session (see `signal_corruption`).
     corrupt_bit_written: AtomicBool,
-    pub(crate) snapshots: Vec<Snapshot>,
+    /// The snapshot table (replaced whole when a snapshot is taken or deleted).
+    pub(crate) snapshots: parking_lot::RwLock<Arc<Vec<Snapshot>>>,
     /// The sequential write cache of a compressed target.
     pub(crate) seq: Option<seqcache::SeqCache>,
     filename: String,
@@ -318,7 +321,7 @@ impl Qcow2 {
             size: AtomicU64::new(h.size),
             read_only,
             pass_discard: opts.pass_discard_request.unwrap_or(true),
-            snapshots,
+            snapshots: parking_lot::RwLock::new(Arc::new(snapshots)),
             seq: (opts.compress == Some(true) && !read_only)
                 .then(|| seqcache::SeqCache::new(g.cluster_size())),
             filename,
@@ -353,15 +356,15 @@ impl Qcow2 {
             u64::from(h.refcount_table_clusters) * cs,
         );
         if h.nb_snapshots > 0 {
-            let table: u64 = self
-                .snapshots
+            let snaps = self.snapshots();
+            let table: u64 = snaps
                 .iter()
                 .map(|s| {
                     (40 + s.extra_data.len() + s.id.len() + s.name.len()).next_multiple_of(8) as u64
                 })
                 .sum();
             m.set_fixed(Fixed::SnapshotTable, h.snapshots_offset.0, table);
-            for s in &self.snapshots {
+            for s in snaps.iter() {
                 m.set_fixed(
                     Fixed::InactiveL1,
                     s.l1_table_offset.0,
@@ -495,8 +498,9 @@ impl Qcow2 {
         self.hdr.with(|h| h.backing_format().map(str::to_string))
     }
 
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The internal snapshots, as the table is now.
+    pub fn snapshots(&self) -> Arc<Vec<Snapshot>> {
+        self.snapshots.read().clone()
     }
 
     pub fn storage(&self) -> &StorageRef {
@@ -668,9 +672,9 @@ async fn read_snapshots(
         let buf = crate::storage::read_vec(storage, h.snapshots_offset.0, want)
             .await
             .context(|| "Could not read the snapshot table".to_string())?;
-        match snapshot::decode_table(&buf, h.nb_snapshots, h.geometry())? {
-            snapshot::Decoded::Complete(s) => return Ok(s),
-            snapshot::Decoded::NeedBytes(n) => {
+        match snapshot_format::decode_table(&buf, h.nb_snapshots, h.geometry())? {
+            snapshot_format::Decoded::Complete(s) => return Ok(s),
+            snapshot_format::Decoded::NeedBytes(n) => {
                 if n <= want {
                     return Err(Error::invalid("Snapshot table could not be decoded"));
                 }

@@ -177,6 +177,21 @@ impl MetadataMap {
         }
     }
 
+    /// Forgets the fixed range of kind `kind` that starts at `offset` (a deleted snapshot's L1).
+    pub fn remove_fixed(&self, kind: Fixed, offset: u64) {
+        let first = offset >> self.cluster_bits;
+        self.inner
+            .write()
+            .fixed
+            .retain(|(s, _, k)| !(*k == kind && *s == first));
+    }
+
+    /// Marks host cluster `c` as an L2 table that may be marked already (a table that became
+    /// active again when a snapshot was applied): no conflict is recorded.
+    pub fn mark_shared_table(&self, c: u64) {
+        self.inner.write().set(c);
+    }
+
     /// Marks host cluster `c` as an L2 table or refcount block. Returns false if something else
     /// claims it already (a conflict, remembered).
     pub fn mark_table(&self, c: u64) -> bool {

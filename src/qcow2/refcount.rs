@@ -634,6 +634,109 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// Adds `delta` to the refcounts of the `count` clusters from `start`, taking each refcount
+    /// block's lock once (whole-tree updates of snapshots touch millions of clusters, mostly in
+    /// long runs). A block's part of the run is changed all or nothing: on an overflow or a
+    /// refcount that would drop below zero, the error comes before that part changes, and the
+    /// parts already changed stay changed (`done` tells how many clusters, for the caller to
+    /// undo). Clusters whose refcount drops to zero become allocatable and are appended to
+    /// `freed` as `(first, count)` runs.
+    pub(crate) async fn add_run(
+        &self,
+        w: &Writer,
+        start: HostCluster,
+        count: u64,
+        delta: i64,
+        done: &mut u64,
+        freed: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let epb = self.entries_per_block;
+        let end = start.0 + count;
+        let mut c = start.0;
+        let mut st = self.alloc.lock().await;
+        while c < end {
+            let bi = c / epb;
+            let t = self.block(w, bi).await?.ok_or_else(|| {
+                Error::corrupt(format!(
+                    "refcount of host cluster {c:#x} changed but it has no refcount block"
+                ))
+            })?;
+            let seg_end = ((bi + 1) * epb).min(end);
+            {
+                let mut g = t.lock();
+                let max = self.width.max();
+                for x in c..seg_end {
+                    let old = self.width.get(g.data(), (x % epb) as usize);
+                    match old.checked_add_signed(delta) {
+                        Some(n) if n <= max => {}
+                        Some(_) => {
+                            return Err(Error::arg(format!(
+                                "the refcount of host cluster {x:#x} would exceed {max}, the \
+                                 largest {}-bit refcount",
+                                self.width.bits()
+                            )))
+                        }
+                        None => {
+                            return Err(Error::corrupt(format!(
+                                "refcount of host cluster {x:#x} would drop below zero"
+                            )))
+                        }
+                    }
+                }
+                let data = g.modify([]);
+                for x in c..seg_end {
+                    let i = (x % epb) as usize;
+                    let new = self.width.get(data, i).wrapping_add_signed(delta);
+                    self.width.set(data, i, new)?;
+                    if new == 0 {
+                        w.overlap.unmark(x);
+                        match freed.last_mut() {
+                            Some((s, n)) if *s + *n == x => *n += 1,
+                            _ => freed.push((x, 1)),
+                        }
+                        st.free_hint = st.free_hint.min(x);
+                        if st
+                            .byte_tail
+                            .is_some_and(|b| b >> self.geo.cluster_bits == x)
+                        {
+                            st.byte_tail = None;
+                        }
+                    }
+                }
+            }
+            *done += seg_end - c;
+            c = seg_end;
+        }
+        Ok(())
+    }
+
+    /// Appends the refcounts of the `count` clusters from `start` to `out` (one block lock per
+    /// block; clusters without a refcount block count 0).
+    pub(crate) async fn get_run(
+        &self,
+        w: &Writer,
+        start: HostCluster,
+        count: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<()> {
+        let epb = self.entries_per_block;
+        let end = start.0 + count;
+        let mut c = start.0;
+        while c < end {
+            let bi = c / epb;
+            let seg_end = ((bi + 1) * epb).min(end);
+            match self.block(w, bi).await? {
+                Some(t) => {
+                    let g = t.lock();
+                    out.extend((c..seg_end).map(|x| self.width.get(g.data(), (x % epb) as usize)));
+                }
+                None => out.extend((c..seg_end).map(|_| 0)),
+            }
+            c = seg_end;
+        }
+        Ok(())
+    }
+
     /// Increases the refcount of an already used cluster (for sharing). Returns the dependency
     /// to record in the table that gains the reference.
     pub async fn increment(&self, w: &Writer, c: HostCluster) -> Result<Option<Dep>> {

@@ -59,7 +59,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    async fn grow_l1(&self, entries: u64) -> Result<()> {
+    pub(crate) async fn grow_l1(&self, entries: u64) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size();
         // Everything pending in the old table (and what it depends on) goes to disk first, so
