@@ -38,8 +38,11 @@ use futures_util::stream::{self, Stream, StreamExt, TryStreamExt};
 
 /// L2 tables read ahead of the one being processed.
 const READ_AHEAD: usize = 8;
-/// L2 table bytes shared per durability step when the active tree is shared.
+/// L2 tables shared per durability step when the active tree is shared: at most this many
+/// bytes of them, and at most this many tables (a sync per batch; a terabyte of 64 KiB clusters
+/// is 32 batches).
 const SHARE_BATCH_BYTES: u64 = 16 << 20;
+const SHARE_BATCH_TABLES: u64 = 256;
 
 /// Host clusters whose refcount dropped to zero, as `(first cluster, count)` runs.
 pub(crate) type FreedRuns = Vec<(u64, u64)>;
@@ -228,7 +231,8 @@ impl Qcow2 {
     pub(crate) async fn share_active_tree(&self) -> Result<()> {
         let l1 = self.l1.entries();
         let tables = self.l2_tables(&l1)?;
-        let per_batch = (SHARE_BATCH_BYTES / self.geo.cluster_size()).max(1) as usize;
+        let per_batch =
+            (SHARE_BATCH_BYTES / self.geo.cluster_size()).clamp(1, SHARE_BATCH_TABLES) as usize;
         let mut done = 0;
         let r: Result<()> = async {
             let mut freed = Vec::new();
