@@ -79,7 +79,6 @@ pub struct Args {
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
     /// Source file(s) and the target file (last)
-    #[arg(required = true, num_args = 2..)]
     files: Vec<String>,
 }
 
@@ -194,10 +193,10 @@ struct Source {
 }
 
 async fn convert(a: &Args) -> Result<()> {
-    let (target, sources) = a
-        .files
-        .split_last()
-        .ok_or_else(|| Error::arg("Expecting image file name"))?;
+    let (target, sources) = match a.files.split_last() {
+        Some((t, s)) if !s.is_empty() => (t, s),
+        _ => return Err(Error::arg("Must specify image file name")),
+    };
     let snapshot = a
         .snapshot
         .as_deref()
