@@ -57,6 +57,9 @@ pub struct Args {
     /// Quiet
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Open the image shared with writers (read benchmarks only)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Uniformly random request offsets (aligned to the request size), from this seed
     #[arg(long = "random")]
     random: Option<u64>,
@@ -199,7 +202,7 @@ async fn open_file(
         batch: false,
         lock: qimg::block::LockOptions {
             locking,
-            force_share: false,
+            force_share: a.force_share,
         },
         metadata_only: false,
         writable_backing_depth: None,

@@ -22,7 +22,7 @@ pub struct Args {
     /// Delete the snapshot named SNAPSHOT
     #[arg(short = 'd', value_name = "SNAPSHOT")]
     delete: Option<String>,
-    /// Quiet
+    /// Quiet (as with qemu-img, nothing but errors and the list is ever printed)
     #[arg(short = 'q')]
     quiet: bool,
     /// Open the image shared with writers (listing only)
@@ -158,6 +158,7 @@ pub async fn run(a: Args) -> u8 {
     if let Err(e) = img.close().await {
         return fail(e);
     }
+    // `-q` changes nothing: qemu-img snapshot prints nothing else either.
     let _ = a.quiet;
     code
 }
