@@ -36,6 +36,7 @@ impl RefcountWidth {
     }
 
     /// Reads entry `index` of a refcount block.
+    #[inline(always)]
     pub fn get(self, block: &[u8], index: usize) -> u64 {
         match self.order {
             0..=2 => {

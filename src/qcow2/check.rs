@@ -20,6 +20,8 @@ use crate::format::{be, Extension};
 
 /// Bits of a refcount table entry that must be zero.
 const REFTABLE_RESERVED: u64 = 0x1ff;
+/// L2 tables read ahead of the one being counted.
+const L2_READ_AHEAD: usize = 4;
 /// QEMU's cap on an L1 table (entries).
 const MAX_L1_ENTRIES: u64 = 0x400000;
 
@@ -123,6 +125,7 @@ impl ClusterCounts {
         }
     }
 
+    #[inline]
     pub(crate) fn get(&self, c: u64) -> u32 {
         match self.chunks.get((c >> COUNT_CHUNK_BITS) as usize) {
             Some(Some(chunk)) => chunk[(c & ((1 << COUNT_CHUNK_BITS) - 1)) as usize],
@@ -130,8 +133,22 @@ impl ClusterCounts {
         }
     }
 
+    /// The count of cluster `c`, for changing in place (covering it first).
+    #[inline]
+    fn slot(&mut self, c: u64) -> &mut u32 {
+        if c >= self.len {
+            self.grow(c + 1);
+        }
+        let chunk = self.chunks[(c >> COUNT_CHUNK_BITS) as usize]
+            .get_or_insert_with(|| vec![0; 1 << COUNT_CHUNK_BITS].into_boxed_slice());
+        &mut chunk[(c & ((1 << COUNT_CHUNK_BITS) - 1)) as usize]
+    }
+
+    #[inline]
     pub(crate) fn set(&mut self, c: u64, v: u32) {
-        self.grow(c + 1);
+        if c >= self.len {
+            self.grow(c + 1);
+        }
         let chunk = self.chunks[(c >> COUNT_CHUNK_BITS) as usize]
             .get_or_insert_with(|| vec![0; 1 << COUNT_CHUNK_BITS].into_boxed_slice());
         chunk[(c & ((1 << COUNT_CHUNK_BITS) - 1)) as usize] = v;
@@ -146,10 +163,26 @@ pub(crate) struct Walk<'a> {
     /// Refcount blocks' ranges in which some reference was counted: the comparison skips the
     /// others without touching `refs` (a hostile image can make the file huge and sparse).
     counted_blocks: std::collections::HashSet<u64>,
+    /// The block last added to `counted_blocks` (references come in runs: most of them would
+    /// hash the same block again).
+    last_counted_block: Option<u64>,
     refcount_max: u64,
     pub report: CheckReport,
     /// The refcount structures themselves are broken: only a rebuild repairs them.
     pub rebuild: bool,
+    /// COPIED flags checked during the walk (see `CopiedScan`).
+    copied: Option<CopiedScan>,
+}
+
+/// The COPIED check done while the active tree is walked anyway, against the refcounts as stored
+/// before any repair: the walk reads each L2 table once instead of twice. Its findings stand
+/// when no repair changes a refcount and none of them is to be repaired; otherwise
+/// `check_copied` reads the tables again.
+struct CopiedScan {
+    stored: std::sync::Arc<StoredRefcounts>,
+    /// Clusters `stored` covers: references past them make the scan void.
+    clusters: u64,
+    messages: Vec<String>,
 }
 
 impl<'a> Walk<'a> {
@@ -170,8 +203,10 @@ impl<'a> Walk<'a> {
             file_len,
             refs: ClusterCounts::new(nb),
             counted_blocks: Default::default(),
+            last_counted_block: None,
             refcount_max: img.rc.width.max(),
             rebuild: false,
+            copied: None,
             report: CheckReport {
                 total_clusters: img.geo.clusters_for(size_rounded),
                 ..Default::default()
@@ -203,9 +238,13 @@ impl<'a> Walk<'a> {
         }
         let first = offset >> self.img.geo.cluster_bits;
         let last = (end - 1) >> self.img.geo.cluster_bits;
+        let max = self.refcount_max.min(u64::from(u32::MAX)) as u32;
         for k in first..=last {
-            let counted = self.refs.get(k);
-            if u64::from(counted) >= self.refcount_max.min(u64::from(u32::MAX)) {
+            let slot = self.refs.slot(k);
+            let counted = *slot;
+            if counted < max {
+                *slot = counted + 1;
+            } else {
                 self.corruption(format!(
                     "ERROR: overflow cluster offset={:#x}",
                     k << self.img.geo.cluster_bits
@@ -215,9 +254,26 @@ impl<'a> Walk<'a> {
                 );
                 continue;
             }
-            self.refs.set(k, counted + 1);
-            self.counted_blocks
-                .insert(k / self.img.rc.entries_per_block());
+            let bi = k / self.img.rc.entries_per_block();
+            if self.last_counted_block != Some(bi) {
+                self.last_counted_block = Some(bi);
+                self.counted_blocks.insert(bi);
+            }
+        }
+    }
+
+    /// The COPIED check of one active entry pointing to `off` (see `CopiedScan`).
+    #[inline]
+    fn scan_copied(&mut self, entry: u64, off: u64, message: impl FnOnce(u64) -> String) {
+        let img = self.img;
+        let Some(scan) = &mut self.copied else {
+            return;
+        };
+        let Some(rc) = scan.stored.get(img, off >> img.geo.cluster_bits) else {
+            return;
+        };
+        if (rc == 1) != (entry >> 63 == 1) {
+            scan.messages.push(message(rc));
         }
     }
 
@@ -255,32 +311,56 @@ impl<'a> Walk<'a> {
             )));
         };
         let cs = self.img.geo.cluster_size();
-        for i in 0..size as usize {
-            let e = be::u64(&buf, i * 8);
-            if e == 0 {
-                continue;
+        // L2 tables are read a few ahead of the one being counted.
+        let img = self.img;
+        let entries: Vec<(usize, u64)> = (0..size as usize)
+            .map(|i| (i, be::u64(&buf, i * 8)))
+            .filter(|&(_, e)| e != 0)
+            .collect();
+        let mut pending = futures_util::stream::FuturesOrdered::new();
+        let mut queued = 0;
+        for &(i, e) in &entries {
+            while queued < entries.len() && pending.len() < L2_READ_AHEAD {
+                let off = entries[queued].1 & OFFSET_MASK;
+                pending.push_back(
+                    img.w
+                        .storage
+                        .read_at(IoBufMut::for_overwrite(cs as usize), off),
+                );
+                queued += 1;
             }
+            let table = futures_util::stream::StreamExt::next(&mut pending)
+                .await
+                .unwrap_or_else(|| Err(std::io::Error::from_raw_os_error(5)));
             if e & L1_RESERVED_MASK != 0 {
                 self.corruption(format!(
                     "ERROR found L1 entry with reserved bits set: {e:x}"
                 ));
             }
             let l2 = e & OFFSET_MASK;
+            if active {
+                self.scan_copied(e, l2, |rc| {
+                    format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                    )
+                });
+            }
             self.inc(l2, cs);
             if l2 % cs != 0 {
                 self.corruption(format!(
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
             }
-            self.l2(l2, active).await?;
+            self.l2(table, active)?;
         }
         Ok(())
     }
 
-    async fn l2(&mut self, offset: u64, active: bool) -> Result<(), Aborted> {
+    /// Counts one L2 table (read by the caller) and what it references.
+    fn l2(&mut self, table: std::io::Result<IoBufMut>, active: bool) -> Result<(), Aborted> {
         let g = self.img.geo;
         let cs = g.cluster_size();
-        let Ok(buf) = self.read(offset, cs as usize).await else {
+        let Ok(buf) = table else {
             self.report.check_errors += 1;
             self.msg("ERROR: I/O error in check_refcounts_l2".into());
             return Err(Aborted(Error::io(
@@ -321,6 +401,11 @@ impl<'a> Walk<'a> {
             let zero = e & 1 != 0;
             if off == 0 {
                 continue; // unallocated or plain zero
+            }
+            if active {
+                self.scan_copied(e, off, |rc| {
+                    format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
+                });
             }
             if off % cs != 0 {
                 if zero {
@@ -520,11 +605,21 @@ impl Qcow2 {
             Ok(w) => w,
             Err(e) => return Err((CheckReport::default(), e)),
         };
+        let clusters = w.refs.len();
+        w.copied = Some(CopiedScan {
+            stored: std::sync::Arc::new(self.stored_refcounts(clusters).await),
+            clusters,
+            messages: Vec::new(),
+        });
         if let Err(Aborted(e)) = w.count_data_and_tables().await {
             return Err((w.report, e));
         }
         w.refcount_structures().await;
-        let mut stored = self.stored_refcounts(w.refs.len()).await;
+        // The refcounts read before the walk serve unless it counted references past them.
+        let mut stored = match &w.copied {
+            Some(c) if c.clusters >= w.refs.len() => c.stored.clone(),
+            _ => std::sync::Arc::new(self.stored_refcounts(w.refs.len()).await),
+        };
         let pre = w.report.clone();
         let mut highest = self.compare_refcounts(&mut w, &stored, Fix::NONE).await;
         if fix.any() && (w.rebuild || w.report.leaks > 0 || w.report.corruptions > 0) {
@@ -564,10 +659,23 @@ impl Qcow2 {
             if let Err(e) = self.flush_locked_guarded().await {
                 return Err((w.report, e));
             }
-            stored = self.stored_refcounts(w.refs.len()).await;
+            stored = std::sync::Arc::new(self.stored_refcounts(w.refs.len()).await);
         }
-        if let Err(e) = self.check_copied(&mut w, &stored, fix).await {
-            return Err((w.report, e));
+        let scan = w.copied.take().filter(|c| c.clusters >= w.refs.len());
+        let refcounts_changed = w.report.leaks_fixed + w.report.corruptions_fixed > 0 || w.rebuild;
+        match scan {
+            Some(scan)
+                if !refcounts_changed
+                    && (scan.messages.is_empty() || !self.copied_repair(&w, fix)) =>
+            {
+                w.report.corruptions += scan.messages.len() as u64;
+                w.report.messages.extend(scan.messages);
+            }
+            _ => {
+                if let Err(e) = self.check_copied(&mut w, &stored, fix).await {
+                    return Err((w.report, e));
+                }
+            }
         }
         if fix.any() && w.report.corruptions_fixed > 0 {
             if let Err(e) = self.flush_locked_guarded().await {
@@ -703,6 +811,17 @@ impl Qcow2 {
         highest
     }
 
+    /// Whether wrong COPIED flags are repaired: with `-r all`, and with a leaks-only repair when
+    /// the refcounts are known to be right by now (nothing left unrepaired), as QEMU's does: the
+    /// flags then follow from them.
+    fn copied_repair(&self, w: &Walk<'_>, fix: Fix) -> bool {
+        fix.errors
+            || (fix.leaks
+                && w.report.check_errors == 0
+                && w.report.corruptions == 0
+                && w.report.leaks == 0)
+    }
+
     /// COPIED flags of the active L1 and its L2 tables against the stored refcounts: set
     /// exactly where the refcount is 1. Repaired through the caches with `fix.errors`.
     async fn check_copied(
@@ -712,13 +831,7 @@ impl Qcow2 {
         fix: Fix,
     ) -> Result<()> {
         const COPIED: u64 = 1 << 63;
-        // A leaks-only repair fixes COPIED flags too when the refcounts are known to be right
-        // by now (nothing left unrepaired), as QEMU's does: the flags then follow from them.
-        let repair = fix.errors
-            || (fix.leaks
-                && w.report.check_errors == 0
-                && w.report.corruptions == 0
-                && w.report.leaks == 0);
+        let repair = self.copied_repair(w, fix);
         let what = if repair { "Repairing" } else { "ERROR" };
         let cs = self.geo.cluster_size();
         let l1 = self.l1.entries();
