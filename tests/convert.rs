@@ -168,6 +168,7 @@ fn convert_matches_qemu_img() {
     let src = sources(d);
     let raw: &[&Path] = &[&src.raw];
     let top: &[&Path] = &[&src.top];
+    let base_opt = format!("backing_file={}", s(&src.base));
     let cases: &[(&str, &[&str], &[&Path])] = &[
         ("raw-to-qcow2", &["-O", "qcow2"], raw),
         ("raw-to-raw", &["-O", "raw"], raw),
@@ -183,6 +184,17 @@ fn convert_matches_qemu_img() {
         (
             "top-only",
             &["-O", "qcow2", "-B", s(&src.base), "-F", "qcow2"],
+            top,
+        ),
+        // The same through -o (iotest 019's spellings).
+        (
+            "top-only-options",
+            &["-O", "qcow2", "-o", &base_opt, "-o", "backing_fmt=qcow2"],
+            top,
+        ),
+        (
+            "top-only-B-with-backing-fmt-option",
+            &["-O", "qcow2", "-B", s(&src.base), "-o", "backing_fmt=qcow2"],
             top,
         ),
         ("decompress", &["-O", "raw"], &[&src.comp]),

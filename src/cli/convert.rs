@@ -247,13 +247,20 @@ async fn convert(a: &Args) -> Result<()> {
     // Whether the target's clusters are all still to be allocated (a new qcow2 target without
     // preallocation).
     let mut fresh_clusters = false;
+    // The target's backing file: `-B`, or `-o backing_file=` (the same thing for qemu-img: only
+    // what the source's top layer holds is copied either way).
+    let mut backing = a.backing.clone();
     if !a.no_create {
         let mut parsed = parse_options(format, &a.options, None)?;
         fresh_clusters = parsed.opts.preallocation == Preallocation::Off;
         parsed.opts.size = parsed.size.unwrap_or(total);
-        if let Some(b) = &a.backing {
+        backing = backing.or_else(|| parsed.opts.backing_file.clone());
+        if let Some(b) = &backing {
             parsed.opts.backing_file = Some(b.clone());
-            parsed.opts.backing_format = a.backing_format.clone();
+            parsed.opts.backing_format = a
+                .backing_format
+                .clone()
+                .or_else(|| parsed.opts.backing_format.clone());
             if parsed.opts.backing_format.is_none() {
                 return Err(Error::arg(
                     "Use of backing file requires explicit backing format",
@@ -273,7 +280,7 @@ async fn convert(a: &Args) -> Result<()> {
         read_only: false,
         cache: Some(&a.target_cache),
         runtime_opts: &[],
-        no_backing: a.backing.is_none() && !a.no_create,
+        no_backing: backing.is_none() && !a.no_create,
         batch: true,
         force_share: false,
         metadata_only: false,
@@ -288,7 +295,7 @@ async fn convert(a: &Args) -> Result<()> {
         )));
     }
     // A fresh target without a backing file reads zeros everywhere.
-    let zero_init = !a.no_create && a.backing.is_none();
+    let zero_init = !a.no_create && backing.is_none();
     let cluster = dst.as_qcow2().map_or(512, |q| q.cluster_size());
     let chunk = CHUNK.max(cluster) / cluster * cluster;
     // A new qcow2 cluster is allocated whole: zero runs inside the data the source provides
@@ -309,7 +316,7 @@ async fn convert(a: &Args) -> Result<()> {
         chunk,
         sparse,
         zero_init,
-        top_only: a.backing.is_some(),
+        top_only: backing.is_some(),
         compress: a.compress,
         in_order: !a.oob,
         next: AtomicU64::new(0),
