@@ -1,6 +1,7 @@
 //! Command-line front end. One module per command; each parses its arguments, calls the
 //! library, and prints what qemu-img (or qemu-io) would print. No engine logic lives here.
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -66,6 +67,8 @@ enum Command {
     Dd(dd::Args),
     /// List, create, apply or delete internal snapshots
     Snapshot(snapshot::Args),
+    /// Change an image's format options (version, refcount width, lazy refcounts, size)
+    Amend(amend::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -108,6 +111,7 @@ pub fn main() -> ExitCode {
             Command::Measure(a) => measure::run(a).await,
             Command::Dd(a) => dd::run(a).await,
             Command::Snapshot(a) => snapshot::run(a).await,
+            Command::Amend(a) => amend::run(a).await,
         }
     });
     ExitCode::from(code)

@@ -14,6 +14,7 @@
 //! many run at once. No lock is held across I/O except the allocator's (metadata I/O only) and
 //! per-table writeback serialization. See `docs/ARCHITECTURE.md` for the invariants.
 
+pub mod amend;
 mod backing_file;
 mod barrier;
 pub mod cache;

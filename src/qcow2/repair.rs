@@ -26,6 +26,15 @@ impl Qcow2 {
     }
 
     pub(crate) async fn rebuild_refcounts(&self) -> Result<()> {
+        self.rebuild_refcounts_at(self.rc.width).await
+    }
+
+    /// Rebuilds the refcounts with `width`-bit entries (a new width only from `amend`, which
+    /// closes the handle afterwards: the header then names the new width).
+    pub(crate) async fn rebuild_refcounts_at(
+        &self,
+        width: crate::format::RefcountWidth,
+    ) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size();
         let mut w = Walk::new(self).await?;
@@ -51,7 +60,21 @@ impl Qcow2 {
                 start = start.max((off >> g.cluster_bits) + 1);
             }
         }
-        let epb = self.rc.entries_per_block();
+        let epb = width.entries_per_block(g.cluster_bits);
+        if width.bits() != self.rc.width.bits() {
+            // Every count must fit the new width (QEMU's message).
+            for c in 0..w.refs.len() {
+                let r = u64::from(w.refs.get(c));
+                if r > width.max() {
+                    return Err(Error::arg(format!(
+                        "Cannot decrease refcount entry width to {} bits: Cluster at offset \
+                         {:#x} has a refcount of {r}",
+                        width.bits(),
+                        c << g.cluster_bits
+                    )));
+                }
+            }
+        }
         let (mut nb, mut nt) = (1u64, 1u64);
         loop {
             let total = start + nb + nt;
@@ -73,9 +96,7 @@ impl Qcow2 {
         for bi in 0..nb {
             let mut block = vec![0u8; cs as usize];
             for c in bi * epb..((bi + 1) * epb).min(total) {
-                self.rc
-                    .width
-                    .set(&mut block, (c % epb) as usize, u64::from(w.refs.get(c)))?;
+                width.set(&mut block, (c % epb) as usize, u64::from(w.refs.get(c)))?;
             }
             let off = g.host_offset(HostCluster(start + bi));
             self.w
@@ -98,6 +119,7 @@ impl Qcow2 {
             .update(&self.w, |h| {
                 h.refcount_table_offset = table_off;
                 h.refcount_table_clusters = nt as u32;
+                h.refcount_order = width.order;
             })
             .await?;
         self.w.barrier.sync_now().await?;

@@ -33,6 +33,13 @@ impl Qcow2 {
                 "shrinking a qcow2 image is not supported yet",
             ));
         }
+        if self.version < 3 && !self.snapshots().is_empty() && new_size != old_size {
+            // Version 2 snapshot entries need not record their disk size: a snapshot taken at
+            // another size could not be told apart (QEMU's rule).
+            return Err(Error::unsupported(
+                "Can't resize a v2 image which has snapshots",
+            ));
+        }
         let _exclusive = self.resize_lock.write().await;
         let g = self.geo;
         let needed = g.l1_entries_for(new_size);

@@ -298,7 +298,7 @@ impl Qcow2 {
     }
 
     /// Reads a snapshot's L1 table, after QEMU's checks of its location and size.
-    async fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
+    pub(crate) async fn read_snapshot_l1(&self, sn: &Snapshot) -> Result<Vec<u64>> {
         let bytes = u64::from(sn.l1_size) * 8;
         if bytes > MAX_L1_BYTES {
             return Err(Error::TooLarge("Snapshot L1 table too large".into()));
@@ -430,8 +430,8 @@ impl Qcow2 {
     }
 
     /// Makes a read-only image show a snapshot instead of the active disk (QEMU's temporary
-    /// load, for `convert -l` and `qemu-nbd -l`): reads go through the snapshot's L1 table, and
-    /// the disk size is the snapshot's. The snapshot is the one with ID `id` and name `name`
+    /// load, for `convert -l` and `qemu-nbd -l`): reads go through the snapshot's L1 table; the
+    /// disk size stays the image's, as QEMU keeps it. The snapshot is the one with ID `id` and name `name`
     /// (whichever are given; QEMU's matching).
     pub async fn load_snapshot(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
         if !self.read_only {
@@ -458,8 +458,8 @@ impl Qcow2 {
             &bytes,
             self.geo.cluster_size(),
         );
-        self.size
-            .store(sn.disk_size.unwrap_or_else(|| self.virtual_size()), Relaxed);
+        // The disk keeps its current size, as with QEMU (a snapshot of a smaller disk reads
+        // unallocated past its end).
         Ok(())
     }
 }

@@ -59,7 +59,7 @@ fn push_run(runs: &mut Vec<(u64, u64)>, first: u64, count: u64) {
 
 impl Qcow2 {
     /// The L2 tables an L1 table points to, in L1 order.
-    fn l2_tables(&self, l1: &[u64]) -> Result<Vec<TableRef>> {
+    pub(crate) fn l2_tables(&self, l1: &[u64]) -> Result<Vec<TableRef>> {
         let mut out = Vec::new();
         for (i, &e) in l1.iter().enumerate() {
             if let Some(off) = L1Entry(e).l2_offset(self.geo, i as u64)? {
@@ -70,7 +70,7 @@ impl Qcow2 {
     }
 
     /// Reads whole L2 tables, in order, a few ahead.
-    fn read_tables<'a>(
+    pub(crate) fn read_tables<'a>(
         &'a self,
         tables: &'a [TableRef],
     ) -> impl Stream<Item = Result<(u64, HostOffset, IoBufMut)>> + 'a {
@@ -198,7 +198,7 @@ impl Qcow2 {
     }
 
     /// Writes a whole L2 table in place and drops its cached slices (they are stale now).
-    async fn rewrite_l2_table(&self, off: HostOffset, data: IoBufMut) -> Result<()> {
+    pub(crate) async fn rewrite_l2_table(&self, off: HostOffset, data: IoBufMut) -> Result<()> {
         let cs = self.geo.cluster_size();
         self.w.check_metadata_write(off.0, cs, None)?;
         self.w
