@@ -530,3 +530,72 @@ fn graceful_shutdown_leaves_a_clean_image() {
         .collect();
     qemu_io(&img, "qcow2", &checks);
 }
+
+/// `serve -l` exports an internal snapshot, read-only, as `qemu-nbd -l` does: what a client
+/// reads is what `qemu-img convert -l` reads, and writes are refused.
+#[test]
+fn serves_an_internal_snapshot_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    let p = img.to_str().unwrap();
+    assert!(run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p, "4M"]
+    ));
+    assert!(run_ok("qemu-io", &["-c", "write -P 1 0 1M", p]));
+    assert!(run_ok("qemu-img", &["snapshot", "-c", "before", p]));
+    assert!(run_ok("qemu-io", &["-c", "write -P 2 0 2M", p]));
+    let want = dir.path().join("want.raw");
+    assert!(run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-l",
+            "before",
+            "-O",
+            "raw",
+            p,
+            want.to_str().unwrap()
+        ]
+    ));
+    for sel in ["before", "1", "snapshot.name=before"] {
+        let served = Served::start(&["-f", "qcow2", "-l", sel, p]);
+        let got = dir.path().join("got.raw");
+        assert!(run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &served.uri,
+                got.to_str().unwrap()
+            ]
+        ));
+        assert!(
+            std::fs::read(&got).unwrap() == std::fs::read(&want).unwrap(),
+            "-l {sel}: the export does not read as the snapshot"
+        );
+        let w = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k", &served.uri])
+            .output()
+            .unwrap();
+        assert!(!w.status.success(), "-l {sel}: a write was accepted");
+        assert!(served.stop().success());
+    }
+    // The active disk was not touched.
+    assert!(run_ok("qemu-io", &["-c", "read -P 2 0 2M", p]));
+}
+
+fn run_ok(cmd: &str, args: &[&str]) -> bool {
+    let o = Command::new(cmd).args(args).output().unwrap();
+    if !o.status.success() {
+        eprintln!(
+            "{cmd} {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    o.status.success()
+}

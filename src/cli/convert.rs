@@ -137,55 +137,6 @@ fn parse_sparse(s: &str) -> Result<u64> {
     Ok(n)
 }
 
-/// Which snapshot `-l` names.
-enum SnapshotParam {
-    /// An ID, or else a name.
-    IdOrName(String),
-    /// `snapshot.id=` and/or `snapshot.name=`: all given must match.
-    Exact {
-        id: Option<String>,
-        name: Option<String>,
-    },
-}
-
-fn parse_snapshot_param(s: &str) -> Result<SnapshotParam> {
-    if !s.starts_with("snapshot.") {
-        return Ok(SnapshotParam::IdOrName(s.to_string()));
-    }
-    let (mut id, mut name) = (None, None);
-    for (k, v) in super::opts::parse_kv_list(s) {
-        match k.as_str() {
-            "snapshot.id" => id = Some(v),
-            "snapshot.name" => name = Some(v),
-            _ => {
-                eprintln!("{}: Invalid parameter '{k}'", super::prog());
-                return Err(Error::arg(format!(
-                    "Failed in parsing snapshot param '{s}'"
-                )));
-            }
-        }
-    }
-    Ok(SnapshotParam::Exact { id, name })
-}
-
-/// Makes a source read snapshot `sn` instead of its active disk (QEMU's temporary load).
-async fn load_snapshot(img: &dyn BlockDevice, sn: &SnapshotParam) -> Result<()> {
-    let Some(q) = img.as_qcow2() else {
-        return Err(Error::unsupported(format!(
-            "Block format '{}' used by device '' does not support temporarily loading internal \
-             snapshots",
-            img.format().name()
-        )));
-    };
-    match sn {
-        SnapshotParam::IdOrName(x) => match q.load_snapshot(Some(x), None).await {
-            Ok(()) => Ok(()),
-            Err(_) => q.load_snapshot(None, Some(x)).await,
-        },
-        SnapshotParam::Exact { id, name } => q.load_snapshot(id.as_deref(), name.as_deref()).await,
-    }
-}
-
 /// One source image at a position of the concatenated input.
 struct Source {
     img: Arc<dyn BlockDevice>,
@@ -200,7 +151,7 @@ async fn convert(a: &Args) -> Result<()> {
     let snapshot = a
         .snapshot
         .as_deref()
-        .map(parse_snapshot_param)
+        .map(super::opts::parse_snapshot_param)
         .transpose()?;
     if sources.len() > 1 && snapshot.is_some() {
         return Err(Error::arg("No support for concatenating multiple snapshot"));
@@ -223,7 +174,7 @@ async fn convert(a: &Args) -> Result<()> {
         .await
         .map_err(|e| Error::arg(format!("Could not open '{s}': {e}")))?;
         if let Some(sn) = &snapshot {
-            load_snapshot(&*img, sn)
+            super::opts::load_snapshot(&*img, sn)
                 .await
                 .map_err(|e| Error::arg(format!("Failed to load snapshot: {e}")))?;
         }

@@ -157,3 +157,52 @@ mod tests {
         assert!(parse_kv_list("").is_empty());
     }
 }
+
+/// Which snapshot `-l` names (`convert -l`, `serve -l`).
+pub enum SnapshotParam {
+    /// An ID, or else a name.
+    IdOrName(String),
+    /// `snapshot.id=` and/or `snapshot.name=`: all given must match.
+    Exact {
+        id: Option<String>,
+        name: Option<String>,
+    },
+}
+
+pub fn parse_snapshot_param(s: &str) -> qimg::Result<SnapshotParam> {
+    if !s.starts_with("snapshot.") {
+        return Ok(SnapshotParam::IdOrName(s.to_string()));
+    }
+    let (mut id, mut name) = (None, None);
+    for (k, v) in parse_kv_list(s) {
+        match k.as_str() {
+            "snapshot.id" => id = Some(v),
+            "snapshot.name" => name = Some(v),
+            _ => {
+                eprintln!("{}: Invalid parameter '{k}'", super::prog());
+                return Err(qimg::Error::arg(format!(
+                    "Failed in parsing snapshot param '{s}'"
+                )));
+            }
+        }
+    }
+    Ok(SnapshotParam::Exact { id, name })
+}
+
+/// Makes a source read snapshot `sn` instead of its active disk (QEMU's temporary load).
+pub async fn load_snapshot(img: &dyn BlockDevice, sn: &SnapshotParam) -> qimg::Result<()> {
+    let Some(q) = img.as_qcow2() else {
+        return Err(qimg::Error::unsupported(format!(
+            "Block format '{}' used by device '' does not support temporarily loading internal \
+             snapshots",
+            img.format().name()
+        )));
+    };
+    match sn {
+        SnapshotParam::IdOrName(x) => match q.load_snapshot(Some(x), None).await {
+            Ok(()) => Ok(()),
+            Err(_) => q.load_snapshot(None, Some(x)).await,
+        },
+        SnapshotParam::Exact { id, name } => q.load_snapshot(id.as_deref(), name.as_deref()).await,
+    }
+}

@@ -44,6 +44,10 @@ pub struct Args {
     /// Export read-only
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
+    /// Export internal snapshot SNAPSHOT (read-only): its ID or name, or
+    /// snapshot.id=ID[,snapshot.name=NAME]
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
+    load_snapshot: Option<String>,
     /// Clients served at once (0: no limit); more wait until one leaves
     #[arg(short = 'e', long = "shared", default_value_t = 16)]
     shared: usize,
@@ -126,11 +130,18 @@ async fn serve(a: Args) -> Result<u8> {
         }
     }
 
+    let snapshot = a
+        .load_snapshot
+        .as_deref()
+        .map(super::opts::parse_snapshot_param)
+        .transpose()?;
+    // A snapshot is exported read-only (qemu-nbd's rule).
+    let read_only = a.read_only || snapshot.is_some();
     let opts = OpenOptions {
         format,
         probe: format.is_none(),
         policy: Default::default(),
-        read_only: a.read_only,
+        read_only,
         cache,
         qcow2,
         no_backing: false,
@@ -145,6 +156,12 @@ async fn serve(a: Args) -> Result<u8> {
     };
     let img = open_image(path, &opts).await?;
     super::opts::warn_if_probed_raw(&*img, &opts);
+    if let Some(sn) = &snapshot {
+        if let Err(e) = super::opts::load_snapshot(&*img, sn).await {
+            let _ = img.close().await;
+            return Err(Error::arg(format!("Failed to load snapshot: {e}")));
+        }
+    }
 
     let (name, aliases) = match &a.export_name {
         Some(n) => (n.clone(), Vec::new()),
@@ -164,12 +181,11 @@ async fn serve(a: Args) -> Result<u8> {
             name: name.clone(),
             aliases,
             description: a.description.clone().unwrap_or_else(|| a.filename.clone()),
-            read_only: a.read_only,
+            read_only,
             discard,
             cache,
         },
     ));
-    let read_only = export.read_only;
     let cfg = ServerConfig {
         shared: a.shared,
         handshake_timeout: Duration::from_secs(a.handshake_limit.max(1)),
