@@ -140,24 +140,6 @@ pub fn warn_if_probed_raw(img: &dyn BlockDevice, opts: &OpenOptions) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kv_lists() {
-        assert_eq!(
-            parse_kv_list("a=1,b=x,,y,c"),
-            vec![
-                ("a".into(), "1".into()),
-                ("b".into(), "x,y".into()),
-                ("c".into(), "on".into())
-            ]
-        );
-        assert!(parse_kv_list("").is_empty());
-    }
-}
-
 /// Which snapshot `-l` names (`convert -l`, `serve -l`).
 pub enum SnapshotParam {
     /// An ID, or else a name.
@@ -204,5 +186,23 @@ pub async fn load_snapshot(img: &dyn BlockDevice, sn: &SnapshotParam) -> qimg::R
             Err(_) => q.load_snapshot(None, Some(x)).await,
         },
         SnapshotParam::Exact { id, name } => q.load_snapshot(id.as_deref(), name.as_deref()).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_lists() {
+        assert_eq!(
+            parse_kv_list("a=1,b=x,,y,c"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x,y".into()),
+                ("c".into(), "on".into())
+            ]
+        );
+        assert!(parse_kv_list("").is_empty());
     }
 }
