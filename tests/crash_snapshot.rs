@@ -114,58 +114,6 @@ fn state(p: &Path) -> Result<(Vec<String>, Vec<Vec<u8>>), String> {
     Ok((ids.into_iter().map(|x| x.1).collect(), views))
 }
 
-/// QEMU's check may find leaks and COPIED flags that disagree with a refcount, nothing else; a
-/// COPIED flag set on a cluster whose refcount is above one is only acceptable where the extra
-/// count is a leak (`reference=1`: no snapshot uses the cluster, so writing it in place is
-/// safe). And QEMU's repair leaves the image clean.
-fn check_after_crash(p: &Path, cs: u64) -> Result<(), String> {
-    let o = run("qemu-img", &["check", p.to_str().unwrap()]);
-    let out = text(&o);
-    let fail = |why: &str| {
-        Err(format!(
-            "{why}; qemu-img check rc={:?}:\n{out}",
-            o.status.code()
-        ))
-    };
-    if !matches!(o.status.code(), Some(0 | 2 | 3)) {
-        return fail("check failed");
-    }
-    let leaked_once = |cluster: u64| {
-        out.lines().any(|l| {
-            l.starts_with(&format!("Leaked cluster {cluster} ")) && l.ends_with(" reference=1")
-        })
-    };
-    for l in out.lines().filter(|l| l.starts_with("ERROR")) {
-        let entry = l
-            .split_once("l2_entry=")
-            .or_else(|| l.split_once("l1_entry="))
-            .and_then(|(_, rest)| u64::from_str_radix(rest.split(' ').next()?, 16).ok());
-        let Some(entry) = entry.filter(|_| l.starts_with("ERROR OFLAG_COPIED")) else {
-            return fail("an error other than a COPIED flag");
-        };
-        let copied = entry >> 63 == 1;
-        let cluster = (entry & 0x00ff_ffff_ffff_fe00) / cs;
-        if copied && !leaked_once(cluster) {
-            return fail("COPIED set on a cluster that something else references");
-        }
-    }
-    let repaired = p.with_extension("repaired");
-    std::fs::copy(p, &repaired).map_err(|e| e.to_string())?;
-    let o = run(
-        "qemu-img",
-        &["check", "-r", "all", repaired.to_str().unwrap()],
-    );
-    let o2 = run("qemu-img", &["check", repaired.to_str().unwrap()]);
-    if !o2.status.success() {
-        return Err(format!(
-            "not clean after check -r all:\n{}\n{}",
-            text(&o),
-            text(&o2)
-        ));
-    }
-    Ok(())
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Op {
     Create,
