@@ -130,8 +130,6 @@ impl Qcow2 {
     }
 
     async fn create_quiesced(&self, info: &SnapshotInfo) -> Result<Snapshot> {
-        let g = self.geo;
-        let cs = g.cluster_size();
         let snaps = self.snapshots();
         if snaps.len() >= MAX_SNAPSHOTS {
             return Err(Error::TooLarge(format!(
@@ -151,21 +149,9 @@ impl Qcow2 {
         let l1_offset = if l1_size == 0 {
             HostOffset(0)
         } else {
-            let clusters = (l1_size * 8).div_ceil(cs);
-            let alloc = self.rc.allocate(&self.w, &self.hdr, clusters).await?;
-            let off = g.host_offset(alloc.start);
             let mut bytes = vec![0u8; (l1_size * 8) as usize];
             be::encode_u64_table(&entries, &mut bytes);
-            let written = async {
-                self.write_new_table(off, &bytes, None).await?;
-                self.w.satisfy(&alloc.deps).await
-            }
-            .await;
-            if let Err(e) = written {
-                self.rc.release_unlinked(&self.w, alloc).await?;
-                return Err(e);
-            }
-            off
+            self.allocate_and_write(&bytes).await?
         };
         if let Err(e) = self.share_active_tree().await {
             self.free_table_clusters(l1_offset, l1_size * 8).await;
@@ -201,6 +187,24 @@ impl Qcow2 {
         Ok(sn)
     }
 
+    /// Allocates clusters for a new table, writes `bytes` there and makes the allocation's
+    /// refcounts durable-ordered (no sync). On failure the clusters are released.
+    async fn allocate_and_write(&self, bytes: &[u8]) -> Result<HostOffset> {
+        let clusters = (bytes.len() as u64).div_ceil(self.geo.cluster_size());
+        let alloc = self.rc.allocate(&self.w, &self.hdr, clusters).await?;
+        let off = self.geo.host_offset(alloc.start);
+        let written = async {
+            self.write_new_table(off, bytes, None).await?;
+            self.w.satisfy(&alloc.deps).await
+        }
+        .await;
+        if let Err(e) = written {
+            self.rc.release_unlinked(&self.w, alloc).await?;
+            return Err(e);
+        }
+        Ok(off)
+    }
+
     /// Takes the reference of a table that was allocated but never linked anywhere (best
     /// effort: a failure leaves a leak).
     async fn free_table_clusters(&self, off: HostOffset, len: u64) {
@@ -231,7 +235,6 @@ impl Qcow2 {
     /// Writes a new snapshot table, switches the header to it (durably) and frees the old one.
     async fn write_snapshot_table(&self, snaps: Vec<Snapshot>) -> Result<()> {
         let g = self.geo;
-        let cs = g.cluster_size();
         let size = self.virtual_size();
         let snaps: Vec<Snapshot> = snaps.into_iter().map(|s| normalized(s, size)).collect();
         let bytes = encode_table(&snaps);
@@ -247,21 +250,7 @@ impl Qcow2 {
         let new_offset = if snaps.is_empty() {
             HostOffset(0)
         } else {
-            let alloc = self
-                .rc
-                .allocate(&self.w, &self.hdr, (bytes.len() as u64).div_ceil(cs))
-                .await?;
-            let off = g.host_offset(alloc.start);
-            let written = async {
-                self.write_new_table(off, &bytes, None).await?;
-                self.w.satisfy(&alloc.deps).await
-            }
-            .await;
-            if let Err(e) = written {
-                self.rc.release_unlinked(&self.w, alloc).await?;
-                return Err(e);
-            }
-            off
+            self.allocate_and_write(&bytes).await?
         };
         // The table and its refcounts are durable before the header points to it.
         self.w.barrier.sync_now().await?;
