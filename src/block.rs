@@ -6,7 +6,7 @@
 
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
-use crate::qcow2::{Qcow2, Qcow2Options};
+use crate::qcow2::{Preallocation, Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::file::{FileOptions, FileStorage, LockRequest};
 pub use crate::storage::lock::{Access, LockOptions, Locking};
@@ -250,6 +250,9 @@ pub trait BlockDevice: Send + Sync {
     fn backing(&self) -> Option<Arc<dyn BlockDevice>>;
     /// Bytes the image takes on the host.
     fn allocated_bytes(&self) -> Option<u64>;
+    /// Changes the virtual size (`qemu-img resize`, qemu-io's `truncate`), preallocating a
+    /// grown area as `prealloc` says.
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>>;
     fn as_qcow2(&self) -> Option<&Qcow2> {
         None
     }

@@ -4,14 +4,16 @@
 use crate::block::{check_range, BlockDevice, BlockStatus, Format, OpenOptions, ZeroFlags};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
+use crate::qcow2::Preallocation;
 use crate::storage::{IoFuture, StorageRef};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 pub struct Raw {
     storage: StorageRef,
     filename: String,
-    size: u64,
+    /// Virtual size: the file's length (changed by `resize`).
+    size: AtomicU64,
     read_only: bool,
     writethrough: bool,
     /// The format was guessed, not given: writes to the first sector are checked so that the
@@ -38,7 +40,7 @@ impl Raw {
         Ok(Raw {
             storage,
             filename,
-            size,
+            size: AtomicU64::new(size),
             read_only: opts.read_only,
             writethrough: opts.cache.writethrough(),
             probed: opts.format.is_none(),
@@ -56,7 +58,7 @@ impl Raw {
     /// another format (QEMU's rule: a guest must not turn its raw disk into, say, a qcow2 image
     /// naming a host file as its backing file). The caller holds `first_sector`.
     async fn check_first_sector(&self, offset: u64, data: &IoBuf) -> Result<()> {
-        let head_len = PROBE_BYTES.min(self.size) as usize;
+        let head_len = PROBE_BYTES.min(self.size()) as usize;
         let mut head = self
             .storage
             .read_at(IoBufMut::zeroed(head_len), 0)
@@ -81,7 +83,7 @@ impl Raw {
         Raw {
             storage,
             filename: String::new(),
-            size,
+            size: AtomicU64::new(size),
             read_only,
             writethrough: false,
             probed: false,
@@ -97,7 +99,7 @@ impl Raw {
         if self.sync_failed.load(Relaxed) {
             return Err(Error::sync_failed());
         }
-        check_range(offset, len, self.size)
+        check_range(offset, len, self.size())
     }
 
     async fn after_write(&self) -> Result<()> {
@@ -105,6 +107,46 @@ impl Raw {
             self.sync().await?;
         }
         Ok(())
+    }
+
+    /// Changes the file's length (QEMU's file driver truncate). Growing with `falloc` reserves
+    /// the new area, with `full` writes zeros into it; `metadata` means nothing for a raw file
+    /// and is refused, as QEMU refuses it.
+    pub async fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.sync_failed.load(Relaxed) {
+            return Err(Error::sync_failed());
+        }
+        let old = self.size();
+        let grows = new_size > old;
+        let resized = match prealloc {
+            Preallocation::Metadata => {
+                return Err(Error::unsupported(
+                    "Unsupported preallocation mode: metadata",
+                ))
+            }
+            Preallocation::Falloc if grows => self
+                .storage
+                .allocate(old, new_size - old)
+                .await
+                .context(|| "Could not preallocate new data".to_string()),
+            Preallocation::Full if grows => match self.storage.set_len(new_size).await {
+                Ok(()) => {
+                    crate::qcow2::create::write_zeros(&self.storage, old, new_size - old).await
+                }
+                Err(e) => Err(Error::io("Could not resize file", e)),
+            },
+            _ => self
+                .storage
+                .set_len(new_size)
+                .await
+                .context(|| "Could not resize file".to_string()),
+        };
+        resized?;
+        self.size.store(new_size, Relaxed);
+        self.sync().await
     }
 
     /// One fsync; a failure poisons the image (`sync_failed`).
@@ -130,7 +172,7 @@ impl BlockDevice for Raw {
     }
 
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Relaxed)
     }
 
     fn filename(&self) -> &str {
@@ -143,7 +185,7 @@ impl BlockDevice for Raw {
 
     fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>> {
         Box::pin(async move {
-            check_range(offset, buf.len() as u64, self.size)?;
+            check_range(offset, buf.len() as u64, self.size())?;
             self.storage
                 .read_at(buf, offset)
                 .await
@@ -210,7 +252,7 @@ impl BlockDevice for Raw {
 
     fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {
         Box::pin(async move {
-            let max = max.min(self.size.saturating_sub(offset));
+            let max = max.min(self.size().saturating_sub(offset));
             let (hole, len) = self
                 .storage
                 .hole_at(offset, max)
@@ -233,6 +275,10 @@ impl BlockDevice for Raw {
 
     fn allocated_bytes(&self) -> Option<u64> {
         self.storage.allocated_bytes()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
+        Box::pin(Raw::resize(self, new_size, prealloc))
     }
 }
 

@@ -139,8 +139,8 @@ fn is_image_command(name: &str) -> bool {
     )
 }
 
-/// `truncate [-m PREALLOC] SIZE`: grows the image (preallocation `off`). Shrinking a qcow2
-/// image and the other preallocation modes are not implemented and are refused.
+/// `truncate [-m PREALLOC] SIZE`: changes the image's size, either way (qemu-io passes no
+/// `--shrink`), preallocating a grown area as `-m` says.
 async fn truncate(img: &Dev, args: &[&str]) -> bool {
     if args.is_empty() || args.len() > 3 {
         eprintln!(
@@ -150,20 +150,14 @@ async fn truncate(img: &Dev, args: &[&str]) -> bool {
         return false;
     }
     let mut size = None;
+    let mut prealloc = qimg::qcow2::Preallocation::Off;
     let mut i = 0;
     while i < args.len() {
         if args[i] == "-m" && i + 1 < args.len() {
             let mode = args[i + 1];
-            match mode {
-                "off" => {}
-                "metadata" | "falloc" | "full" => {
-                    eprintln!(
-                        "{}: truncate with preallocation '{mode}' is not supported",
-                        prog()
-                    );
-                    return false;
-                }
-                _ => {
+            match qimg::qcow2::Preallocation::parse(mode) {
+                Ok(p) => prealloc = p,
+                Err(_) => {
                     eprintln!("{}: Invalid preallocation mode '{mode}'", prog());
                     return false;
                 }
@@ -184,16 +178,7 @@ async fn truncate(img: &Dev, args: &[&str]) -> bool {
         );
         return false;
     };
-    let result = match img.as_qcow2() {
-        Some(q) if size >= img.size() => q.grow(size).await,
-        Some(_) => Err(Error::unsupported(
-            "shrinking a qcow2 image is not supported yet",
-        )),
-        None => Err(Error::unsupported(
-            "truncate of raw images is not supported yet",
-        )),
-    };
-    match result {
+    match img.resize(size, prealloc).await {
         Ok(()) => true,
         Err(e) => {
             eprintln!("{}: {e}", prog());

@@ -49,7 +49,7 @@ enum Command {
     Compare(compare::Args),
     /// Run qemu-io style commands on an image
     Io(io::Args),
-    /// Grow an image
+    /// Change the virtual size of an image (grow, or shrink with --shrink)
     Resize(resize::Args),
     /// Run a simple I/O benchmark (qemu-img bench)
     Bench(bench::Args),

@@ -5,6 +5,7 @@ use qimg::block::{
     open_image, Aio, BlockDevice, CacheMode, Format, LockOptions, Locking, OpenOptions,
 };
 use qimg::qcow2::Qcow2Options;
+use qimg::size::{parse_size, SizeError};
 use qimg::Result;
 use std::path::Path;
 use std::sync::Arc;
@@ -186,6 +187,42 @@ pub async fn load_snapshot(img: &dyn BlockDevice, sn: &SnapshotParam) -> qimg::R
             Err(_) => q.load_snapshot(None, Some(x)).await,
         },
         SnapshotParam::Exact { id, name } => q.load_snapshot(id.as_deref(), name.as_deref()).await,
+    }
+}
+
+/// A size option value as QEMU's option parser takes it (up to 2^64 - 1): `Err(true)` when it
+/// is a number out of that range, `Err(false)` when it is not a size at all.
+pub fn parse_opt_size(v: &str) -> Result<u64, bool> {
+    match parse_size(v) {
+        Ok(n) => Ok(n),
+        Err(SizeError::Invalid) => Err(false),
+        // parse_size stops at i64::MAX; options go up to u64::MAX.
+        Err(SizeError::TooLarge) => {
+            let t = v.trim();
+            let (num, mult) = match t.char_indices().last() {
+                Some((i, c)) if c.is_ascii_alphabetic() && !t.starts_with("0x") => {
+                    let shift = match c.to_ascii_lowercase() {
+                        'k' => 10,
+                        'm' => 20,
+                        'g' => 30,
+                        't' => 40,
+                        'p' => 50,
+                        'e' => 60,
+                        _ => 0,
+                    };
+                    (&t[..i], 1u128 << shift)
+                }
+                _ => (t, 1),
+            };
+            let n = match num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
+                Some(h) => u128::from_str_radix(h, 16).map_err(|_| true)? * mult,
+                None => match num.parse::<u128>() {
+                    Ok(n) => n * mult,
+                    Err(_) => (num.parse::<f64>().map_err(|_| false)? * mult as f64) as u128,
+                },
+            };
+            u64::try_from(n).map_err(|_| true)
+        }
     }
 }
 

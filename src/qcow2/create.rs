@@ -404,7 +404,7 @@ fn fill_refcounts(width: RefcountWidth, block: &mut [u8], used: usize) {
     }
 }
 
-async fn write_zeros(storage: &StorageRef, start: u64, len: u64) -> Result<()> {
+pub(crate) async fn write_zeros(storage: &StorageRef, start: u64, len: u64) -> Result<()> {
     let zeros = IoBuf::zeroed(CHUNK as usize);
     let mut off = start;
     while off < start + len {

@@ -196,8 +196,11 @@ pub struct Qcow2 {
     pub(crate) epochs: IoEpochs,
     /// Serializes flushes (and with them grace periods and free application).
     pub(crate) flush_lock: tokio::sync::Mutex<()>,
-    /// Taken shared by requests, exclusive by whole-table changes (L1 growth).
+    /// Taken shared by requests, exclusive by whole-table changes (L1 growth and shrinking,
+    /// the size change of a resize).
     pub(crate) resize_lock: tokio::sync::RwLock<()>,
+    /// Serializes whole resize operations (growth, shrinking).
+    pub(crate) resize_op: tokio::sync::Mutex<()>,
     /// Serializes the switch to lazy refcounts (setting the dirty bit).
     lazy_lock: tokio::sync::Mutex<()>,
     /// Orders compressed cluster allocation by submission.
@@ -316,6 +319,7 @@ impl Qcow2 {
             epochs: IoEpochs::default(),
             flush_lock: tokio::sync::Mutex::new(()),
             resize_lock: tokio::sync::RwLock::new(()),
+            resize_op: tokio::sync::Mutex::new(()),
             lazy_lock: tokio::sync::Mutex::new(()),
             tickets: compress::Tickets::default(),
             backing: OnceLock::new(),
@@ -736,6 +740,10 @@ impl BlockDevice for Qcow2 {
 
     fn allocated_bytes(&self) -> Option<u64> {
         self.w.storage.allocated_bytes()
+    }
+
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
+        Box::pin(Qcow2::resize(self, new_size, prealloc))
     }
 
     fn as_qcow2(&self) -> Option<&Qcow2> {

@@ -52,7 +52,7 @@ impl Qcow2 {
         Ok(out)
     }
 
-    async fn read_run(&self, run: Run, mut buf: IoBufMut) -> Result<IoBufMut> {
+    pub(crate) async fn read_run(&self, run: Run, mut buf: IoBufMut) -> Result<IoBufMut> {
         match run.kind {
             RunKind::Data { host } => self
                 .w

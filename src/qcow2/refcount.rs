@@ -850,6 +850,122 @@ impl Refcounts {
         Ok(zeroed)
     }
 
+    /// Removes the refcount blocks that count no cluster but (perhaps) their own from the
+    /// refcount table (QEMU's `qcow2_shrink_reftable`, after a shrink freed their range). The
+    /// table entries are cleared on disk and synced first; only then does each block's own
+    /// cluster lose its reference (in the block that counts it, written by a later flush), so a
+    /// crash in between leaks the block at worst. The table keeps its size, as QEMU's does.
+    /// Callers flush first (no block is dirty) and hold the flush lock.
+    pub async fn drop_unused_blocks(&self, w: &Writer) -> Result<()> {
+        let mut st = self.alloc.lock().await;
+        let epb = self.entries_per_block;
+        let entries = self.table.read().entries.clone();
+        let mut dropped = Vec::new();
+        for bi in 0..entries.len() as u64 {
+            let Some(off) = self.block_offset(bi)? else {
+                continue;
+            };
+            let t = self.cache.get(w, off).await?;
+            let own = self.geo.host_cluster(off).0;
+            let unused = {
+                let g = t.lock();
+                if own / epb == bi {
+                    // A block inside its own range counts itself: ignore that one entry.
+                    let mut copy = g.data().to_vec();
+                    self.width.set(&mut copy, (own % epb) as usize, 0)?;
+                    copy.iter().all(|&b| b == 0)
+                } else {
+                    g.data().iter().all(|&b| b == 0)
+                }
+            };
+            if unused {
+                dropped.push((bi, off));
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let table_off = self.table.read().offset;
+        for &(bi, _) in &dropped {
+            let at = table_off.0 + bi * 8;
+            w.check_metadata_write(at, 8, Some(Fixed::RefcountTable))?;
+            w.storage
+                .write_at(IoBuf::copy_from(&[0u8; 8]), at)
+                .await
+                .context(|| "writing refcount table entry".to_string())?;
+        }
+        w.barrier.sync_now().await?;
+        for &(bi, off) in &dropped {
+            self.table.write().entries[bi as usize] = 0;
+            // Never written again: the cluster is free from here on.
+            self.cache.discard(off);
+            let own = self.geo.host_cluster(off);
+            if own.0 / epb == bi {
+                w.overlap.unmark(own.0);
+            } else {
+                self.add(w, own, -1).await?;
+            }
+            st.free_hint = st.free_hint.min(own.0);
+            if st
+                .byte_tail
+                .is_some_and(|t| t >> self.geo.cluster_bits == own.0)
+            {
+                st.byte_tail = None;
+            }
+        }
+        tracing::debug!("{} unused refcount block(s) dropped", dropped.len());
+        Ok(())
+    }
+
+    /// Truncates the file after its last cluster in use, when there is free space past it
+    /// (QEMU's `qcow2_get_last_cluster` and truncation at the end of a shrink). The allocator
+    /// lock is held throughout, so no cluster past the new end can be handed out meanwhile.
+    /// Callers flush first, so that every refcount on disk agrees that nothing past the new end
+    /// is in use. Returns the new length if the file was truncated.
+    pub async fn truncate_unused_tail(&self, w: &Writer) -> Result<Option<u64>> {
+        let _st = self.alloc.lock().await;
+        let file_len = w
+            .storage
+            .len()
+            .await
+            .context(|| "Failed to inquire current file length".to_string())?;
+        let clusters = self.geo.clusters_for(file_len);
+        let epb = self.entries_per_block;
+        let mut last = None;
+        let mut c = clusters;
+        'scan: while c > 0 {
+            let bi = (c - 1) / epb;
+            match self.block(w, bi).await? {
+                // No block: nothing in its whole range is in use.
+                None => c = bi * epb,
+                Some(t) => {
+                    let g = t.lock();
+                    while c > bi * epb {
+                        c -= 1;
+                        if self.width.get(g.data(), (c % epb) as usize) != 0 {
+                            last = Some(c);
+                            break 'scan;
+                        }
+                    }
+                }
+            }
+        }
+        let Some(last) = last else {
+            return Err(Error::corrupt(
+                "There are no references in the refcount table.",
+            ));
+        };
+        let end = (last + 1) << self.geo.cluster_bits;
+        if end >= file_len {
+            return Ok(None);
+        }
+        w.storage
+            .set_len(end)
+            .await
+            .context(|| "Failed to truncate the tail of the image".to_string())?;
+        Ok(Some(end))
+    }
+
     /// Drops every queued free (after a refcount rebuild made them moot).
     pub fn clear_pending_frees(&self) {
         *self.frees.lock() = FreeQueue::default();

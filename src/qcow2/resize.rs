@@ -1,65 +1,140 @@
-//! Growing the virtual disk, and with it the L1 table.
+//! Resizing the virtual disk (QEMU's `qcow2_co_truncate`): growing, with or without
+//! preallocation of the new area, and shrinking.
 //!
-//! A larger L1 table is a whole-table change: it runs with the resize lock held exclusively, so
-//! no request is between looking at the old table and updating it. The new table is written
-//! (with every pending L1 change already in it) and synced together with the refcounts of its
-//! clusters before the header points to it; the old table is freed only after the header switch
-//! is durable. A crash at any point leaves either the old or the new table in use, complete.
+//! Both directions refuse version 2 images with internal snapshots (only v3 records each
+//! snapshot's disk size), sizes that are not a multiple of 512, and are serialized by
+//! `resize_op`.
+//!
+//! **Growing.** A larger L1 table is a whole-table change: it runs with the resize lock held
+//! exclusively, so no request is between looking at the old table and updating it. The new table
+//! is written (with every pending L1 change already in it) and synced together with the refcounts
+//! of its clusters before the header points to it; the old table is freed only after the header
+//! switch is durable. A crash at any point leaves either the old or the new table in use,
+//! complete. With preallocation (`metadata`, `falloc`, `full`), the clusters of the new area get
+//! L2 tables and data clusters (reading zeros: fresh space past the end of the file, or zeroed),
+//! `falloc` also reserves their space and `full` writes it; all of it is flushed before the
+//! header's size changes, so a crash leaves the old size with some clusters past it allocated
+//! (consistent, nothing leaked).
 //!
 //! An image whose backing file is longer than the image would show the backing file's data in
 //! the new area, which the guest never saw there: as QEMU does, the new area is then made to
 //! read zeros (zero clusters, or zero data in version 2 images) right after the size changes.
 //! A crash in between leaves the new area showing the backing file; nothing the guest wrote is
-//! affected, since the guest could not write there before the resize returned.
+//! affected, since the guest could not write there before the resize returned. Likewise the
+//! part of the old last cluster past the old end (a size that was not cluster aligned) is made
+//! to read zeros before the size changes, should it hold data (an image shrunk by another
+//! program: QEMU leaves the old data there, and growing it again shows it).
+//!
+//! **Shrinking**, in QEMU's order, and every step durable before the next one starts:
+//! 1. the in-memory size drops first (with the resize lock held exclusively, so no write is in
+//!    flight): requests past the new end are refused from here on;
+//! 2. the part of the new last cluster past the new end is zeroed if it holds data, so that
+//!    nothing of the cut area can reappear when the image grows again (QEMU keeps it);
+//! 3. every cluster past the new end is unmapped (L2 entries cleared) and freed, punched out of
+//!    the file (QEMU's full discard, `QCOW2_DISCARD_ALWAYS`); flushed: the cleared entries are
+//!    durable before any refcount drops (the usual deferred frees), then the refcounts;
+//! 4. L1 entries past the new end are cleared and synced, then their L2 tables freed (the L1
+//!    table keeps its size, as QEMU's does);
+//! 5. refcount blocks that count nothing any more leave the refcount table (entries cleared and
+//!    synced before the blocks' own clusters are freed);
+//! 6. the file is truncated after its last cluster in use (a failure there is only a warning);
+//! 7. the header's size is written and synced.
+//!
+//! The data is gone before the size changes, never after: a crash anywhere leaves an image
+//! that `qemu-img check` accepts (leaked clusters at most), at the old size with part of the
+//! cut area reading zeros, or at the new size; no data from the cut area can show again later.
 
+use super::cache::{put_u64, Dep};
+use super::create::Preallocation;
 use super::Qcow2;
 use crate::block::ZeroFlags;
-use crate::buf::IoBuf;
-use crate::error::{Error, Result};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::{Error, IoContext, Result};
 use crate::format::be;
 use crate::format::header::MAX_L1_BYTES;
+use crate::format::table::{L1Entry, Mapping};
+use crate::units::{GuestCluster, HostOffset};
 use futures_util::future::try_join_all;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// `EFBIG`: QEMU's error for an L1 table that would pass its limit.
+const EFBIG: i32 = 27;
 
 impl Qcow2 {
-    /// Grows the virtual disk to `new_size` bytes (shrinking is not supported).
-    pub async fn grow(&self, new_size: u64) -> Result<()> {
+    /// Changes the virtual size to `new_size` bytes, in either direction (QEMU's
+    /// `qcow2_co_truncate`). `prealloc` applies to the new area of a grown disk; shrinking
+    /// refuses it.
+    pub async fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         self.check_writable()?;
         if new_size % 512 != 0 {
-            return Err(Error::arg("Image size must be a multiple of 512 bytes"));
+            return Err(Error::arg("The new size must be a multiple of 512"));
         }
-        let old_size = self.virtual_size();
-        if new_size < old_size {
-            return Err(Error::unsupported(
-                "shrinking a qcow2 image is not supported yet",
-            ));
-        }
-        if self.version < 3 && !self.snapshots().is_empty() && new_size != old_size {
+        let _op = self.resize_op.lock().await;
+        let old = self.virtual_size();
+        if self.version < 3 && !self.snapshots().is_empty() && new_size != old {
             // Version 2 snapshot entries need not record their disk size: a snapshot taken at
             // another size could not be told apart (QEMU's rule).
             return Err(Error::unsupported(
                 "Can't resize a v2 image which has snapshots",
             ));
         }
-        let _exclusive = self.resize_lock.write().await;
+        if new_size < old {
+            if prealloc != Preallocation::Off {
+                return Err(Error::arg(
+                    "Preallocation can't be used for shrinking an image",
+                ));
+            }
+            return self.shrink(old, new_size).await;
+        }
+        self.grow_to(old, new_size, prealloc).await
+    }
+
+    /// Grows the virtual disk to `new_size` bytes (no preallocation); refuses to shrink.
+    pub async fn grow(&self, new_size: u64) -> Result<()> {
+        if new_size < self.virtual_size() {
+            return Err(Error::arg(
+                "Use resize to make an image smaller: growing cannot shrink it",
+            ));
+        }
+        self.resize(new_size, Preallocation::Off).await
+    }
+
+    async fn grow_to(&self, old: u64, new_size: u64, prealloc: Preallocation) -> Result<()> {
         let g = self.geo;
         let needed = g.l1_entries_for(new_size);
         if needed * 8 > MAX_L1_BYTES {
-            return Err(Error::arg(
-                "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+            return Err(Error::io(
+                "Failed to grow the L1 table",
+                std::io::Error::from_raw_os_error(EFBIG),
             ));
         }
-        let old_entries = self.l1.size();
-        if needed > old_entries {
-            self.grow_l1(needed).await?;
+        self.flush_seq_cache().await?;
+        if new_size > old {
+            self.clear_tail(old).await?;
         }
-        self.hdr.update(&self.w, |h| h.size = new_size).await?;
-        self.w.barrier.sync_now().await?;
-        self.size
-            .store(new_size, std::sync::atomic::Ordering::Relaxed);
-        drop(_exclusive);
-        let backing_shows = self.backing.get().is_some_and(|b| b.size() > old_size);
-        if backing_shows && new_size > old_size {
-            self.zero_plain(old_size, new_size - old_size, ZeroFlags::default())
+        {
+            let _exclusive = self.resize_lock.write().await;
+            if needed > self.l1.size() {
+                self.grow_l1(needed).await?;
+            }
+        }
+        if prealloc != Preallocation::Off && new_size > old {
+            self.preallocate(old, new_size, prealloc).await?;
+            // Everything the new area's entries need is durable before the size covers them.
+            self.flush_plain().await?;
+        }
+        {
+            let _exclusive = self.resize_lock.write().await;
+            self.hdr.update(&self.w, |h| h.size = new_size).await?;
+            self.w.barrier.sync_now().await?;
+            self.size.store(new_size, Relaxed);
+        }
+        // After `falloc` or `full` preallocation the new area reads zeros already (data
+        // clusters, as QEMU leaves them); otherwise zero clusters hide the backing file.
+        let backing_shows = self.backing.get().is_some_and(|b| b.size() > old);
+        let zeroed = matches!(prealloc, Preallocation::Falloc | Preallocation::Full);
+        if backing_shows && new_size > old && !zeroed {
+            self.zero_plain(old, new_size - old, ZeroFlags::default())
                 .await?;
             self.flush_plain().await?;
         }
@@ -111,5 +186,318 @@ impl Qcow2 {
             self.rc.defer_free(old_offset, old_bytes, None, false);
         }
         Ok(())
+    }
+
+    /// Makes `[from, end of its cluster)` (past the virtual disk's end) read as zeros where the
+    /// image itself holds data there that is not zero. Nothing to do for a cluster aligned
+    /// `from`, or where the cluster is unallocated or a zero cluster (a backing file showing
+    /// through is the grow path's business).
+    async fn clear_tail(&self, from: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let len = from.next_multiple_of(cs) - from;
+        if len == 0 {
+            return Ok(());
+        }
+        let nonzero = {
+            let _guard = self.epochs.enter();
+            let run = self.lookup_first(from, len).await?;
+            if !matches!(
+                run.kind,
+                super::mapping::RunKind::Data { .. } | super::mapping::RunKind::Compressed { .. }
+            ) {
+                return Ok(());
+            }
+            let n = run.len.min(len) as usize;
+            let buf = self.read_run(run, IoBufMut::zeroed(n)).await?;
+            buf.iter().any(|&b| b != 0)
+        };
+        if nonzero {
+            self.write_unchecked(from, IoBuf::zeroed(len as usize))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Shrinks the disk from `old` to `new_size` bytes (see the module docs for the order).
+    async fn shrink(&self, old: u64, new_size: u64) -> Result<()> {
+        self.flush_seq_cache().await?;
+        {
+            let _exclusive = self.resize_lock.write().await;
+            self.size.store(new_size, Relaxed);
+        }
+        if let Some(seq) = &self.seq {
+            // Cached clusters past the new end must not be read back after a later growth.
+            seq.forget_from(new_size / self.geo.cluster_size());
+        }
+        match self.shrink_steps(old, new_size).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The header still says `old` (it is written last): so does memory. What was
+                // cut already reads as zeros.
+                if self.hdr.with(|h| h.size) == old {
+                    self.size.store(old, Relaxed);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn shrink_steps(&self, old: u64, new_size: u64) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let cut = new_size.next_multiple_of(cs);
+        self.clear_tail(new_size).await?;
+        // One L2 table's range at a time: a long crop queues a free per cluster, and the queue
+        // is applied (flushed) between pieces when it passes its limits.
+        let table_span = g.l2_entries() * cs;
+        let mut pos = cut;
+        while pos < old {
+            let end = ((pos / table_span + 1) * table_span).min(old);
+            self.crop(pos, end - pos)
+                .await
+                .map_err(|e| with_context(e, "Failed to discard cropped clusters"))?;
+            pos = end;
+        }
+        // The cleared entries are durable before the frees apply (first flush), and the
+        // dropped refcounts reach the disk (second).
+        self.flush_plain().await?;
+        self.flush_plain().await?;
+        self.shrink_l1(g.l1_entries_for(new_size))
+            .await
+            .map_err(|e| with_context(e, "Failed to reduce the number of L2 tables"))?;
+        {
+            let _f = self.flush_lock.lock().await;
+            self.flush_locked().await?;
+            let r = self.rc.drop_unused_blocks(&self.w).await;
+            self.corruption_checked(r)
+                .await
+                .map_err(|e| with_context(e, "Failed to discard unused refblocks"))?;
+            self.flush_locked().await?;
+        }
+        match self.rc.truncate_unused_tail(&self.w).await {
+            Ok(_) => {}
+            Err(e @ Error::Corrupt(_)) => return Err(self.signal_corruption(e).await),
+            // As QEMU: the image is fine, only longer than it needs to be.
+            Err(e) => tracing::warn!("{e}"),
+        }
+        self.hdr.update(&self.w, |h| h.size = new_size).await?;
+        self.w.barrier.sync_now().await
+    }
+
+    /// Clears the L1 entries from `keep` on (their L2 tables map nothing any more, after the
+    /// crop), durably, and then frees the tables.
+    async fn shrink_l1(&self, keep: u64) -> Result<()> {
+        let g = self.geo;
+        let mut tables = Vec::new();
+        {
+            let _exclusive = self.resize_lock.write().await;
+            for i in keep..self.l1.size() {
+                let Some(e) = self.l1.get(i) else { break };
+                let table = match e.l2_offset(g, i) {
+                    Ok(t) => t,
+                    Err(err) => return Err(self.signal_corruption(err).await),
+                };
+                if let Some(t) = table {
+                    self.l1.set(i, L1Entry::UNALLOCATED, Vec::new());
+                    tables.push(t);
+                }
+            }
+        }
+        if tables.is_empty() {
+            return Ok(());
+        }
+        {
+            let _f = self.flush_lock.lock().await;
+            let chunks = self.l1.dirty_chunks();
+            try_join_all(chunks.iter().map(|c| self.w.write_back(c))).await?;
+            self.w.barrier.sync_now().await?;
+        }
+        for t in tables {
+            self.rc.defer_free(t, g.cluster_size(), None, true);
+        }
+        self.flush_plain().await
+    }
+
+    /// Allocates the clusters of the new area `[old, new)` (QEMU's `preallocate_co` and the
+    /// falloc/full path of `qcow2_co_truncate`): every cluster gets an L2 table and a data
+    /// cluster reading zeros (`metadata` keeps the data clusters there are); `falloc` reserves
+    /// the clusters' space, `full` writes zeros into it. The part of the old last cluster before
+    /// `old` keeps what it reads: a data cluster stays as it is (`clear_tail` zeroed what lies
+    /// past `old`), and where the cluster reads something else than zeros (compressed, or the
+    /// backing file's data) it is made a data cluster by writing zeros past `old`
+    /// (copy-on-write).
+    async fn preallocate(&self, old: u64, new: u64, mode: Preallocation) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let mut c = old / cs;
+        let end = new.div_ceil(cs);
+        if old % cs != 0 {
+            let run = self.lookup_first(old, cs - old % cs).await?;
+            let cstart = c * cs;
+            let backing_shows = self.backing.get().is_some_and(|b| cstart < b.size());
+            use super::mapping::RunKind;
+            let copy = match run.kind {
+                RunKind::Data { .. } => {
+                    c += 1;
+                    false
+                }
+                RunKind::Compressed { .. } => true,
+                RunKind::Unallocated => backing_shows,
+                RunKind::Zero { .. } => false,
+            };
+            if copy {
+                let until = ((c + 1) * cs).min(new);
+                self.write_unchecked(old, IoBuf::zeroed((until - old) as usize))
+                    .await?;
+                c += 1;
+            }
+        }
+        self.enable_lazy_refcounts_if_configured().await?;
+        let _resize = self.resize_lock.read().await;
+        let mut file_end = 0;
+        while c < end {
+            let n = (self.bytes_in_slice(c * cs, (end - c) * cs) / cs).max(1);
+            let r = self.preallocate_slice(GuestCluster(c), n, mode).await;
+            file_end = file_end.max(self.corruption_checked(r).await?);
+            c += n;
+        }
+        // Data clusters past the end of the file read as zeros, but the file covers them, as
+        // with QEMU (metadata mode leaves them sparse).
+        let len = self
+            .w
+            .storage
+            .len()
+            .await
+            .context(|| "Failed to inquire current file length".to_string())?;
+        if file_end > len {
+            self.w
+                .storage
+                .set_len(file_end)
+                .await
+                .context(|| "Failed to resize underlying file".to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Preallocates the clusters `[first, first + n)`, all in one L2 slice. Returns the end of
+    /// the host clusters allocated (0 if none was needed).
+    async fn preallocate_slice(
+        &self,
+        first: GuestCluster,
+        n: u64,
+        mode: Preallocation,
+    ) -> Result<u64> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        loop {
+            let slice = self.l2_slice_for_write(first).await?;
+            let claim = match self.claims.try_claim(first.0, first.0 + n) {
+                Err(ev) => {
+                    ev.wait().await;
+                    continue;
+                }
+                Ok(c) => c,
+            };
+            let base = self.index_in_slice(first);
+            let old: Vec<Mapping> = {
+                let st = slice.lock();
+                (0..n as usize)
+                    .map(|i| Mapping::decode(st.u64_at(base + i), g))
+                    .collect::<Result<_>>()?
+            };
+            // `metadata` keeps data clusters (QEMU's `preallocate_co`); `falloc` and `full`
+            // give every cluster of the new area a new, zeroed one (QEMU links one contiguous
+            // allocation over the whole area), so all of it reads zeros afterwards.
+            let replace_all = matches!(mode, Preallocation::Falloc | Preallocation::Full);
+            let need: Vec<usize> = (0..n as usize)
+                .filter(|&i| replace_all || !matches!(old[i], Mapping::Data { .. }))
+                .collect();
+            if need.is_empty() {
+                return Ok(0);
+            }
+            let alloc = self
+                .rc
+                .allocate(&self.w, &self.hdr, need.len() as u64)
+                .await?;
+            let host = g.host_offset(alloc.start).0;
+            let len = alloc.count * cs;
+            let prepared = self.prepare_space(host, len, alloc.fresh, mode).await;
+            if let Err(e) = prepared {
+                self.rc.release_unlinked(&self.w, alloc).await?;
+                return Err(e);
+            }
+            let mut deps = alloc.deps;
+            deps.push(Dep::Sync(self.w.barrier.generation()));
+            let version = {
+                let mut st = slice.lock();
+                let entries = st.modify(deps);
+                for (k, &i) in need.iter().enumerate() {
+                    let m = Mapping::Data {
+                        host: HostOffset(host + k as u64 * cs),
+                        copied: true,
+                    };
+                    put_u64(entries, base + i, m.encode(g));
+                }
+                st.version()
+            };
+            for &i in &need {
+                let new = Mapping::Data {
+                    host: HostOffset(host),
+                    copied: true,
+                };
+                if let Some((start, flen)) = super::zero::freed_range(old[i], new, cs) {
+                    let after = Some(Dep::Table {
+                        table: slice.clone(),
+                        version,
+                    });
+                    self.rc.defer_free(start, flen, after, false);
+                }
+            }
+            drop(claim);
+            return Ok(host + len);
+        }
+    }
+
+    /// Makes freshly allocated host space read zeros, and reserves (`falloc`) or writes
+    /// (`full`) it.
+    async fn prepare_space(
+        &self,
+        host: u64,
+        len: u64,
+        fresh: bool,
+        mode: Preallocation,
+    ) -> Result<()> {
+        if let Err(o) = self.w.overlap.check_data(host, len) {
+            return Err(self.signal_corruption(Error::corrupt(o.message())).await);
+        }
+        let storage = &self.w.storage;
+        match mode {
+            Preallocation::Off => Ok(()),
+            Preallocation::Metadata | Preallocation::Falloc => {
+                if !fresh {
+                    storage
+                        .write_zeroes(host, len)
+                        .await
+                        .context(|| format!("zeroing host range {host:#x}+{len:#x}"))?;
+                }
+                if mode == Preallocation::Falloc {
+                    storage
+                        .allocate(host, len)
+                        .await
+                        .context(|| "Failed to resize underlying file".to_string())?;
+                }
+                Ok(())
+            }
+            Preallocation::Full => super::create::write_zeros(storage, host, len).await,
+        }
+    }
+}
+
+/// Prefixes an I/O error's context as QEMU prefixes the step that failed ("Failed to discard
+/// cropped clusters: ..."); other errors keep their own words.
+fn with_context(e: Error, what: &str) -> Error {
+    match e {
+        Error::Io { context, source } => Error::io(format!("{what}: {context}"), source),
+        e => e,
     }
 }

@@ -79,6 +79,17 @@ impl SeqCache {
         }
     }
 
+    /// Forgets every cached cluster from `first` on (a shrink cut them off; they were written
+    /// out just before). A later growth must read them from the image, not from here.
+    pub(crate) fn forget_from(&self, first: u64) {
+        let mut st = self.state.lock();
+        st.entries.retain(|&c, _| c < first);
+        st.queue.retain(|&c| c < first);
+        if st.current.is_some_and(|c| c >= first) {
+            st.current = None;
+        }
+    }
+
     fn queue(st: &mut State, c: u64) {
         if let Some(e) = st.entries.get_mut(&c) {
             e.finished = true;

@@ -62,6 +62,12 @@ impl Qcow2 {
     pub(crate) async fn write_plain(&self, offset: u64, data: IoBuf) -> Result<()> {
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.virtual_size())?;
+        self.write_unchecked(offset, data).await
+    }
+
+    /// [`Qcow2::write_plain`] without the range check: resizing writes into the last cluster
+    /// past the virtual disk's end (`resize::clear_tail`), which the mapping covers.
+    pub(crate) async fn write_unchecked(&self, offset: u64, data: IoBuf) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }

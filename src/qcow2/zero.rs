@@ -30,6 +30,9 @@ enum ClusterOp {
     /// Drops the clusters whatever the guest then reads (the backing file's data shows
     /// through): emptying an overlay whose data was committed into its backing file.
     Deallocate,
+    /// Drops the clusters past a shrunk disk's end and always punches their host space
+    /// (QEMU's `QCOW2_DISCARD_ALWAYS` full discard in `qcow2_co_truncate`).
+    Crop,
 }
 
 impl Qcow2 {
@@ -135,6 +138,13 @@ impl Qcow2 {
         self.flush_plain().await
     }
 
+    /// Unmaps every cluster of `[offset, offset+len)` (cluster aligned, past the end of a disk
+    /// being shrunk: no range check) and frees their host clusters, punched out of the file
+    /// whatever `pass-discard-request` says.
+    pub(crate) async fn crop(&self, offset: u64, len: u64) -> Result<()> {
+        self.cluster_op(offset, len, ClusterOp::Crop).await
+    }
+
     /// Applies `op` to whole clusters, one L2 slice at a time.
     async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
         self.apply_frees_if_overdue().await?;
@@ -171,7 +181,7 @@ impl Qcow2 {
             let needed = match op {
                 ClusterOp::Zero { .. } => has_backing,
                 ClusterOp::Discard => has_backing && self.version >= 3,
-                ClusterOp::Deallocate => false,
+                ClusterOp::Deallocate | ClusterOp::Crop => false,
             };
             if !needed {
                 return Ok(());
@@ -219,8 +229,11 @@ impl Qcow2 {
             };
             drop(claim);
             if let Some(version) = version {
-                let discard =
-                    matches!(op, ClusterOp::Discard | ClusterOp::Deallocate) && self.pass_discard;
+                let discard = match op {
+                    ClusterOp::Discard | ClusterOp::Deallocate => self.pass_discard,
+                    ClusterOp::Crop => true,
+                    ClusterOp::Zero { .. } => false,
+                };
                 for (start, len) in frees {
                     let after = Some(Dep::Table {
                         table: slice.clone(),
@@ -257,7 +270,7 @@ impl Qcow2 {
                     copied: false,
                 },
             },
-            ClusterOp::Deallocate => Mapping::Unallocated,
+            ClusterOp::Deallocate | ClusterOp::Crop => Mapping::Unallocated,
             ClusterOp::Discard => {
                 // v2 has no ZERO flag: dropping the cluster would expose the backing file's
                 // data where the guest wrote its own. QEMU keeps the data then; so do we.
@@ -285,7 +298,11 @@ impl Qcow2 {
 }
 
 /// The host byte range that `old` held and `new` no longer holds.
-fn freed_range(old: Mapping, new: Mapping, cs: u64) -> Option<(crate::units::HostOffset, u64)> {
+pub(super) fn freed_range(
+    old: Mapping,
+    new: Mapping,
+    cs: u64,
+) -> Option<(crate::units::HostOffset, u64)> {
     match old {
         Mapping::Compressed { host, sectors } => Some(compressed_range(host, sectors)),
         Mapping::Data { host, .. }
