@@ -123,8 +123,8 @@ fn parse_changes(list: &[(String, String)]) -> Result<Changes, String> {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if a.image_opts || !a.object.is_empty() || a.force {
-        return fail("--image-opts, --object and --force are not supported by amend yet");
+    if !a.object.is_empty() || a.force {
+        return fail("--object and --force are not supported by amend yet");
     }
     if a.options.is_empty() {
         eprintln!("{}: Must specify options (-o)", prog());
@@ -153,6 +153,7 @@ pub async fn run(a: Args) -> u8 {
     };
     let _ = (a.progress, a.quiet);
     let args = ImageArgs {
+        image_opts: a.image_opts,
         path: filename,
         format: a.format.as_deref(),
         read_only: false,

@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 pub struct Args {
     #[arg(short = 'f')]
     format: Option<String>,
+    /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Output format: human or json
     #[arg(long = "output", default_value = "human")]
     output: String,
@@ -43,6 +46,7 @@ pub async fn run(a: Args) -> u8 {
         }
     }
     let args = ImageArgs {
+        image_opts: a.image_opts,
         path: &a.filename,
         format: a.format.as_deref(),
         read_only: a.repair.is_none(),
@@ -55,10 +59,10 @@ pub async fn run(a: Args) -> u8 {
         aio: None,
     };
     let opened = match open_options(&args) {
-        Ok(mut opts) => {
+        Ok((path, mut opts)) => {
             // A dirty image is checked as the crash left it, not silently repaired at open.
             opts.qcow2.for_check = true;
-            open_with(&a.filename, &opts).await
+            open_with(&path, &opts).await
         }
         Err(e) => Err(e),
     };

@@ -39,8 +39,8 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if a.image_opts || !a.object.is_empty() {
-        return super::fail("--image-opts and --object are not supported by commit yet");
+    if !a.object.is_empty() {
+        return super::fail("--object is not supported by commit yet");
     }
     let [filename] = a.filenames.as_slice() else {
         eprintln!("{}: Expecting one image file name", super::prog());
@@ -55,6 +55,7 @@ pub async fn run(a: Args) -> u8 {
         return super::fail(e);
     }
     let args = ImageArgs {
+        image_opts: a.image_opts,
         path: filename,
         format: a.format.as_deref(),
         read_only: false,
@@ -71,9 +72,9 @@ pub async fn run(a: Args) -> u8 {
         Err(msg) => return super::fail(msg),
     };
     let opened = match open_options(&args) {
-        Ok(mut o) => {
+        Ok((path, mut o)) => {
             o.writable_backing_depth = Some(depth);
-            open_with(filename, &o).await
+            open_with(&path, &o).await
         }
         Err(e) => Err(e),
     };
@@ -133,7 +134,7 @@ async fn base_depth(
         ..*args
     };
     let img = match open_options(&probe) {
-        Ok(o) => open_with(filename, &o).await,
+        Ok((path, o)) => open_with(&path, &o).await,
         Err(e) => Err(e),
     }
     .map_err(|e| format!("Could not open '{filename}': {e}"))?;

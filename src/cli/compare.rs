@@ -14,6 +14,9 @@ pub struct Args {
     /// Format of the second image
     #[arg(short = 'F')]
     format2: Option<String>,
+    /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Strict mode: fail on different image sizes or allocation
     #[arg(short = 's')]
     strict: bool,
@@ -40,12 +43,14 @@ enum Outcome {
 }
 
 pub async fn run(a: Args) -> u8 {
+    let image_opts = a.image_opts;
     let open_one = |path: &str, fmt: Option<&str>| {
         let path = path.to_string();
         let fmt = fmt.map(str::to_string);
         let cache = a.cache.clone();
         async move {
             open(&ImageArgs {
+                image_opts,
                 path: &path,
                 format: fmt.as_deref(),
                 read_only: true,

@@ -28,6 +28,9 @@ pub struct Args {
     /// Source format (probed if not given)
     #[arg(short = 'f', long = "source-format")]
     source_format: Option<String>,
+    /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Target format (default raw)
     #[arg(short = 'O', long = "target-format", default_value = "raw")]
     target_format: String,
@@ -160,6 +163,7 @@ async fn convert(a: &Args) -> Result<()> {
     let mut total = 0u64;
     for s in sources {
         let img = open(&ImageArgs {
+            image_opts: a.image_opts,
             path: s,
             format: a.source_format.as_deref(),
             read_only: true,
@@ -226,6 +230,7 @@ async fn convert(a: &Args) -> Result<()> {
         })?;
     }
     let dst = open(&ImageArgs {
+        image_opts: false,
         path: target,
         format: Some(format.name()),
         read_only: false,

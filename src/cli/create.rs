@@ -189,6 +189,8 @@ async fn create_image(a: &Args) -> Result<()> {
         ));
     }
 
+    // `file:NAME` names the file NAME (the prefix stays in the "Formatting" line, as QEMU's).
+    let target = super::image_name::strip_file_prefix(&a.filename);
     // Without a size, a backing file gives it.
     if let (Some(b), None) = (&o.backing_file, size) {
         if a.unsafe_backing {
@@ -197,7 +199,7 @@ async fn create_image(a: &Args) -> Result<()> {
             ));
         }
         let fmt = o.backing_format.as_deref().map(Format::parse).transpose()?;
-        let path = resolve_backing(Path::new(&a.filename), b)?;
+        let path = resolve_backing(Path::new(&target), b)?;
         let opts = OpenOptions {
             format: fmt,
             probe: fmt.is_none(),
@@ -211,7 +213,7 @@ async fn create_image(a: &Args) -> Result<()> {
         img.close().await?;
     } else if let (Some(b), false) = (&o.backing_file, a.unsafe_backing) {
         // The backing file must at least be there.
-        let path = resolve_backing(Path::new(&a.filename), b)?;
+        let path = resolve_backing(Path::new(&target), b)?;
         if !path.exists() {
             return Err(Error::arg(format!(
                 "Could not open backing file: Could not open '{}': No such file or directory",
@@ -229,7 +231,7 @@ async fn create_image(a: &Args) -> Result<()> {
             describe(format, &o, compat_given)
         );
     }
-    make(&a.filename, format, &o).await
+    make(&target, format, &o).await
 }
 
 /// The `key=value` summary qemu-img prints when formatting.

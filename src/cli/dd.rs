@@ -56,9 +56,6 @@ pub async fn run(a: Args) -> u8 {
     if !a.object.is_empty() {
         return fail("--object is not supported yet");
     }
-    if a.image_opts {
-        return fail("--image-opts is not supported yet");
-    }
     let ops = match parse_operands(&a.operands) {
         Ok(o) => o,
         Err(m) => return fail(m),
@@ -70,6 +67,7 @@ pub async fn run(a: Args) -> u8 {
         return fail("Could not open '': The 'file' block driver requires a file name");
     }
     let src = match open(&ImageArgs {
+        image_opts: a.image_opts,
         path: input,
         format: a.format.as_deref(),
         read_only: true,
@@ -141,6 +139,7 @@ async fn copy(
         format!("{output}: error while creating output image: {e}")
     })?;
     let dst = open(&ImageArgs {
+        image_opts: false,
         path: output,
         format: Some(format.name()),
         read_only: false,

@@ -13,6 +13,9 @@ pub struct Args {
     /// Image format (probed if not given)
     #[arg(short = 'f')]
     format: Option<String>,
+    /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Output format: human or json
     #[arg(long = "output", default_value = "human")]
     output: String,
@@ -33,6 +36,7 @@ pub async fn run(a: Args) -> u8 {
         ));
     }
     let img = match open(&ImageArgs {
+        image_opts: a.image_opts,
         path: &a.filename,
         format: a.format.as_deref(),
         read_only: true,

@@ -69,6 +69,7 @@ pub async fn run(a: Args) -> u8 {
     };
     if let Some(filename) = &a.filename {
         let opened = open(&ImageArgs {
+            image_opts: false,
             path: filename,
             format: a.format.as_deref(),
             read_only: a.read_only,
@@ -577,6 +578,7 @@ impl Session {
             return false;
         };
         let opened = open(&ImageArgs {
+            image_opts: false,
             path,
             format: None,
             read_only,

@@ -88,9 +88,6 @@ pub async fn run(a: Args) -> u8 {
     if !a.object.is_empty() {
         return fail("--object is not supported yet");
     }
-    if a.image_opts {
-        return fail("--image-opts is not supported yet");
-    }
     if a.filenames.len() > 1 {
         return fail("At most one filename argument is allowed.");
     }
@@ -98,7 +95,7 @@ pub async fn run(a: Args) -> u8 {
     match (filename, size) {
         (Some(_), Some(_)) => return fail("--size N cannot be used together with a filename."),
         (None, None) => return fail("Either --size N or one filename must be specified."),
-        (None, Some(_)) if a.format.is_some() || a.snapshot.is_some() => {
+        (None, Some(_)) if a.format.is_some() || a.snapshot.is_some() || a.image_opts => {
             return fail("--image-opts, -f, and -l require a filename argument.")
         }
         _ => {}
@@ -111,6 +108,7 @@ pub async fn run(a: Args) -> u8 {
             return fail("Could not open '': The 'file' block driver requires a file name")
         }
         Some(f) => match open(&ImageArgs {
+            image_opts: a.image_opts,
             path: f,
             format: a.format.as_deref(),
             read_only: true,

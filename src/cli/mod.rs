@@ -9,6 +9,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod image_name;
 mod info;
 mod io;
 mod map;

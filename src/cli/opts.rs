@@ -77,6 +77,8 @@ pub struct ImageArgs<'a> {
     pub metadata_only: bool,
     /// `--aio` / `-i`: how file I/O is issued (QEMU's `aio=`: threads, io_uring; native refused).
     pub aio: Option<&'a str>,
+    /// `--image-opts`: `path` is an option list (`driver=qcow2,file.filename=NAME,...`).
+    pub image_opts: bool,
 }
 
 /// QEMU's `aio=` values. `native` (Linux AIO) is not implemented: refused, never replaced.
@@ -90,25 +92,40 @@ pub fn parse_aio(s: &str) -> Result<Aio> {
 }
 
 pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
-    open_with(a.path, &open_options(a)?).await
+    let (path, opts) = open_options(a)?;
+    open_with(&path, &opts).await
 }
 
-/// The library's open options for the command line's flags.
-pub fn open_options(a: &ImageArgs<'_>) -> Result<OpenOptions> {
-    let format = a.format.map(Format::parse).transpose()?;
+/// The file to open and the library's open options for the command line's flags and the
+/// image name (`json:`, `file:`, `--image-opts`: see [`super::image_name`]).
+pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
+    let spec = super::image_name::parse(a.path, a.image_opts)?;
+    if a.image_opts && a.format.is_some() {
+        return Err(qimg::Error::arg(
+            "--image-opts and --format are mutually exclusive",
+        ));
+    }
+    // An explicit -f wins over the name's driver, as with QEMU.
+    let format = a
+        .format
+        .or(spec.format.as_deref())
+        .map(Format::parse)
+        .transpose()?;
     let cache = a
         .cache
         .map(CacheMode::parse)
         .transpose()?
         .unwrap_or_default();
-    let (qcow2, locking) = runtime_options(a.runtime_opts)?;
-    Ok(OpenOptions {
+    let mut lists = spec.runtime.clone();
+    lists.extend(a.runtime_opts.iter().cloned());
+    let (qcow2, locking) = runtime_options(&lists)?;
+    let opts = OpenOptions {
         format,
         probe: format.is_none(),
-        read_only: a.read_only,
+        read_only: a.read_only || spec.read_only,
         cache,
         qcow2,
-        no_backing: a.no_backing,
+        no_backing: a.no_backing || spec.no_backing,
         batch: a.batch,
         lock: LockOptions {
             locking,
@@ -117,7 +134,8 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<OpenOptions> {
         metadata_only: a.metadata_only,
         aio: a.aio.map(parse_aio).transpose()?.unwrap_or_default(),
         ..Default::default()
-    })
+    };
+    Ok((spec.path, opts))
 }
 
 /// Opens an image with options from [`open_options`] (possibly adjusted).

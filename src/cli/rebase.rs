@@ -102,8 +102,8 @@ fn usage_error(msg: &str) -> u8 {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if a.image_opts || !a.object.is_empty() {
-        return super::fail("--image-opts and --object are not supported by rebase yet");
+    if !a.object.is_empty() {
+        return super::fail("--object is not supported by rebase yet");
     }
     let [filename] = a.filenames.as_slice() else {
         return usage_error("Expecting one image file name");
@@ -136,6 +136,7 @@ pub async fn run(a: Args) -> u8 {
         ));
     }
     let args = ImageArgs {
+        image_opts: a.image_opts,
         path: filename,
         format: a.format.as_deref(),
         read_only: false,
@@ -148,7 +149,7 @@ pub async fn run(a: Args) -> u8 {
         aio: None,
     };
     let img = match open_options(&args) {
-        Ok(o) => open_with(filename, &o).await,
+        Ok((path, o)) => open_with(&path, &o).await,
         Err(e) => Err(e),
     };
     let img = match img {
@@ -220,6 +221,7 @@ async fn open_new_backing(
         .map_err(|e| fail(&e))?;
     let path = path.to_string_lossy().into_owned();
     let args = ImageArgs {
+        image_opts: false,
         path: &path,
         format,
         read_only: true,
@@ -231,6 +233,6 @@ async fn open_new_backing(
         metadata_only: false,
         aio: None,
     };
-    let opts = open_options(&args).map_err(|e| fail(&e))?;
+    let (path, opts) = open_options(&args).map_err(|e| fail(&e))?;
     open_with(&path, &opts).await.map_err(|e| fail(&e))
 }

@@ -15,6 +15,9 @@ const BDRV_MAX_LENGTH: i64 = i64::MAX - ((1 << 30) - 1);
 pub struct Args {
     #[arg(short = 'f')]
     format: Option<String>,
+    /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Allow shrinking the image (data past the new end is lost)
     #[arg(long = "shrink")]
     shrink: bool,
@@ -59,6 +62,7 @@ pub async fn run(a: Args) -> u8 {
         }
     };
     let img = match open(&ImageArgs {
+        image_opts: a.image_opts,
         path: &a.filename,
         format: a.format.as_deref(),
         read_only: false,

@@ -50,8 +50,8 @@ fn errno_text(e: &qimg::Error) -> String {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if a.image_opts || !a.object.is_empty() {
-        return fail("--image-opts and --object are not supported by snapshot yet");
+    if !a.object.is_empty() {
+        return fail("--object is not supported by snapshot yet");
     }
     let actions = [
         a.list,
@@ -79,6 +79,7 @@ pub async fn run(a: Args) -> u8 {
         return 1;
     };
     let img = match open(&ImageArgs {
+        image_opts: a.image_opts,
         path: filename,
         format: a.format.as_deref(),
         read_only: matches!(action, Action::List),

@@ -1,0 +1,270 @@
+//! Image names as QEMU's tools take them, besides plain file names:
+//! - `file:NAME`: the file protocol spelled out (a name with a colon in it, say);
+//! - `json:{...}`: the image's options as a JSON object (QEMU's parser also takes
+//!   single-quoted strings), nested (`"file": {"filename": ...}`) or dotted (`"file.filename"`);
+//! - `--image-opts`: the name is an option list, `driver=qcow2,file.filename=NAME,...`.
+//!
+//! Each comes down to what qimg can open: a file, an optional format, runtime options of the
+//! format driver (the same keys as `-o` lists take) and of the file (`locking`), and whether to
+//! open the backing file. Anything else (other block drivers such as `blkdebug`, nested backing
+//! options) is refused with a message naming it, never dropped.
+
+use super::opts::parse_kv_list;
+use qimg::{Error, Result};
+
+/// What an image name asks to open.
+#[derive(Debug, Default, PartialEq)]
+pub struct ImageSpec {
+    /// The file to open.
+    pub path: String,
+    /// `driver=`: the format, if given.
+    pub format: Option<String>,
+    /// Runtime options (`key=value`, `,` escaped as `,,`), as for `-o` lists.
+    pub runtime: Vec<String>,
+    /// `backing: null`: the backing file is not opened.
+    pub no_backing: bool,
+    /// `read-only=on`.
+    pub read_only: bool,
+}
+
+/// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
+/// or a plain name.
+pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
+    if image_opts {
+        return from_options(parse_kv_list(name));
+    }
+    if let Some(json) = name.strip_prefix("json:") {
+        let value: serde_json::Value = serde_json::from_str(&standard_json(json))
+            .map_err(|e| Error::arg(format!("Could not parse the JSON options: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(Error::arg("Invalid JSON object given"));
+        };
+        let mut pairs = Vec::new();
+        flatten("", &serde_json::Value::Object(map), &mut pairs)?;
+        return from_options(pairs);
+    }
+    Ok(ImageSpec {
+        path: strip_file_prefix(name),
+        ..Default::default()
+    })
+}
+
+/// The file name behind a `file:` prefix, as QEMU's file protocol takes it: a relative name
+/// with a colon before its first slash gets `./` in front, so that it cannot be read as a
+/// protocol prefix again (and the image's name, and its backing file's path, show it).
+pub fn strip_file_prefix(name: &str) -> String {
+    match name.strip_prefix("file:") {
+        Some(rest) => {
+            let colon_first = rest
+                .find(':')
+                .is_some_and(|c| rest.find('/').is_none_or(|s| c < s));
+            if !rest.starts_with('/') && colon_first {
+                format!("./{rest}")
+            } else {
+                rest.to_string()
+            }
+        }
+        None => name.to_string(),
+    }
+}
+
+/// QEMU's JSON with single-quoted strings turned into standard JSON.
+fn standard_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                while let Some(c) = chars.next() {
+                    out.push(c);
+                    match c {
+                        '\\' => out.extend(chars.next()),
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '\'' => {
+                out.push('"');
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => {}
+                        },
+                        '"' => out.push_str("\\\""),
+                        '\'' => break,
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Nested objects become dotted keys; scalars become option values (`true` is `on`).
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) -> Result<()> {
+    use serde_json::Value;
+    let key = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                flatten(&key(k), v, out)?;
+            }
+        }
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Bool(b) => out.push((prefix.to_string(), if *b { "on" } else { "off" }.into())),
+        Value::Number(n) => out.push((prefix.to_string(), n.to_string())),
+        Value::Null if prefix == "backing" => out.push((prefix.to_string(), String::new())),
+        Value::Null => {
+            return Err(Error::arg(format!(
+                "Option '{prefix}': null is only taken for 'backing'"
+            )))
+        }
+        Value::Array(_) => {
+            return Err(Error::unsupported(format!(
+                "Option '{prefix}': lists are not supported"
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Interprets flattened options.
+fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
+    let mut spec = ImageSpec::default();
+    let mut path = None;
+    let mut runtime = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "driver" => match v.as_str() {
+                "qcow2" | "raw" => spec.format = Some(v),
+                "file" => {
+                    return Err(Error::unsupported(
+                        "Opening the file protocol without a format driver is not supported; \
+                         use driver=raw",
+                    ))
+                }
+                other => {
+                    return Err(Error::unsupported(format!(
+                        "Block driver '{other}' is not supported"
+                    )))
+                }
+            },
+            "file.driver" => {
+                if v != "file" {
+                    return Err(Error::unsupported(format!(
+                        "Block driver '{v}' is not supported (only 'file' below a format)"
+                    )));
+                }
+            }
+            "filename" | "file.filename" => path = Some(v),
+            "file" => {
+                return Err(Error::unsupported(
+                    "A node reference as 'file' is not supported; use file.filename",
+                ))
+            }
+            "backing" if v.is_empty() => spec.no_backing = true,
+            "read-only" => spec.read_only = qimg::size::parse_bool(&k, &v)?,
+            "file.locking" | "locking" => runtime.push(format!("locking={}", v.replace(',', ",,"))),
+            k if k.starts_with("backing") || k.starts_with("file.") => {
+                return Err(Error::unsupported(format!("Option '{k}' is not supported")))
+            }
+            _ => runtime.push(format!("{k}={}", v.replace(',', ",,"))),
+        }
+    }
+    let Some(path) = path else {
+        return Err(Error::arg(
+            "The image options name no file (file.filename=NAME)",
+        ));
+    };
+    spec.path = path;
+    spec.runtime = runtime;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_and_file_prefix() {
+        assert_eq!(parse("a.qcow2", false).unwrap().path, "a.qcow2");
+        assert_eq!(parse("file:/d/a:b", false).unwrap().path, "/d/a:b");
+        assert_eq!(parse("file:image:top", false).unwrap().path, "./image:top");
+        assert_eq!(parse("file:sub/a:b", false).unwrap().path, "sub/a:b");
+        assert_eq!(parse("file:a/b", false).unwrap().path, "a/b");
+    }
+
+    #[test]
+    fn json_nested_dotted_single_quoted() {
+        let want = ImageSpec {
+            path: "/t/x.qcow2".into(),
+            format: Some("qcow2".into()),
+            ..Default::default()
+        };
+        for s in [
+            r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/t/x.qcow2"}}"#,
+            r#"json:{"driver":"qcow2","file.filename":"/t/x.qcow2"}"#,
+            "json:{ 'driver': 'qcow2', 'file': { 'driver': 'file', 'filename': '/t/x.qcow2' } }",
+        ] {
+            assert_eq!(parse(s, false).unwrap(), want, "{s}");
+        }
+        let s = parse(
+            "json:{'driver':'qcow2','file':{'filename':'x'},'backing':null,'lazy-refcounts':true,\
+             'cache-size':1048576,'file.locking':'off'}",
+            false,
+        )
+        .unwrap();
+        assert!(s.no_backing);
+        assert_eq!(
+            s.runtime,
+            ["lazy-refcounts=on", "cache-size=1048576", "locking=off"]
+        );
+    }
+
+    #[test]
+    fn image_opts() {
+        let s = parse(
+            "driver=qcow2,file.driver=file,file.filename=/a,,b,overlap-check=none",
+            true,
+        )
+        .unwrap();
+        assert_eq!(s.path, "/a,b");
+        assert_eq!(s.format.as_deref(), Some("qcow2"));
+        assert_eq!(s.runtime, ["overlap-check=none"]);
+    }
+
+    #[test]
+    fn refusals() {
+        for (s, io) in [
+            ("driver=blkdebug,image.filename=x", true),
+            (
+                "driver=qcow2,file.driver=blkdebug,file.image.filename=x",
+                true,
+            ),
+            ("driver=qcow2", true),
+            ("driver=qcow2,file.filename=x,backing.file.filename=y", true),
+            ("json:{'driver':'qcow2'", false),
+            ("json:[1]", false),
+            ("json:{'driver':'qcow2','file':'node0'}", false),
+            ("json:{'file.filename':'x','l':[1]}", false),
+        ] {
+            assert!(parse(s, io).is_err(), "{s}");
+        }
+    }
+}

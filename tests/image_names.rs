@@ -1,0 +1,157 @@
+//! Image names as QEMU's tools take them — `json:{...}`, `--image-opts` option lists and the
+//! `file:` prefix — against qemu-img: the same output for the same name, options in the name
+//! applied (a runtime option's effect, `backing: null`), and names that need a block driver
+//! qimg does not have refused with an error, never opened some other way.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
+
+fn both(args: &[&str]) -> (std::process::Output, std::process::Output) {
+    (run(QIMG, args), run("qemu-img", args))
+}
+
+fn same(args: &[&str]) {
+    let (a, b) = both(args);
+    assert!(b.status.success(), "qemu-img {args:?}: {}", text(&b));
+    assert!(a.status.success(), "qimg {args:?}: {}", text(&a));
+    assert_eq!(text(&a), text(&b), "{args:?}");
+}
+
+fn setup(dir: &Path) -> (String, String) {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_create(&base, "", 4 << 20, &[]);
+    qemu_io(&base, "qcow2", &["write -P 7 0 1M".into()]);
+    qemu_create(
+        &top,
+        "",
+        4 << 20,
+        &["-b", base.to_str().unwrap(), "-F", "qcow2"],
+    );
+    qemu_io(&top, "qcow2", &["write -P 9 1M 64k".into()]);
+    (
+        base.to_str().unwrap().to_string(),
+        top.to_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn json_names_read_as_qemu_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, top) = setup(dir.path());
+    for name in [
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}"#),
+        format!(r#"json:{{"driver":"qcow2","file.filename":"{top}"}}"#),
+        format!("json:{{ 'driver': 'qcow2', 'file': {{ 'filename': '{top}' }} }}"),
+    ] {
+        same(&["info", &name]);
+        same(&["info", "--backing-chain", &name]);
+        same(&["map", "--output=json", &name]);
+        same(&["compare", &name, &top]);
+    }
+    // `backing: null`: the overlay alone (its unallocated clusters read zeros).
+    let alone =
+        format!(r#"json:{{"driver":"qcow2","file":{{"filename":"{top}"}},"backing":null}}"#);
+    same(&["map", "--output=json", &alone]);
+    let raw = dir.path().join("alone.raw");
+    let o = run(
+        QIMG,
+        &["convert", "-O", "raw", &alone, raw.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let data = std::fs::read(&raw).unwrap();
+    assert!(data[..1 << 20].iter().all(|&x| x == 0), "backing file read");
+    assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 9));
+}
+
+#[test]
+fn image_opts_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, top) = setup(dir.path());
+    let opts = format!("driver=qcow2,file.driver=file,file.filename={top}");
+    same(&["info", "--image-opts", &opts]);
+    same(&["info", "--backing-chain", "--image-opts", &opts]);
+    same(&["check", "--image-opts", &opts]);
+    same(&["map", "--image-opts", &opts]);
+    same(&["compare", "--image-opts", &opts, &opts]);
+    // A runtime option of the qcow2 driver is applied: an invalid value is refused by both.
+    let bad = format!("{opts},l2-cache-size=bogus");
+    let (a, b) = both(&["info", "--image-opts", &bad]);
+    assert!(!a.status.success() && !b.status.success(), "{}", text(&a));
+    // Writing commands take it too.
+    let o = run(QIMG, &["resize", "--image-opts", &opts, "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    qemu_check_clean(Path::new(&top));
+    let o = run(QIMG, &["snapshot", "-c", "s", "--image-opts", &opts]);
+    assert!(o.status.success(), "{}", text(&o));
+    same(&["snapshot", "-l", "--image-opts", &opts]);
+}
+
+#[test]
+fn file_prefix_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let a = format!("file:{d}/a:b.qcow2");
+    let b = format!("file:{d}/c:d.qcow2");
+    let o1 = run(QIMG, &["create", "-f", "qcow2", &a, "1M"]);
+    let o2 = run("qemu-img", &["create", "-f", "qcow2", &b, "1M"]);
+    assert_eq!(
+        text(&o1).replace("a:b", "c:d"),
+        text(&o2),
+        "create file: prefix"
+    );
+    assert!(Path::new(&format!("{d}/a:b.qcow2")).exists());
+    same(&["info", &a]);
+    // Relative, with a colon before the first slash: QEMU names it ./NAME.
+    let (x, y) = (
+        std::process::Command::new(QIMG)
+            .args(["info", "file:a:b.qcow2"])
+            .current_dir(d)
+            .output()
+            .unwrap(),
+        std::process::Command::new("qemu-img")
+            .args(["info", "file:a:b.qcow2"])
+            .current_dir(d)
+            .output()
+            .unwrap(),
+    );
+    assert!(x.status.success(), "{}", text(&x));
+    assert_eq!(text(&x), text(&y));
+}
+
+#[test]
+fn other_block_drivers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, top) = setup(dir.path());
+    for name in [
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{top}"}}}}}}"#
+        ),
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"filename":"{top}"}},"backing":{{"driver":"qcow2","file":{{"filename":"{top}"}}}}}}"#
+        ),
+        r#"json:{"driver":"qcow2""#.to_string(),
+    ] {
+        let o = run(QIMG, &["info", &name]);
+        assert!(!o.status.success(), "{name}: accepted");
+        assert!(text(&o).contains("Could not open"), "{name}: {}", text(&o));
+    }
+    let o = run(
+        QIMG,
+        &[
+            "info",
+            "--image-opts",
+            &format!("driver=blkdebug,image.filename={top}"),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("'blkdebug' is not supported"),
+        "{}",
+        text(&o)
+    );
+}
