@@ -237,11 +237,11 @@ async fn amend(
         }
     }
     if let Some(size) = c.size {
-        if size < q.virtual_size() {
-            return Err("shrinking a qcow2 image is not supported yet".into());
-        }
         if size != q.virtual_size() {
-            q.grow(size).await.map_err(e)?;
+            // As QEMU's amend: growing or shrinking, without preallocation.
+            q.resize(size, qimg::qcow2::Preallocation::Off)
+                .await
+                .map_err(e)?;
         }
     }
     if version < old_version {

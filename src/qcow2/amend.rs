@@ -38,7 +38,9 @@ impl Qcow2 {
             return Ok(());
         }
         if version == 3 {
-            return self
+            // Version 3 behaviour (zero flags) only once the header says so; a downgrade below
+            // switches to version 2 behaviour first, which is valid in either.
+            let r = self
                 .hdr_update_synced(|h| {
                     h.version = 3;
                     h.header_length = 112;
@@ -58,6 +60,10 @@ impl Qcow2 {
                     }
                 })
                 .await;
+            if r.is_ok() {
+                self.set_version_field(3);
+            }
+            return r;
         }
         if version != 2 {
             return Err(Error::arg(format!("Unknown compatibility level {version}")));
@@ -87,6 +93,7 @@ impl Qcow2 {
         drop(_f);
         // Lazy refcounts end here (a version 2 image has no dirty bit): everything is flushed.
         self.mark_clean_locked().await?;
+        self.set_version_field(2);
         self.hdr_update_synced(|h| {
             h.version = 2;
             h.header_length = 72;

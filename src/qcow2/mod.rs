@@ -180,7 +180,8 @@ pub struct EngineStats {
 /// An open qcow2 image.
 pub struct Qcow2 {
     pub(crate) geo: Geometry,
-    pub(crate) version: u32,
+    /// The header's version (changed by `amend`): read with [`Qcow2::version`].
+    version: std::sync::atomic::AtomicU32,
     pub(crate) compression: CompressionType,
     pub(crate) w: Writer,
     pub(crate) hdr: HeaderStore,
@@ -221,6 +222,15 @@ pub struct Qcow2 {
 }
 
 impl Qcow2 {
+    /// The image's format version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version.load(Relaxed)
+    }
+
+    pub(crate) fn set_version_field(&self, v: u32) {
+        self.version.store(v, Relaxed);
+    }
+
     /// Opens a qcow2 image on `storage`. Backing files are attached by the caller
     /// ([`Qcow2::set_backing`]); `crate::block::open_image` does both.
     pub async fn open(
@@ -307,7 +317,7 @@ impl Qcow2 {
 
         let img = Qcow2 {
             geo: g,
-            version: h.version,
+            version: std::sync::atomic::AtomicU32::new(h.version),
             compression: h.compression_type,
             slice_entries: entry_bytes / 8,
             w,
@@ -570,7 +580,7 @@ impl Qcow2 {
                 tracing::error!(
                     "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
                 );
-                if !self.w.barrier.sync_failed() && self.version >= 3 {
+                if !self.w.barrier.sync_failed() && self.version() >= 3 {
                     let _ = self
                         .hdr
                         .update(&self.w, |h| h.incompatible_features |= incompat::CORRUPT)

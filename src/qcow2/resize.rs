@@ -71,7 +71,7 @@ impl Qcow2 {
         }
         let _op = self.resize_op.lock().await;
         let old = self.virtual_size();
-        if self.version < 3 && !self.snapshots().is_empty() && new_size != old {
+        if self.version() < 3 && !self.snapshots().is_empty() && new_size != old {
             // Version 2 snapshot entries need not record their disk size: a snapshot taken at
             // another size could not be told apart (QEMU's rule).
             return Err(Error::unsupported(

@@ -55,7 +55,7 @@ impl Qcow2 {
         if offset < astart {
             self.zero_partial(offset, astart - offset, flags).await?;
         }
-        if self.version >= 3 {
+        if self.version() >= 3 {
             self.cluster_op(
                 astart,
                 aend - astart,
@@ -180,7 +180,7 @@ impl Qcow2 {
         if !has_table {
             let needed = match op {
                 ClusterOp::Zero { .. } => has_backing,
-                ClusterOp::Discard => has_backing && self.version >= 3,
+                ClusterOp::Discard => has_backing && self.version() >= 3,
                 ClusterOp::Deallocate | ClusterOp::Crop => false,
             };
             if !needed {
@@ -247,7 +247,7 @@ impl Qcow2 {
     }
 
     fn new_mapping(&self, old: Mapping, op: ClusterOp, has_backing: bool) -> Mapping {
-        let v3 = self.version >= 3;
+        let v3 = self.version() >= 3;
         match op {
             ClusterOp::Zero { unmap } => match old {
                 Mapping::Compressed { .. } => Mapping::Zero {
