@@ -28,6 +28,9 @@ pub struct Args {
     /// Image format (probed if not given)
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
+    /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Share the image with other users, writers included (read-only only)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
@@ -67,9 +70,13 @@ pub async fn run(a: Args) -> u8 {
         aio: JoinSet::new(),
         failed: false,
     };
+    if a.image_opts && a.format.is_some() {
+        eprintln!("{}: --image-opts and -f are mutually exclusive", prog());
+        return 1;
+    }
     if let Some(filename) = &a.filename {
         let opened = open(&ImageArgs {
-            image_opts: false,
+            image_opts: a.image_opts,
             path: filename,
             format: a.format.as_deref(),
             read_only: a.read_only,
@@ -84,6 +91,10 @@ pub async fn run(a: Args) -> u8 {
         .await;
         match opened {
             Ok(i) => session.img = Some(i),
+            Err(e) if a.image_opts => {
+                eprintln!("{}: can't open: {e}", prog());
+                return 1;
+            }
             Err(e) => {
                 eprintln!("{}: can't open device {filename}: {e}", prog());
                 return 1;

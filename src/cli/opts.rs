@@ -141,6 +141,12 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
 /// Opens an image with options from [`open_options`] (possibly adjusted).
 pub async fn open_with(path: &str, opts: &OpenOptions) -> Result<Arc<dyn BlockDevice>> {
     let img = open_image(Path::new(path), opts).await?;
+    if let Some(q) = img.as_qcow2() {
+        // A dirty image was repaired while opening: say what was found, as QEMU does.
+        for m in q.take_repair_messages() {
+            eprintln!("{m}");
+        }
+    }
     warn_if_probed_raw(&*img, opts);
     Ok(img)
 }

@@ -219,6 +219,9 @@ pub struct Qcow2 {
     filename: String,
     pub(crate) closed: AtomicBool,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What the repair of a dirty image at open found and did, in QEMU's words (QEMU prints
+    /// them while opening; the command line prints them from here).
+    repair_messages: Mutex<Vec<String>>,
 }
 
 impl Qcow2 {
@@ -343,6 +346,7 @@ impl Qcow2 {
             closed: AtomicBool::new(false),
             corrupt_bit_written: AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
+            repair_messages: Mutex::new(Vec::new()),
             hdr: HeaderStore::new(h),
         };
 
@@ -440,11 +444,33 @@ impl Qcow2 {
             self.w.barrier.sync_now().await?;
         }
         if h.is_dirty() && !for_check {
+            // QEMU's repair at open: a check that fixes errors and leaks (refcounts set right one
+            // by one, or rebuilt where the structure is broken).
             tracing::info!("{}: image is dirty, repairing refcounts", self.filename);
-            self.rebuild_refcounts().await?;
+            let report = match self.check_with(check::Fix::ALL).await {
+                Ok(r) if r.check_errors == 0 => r,
+                Ok(_) => {
+                    return Err(Error::corrupt(
+                        "Could not repair dirty image: the check could not complete",
+                    ))
+                }
+                Err((_, Error::Io { context, source })) => {
+                    return Err(Error::io(
+                        format!("Could not repair dirty image: {context}"),
+                        source,
+                    ))
+                }
+                Err((_, e)) => return Err(e),
+            };
+            *self.repair_messages.lock() = report.messages;
             self.mark_clean().await?;
         }
         Ok(())
+    }
+
+    /// Takes the messages of the repair of a dirty image at open (empty if there was none).
+    pub fn take_repair_messages(&self) -> Vec<String> {
+        std::mem::take(&mut *self.repair_messages.lock())
     }
 
     /// Clears the dirty bit (after the refcounts were rebuilt, or found right), durably.
