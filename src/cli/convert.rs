@@ -60,6 +60,9 @@ pub struct Args {
     /// Do not create the target (it must exist and be large enough)
     #[arg(short = 'n', long = "no-create")]
     no_create: bool,
+    /// The existing target (-n) reads zeros everywhere: zero areas of the source are not written
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
     /// Target cache mode (default unsafe)
     #[arg(short = 't', long = "target-cache", default_value = "unsafe")]
     target_cache: String,
@@ -147,6 +150,9 @@ struct Source {
 }
 
 async fn convert(a: &Args) -> Result<()> {
+    if a.target_is_zero && !a.no_create {
+        return Err(Error::arg("--target-is-zero requires use of -n flag"));
+    }
     let (target, sources) = match a.files.split_last() {
         Some((t, s)) if !s.is_empty() => (t, s),
         _ => return Err(Error::arg("Must specify image file name")),
@@ -250,8 +256,15 @@ async fn convert(a: &Args) -> Result<()> {
             dst.size()
         )));
     }
-    // A fresh target without a backing file reads zeros everywhere.
-    let zero_init = !a.no_create && backing.is_none();
+    if a.target_is_zero && backing.is_some() {
+        // (qemu-img says this too, but then exits 0 without converting.)
+        return Err(Error::arg(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+        ));
+    }
+    // A fresh target without a backing file reads zeros everywhere; so does one the user says
+    // reads zeros.
+    let zero_init = (!a.no_create || a.target_is_zero) && backing.is_none();
     let cluster = dst.as_qcow2().map_or(512, |q| q.cluster_size());
     let chunk = CHUNK.max(cluster) / cluster * cluster;
     // A new qcow2 cluster is allocated whole: zero runs inside the data the source provides
