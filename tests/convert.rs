@@ -321,6 +321,36 @@ fn target_is_zero_skips_zeros_as_qemu_img() {
         .contains("Cannot use --target-is-zero when the destination image has a backing file"));
 }
 
+/// `-r RATE` limits the data copied per second (a lower bound on the time taken: the limit
+/// works), and bad rates are refused as qemu-img refuses them.
+#[test]
+fn rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("r.qcow2");
+    qemu_create(&src, "", 16 << 20, &[]);
+    qemu_io(&src, "qcow2", &["write -P 1 0 3M".into()]);
+    let out = d.join("r-out.qcow2");
+    let t = std::time::Instant::now();
+    let o = run(
+        QIMG,
+        &["convert", "-r", "1M", "-O", "qcow2", s(&src), s(&out)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // 3 MiB at 1 MiB/s: the last chunk may go at 2 s.
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(1900),
+        "{:?}",
+        t.elapsed()
+    );
+    qemu_check_clean(&out);
+    let o = run("qemu-img", &["compare", s(&src), s(&out)]);
+    assert!(o.status.success(), "{}", text(&o));
+    for bad in ["x", "-1", "9223372036854775808", "18446744073709551616"] {
+        refused_like_qemu_img(d, "-r", bad);
+    }
+}
+
 /// `qimg convert FLAG VALUE` fails as `qemu-img convert FLAG VALUE` does (exit code 1, same
 /// message), and creates no target.
 fn refused_like_qemu_img(dir: &Path, flag: &str, value: &str) {

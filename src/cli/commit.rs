@@ -47,7 +47,7 @@ pub async fn run(a: Args) -> u8 {
         eprintln!("Try '{} commit --help' for more info", super::prog());
         return 1;
     };
-    let rate = match a.rate.as_deref().map(parse_rate).transpose() {
+    let rate = match a.rate.as_deref().map(super::opts::parse_rate).transpose() {
         Ok(r) => r.filter(|&r| r > 0),
         Err(msg) => return super::fail(msg),
     };
@@ -98,26 +98,6 @@ pub async fn run(a: Args) -> u8 {
             0
         }
         Err(e) => super::fail(format!("Block job failed: {e}")),
-    }
-}
-
-/// qemu-img's `-r`: a size (suffixes allowed) between 0 and `i64::MAX`.
-fn parse_rate(s: &str) -> std::result::Result<u64, String> {
-    if let Some(rest) = s.strip_prefix('-') {
-        if qimg::size::parse_size(rest).is_ok() {
-            return Err(format!(
-                "Invalid rate limit specified. Must be between 0 and {}.",
-                i64::MAX
-            ));
-        }
-    }
-    match qimg::size::parse_size(s) {
-        Ok(n) if n <= i64::MAX as u64 => Ok(n),
-        Ok(_) => Err(format!(
-            "Invalid rate limit specified. Must be between 0 and {}.",
-            i64::MAX
-        )),
-        Err(_) => Err(format!("Invalid rate limit specified: '{s}'.")),
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Args {
         allow_hyphen_values = true
     )]
     parallel: String,
+    /// Rate limit: bytes of data copied per second (suffixes allowed; 0: no limit)
+    #[arg(short = 'r', long = "rate-limit", allow_hyphen_values = true)]
+    rate: Option<String>,
     /// Allow out-of-order writes
     #[arg(short = 'W', long = "oob-writes")]
     oob: bool,
@@ -195,6 +198,13 @@ async fn convert(a: &Args) -> Result<()> {
         total += img.size();
     }
     let parallel = parse_parallel(&a.parallel)?;
+    let rate = a
+        .rate
+        .as_deref()
+        .map(super::opts::parse_rate)
+        .transpose()
+        .map_err(Error::arg)?
+        .filter(|&r| r > 0);
     let sparse = a.sparse.as_deref().map_or(Ok(4096), parse_sparse)?;
     let format = Format::parse(&a.target_format)?;
     if a.compress && format != Format::Qcow2 {
@@ -291,6 +301,9 @@ async fn convert(a: &Args) -> Result<()> {
         next: AtomicU64::new(0),
         turn: tokio::sync::watch::channel(0).0,
         progress,
+        rate,
+        started: std::time::Instant::now(),
+        issued: AtomicU64::new(0),
     });
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..parallel {
@@ -332,6 +345,11 @@ struct Job {
     /// Index of the chunk whose writes may be issued (in-order mode).
     turn: tokio::sync::watch::Sender<u64>,
     progress: Progress,
+    /// `-r`: bytes of data per second.
+    rate: Option<u64>,
+    started: std::time::Instant,
+    /// Bytes of data read so far (what the rate limit counts, as qemu-img's).
+    issued: AtomicU64,
 }
 
 /// What a piece of a chunk needs.
@@ -355,6 +373,7 @@ impl Job {
             }
             let len = self.chunk.min(self.total - off);
             let pieces = self.read_chunk(off, len).await?;
+            self.pace(&pieces).await;
             if self.in_order {
                 let mut rx = self.turn.subscribe();
                 let _ = rx.wait_for(|&t| t >= i).await;
@@ -368,6 +387,23 @@ impl Job {
             let compressed = r?;
             futures_util::future::try_join_all(compressed).await?;
             self.progress.add(len);
+        }
+    }
+
+    /// Sleeps until the chunk's data fits the rate limit (`-r`).
+    async fn pace(&self, pieces: &[Piece]) {
+        let Some(rate) = self.rate else { return };
+        let n: u64 = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Data { buf, .. } => buf.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let issued = self.issued.fetch_add(n, Relaxed) + n;
+        let due = std::time::Duration::from_secs_f64(issued as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(wait).await;
         }
     }
 

@@ -214,6 +214,26 @@ pub async fn load_snapshot(img: &dyn BlockDevice, sn: &SnapshotParam) -> qimg::R
     }
 }
 
+/// qemu-img's `-r`: a size (suffixes allowed) between 0 and `i64::MAX`.
+pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let out_of_range = || {
+        format!(
+            "Invalid rate limit specified. Must be between 0 and {}.",
+            i64::MAX
+        )
+    };
+    if let Some(rest) = s.strip_prefix('-') {
+        if parse_opt_size(rest).is_ok() {
+            return Err(out_of_range());
+        }
+    }
+    match parse_opt_size(s) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(n),
+        Ok(_) | Err(true) => Err(out_of_range()),
+        Err(false) => Err(format!("Invalid rate limit specified: '{s}'.")),
+    }
+}
+
 /// A size option value as QEMU's option parser takes it (up to 2^64 - 1): `Err(true)` when it
 /// is a number out of that range, `Err(false)` when it is not a size at all.
 pub fn parse_opt_size(v: &str) -> Result<u64, bool> {
