@@ -366,6 +366,9 @@ pub struct OpenOptions {
     /// Opens the backing file this many layers down (1: the image's own backing file)
     /// read-write, for `commit`, which writes into it. The layers between stay read-only.
     pub writable_backing_depth: Option<usize>,
+    /// The format of the image's own backing file, instead of what the image names
+    /// (QEMU's `backing.driver=` runtime option).
+    pub backing_format: Option<Format>,
 }
 
 impl OpenOptions {
@@ -483,13 +486,14 @@ fn open_layer<'a>(
                         return Ok(());
                     };
                     let bpath = resolve_backing(path, &bname)?;
-                    let bformat = match img.backing_format() {
-                        Some(f) => Some(Format::parse(&f).map_err(|_| {
+                    let bformat = match (opts.backing_format, img.backing_format()) {
+                        (Some(f), _) => Some(f),
+                        (None, Some(f)) => Some(Format::parse(&f).map_err(|_| {
                             Error::unsupported(format!(
-                                "Unknown backing file format '{f}' of '{name}'"
+                                "Could not open backing file: Unknown driver '{f}'"
                             ))
                         })?),
-                        None => None,
+                        (None, None) => None,
                     };
                     opts.policy.check_backing(&name, &bpath, bformat, depth)?;
                     let writable = opts.writable_backing_depth == Some(depth + 1);
@@ -506,6 +510,7 @@ fn open_layer<'a>(
                         lock: opts.lock,
                         metadata_only: opts.metadata_only,
                         writable_backing_depth: opts.writable_backing_depth,
+                        backing_format: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

@@ -155,3 +155,31 @@ fn other_block_drivers_are_refused() {
         text(&o)
     );
 }
+
+/// A backing format qimg does not know: the image does not open (QEMU's message), unless
+/// `backing.driver=` names the format, as with QEMU.
+#[test]
+fn backing_driver_overrides_the_named_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, top) = setup(dir.path());
+    // Rename the backing format extension's payload "qcow2" to "foo".
+    let mut d = std::fs::read(&top).unwrap();
+    let ext = 0xE279_2ACAu32.to_be_bytes();
+    let at = d
+        .windows(4)
+        .position(|w| w == ext)
+        .expect("backing format extension");
+    d[at + 4..at + 8].copy_from_slice(&3u32.to_be_bytes());
+    d[at + 8..at + 16].copy_from_slice(b"foo\0\0\0\0\0");
+    std::fs::write(&top, &d).unwrap();
+    let (a, b) = both(&["map", "--output=json", &top]);
+    assert!(!a.status.success() && !b.status.success());
+    assert_eq!(
+        text(&a).replace("qimg:", "qemu-img:"),
+        text(&b),
+        "unknown backing format"
+    );
+    let opts = format!("driver=qcow2,file.filename={top},backing.driver=qcow2");
+    same(&["map", "--output=json", "--image-opts", &opts]);
+    same(&["compare", "--image-opts", &opts, &opts]);
+}

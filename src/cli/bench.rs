@@ -206,6 +206,7 @@ async fn open_file(
         },
         metadata_only: false,
         writable_backing_depth: None,
+        backing_format: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -181,6 +181,7 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             "backing" if v.is_empty() => spec.no_backing = true,
             "read-only" => spec.read_only = qimg::size::parse_bool(&k, &v)?,
             "file.locking" | "locking" => runtime.push(format!("locking={}", v.replace(',', ",,"))),
+            "backing.driver" => runtime.push(format!("backing.driver={v}")),
             k if k.starts_with("backing") || k.starts_with("file.") => {
                 return Err(Error::unsupported(format!("Option '{k}' is not supported")))
             }

@@ -44,11 +44,32 @@ pub fn parse_kv_list(s: &str) -> Vec<(String, String)> {
 /// (QEMU spells it `file.locking` below a format driver; both are taken). Unknown keys are
 /// refused with QEMU's message.
 pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
+    let (qcow2, locking, backing) = runtime_options_with_backing(lists)?;
+    if let Some(f) = backing {
+        return Err(qimg::Error::arg(format!(
+            "Option 'backing.driver={}' is not supported here",
+            f.name()
+        )));
+    }
+    Ok((qcow2, locking))
+}
+
+/// [`runtime_options`], and `backing.driver=FMT`: the backing file's format, instead of what
+/// the image names.
+pub fn runtime_options_with_backing(
+    lists: &[String],
+) -> Result<(Qcow2Options, Locking, Option<Format>)> {
     let mut qcow2 = Qcow2Options::default();
     let mut locking = Locking::default();
+    let mut backing = None;
     for list in lists {
         for (k, v) in parse_kv_list(list) {
-            if k == "locking" || k == "file.locking" {
+            if k == "backing.driver" {
+                backing = Some(
+                    Format::parse(&v)
+                        .map_err(|_| qimg::Error::unsupported(format!("Unknown driver '{v}'")))?,
+                );
+            } else if k == "locking" || k == "file.locking" {
                 locking = Locking::parse(&v)?;
             } else if !qcow2.set(&k, &v)? {
                 // Every runtime option taken here is the qcow2 driver's or the file's.
@@ -58,7 +79,7 @@ pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
             }
         }
     }
-    Ok((qcow2, locking))
+    Ok((qcow2, locking, backing))
 }
 
 /// Everything needed to open an image from the command line.
@@ -118,7 +139,7 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         .unwrap_or_default();
     let mut lists = spec.runtime.clone();
     lists.extend(a.runtime_opts.iter().cloned());
-    let (qcow2, locking) = runtime_options(&lists)?;
+    let (qcow2, locking, backing_format) = runtime_options_with_backing(&lists)?;
     let opts = OpenOptions {
         format,
         probe: format.is_none(),
@@ -133,6 +154,7 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         },
         metadata_only: a.metadata_only,
         aio: a.aio.map(parse_aio).transpose()?.unwrap_or_default(),
+        backing_format,
         ..Default::default()
     };
     Ok((spec.path, opts))

@@ -103,7 +103,8 @@ async fn serve(a: Args) -> Result<u8> {
         .transpose()?
         .unwrap_or_default();
     let discard = DiscardMode::parse(&a.discard)?;
-    let (mut qcow2, locking) = super::opts::runtime_options(&a.options)?;
+    let (mut qcow2, locking, backing_format) =
+        super::opts::runtime_options_with_backing(&a.options)?;
     if a.compress {
         qcow2.compress = Some(true);
     }
@@ -153,6 +154,7 @@ async fn serve(a: Args) -> Result<u8> {
         },
         metadata_only: false,
         writable_backing_depth: None,
+        backing_format,
     };
     let img = open_image(path, &opts).await?;
     super::opts::warn_if_probed_raw(&*img, &opts);
