@@ -267,3 +267,45 @@ fn amend_survives_power_loss() {
         let _ = &backing;
     }
 }
+
+/// `-p`: qemu-img's progress lines (0% before, 100% after), byte for byte on a pipe where
+/// qemu-img shows no steps in between (a downgrade shows its internal steps: there only the
+/// first and last lines are compared); `-q` silences them.
+#[test]
+fn progress_lines_as_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    for opts in ["lazy_refcounts=on", "compat=0.10"] {
+        qemu_create(&a, "", 1 << 20, &[]);
+        std::fs::copy(&a, &b).unwrap();
+        let ours = run(QIMG, &["amend", "-p", "-o", opts, a.to_str().unwrap()]);
+        let theirs = run(
+            "qemu-img",
+            &["amend", "-p", "-o", opts, b.to_str().unwrap()],
+        );
+        assert!(ours.status.success(), "{}", text(&ours));
+        if opts.starts_with("compat") {
+            let ends = |o: &[u8]| {
+                let t = String::from_utf8_lossy(o).to_string();
+                let parts: Vec<String> = t.split('\r').map(str::to_string).collect();
+                (
+                    parts[0].clone(),
+                    parts[parts.len() - 2].clone(),
+                    parts[parts.len() - 1].clone(),
+                )
+            };
+            assert_eq!(ends(&ours.stdout), ends(&theirs.stdout), "{opts}");
+        } else {
+            assert_eq!(ours.stdout, theirs.stdout, "{opts}");
+        }
+        let quiet = run(
+            QIMG,
+            &["amend", "-p", "-q", "-o", "compat=1.1", a.to_str().unwrap()],
+        );
+        assert!(
+            quiet.status.success() && quiet.stdout.is_empty(),
+            "{}",
+            text(&quiet)
+        );
+    }
+}

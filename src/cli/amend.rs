@@ -18,7 +18,7 @@ pub struct Args {
     /// Cache mode
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Show progress (the changes are quick: nothing is shown)
+    /// Show progress (qemu-img's start and end lines; no steps in between)
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet
@@ -151,7 +151,6 @@ pub async fn run(a: Args) -> u8 {
         Ok(c) => c,
         Err(msg) => return fail(msg),
     };
-    let _ = (a.progress, a.quiet);
     let args = ImageArgs {
         image_opts: a.image_opts,
         path: filename,
@@ -169,12 +168,18 @@ pub async fn run(a: Args) -> u8 {
         Ok(i) => i,
         Err(e) => return fail(format!("Could not open '{filename}': {e}")),
     };
+    // qemu-img prints 0% before and 100% after the changes, failed or not, and ends the
+    // progress output after any error message.
+    let progress = super::progress::Progress::new(a.progress && !a.quiet, 1);
     let r = amend(&args, &mut img, &changes).await;
     let closed = img.close().await;
-    match r.and(closed.map_err(|e| e.to_string())) {
+    progress.finish_before_message();
+    let code = match r.and(closed.map_err(|e| e.to_string())) {
         Ok(()) => 0,
         Err(msg) => fail(msg),
-    }
+    };
+    progress.end_after_message();
+    code
 }
 
 /// The changes in qemu-img's order: upgrade, refcount width, backing file, lazy refcounts, size,
