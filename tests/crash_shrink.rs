@@ -8,35 +8,12 @@
 mod common;
 
 use common::*;
-use qimg::block::CacheMode;
-use qimg::qcow2::{create, CreateOptions, Preallocation, Qcow2, Qcow2Options};
+use qimg::qcow2::{create, CreateOptions, Preallocation};
 use qimg::storage::crash::{CrashPolicy, CrashStorage};
 use qimg::storage::memory::MemoryStorage;
-use qimg::storage::StorageRef;
 use qimg::IoBuf;
 use std::path::Path;
 use std::sync::Arc;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn open_rw(storage: StorageRef) -> Option<Arc<Qcow2>> {
-    Qcow2::open(
-        storage,
-        "img.qcow2".into(),
-        &Qcow2Options::default(),
-        false,
-        CacheMode::Writeback,
-    )
-    .await
-    .ok()
-    .map(Arc::new)
-}
 
 fn prepared(rt: &tokio::runtime::Runtime, size: u64, cs: u64, refcount_bits: u32) -> MemoryStorage {
     rt.block_on(async {

@@ -11,36 +11,13 @@
 mod common;
 
 use common::*;
-use qimg::block::CacheMode;
 use qimg::qcow2::snapshot::SnapshotInfo;
-use qimg::qcow2::{create, CreateOptions, Preallocation, Qcow2, Qcow2Options};
+use qimg::qcow2::{create, CreateOptions, Preallocation, Qcow2};
 use qimg::storage::crash::{CrashPolicy, CrashStorage};
 use qimg::storage::memory::MemoryStorage;
-use qimg::storage::StorageRef;
 use qimg::IoBuf;
 use std::path::Path;
 use std::sync::Arc;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn open_rw(storage: StorageRef) -> Option<Arc<Qcow2>> {
-    Qcow2::open(
-        storage,
-        "img.qcow2".into(),
-        &Qcow2Options::default(),
-        false,
-        CacheMode::Writeback,
-    )
-    .await
-    .ok()
-    .map(Arc::new)
-}
 
 /// An image of `size` bytes in `cs`-byte clusters: data, a snapshot "old", more data.
 fn prepared(rt: &tokio::runtime::Runtime, size: u64, cs: u64, prealloc: bool) -> MemoryStorage {

@@ -172,3 +172,27 @@ pub fn check_after_crash(p: &Path, cs: u64) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A two-worker runtime, as the crash tests drive the engine.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Opens a qcow2 image read-write with default options; `None` if it does not open (after a
+/// simulated crash, say).
+pub async fn open_rw(storage: qimg::storage::StorageRef) -> Option<std::sync::Arc<qimg::Qcow2>> {
+    qimg::Qcow2::open(
+        storage,
+        "img.qcow2".into(),
+        &qimg::qcow2::Qcow2Options::default(),
+        false,
+        qimg::CacheMode::Writeback,
+    )
+    .await
+    .ok()
+    .map(std::sync::Arc::new)
+}
