@@ -16,7 +16,7 @@ use crate::nbd::commands::Conn;
 use crate::nbd::handshake::handshake;
 use crate::nbd::server::Tracker;
 use crate::nbd::transmission::{serve, Limits, RUNNING};
-use crate::nbd::{DiscardMode, Export, ExportConfig};
+use crate::nbd::{DetectZeroes, DiscardMode, Export, ExportConfig};
 use crate::qcow2::{create, CreateOptions, Qcow2, Qcow2Options};
 use crate::storage::memory::MemoryStorage;
 use crate::storage::StorageRef;
@@ -157,6 +157,13 @@ async fn session(knobs: u8, client: &[u8]) -> Option<String> {
             } else {
                 DiscardMode::Ignore
             },
+            allocation_depth: knobs & 8 != 0,
+            detect_zeroes: if knobs & 16 != 0 {
+                DetectZeroes::Unmap
+            } else {
+                DetectZeroes::Off
+            },
+            multi_conn: true,
             ..Default::default()
         },
     ));

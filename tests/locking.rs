@@ -152,6 +152,7 @@ fn holders(img: &Path) -> Vec<HolderFactory<'_>> {
             let port = free_port();
             let mut args = vec![
                 "serve".to_string(),
+                "-t".into(),
                 "-f".into(),
                 "qcow2".into(),
                 "--bind".into(),

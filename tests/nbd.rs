@@ -41,7 +41,8 @@ impl Served {
     /// Starts `qimg serve ARGS` on a free port (or the socket in ARGS) and waits until it listens.
     fn start(args: &[&str]) -> Served {
         let mut cmd = Command::new(QIMG);
-        cmd.arg("serve");
+        // Persistent and shared, as the tests use one server for several clients, some at once.
+        cmd.args(["serve", "--persistent", "--shared=16"]);
         if !args.contains(&"--socket") {
             cmd.args(["--bind", "127.0.0.1:0"]);
         }
@@ -288,7 +289,7 @@ fn convert_compare_and_map_match_qemu_nbd() {
     need("nbdinfo");
     let dir = tempfile::tempdir().unwrap();
     let top = chain(dir.path());
-    let srv = Served::start(&["-r", s(&top)]);
+    let srv = Served::start(&["-r", "-A", s(&top)]);
     let reference = QemuNbd::start(&top, &["-r", "-A"]);
     // Content.
     ok(

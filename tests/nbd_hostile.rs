@@ -84,7 +84,13 @@ struct Served {
 impl Served {
     fn start(args: &[&str]) -> Served {
         let mut child = Command::new(QIMG)
-            .args(["serve", "--bind", "127.0.0.1:0"])
+            .args(["serve", "-t", "--bind", "127.0.0.1:0"])
+            // Several clients at once unless the test says how many.
+            .args(if args.contains(&"--shared") {
+                &[][..]
+            } else {
+                &["--shared=16"][..]
+            })
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -594,7 +600,7 @@ fn img_path(dir: &Path, name: &str) -> String {
 fn structured_reads_holes_and_block_status() {
     let dir = tempfile::tempdir().unwrap();
     let img = img_path(dir.path(), "s.qcow2");
-    let mut srv = Served::start(&["--create", "64M", &img]);
+    let mut srv = Served::start(&["--create", "64M", "-A", &img]);
     let mut c = Client::open(
         &srv.addr,
         true,
@@ -776,7 +782,7 @@ fn invalid_requests_keep_the_connection() {
 fn option_haggling() {
     let dir = tempfile::tempdir().unwrap();
     let img = img_path(dir.path(), "h.qcow2");
-    let mut srv = Served::start(&["--create", "16M", "-D", "a test disk", &img]);
+    let mut srv = Served::start(&["--create", "16M", "-A", "-D", "a test disk", &img]);
     let mut s = connect(&srv.addr);
     greet(&mut s);
     s.write_all(&1u32.to_be_bytes()).unwrap(); // fixed newstyle, zeroes wanted
@@ -790,7 +796,7 @@ fn option_haggling() {
     // Errors the spec names, and haggling goes on.
     expect(&mut s, 0x1234, b"whatever", REP_ERR_UNSUP);
     expect(&mut s, OPT_STARTTLS, &[], REP_ERR_UNSUP);
-    expect(&mut s, OPT_EXTENDED_HEADERS, &[], REP_ERR_UNSUP);
+    expect(&mut s, OPT_EXTENDED_HEADERS, b"x", REP_ERR_INVALID);
     expect(&mut s, OPT_LIST, b"x", REP_ERR_INVALID);
     expect(&mut s, OPT_STRUCTURED_REPLY, b"x", REP_ERR_INVALID);
     expect(
@@ -1303,4 +1309,284 @@ fn session_fuzz_inputs_finish_in_bounded_time() {
         expected.len(),
         "a seed is missing from fuzz/corpus/session"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Extended headers (NBD_OPT_EXTENDED_HEADERS): 32-byte requests and replies, 64-bit lengths.
+
+const EXT_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+const EXT_REPLY_MAGIC: u32 = 0x6e8a_278c;
+const FLAG_PAYLOAD_LEN: u16 = 1 << 5;
+const TYPE_BLOCK_STATUS_EXT: u16 = 6;
+const TFLAG_BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
+
+/// One extended reply chunk.
+#[derive(Debug)]
+struct ExtChunk {
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    payload: Vec<u8>,
+}
+
+struct ExtClient {
+    s: TcpStream,
+    tflags: u16,
+    size: u64,
+    contexts: HashMap<u32, String>,
+    next_cookie: u64,
+}
+
+impl ExtClient {
+    fn open(addr: &str, contexts: &[&str]) -> ExtClient {
+        let mut s = connect(addr);
+        greet(&mut s);
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        send_option(&mut s, OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(option_replies(&mut s, OPT_EXTENDED_HEADERS)[0].0, REP_ACK);
+        // Extended headers imply structured replies: asking again for either is an error.
+        send_option(&mut s, OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(
+            option_replies(&mut s, OPT_STRUCTURED_REPLY)[0].0,
+            REP_ERR_INVALID
+        );
+        send_option(&mut s, OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(
+            option_replies(&mut s, OPT_EXTENDED_HEADERS)[0].0,
+            REP_ERR_INVALID
+        );
+        let mut ctx = HashMap::new();
+        send_option(&mut s, OPT_SET_META_CONTEXT, &meta_data("", contexts));
+        for (t, d) in option_replies(&mut s, OPT_SET_META_CONTEXT) {
+            if t == REP_META_CONTEXT {
+                ctx.insert(be32(&d[0..4]), String::from_utf8(d[4..].to_vec()).unwrap());
+            }
+        }
+        send_option(&mut s, OPT_GO, &info_data("", &[]));
+        let (mut size, mut tflags) = (0, 0);
+        for (t, d) in option_replies(&mut s, OPT_GO) {
+            if t == REP_INFO && be16(&d) == 0 {
+                size = be64(&d[2..10]);
+                tflags = be16(&d[10..12]);
+            }
+        }
+        ExtClient {
+            s,
+            tflags,
+            size,
+            contexts: ctx,
+            next_cookie: 1,
+        }
+    }
+
+    fn send(&mut self, flags: u16, cmd: u16, offset: u64, len: u64, payload: &[u8]) -> u64 {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let mut v = Vec::with_capacity(32 + payload.len());
+        v.extend_from_slice(&EXT_REQUEST_MAGIC.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&cmd.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(payload);
+        self.s.write_all(&v).unwrap();
+        cookie
+    }
+
+    fn recv(&mut self) -> ExtChunk {
+        let mut h = [0u8; 32];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(be32(&h[0..4]), EXT_REPLY_MAGIC, "only extended replies");
+        let len = be64(&h[24..32]);
+        assert!(len <= (32 << 20) + 8, "chunk of {len} bytes");
+        let mut payload = vec![0u8; len as usize];
+        self.s.read_exact(&mut payload).unwrap();
+        ExtChunk {
+            flags: be16(&h[4..6]),
+            kind: be16(&h[6..8]),
+            cookie: be64(&h[8..16]),
+            offset: be64(&h[16..24]),
+            payload,
+        }
+    }
+
+    /// The chunks answering one request (sent with `offset`); each echoes cookie and offset.
+    fn request(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> Vec<ExtChunk> {
+        let cookie = self.send(flags, cmd, offset, len, payload);
+        let mut out = Vec::new();
+        loop {
+            let c = self.recv();
+            assert_eq!(c.cookie, cookie);
+            assert_eq!(
+                c.offset, offset,
+                "the reply header echoes the request's offset"
+            );
+            let last = c.flags & 1 != 0;
+            out.push(c);
+            if last {
+                return out;
+            }
+        }
+    }
+
+    fn error_of(chunks: &[ExtChunk]) -> u32 {
+        chunks
+            .iter()
+            .find(|c| c.kind & 0x8000 != 0)
+            .map(|c| be32(&c.payload[0..4]))
+            .unwrap_or(0)
+    }
+
+    /// Block status: context name → 64-bit extents.
+    fn status(&mut self, c: Vec<ExtChunk>) -> BTreeMap<String, Vec<(u64, u64)>> {
+        let mut out = BTreeMap::new();
+        for ch in c {
+            assert_eq!(ch.kind, TYPE_BLOCK_STATUS_EXT, "64-bit block status only");
+            let p = &ch.payload;
+            let id = be32(&p[0..4]);
+            let count = be32(&p[4..8]) as usize;
+            assert_eq!(p.len(), 8 + 16 * count);
+            let ext = p[8..]
+                .chunks(16)
+                .map(|e| (be64(&e[0..8]), be64(&e[8..16])))
+                .collect();
+            out.insert(self.contexts[&id].clone(), ext);
+        }
+        out
+    }
+}
+
+#[test]
+fn extended_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = img_path(dir.path(), "x.qcow2");
+    let mut srv = Served::start(&["--create", "8G", "-A", "--discard=unmap", &img]);
+    let mut c = ExtClient::open(&srv.addr, &["base:allocation", "qemu:allocation-depth"]);
+    assert_eq!(c.size, 8 << 30);
+    assert_ne!(c.tflags & TFLAG_BLOCK_STAT_PAYLOAD, 0);
+    assert_eq!(c.contexts.len(), 2);
+
+    // Successes without data are NONE chunks (never simple replies).
+    let data = pattern(3, 65536);
+    let r = c.request(FLAG_FUA, CMD_WRITE, 1 << 20, data.len() as u64, &data);
+    assert_eq!(
+        (r.len(), r[0].kind, ExtClient::error_of(&r)),
+        (1, TYPE_NONE, 0)
+    );
+    let r = c.request(0, CMD_FLUSH, 0, 0, &[]);
+    assert_eq!((r.len(), r[0].kind), (1, TYPE_NONE));
+    // Reads: data chunks carry their offset in the payload, holes their 32-bit length.
+    let r = c.request(0, CMD_READ, (1 << 20) - 4096, 65536 + 8192, &[]);
+    let mut got = vec![0xeeu8; 65536 + 8192];
+    for ch in &r {
+        match ch.kind {
+            TYPE_DATA => {
+                let at = (be64(&ch.payload[0..8]) - ((1 << 20) - 4096)) as usize;
+                got[at..at + ch.payload.len() - 8].copy_from_slice(&ch.payload[8..]);
+            }
+            TYPE_HOLE => {
+                let at = (be64(&ch.payload[0..8]) - ((1 << 20) - 4096)) as usize;
+                let n = be32(&ch.payload[8..12]) as usize;
+                got[at..at + n].fill(0);
+            }
+            other => panic!("chunk type {other}"),
+        }
+    }
+    assert_eq!(&got[4096..4096 + 65536], &data[..]);
+    assert!(got[..4096].iter().all(|&b| b == 0) && got[4096 + 65536..].iter().all(|&b| b == 0));
+
+    // Lengths beyond 32 bits: write zeroes and trim of 5 GiB in one request.
+    let big = 5u64 << 30;
+    let r = c.request(0, CMD_WRITE_ZEROES, 2 << 30, big, &[]);
+    assert_eq!(ExtClient::error_of(&r), 0);
+    let r = c.request(0, CMD_TRIM, 2 << 30, big, &[]);
+    assert_eq!(ExtClient::error_of(&r), 0);
+    // Past the end is still refused.
+    let r = c.request(0, CMD_WRITE_ZEROES, 4 << 30, big, &[]);
+    assert_eq!(ExtClient::error_of(&r), ENOSPC);
+
+    // Block status over 6 GiB: answered for a prefix, in 64-bit descriptors, for both contexts.
+    let r = c.request(0, CMD_BLOCK_STATUS, 0, 6 << 30, &[]);
+    let st = c.status(r);
+    assert_eq!(st.len(), 2);
+    for (name, ext) in &st {
+        let total: u64 = ext.iter().map(|e| e.0).sum();
+        assert!(total > 0 && total <= 6 << 30, "{name}: {total}");
+        assert!(
+            ext.iter().all(|e| e.0 > 0 && e.1 >> 32 == 0),
+            "{name}: {ext:?}"
+        );
+    }
+    assert_eq!(
+        st["base:allocation"][0],
+        (1 << 20, 3),
+        "hole before the data"
+    );
+    assert_eq!(st["base:allocation"][1], (65536, 0), "the data");
+
+    // A block status payload selects contexts: only the one named answers.
+    let depth_id = *c
+        .contexts
+        .iter()
+        .find(|(_, n)| n.as_str() == "qemu:allocation-depth")
+        .unwrap()
+        .0;
+    let mut p = Vec::new();
+    p.extend_from_slice(&(2u64 << 20).to_be_bytes());
+    p.extend_from_slice(&depth_id.to_be_bytes());
+    let r = c.request(FLAG_PAYLOAD_LEN, CMD_BLOCK_STATUS, 0, p.len() as u64, &p);
+    let st = c.status(r);
+    assert_eq!(st.keys().collect::<Vec<_>>(), ["qemu:allocation-depth"]);
+    assert_eq!(st["qemu:allocation-depth"][0], (1 << 20, 0));
+    assert_eq!(st["qemu:allocation-depth"][1], (65536, 1));
+    // Payloads that name an unknown context, are malformed or too long: EINVAL, in sync.
+    let mut bad_id = p.clone();
+    bad_id[8..12].copy_from_slice(&77u32.to_be_bytes());
+    let too_long = vec![0u8; 8 + 4 * 4096];
+    for payload in [&bad_id[..], &p[..6], &p[..8], &too_long[..]] {
+        let r = c.request(
+            FLAG_PAYLOAD_LEN,
+            CMD_BLOCK_STATUS,
+            0,
+            payload.len() as u64,
+            payload,
+        );
+        assert_eq!(
+            ExtClient::error_of(&r),
+            EINVAL,
+            "payload of {}",
+            payload.len()
+        );
+    }
+    // The payload flag belongs to WRITE and BLOCK_STATUS only.
+    let r = c.request(FLAG_PAYLOAD_LEN, CMD_READ, 0, 4096, &[]);
+    assert_eq!(ExtClient::error_of(&r), EINVAL);
+    let r = c.request(FLAG_PAYLOAD_LEN, CMD_WRITE, 0, 4096, &data[..4096]);
+    assert_eq!(ExtClient::error_of(&r), 0);
+    // Oversized READ: refused; a WRITE payload beyond 4 GiB ends the connection.
+    let r = c.request(0, CMD_READ, 0, 64 << 20, &[]);
+    assert_ne!(ExtClient::error_of(&r), 0);
+    c.send(0, CMD_WRITE, 0, 1 << 40, &[]);
+    assert!(closed_by_server(&mut c.s));
+    srv.assert_serving();
+
+    // A compact request header on an extended connection breaks the framing: disconnected.
+    let mut c = ExtClient::open(&srv.addr, &["base:allocation"]);
+    let mut v = Vec::new();
+    v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    v.extend_from_slice(&[0u8; 28]);
+    c.s.write_all(&v).unwrap();
+    assert!(closed_by_server(&mut c.s));
+    srv.assert_serving();
+    assert!(srv.stop().success());
+    qemu_check_clean(Path::new(&img));
 }

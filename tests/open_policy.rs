@@ -101,7 +101,7 @@ fn an_nbd_client_cannot_turn_a_probed_raw_export_into_qcow2() {
     let hdr = dir.path().join("hdr.bin");
     std::fs::write(&hdr, hostile_header("/etc/hostname")).unwrap();
     let mut child = Command::new(QIMG)
-        .args(["serve", "--bind", "127.0.0.1:0", p.to_str().unwrap()])
+        .args(["serve", "-t", "--bind", "127.0.0.1:0", p.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -8,6 +8,7 @@ mod commit;
 mod compare;
 mod convert;
 mod create;
+mod daemon;
 mod dd;
 mod image_name;
 mod info;
@@ -54,8 +55,8 @@ enum Command {
     Resize(resize::Args),
     /// Run a simple I/O benchmark (qemu-img bench)
     Bench(bench::Args),
-    /// Export an image over NBD (like qemu-nbd) until SIGINT/SIGTERM
-    Serve(serve::Args),
+    /// Export an image over NBD (qemu-nbd's command line)
+    Serve(Box<serve::Args>),
     /// Copy images into a new one, converting the format, optionally compressed
     Convert(convert::Args),
     /// Change the backing file of an image, keeping what the guest reads
@@ -81,8 +82,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
-    if !matches!(cli.cmd, Command::Serve(_)) {
-        restore_sigpipe();
+    match &cli.cmd {
+        Command::Serve(a) if a.fork => {
+            if let Some(code) = daemon::fork() {
+                return ExitCode::from(code);
+            }
+        }
+        Command::Serve(_) => {}
+        _ => restore_sigpipe(),
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -105,7 +112,7 @@ pub fn main() -> ExitCode {
             Command::Io(a) => io::run(a).await,
             Command::Resize(a) => resize::run(a).await,
             Command::Bench(a) => bench::run(a).await,
-            Command::Serve(a) => serve::run(a).await,
+            Command::Serve(a) => serve::run(*a).await,
             Command::Convert(a) => convert::run(a).await,
             Command::Rebase(a) => rebase::run(a).await,
             Command::Commit(a) => commit::run(a).await,

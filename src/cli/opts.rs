@@ -292,6 +292,83 @@ pub fn parse_opt_size(v: &str) -> Result<u64, bool> {
     }
 }
 
+/// qemu-io's and qemu-nbd's `-s`: the image is opened read-only as the backing file of a new
+/// temporary qcow2 overlay, and every write goes to the overlay. The overlay lives in `$TMPDIR`
+/// (else `/var/tmp`, as QEMU's) and is unlinked as soon as it is open, so that nothing is left
+/// behind however the process ends.
+pub async fn open_temporary_overlay(
+    path: &str,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn BlockDevice>> {
+    use qimg::storage::file::{FileOptions, FileStorage};
+    let base_opts = OpenOptions {
+        read_only: true,
+        ..opts.clone()
+    };
+    let base = open_with(path, &base_opts).await?;
+    let (format, size) = (base.format(), base.size());
+    base.close().await?;
+    let abs = std::fs::canonicalize(path)
+        .map_err(|e| qimg::Error::io(format!("Could not open '{path}'"), e))?;
+
+    let dir = std::env::var_os("TMPDIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
+    let mut tmp = None;
+    for _ in 0..16 {
+        let p = dir.join(format!(
+            "qimg-snapshot.{}.{:08x}.qcow2",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+        {
+            Ok(_) => {
+                tmp = Some(p);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(qimg::Error::io(
+                    format!("Could not create temporary overlay in '{}'", dir.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    let tmp = tmp.ok_or_else(|| {
+        qimg::Error::arg(format!(
+            "Could not create temporary overlay in '{}'",
+            dir.display()
+        ))
+    })?;
+    let result = async {
+        let storage = FileStorage::create(&tmp, FileOptions::default())
+            .map_err(|e| qimg::Error::io("Could not create temporary overlay", e))?;
+        let o = qimg::qcow2::CreateOptions {
+            size,
+            backing_file: Some(abs.to_string_lossy().into_owned()),
+            backing_format: Some(format.name().to_string()),
+            ..Default::default()
+        };
+        qimg::qcow2::create(Arc::new(storage), &o).await?;
+        let overlay_opts = OpenOptions {
+            format: Some(Format::Qcow2),
+            probe: false,
+            read_only: false,
+            backing_format: None,
+            ..opts.clone()
+        };
+        open_image(&tmp, &overlay_opts).await
+    }
+    .await;
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,13 @@
-//! `qimg serve`: exports an image over NBD (qemu-nbd's job), until SIGINT or SIGTERM.
+//! `qimg serve`: exports an image over NBD with qemu-nbd's command line, until SIGINT or SIGTERM
+//! (or, without `-t`, until the last client leaves).
 //!
-//! Parsing, image creation/opening and printing only; the server is `qimg::nbd`. On a signal the
-//! server stops accepting, answers what it received, and the image is flushed and closed, so a
-//! stopped server leaves a clean image.
+//! Parsing, image creation/opening, daemonizing (`--fork`) and printing only; the server is
+//! `qimg::nbd`. On a signal the server stops accepting, answers what it received, and the image is
+//! flushed and closed, so a stopped server leaves a clean image.
 
 use super::fail;
-use qimg::block::{open_image, CacheMode, Format, OpenOptions};
-use qimg::nbd::{DiscardMode, Export, ExportConfig, Listen, Server, ServerConfig};
+use qimg::block::Format;
+use qimg::nbd::{DetectZeroes, DiscardMode, Export, ExportConfig, Listen, Server, ServerConfig};
 use qimg::qcow2::{create, CreateOptions};
 use qimg::size::{human_size, parse_size};
 use qimg::storage::file::{FileOptions, FileStorage};
@@ -38,7 +39,7 @@ pub struct Args {
     /// Export name [default: "" (the default export), also reachable as the file name]
     #[arg(short = 'x', long = "export-name")]
     export_name: Option<String>,
-    /// Export description shown to clients [default: the file name]
+    /// Export description shown to clients [default: none]
     #[arg(short = 'D', long = "description")]
     description: Option<String>,
     /// Export read-only
@@ -48,25 +49,79 @@ pub struct Args {
     /// snapshot.id=ID[,snapshot.name=NAME]
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
     load_snapshot: Option<String>,
-    /// Clients served at once (0: no limit); more wait until one leaves
-    #[arg(short = 'e', long = "shared", default_value_t = 16)]
+    /// Serve a temporary overlay of FILE: writes go to the overlay and are dropped at exit
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// Clients served at once (0: no limit); more wait until one leaves. Above 1, clients are
+    /// told they may use several connections at once (multi-conn)
+    #[arg(short = 'e', long = "shared", default_value_t = 1)]
     shared: usize,
-    /// Keep serving when clients disconnect (qemu-nbd's -t; qimg serve always does, until
-    /// SIGINT/SIGTERM)
+    /// Keep serving when the last client leaves (without it the server exits then, as qemu-nbd)
     #[arg(short = 't', long = "persistent")]
     persistent: bool,
+    /// Fork off the server and exit once it accepts connections (errors before that are
+    /// printed and make the exit status 1)
+    #[arg(long = "fork")]
+    pub fork: bool,
+    /// Write the server's process ID to this file once it listens (removed when it stops)
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// With --fork: keep the server's standard error (otherwise it goes to /dev/null once the
+    /// server runs, as with qemu-nbd). Connection logs: QIMG_LOG=info
+    #[arg(short = 'v', long = "verbose")]
+    verbose: bool,
     /// Host cache mode (writeback, writethrough, none, directsync, unsafe) [default: writeback]
     #[arg(long = "cache")]
     cache: Option<String>,
+    /// Bypass the host page cache: --cache=none
+    #[arg(short = 'n', long = "nocache", conflicts_with = "cache")]
+    nocache: bool,
     /// How file I/O is issued (threads, io_uring)
     #[arg(long = "aio")]
     aio: Option<String>,
     /// TRIM requests: ignore them, or unmap (discard) whole clusters
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
-    /// Runtime options (l2-cache-size=..., cache-clean-interval=..., pass-discard-request=...)
-    #[arg(short = 'o')]
+    /// Writes of zeros: write them (off), turn them into write-zeroes (on), or also deallocate
+    /// (unmap, needs --discard=unmap)
+    #[arg(long = "detect-zeroes", value_name = "MODE", default_value = "off")]
+    detect_zeroes: String,
+    /// Offer the qemu:allocation-depth metadata context (which layer of the chain holds data)
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// FILE is an option list (driver=qcow2,file.filename=NAME,...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// Runtime options (l2-cache-size=..., cache-clean-interval=..., pass-discard-request=...).
+    /// A plain number is qemu-nbd's -o OFFSET, which qimg refuses
+    #[arg(short = 'o', value_name = "OPTIONS|OFFSET")]
     options: Vec<String>,
+    /// qemu-nbd's offset into the image: not supported (refused)
+    #[arg(long = "offset", hide = true)]
+    offset: Option<String>,
+    /// qemu-nbd's persistent dirty bitmap export: not supported yet (refused)
+    #[arg(short = 'B', long = "bitmap", hide = true)]
+    bitmap: Vec<String>,
+    /// QEMU objects: not supported (refused)
+    #[arg(long = "object", hide = true)]
+    object: Vec<String>,
+    /// TLS: not supported yet (refused)
+    #[arg(long = "tls-creds", hide = true)]
+    tls_creds: Option<String>,
+    #[arg(long = "tls-authz", hide = true)]
+    tls_authz: Option<String>,
+    #[arg(long = "tls-hostname", hide = true)]
+    tls_hostname: Option<String>,
+    /// The kernel NBD client (qemu-nbd -c/-d): not supported (refused)
+    #[arg(short = 'c', long = "connect", hide = true)]
+    connect: Option<String>,
+    #[arg(short = 'd', long = "disconnect", hide = true)]
+    disconnect: bool,
+    /// QEMU's tracing: not supported (refused)
+    #[arg(short = 'T', long = "trace", hide = true)]
+    trace: Option<String>,
+    #[arg(long = "selinux-label", hide = true)]
+    selinux_label: Option<String>,
     /// Create the image with this virtual size if FILE does not exist (qcow2, or raw with -f raw)
     #[arg(long = "create", value_name = "SIZE")]
     create: Option<String>,
@@ -77,45 +132,109 @@ pub struct Args {
     /// Seconds a client gets to finish the NBD handshake
     #[arg(long = "handshake-limit", value_name = "SECONDS", default_value_t = 10)]
     handshake_limit: u64,
+    /// List the exports of the NBD server at -k SOCKET or -b/-p instead of serving
+    #[arg(short = 'L', long = "list")]
+    list: bool,
     /// Image file
-    filename: String,
+    filename: Option<String>,
 }
 
 pub async fn run(a: Args) -> u8 {
-    match serve(a).await {
+    let pid_file = a.pid_file.clone();
+    let code = match serve(a).await {
         Ok(code) => code,
         Err(e) => fail(e),
+    };
+    if let Some(p) = pid_file {
+        // Only our own: a failed start must not remove another server's file.
+        if std::fs::read_to_string(&p).is_ok_and(|s| s.trim() == std::process::id().to_string()) {
+            let _ = std::fs::remove_file(p);
+        }
     }
+    code
+}
+
+/// qemu-nbd options qimg does not implement: refused by name, never ignored.
+fn refuse_unsupported(a: &Args) -> Result<()> {
+    let refuse = |what: &str| Err(Error::unsupported(what.to_string()));
+    if a.offset.is_some() || a.options.iter().any(|o| is_offset(o)) {
+        return refuse("-o/--offset (exporting part of an image) is not supported");
+    }
+    if !a.bitmap.is_empty() {
+        return refuse("-B/--bitmap: exporting dirty bitmaps is not supported yet");
+    }
+    if !a.object.is_empty() {
+        return refuse("--object is not supported by qimg serve");
+    }
+    if a.tls_creds.is_some() || a.tls_authz.is_some() || a.tls_hostname.is_some() {
+        return refuse("TLS (--tls-creds, --tls-authz, --tls-hostname) is not supported yet");
+    }
+    if a.connect.is_some() || a.disconnect {
+        return refuse(
+            "-c/-d: the kernel NBD client is not supported; serve on a socket (-k) and \
+             connect it with nbd-client",
+        );
+    }
+    if a.trace.is_some() {
+        return refuse("-T/--trace: QEMU's trace events are not supported (QIMG_LOG=debug logs)");
+    }
+    if a.selinux_label.is_some() {
+        return refuse("--selinux-label is not supported");
+    }
+    Ok(())
+}
+
+/// qemu-nbd's `-o` takes a number (an offset); qimg's takes runtime options, which never are.
+fn is_offset(o: &str) -> bool {
+    let o = o.trim();
+    let digits = o
+        .strip_prefix("0x")
+        .or_else(|| o.strip_prefix("0X"))
+        .unwrap_or(o);
+    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_hexdigit()) && !o.contains('=')
 }
 
 async fn serve(a: Args) -> Result<u8> {
-    let format = a.format.as_deref().map(Format::parse).transpose()?;
-    let cache = a
-        .cache
-        .as_deref()
-        .map(CacheMode::parse)
-        .transpose()?
-        .unwrap_or_default();
-    let aio = a
-        .aio
-        .as_deref()
-        .map(super::opts::parse_aio)
-        .transpose()?
-        .unwrap_or_default();
+    refuse_unsupported(&a)?;
+    if a.list {
+        if a.filename.is_some() {
+            return Err(Error::arg("List mode is incompatible with a file name"));
+        }
+        return list(&a).await;
+    }
+    let Some(filename) = a.filename.clone() else {
+        return Err(Error::arg(format!(
+            "Invalid number of arguments\nTry `{} --help' for more information.",
+            super::prog()
+        )));
+    };
+    let cache = if a.nocache {
+        Some("none")
+    } else {
+        a.cache.as_deref()
+    };
     let discard = DiscardMode::parse(&a.discard)?;
-    let (mut qcow2, locking, backing_format) =
-        super::opts::runtime_options_with_backing(&a.options)?;
-    if a.compress {
-        qcow2.compress = Some(true);
+    let detect_zeroes = DetectZeroes::parse(&a.detect_zeroes)?;
+    if detect_zeroes == DetectZeroes::Unmap && discard != DiscardMode::Unmap {
+        return Err(Error::arg(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation \
+             to unmap",
+        ));
     }
     let listen = match &a.socket {
         Some(p) => Listen::Unix(p.clone()),
         None => Listen::Tcp(parse_bind(a.bind.as_deref(), a.port).await?),
     };
 
-    let path = Path::new(&a.filename);
     if let Some(size) = &a.create {
+        let path = Path::new(&filename);
+        if a.image_opts {
+            return Err(Error::arg(
+                "--create and --image-opts are mutually exclusive",
+            ));
+        }
         if !path.exists() {
+            let format = a.format.as_deref().map(Format::parse).transpose()?;
             let size = parse_size(size).map_err(|_| {
                 Error::arg(format!(
                     "Invalid size '{size}' for --create (k, M, G, T suffixes)"
@@ -124,7 +243,7 @@ async fn serve(a: Args) -> Result<u8> {
             create_image(path, format.unwrap_or(Format::Qcow2), size).await?;
             eprintln!(
                 "Created '{}' ({}, {})",
-                a.filename,
+                filename,
                 format.unwrap_or(Format::Qcow2).name(),
                 human_size(size)
             );
@@ -136,28 +255,33 @@ async fn serve(a: Args) -> Result<u8> {
         .as_deref()
         .map(super::opts::parse_snapshot_param)
         .transpose()?;
+    if snapshot.is_some() && a.snapshot {
+        return Err(Error::arg("-s and -l are mutually exclusive"));
+    }
     // A snapshot is exported read-only (qemu-nbd's rule).
     let read_only = a.read_only || snapshot.is_some();
-    let opts = OpenOptions {
-        format,
-        probe: format.is_none(),
-        policy: Default::default(),
+    let image_args = super::opts::ImageArgs {
+        path: &filename,
+        format: a.format.as_deref(),
         read_only,
         cache,
-        qcow2,
+        runtime_opts: &a.options,
         no_backing: false,
-        aio,
         batch: false,
-        lock: qimg::block::LockOptions {
-            locking,
-            force_share: false,
-        },
+        force_share: false,
         metadata_only: false,
-        writable_backing_depth: None,
-        backing_format,
+        aio: a.aio.as_deref(),
+        image_opts: a.image_opts,
     };
-    let img = open_image(path, &opts).await?;
-    super::opts::warn_if_probed_raw(&*img, &opts);
+    let (path, mut opts) = super::opts::open_options(&image_args)?;
+    if a.compress {
+        opts.qcow2.compress = Some(true);
+    }
+    let img = if a.snapshot {
+        super::opts::open_temporary_overlay(&path, &opts).await?
+    } else {
+        super::opts::open_with(&path, &opts).await?
+    };
     if let Some(sn) = &snapshot {
         if let Err(e) = super::opts::load_snapshot(&*img, sn).await {
             let _ = img.close().await;
@@ -168,9 +292,9 @@ async fn serve(a: Args) -> Result<u8> {
     let (name, aliases) = match &a.export_name {
         Some(n) => (n.clone(), Vec::new()),
         None => {
-            let mut aliases = vec![a.filename.clone()];
-            if let Some(base) = path.file_name().and_then(|b| b.to_str()) {
-                if base != a.filename {
+            let mut aliases = vec![path.clone()];
+            if let Some(base) = Path::new(&path).file_name().and_then(|b| b.to_str()) {
+                if base != path {
                     aliases.push(base.to_string());
                 }
             }
@@ -182,15 +306,19 @@ async fn serve(a: Args) -> Result<u8> {
         ExportConfig {
             name: name.clone(),
             aliases,
-            description: a.description.clone().unwrap_or_else(|| a.filename.clone()),
+            description: a.description.clone().unwrap_or_default(),
             read_only,
             discard,
-            cache,
+            cache: opts.cache,
+            detect_zeroes,
+            allocation_depth: a.allocation_depth,
+            multi_conn: a.shared != 1,
         },
     ));
     let cfg = ServerConfig {
         shared: a.shared,
         handshake_timeout: Duration::from_secs(a.handshake_limit.max(1)),
+        persistent: a.persistent,
         ..ServerConfig::default()
     };
     let server = match Server::bind(&listen, export, cfg).await {
@@ -202,25 +330,96 @@ async fn serve(a: Args) -> Result<u8> {
     };
     // Signal handlers first: a client may stop us as soon as it has read the address.
     let shutdown = shutdown_signal()?;
+    if let Some(p) = &a.pid_file {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            let _ = img.close().await;
+            return Err(Error::io(
+                format!("Failed to write pid file '{}'", p.display()),
+                e,
+            ));
+        }
+    }
 
-    let uri = server.local_addr().uri(&name);
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{uri}");
-    let _ = writeln!(
-        out,
-        "Serving '{}' ({}, {}{}) at {uri}; stop with Ctrl-C or SIGTERM. Connect with:",
-        a.filename,
-        img.format().name(),
-        human_size(img.size()),
-        if read_only { ", read-only" } else { "" },
-    );
-    let _ = writeln!(out, "  qemu-img info {uri}");
-    let _ = out.flush();
-    drop(out);
+    if a.fork {
+        super::daemon::ready(a.verbose);
+    } else {
+        let uri = server.local_addr().uri(&name);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{uri}");
+        let _ = writeln!(
+            out,
+            "Serving '{}' ({}, {}{}) at {uri}; stop with Ctrl-C or SIGTERM{}. Connect with:",
+            path,
+            img.format().name(),
+            human_size(img.size()),
+            if read_only { ", read-only" } else { "" },
+            if a.persistent {
+                ""
+            } else {
+                " (ends when the last client leaves: -t keeps serving)"
+            },
+        );
+        let _ = writeln!(out, "  qemu-img info {uri}");
+        let _ = out.flush();
+    }
 
     let report = server.run(shutdown).await;
     tracing::info!("nbd: served {} connection(s)", report.connections);
     img.close().await?;
+    Ok(0)
+}
+
+/// `--list`: what the server at `-k` or `-b`/`-p` exports, printed as `qemu-nbd --list` does.
+async fn list(a: &Args) -> Result<u8> {
+    use qimg::nbd::client::{flag_names, list_exports};
+    let (listing, target) = match &a.socket {
+        Some(p) => {
+            let mut s = tokio::net::UnixStream::connect(p)
+                .await
+                .map_err(|e| Error::io(format!("Failed to connect to '{}'", p.display()), e))?;
+            (list_exports(&mut s).await, p.display().to_string())
+        }
+        None => {
+            let addr = parse_bind(a.bind.as_deref(), a.port).await?;
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| Error::io(format!("Failed to connect to '{addr}'"), e))?;
+            (list_exports(&mut s).await, addr.to_string())
+        }
+    };
+    let listing =
+        listing.map_err(|e| Error::io(format!("Failed to list exports of '{target}'"), e))?;
+    let mut out = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "exports available: {}", listing.exports.len());
+    for e in &listing.exports {
+        let _ = writeln!(out, " export: '{}'", e.name);
+        if !e.description.is_empty() {
+            let _ = writeln!(out, "  description: {}", e.description);
+        }
+        if let Some((size, flags)) = e.size_flags {
+            let _ = writeln!(out, "  size:  {size}");
+            let names: String = flag_names(flags).iter().map(|n| format!(" {n}")).collect();
+            let _ = writeln!(out, "  flags: {flags:#x} ({names} )");
+        }
+        if let Some((min, opt, max)) = e.block_sizes {
+            let _ = writeln!(out, "  min block: {min}");
+            let _ = writeln!(out, "  opt block: {opt}");
+            let _ = writeln!(out, "  max block: {max}");
+        }
+        let _ = writeln!(
+            out,
+            "  transaction size: {}",
+            if listing.extended { "64-bit" } else { "32-bit" }
+        );
+        if !e.contexts.is_empty() {
+            let _ = writeln!(out, "  available meta contexts: {}", e.contexts.len());
+            for c in &e.contexts {
+                let _ = writeln!(out, "   {c}");
+            }
+        }
+    }
+    print!("{out}");
     Ok(0)
 }
 

@@ -10,7 +10,7 @@
 //! memory), and the scan stops at the first non-zero word of real data, so it costs little and
 //! saves the network and the client most of the work on sparse reads.
 
-use super::export::{DiscardMode, Export};
+use super::export::{DetectZeroes, DiscardMode, Export};
 use super::handshake::Negotiated;
 use super::proto::*;
 use super::status::{self, Context};
@@ -26,8 +26,8 @@ const CACHE_LOOKUPS: usize = 64;
 
 /// Bytes to put on the wire, in order.
 pub enum Part {
-    /// A header of at most 32 bytes, kept inline.
-    Small([u8; 32], u8),
+    /// A header (with a small fixed payload) of at most [`SMALL_REPLY_MAX`] bytes, kept inline.
+    Small([u8; SMALL_REPLY_MAX], u8),
     Bytes(Vec<u8>),
     /// `[start, end)` of the reply's data buffer.
     Data(usize, usize),
@@ -35,8 +35,8 @@ pub enum Part {
 
 impl Part {
     fn small(b: &[u8]) -> Part {
-        let mut a = [0u8; 32];
-        let n = b.len().min(32);
+        let mut a = [0u8; SMALL_REPLY_MAX];
+        let n = b.len().min(SMALL_REPLY_MAX);
         a[..n].copy_from_slice(&b[..n]);
         Part::Small(a, n as u8)
     }
@@ -114,6 +114,13 @@ impl Conn {
     pub fn check(&self, req: &Request) -> Result<(), Refusal> {
         let structured = self.neg.structured;
         let name = command_name(req.cmd);
+        if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 && req.cmd == CMD_BLOCK_STATUS {
+            // The request loop turns these into plain requests before checking them.
+            return Err(Refusal::new(
+                NbdError::Inval,
+                "unexpected block status payload",
+            ));
+        }
         if !matches!(
             req.cmd,
             CMD_READ
@@ -129,7 +136,7 @@ impl Conn {
                 format!("unknown command {}", req.cmd),
             ));
         }
-        let bad_flags = req.flags & !allowed_flags(req.cmd, structured);
+        let bad_flags = req.flags & !allowed_flags(req.cmd, structured, self.neg.extended);
         if bad_flags != 0 {
             return Err(Refusal::new(
                 NbdError::Inval,
@@ -143,7 +150,7 @@ impl Conn {
         if req.cmd == CMD_FLUSH {
             return Ok(());
         }
-        if req.len > MAX_PAYLOAD && matches!(req.cmd, CMD_READ | CMD_WRITE) {
+        if req.len > MAX_PAYLOAD as u64 && matches!(req.cmd, CMD_READ | CMD_WRITE) {
             let err = if req.cmd == CMD_READ && structured {
                 NbdError::Overflow
             } else {
@@ -171,7 +178,7 @@ impl Conn {
         let size = self.export.size();
         let inside = req
             .offset
-            .checked_add(req.len as u64)
+            .checked_add(req.len)
             .is_some_and(|end| end <= size);
         if !inside {
             let err = if matches!(req.cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -202,14 +209,63 @@ impl Conn {
             r.msg
         );
         if self.neg.structured {
-            Reply::one(Part::Bytes(error_chunk(req.cookie, r.err, &r.msg)))
+            Reply::one(Part::Bytes(error_chunk(self.to(req), r.err, &r.msg)))
         } else {
             Reply::one(Part::small(&simple_reply(req.cookie, r.err.code())))
         }
     }
 
-    fn ok_reply(req: &Request) -> Reply {
-        Reply::one(Part::small(&simple_reply(req.cookie, 0)))
+    /// A success without data: a simple reply, or with extended headers (which have none) a
+    /// final `NONE` chunk.
+    fn ok_reply(&self, req: &Request) -> Reply {
+        if self.neg.extended {
+            Reply::one(Part::small(none_chunk(self.to(req)).as_bytes()))
+        } else {
+            Reply::one(Part::small(&simple_reply(req.cookie, 0)))
+        }
+    }
+
+    /// Whom a structured reply chunk answers, in the negotiated header style.
+    fn to(&self, req: &Request) -> ReplyTo {
+        ReplyTo {
+            cookie: req.cookie,
+            offset: req.offset,
+            extended: self.neg.extended,
+        }
+    }
+
+    /// Turns an extended-header BLOCK_STATUS request with a payload (the effect length, then the
+    /// ids of the contexts to answer for) into a plain request and its context filter.
+    pub fn status_payload(
+        &self,
+        req: &Request,
+        payload: &[u8],
+    ) -> Result<(Request, Vec<u32>), Refusal> {
+        let bad = |m: &str| Refusal::new(NbdError::Inval, m.to_string());
+        if payload.len() < 8 || (payload.len() - 8) % 4 != 0 {
+            return Err(bad("malformed block status payload"));
+        }
+        let mut c = Cursor::new(payload);
+        let effect = c.u64().map_err(|e| bad(&e.to_string()))?;
+        let mut ids = Vec::new();
+        while c.remaining() > 0 {
+            let id = c.u32().map_err(|e| bad(&e.to_string()))?;
+            if !self.neg.contexts.iter().any(|(i, _)| *i == id) {
+                return Err(bad(&format!("metadata context {id} was not negotiated")));
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() {
+            return Err(bad("block status payload selects no context"));
+        }
+        let plain = Request {
+            flags: req.flags & !CMD_FLAG_PAYLOAD_LEN,
+            len: effect,
+            ..*req
+        };
+        Ok((plain, ids))
     }
 
     /// Runs a checked request. `buf` is the data of a WRITE, or for a READ a buffer of the
@@ -217,7 +273,7 @@ impl Conn {
     pub async fn execute(&self, req: Request, buf: Option<IoBufMut>) -> Reply {
         let r = match req.cmd {
             CMD_READ => return self.read(&req, buf).await,
-            CMD_BLOCK_STATUS => return self.block_status(&req).await,
+            CMD_BLOCK_STATUS => return self.block_status(&req, None).await,
             CMD_WRITE => self.write(&req, buf).await,
             CMD_WRITE_ZEROES => self.write_zeroes(&req).await,
             CMD_TRIM => self.trim(&req).await,
@@ -226,7 +282,7 @@ impl Conn {
             _ => Err(Refusal::new(NbdError::Inval, "unknown command")),
         };
         match r {
-            Ok(()) => Self::ok_reply(&req),
+            Ok(()) => self.ok_reply(&req),
             Err(refusal) => self.error_reply(&req, &refusal),
         }
     }
@@ -247,6 +303,19 @@ impl Conn {
         let data = payload
             .ok_or_else(|| Refusal::new(NbdError::Inval, "write without data"))?
             .freeze();
+        if self.export.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
+            let flags = ZeroFlags {
+                may_unmap: self.export.detect_zeroes == DetectZeroes::Unmap
+                    && self.export.discard == DiscardMode::Unmap,
+                fast_only: false,
+            };
+            self.export
+                .img
+                .write_zeroes(req.offset, req.len, flags)
+                .await
+                .map_err(|e| engine_error(&e))?;
+            return self.fua(req).await;
+        }
         self.export
             .img
             .write(req.offset, data)
@@ -265,7 +334,7 @@ impl Conn {
         match self
             .export
             .img
-            .write_zeroes(req.offset, req.len as u64, flags)
+            .write_zeroes(req.offset, req.len, flags)
             .await
         {
             Ok(()) => self.fua(req).await,
@@ -280,7 +349,7 @@ impl Conn {
         }
         self.export
             .img
-            .discard(req.offset, req.len as u64)
+            .discard(req.offset, req.len)
             .await
             .map_err(|e| engine_error(&e))?;
         self.fua(req).await
@@ -289,7 +358,7 @@ impl Conn {
     /// Loads the metadata of the range (a prefetch hint: data is not read).
     async fn cache(&self, req: &Request) -> Result<(), Refusal> {
         let img = &self.export.img;
-        let end = req.offset + req.len as u64;
+        let end = req.offset + req.len;
         let mut pos = req.offset;
         for _ in 0..CACHE_LOOKUPS {
             if pos >= end {
@@ -323,7 +392,7 @@ impl Conn {
             };
         }
         if len == 0 {
-            return Reply::one(Part::small(&none_chunk(req.cookie)));
+            return Reply::one(Part::small(none_chunk(self.to(req)).as_bytes()));
         }
         let df = req.flags & CMD_FLAG_DF != 0;
         let runs = if df {
@@ -341,19 +410,13 @@ impl Conn {
             let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
             let off = req.offset + run.start as u64;
             if run.zero {
-                parts.push(Part::small(&offset_hole(
-                    flags,
-                    req.cookie,
-                    off,
-                    run.len as u32,
-                )));
+                parts.push(Part::small(
+                    offset_hole(self.to(req), flags, off, run.len as u32).as_bytes(),
+                ));
             } else {
-                parts.push(Part::small(&offset_data_header(
-                    flags,
-                    req.cookie,
-                    off,
-                    run.len as u32,
-                )));
+                parts.push(Part::small(
+                    offset_data_header(self.to(req), flags, off, run.len as u32).as_bytes(),
+                ));
                 parts.push(Part::Data(run.start, run.start + run.len));
             }
         }
@@ -363,25 +426,34 @@ impl Conn {
         }
     }
 
-    async fn block_status(&self, req: &Request) -> Reply {
-        let contexts: Vec<Context> = self.neg.contexts.iter().map(|(_, c)| *c).collect();
-        let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-        let lists = match status::extents(&self.export.img, &contexts, req.offset, req.len, req_one)
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => return self.error_reply(req, &engine_error(&e)),
-        };
-        let n = lists.len();
-        let parts = self
+    /// Block status in every negotiated context, or (`only`) in the contexts of these ids.
+    pub async fn block_status(&self, req: &Request, only: Option<&[u32]>) -> Reply {
+        let chosen: Vec<(u32, Context)> = self
             .neg
             .contexts
+            .iter()
+            .filter(|(id, _)| only.is_none_or(|ids| ids.contains(id)))
+            .copied()
+            .collect();
+        let contexts: Vec<Context> = chosen.iter().map(|(_, c)| *c).collect();
+        let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        // Lengths beyond 32 bits (extended headers) are answered for a prefix, as the spec
+        // allows: the client asks again for the rest.
+        let len = req.len.min(u32::MAX as u64) as u32;
+        let lists =
+            match status::extents(&self.export.img, &contexts, req.offset, len, req_one).await {
+                Ok(l) => l,
+                Err(e) => return self.error_reply(req, &engine_error(&e)),
+            };
+        let n = lists.len();
+        let to = self.to(req);
+        let parts = chosen
             .iter()
             .zip(lists)
             .enumerate()
             .map(|(i, ((id, _), extents))| {
                 let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-                Part::Bytes(block_status_chunk(flags, req.cookie, *id, &extents))
+                Part::Bytes(block_status_chunk(to, flags, *id, &extents))
             })
             .collect();
         Reply { parts, buf: None }

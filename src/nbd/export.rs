@@ -4,7 +4,9 @@
 //! Kept apart from the protocol code so that the promises are in one place: every flag set here
 //! must be honoured by `commands.rs`, and nothing there may rely on a flag not set here.
 
+use super::handshake::Negotiated;
 use super::proto::*;
+use super::status::Context;
 use crate::block::{BlockDevice, CacheMode};
 use std::sync::Arc;
 
@@ -30,6 +32,31 @@ impl DiscardMode {
     }
 }
 
+/// What the server does with writes of zeros (qemu-nbd's `--detect-zeroes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Writes are written as they come.
+    #[default]
+    Off,
+    /// A write whose data is all zeros becomes a write-zeroes request.
+    On,
+    /// As `On`, and the zeroed range may be deallocated (with `--discard=unmap` only).
+    Unmap,
+}
+
+impl DetectZeroes {
+    pub fn parse(s: &str) -> crate::Result<DetectZeroes> {
+        match s {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            other => Err(crate::Error::arg(format!(
+                "invalid detect-zeroes mode '{other}' (expected off, on or unmap)"
+            ))),
+        }
+    }
+}
+
 /// How to export an image.
 #[derive(Clone, Debug, Default)]
 pub struct ExportConfig {
@@ -44,6 +71,11 @@ pub struct ExportConfig {
     pub discard: DiscardMode,
     /// The cache mode the image was opened with (decides what FUA costs).
     pub cache: CacheMode,
+    pub detect_zeroes: DetectZeroes,
+    /// Offer the `qemu:allocation-depth` context (qemu-nbd's `-A`).
+    pub allocation_depth: bool,
+    /// Advertise that several connections may be used at once (`NBD_FLAG_CAN_MULTI_CONN`).
+    pub multi_conn: bool,
 }
 
 /// An image being served.
@@ -56,6 +88,9 @@ pub struct Export {
     pub discard: DiscardMode,
     /// Every completed write is already durable (writethrough modes): FUA needs no flush.
     pub writethrough: bool,
+    pub detect_zeroes: DetectZeroes,
+    pub allocation_depth: bool,
+    pub multi_conn: bool,
 }
 
 /// Minimum block size: any byte is addressable (the engine does read-modify-write).
@@ -73,6 +108,9 @@ impl Export {
             description: cfg.description,
             discard: cfg.discard,
             writethrough: cfg.cache.writethrough(),
+            detect_zeroes: cfg.detect_zeroes,
+            allocation_depth: cfg.allocation_depth,
+            multi_conn: cfg.multi_conn,
         }
     }
 
@@ -85,17 +123,29 @@ impl Export {
         self.img.size()
     }
 
-    /// Transmission flags. Multi-conn is always safe: every connection of this server uses the
-    /// same image handle in the same process, so a FLUSH (or FUA) on one connection makes the
-    /// writes completed on all connections durable and visible.
-    pub fn transmission_flags(&self, structured: bool) -> u16 {
-        let mut f = FLAG_HAS_FLAGS
-            | FLAG_SEND_FLUSH
-            | FLAG_SEND_FUA
-            | FLAG_SEND_CACHE
-            | FLAG_CAN_MULTI_CONN;
+    /// Whether the export offers metadata context `c`.
+    pub fn offers(&self, c: Context) -> bool {
+        match c {
+            Context::Allocation => true,
+            Context::Depth => self.allocation_depth,
+        }
+    }
+
+    /// Transmission flags. Multi-conn is always safe when it is offered: every connection of this
+    /// server uses the same image handle in the same process, so a FLUSH (or FUA) on one
+    /// connection makes the writes completed on all connections durable and visible. It is
+    /// offered only where a second connection can be served at once (qemu-nbd's rule).
+    pub fn transmission_flags(&self, neg: &Negotiated) -> u16 {
+        let structured = neg.structured;
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
+        if self.multi_conn {
+            f |= FLAG_CAN_MULTI_CONN;
+        }
         if structured {
             f |= FLAG_SEND_DF;
+        }
+        if neg.extended {
+            f |= FLAG_BLOCK_STAT_PAYLOAD;
         }
         if self.read_only {
             f |= FLAG_READ_ONLY;

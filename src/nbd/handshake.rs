@@ -22,7 +22,10 @@ pub const MAX_OPTIONS: usize = 4096;
 /// What the client and the server agreed on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Negotiated {
+    /// Structured replies (also set with extended headers, which imply them).
     pub structured: bool,
+    /// Extended headers: 32-byte requests and replies, 64-bit lengths.
+    pub extended: bool,
     /// Selected metadata contexts with the ids given to the client.
     pub contexts: Vec<(u32, Context)>,
 }
@@ -136,7 +139,7 @@ where
                 }
                 let mut b = Vec::with_capacity(134);
                 b.extend_from_slice(&export.size().to_be_bytes());
-                b.extend_from_slice(&export.transmission_flags(h.neg.structured).to_be_bytes());
+                b.extend_from_slice(&export.transmission_flags(&h.neg).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -160,6 +163,7 @@ fn is_known(opt: u32) -> bool {
             | OPT_INFO
             | OPT_GO
             | OPT_STRUCTURED_REPLY
+            | OPT_EXTENDED_HEADERS
             | OPT_LIST_META_CONTEXT
             | OPT_SET_META_CONTEXT
     )
@@ -237,7 +241,25 @@ impl Haggle<'_> {
                         REP_ERR_INVALID,
                         "NBD_OPT_STRUCTURED_REPLY takes no data",
                     );
+                } else if self.neg.extended {
+                    self.error(opt, REP_ERR_INVALID, "extended headers already negotiated");
                 } else {
+                    self.neg.structured = true;
+                    self.reply(opt, REP_ACK, &[]);
+                }
+                Step::Continue
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    self.error(
+                        opt,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    );
+                } else if self.neg.extended {
+                    self.error(opt, REP_ERR_INVALID, "extended headers already negotiated");
+                } else {
+                    self.neg.extended = true;
                     self.neg.structured = true;
                     self.reply(opt, REP_ACK, &[]);
                 }
@@ -272,7 +294,7 @@ impl Haggle<'_> {
             self.error(opt, REP_ERR_UNKNOWN, &msg);
             return Step::Continue;
         }
-        let flags = e.transmission_flags(self.neg.structured);
+        let flags = e.transmission_flags(&self.neg);
         self.reply(opt, REP_INFO, &info_export(e.size(), flags));
         // Block sizes are always sent: clients that did not ask may ignore them.
         let (min, pref, max) = e.block_sizes();
@@ -324,18 +346,21 @@ impl Haggle<'_> {
         let mut chosen: Vec<Context> = Vec::new();
         if set {
             for q in &req.queries {
-                if let Some(c) = Context::from_name(q) {
+                if let Some(c) = Context::from_name(q).filter(|c| self.export.offers(*c)) {
                     if !chosen.contains(&c) {
                         chosen.push(c);
                     }
                 }
             }
         } else if req.queries.is_empty() {
-            chosen = Context::ALL.to_vec();
+            chosen = Context::ALL
+                .into_iter()
+                .filter(|c| self.export.offers(*c))
+                .collect();
         } else {
             for q in &req.queries {
                 for c in Context::list_matches(q) {
-                    if !chosen.contains(&c) {
+                    if self.export.offers(c) && !chosen.contains(&c) {
                         chosen.push(c);
                     }
                 }

@@ -13,13 +13,15 @@
 //! - [`commands`]: validation and execution of each request against the image;
 //! - [`status`]: the `base:allocation` and `qemu:allocation-depth` metadata contexts;
 //! - [`export`]: what is served and what is advertised about it;
-//! - [`server`]: listener, connection limit, graceful shutdown.
+//! - [`server`]: listener, connection limit, graceful shutdown;
+//! - [`client`]: the client side of the handshake, to list another server's exports.
 //!
 //! Guarantees: no input from a client can crash the server or make it allocate without bound
 //! (every length is checked before it is used, in-flight work is capped per connection and the
 //! number of connections is capped); a FLUSH reply means every write answered before the FLUSH
 //! arrived, on any connection, is durable.
 
+pub mod client;
 pub mod commands;
 pub mod export;
 pub mod handshake;
@@ -31,6 +33,6 @@ pub mod transmission;
 #[cfg(test)]
 mod tests;
 
-pub use export::{DiscardMode, Export, ExportConfig};
+pub use export::{DetectZeroes, DiscardMode, Export, ExportConfig};
 pub use server::{Listen, ServeReport, Server, ServerConfig};
 pub use transmission::Limits;

@@ -5,8 +5,9 @@
 //! transmission modules only move bytes between the socket and these functions.
 //!
 //! Reference: the NBD protocol specification (`doc/proto.md` of the NetworkBlockDevice project)
-//! and, for the `qemu:` metadata namespace, QEMU's `docs/interop/nbd.rst`. Only the compact
-//! (non-extended) headers are implemented; `NBD_OPT_EXTENDED_HEADERS` is answered as unsupported.
+//! and, for the `qemu:` metadata namespace, QEMU's `docs/interop/nbd.rst`. Both header styles are
+//! implemented: compact (28-byte requests, simple or 20-byte structured replies) and extended
+//! (`NBD_OPT_EXTENDED_HEADERS`: 32-byte requests and replies with 64-bit lengths).
 
 use std::fmt;
 
@@ -19,6 +20,8 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -39,6 +42,7 @@ pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+pub const FLAG_BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -90,6 +94,9 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the request's length is the size of a payload that follows (for
+/// BLOCK_STATUS: the effect length and the context ids to answer for).
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured replies.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -97,6 +104,7 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 
@@ -115,10 +123,14 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// Size of a request header.
 pub const REQUEST_LEN: usize = 28;
+/// Size of a request header with extended headers.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 /// Size of an option request header.
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Size of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
+/// Size of a reply chunk header with extended headers.
+pub const EXTENDED_HEADER_LEN: usize = 32;
 /// Size of a simple reply.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 
@@ -462,14 +474,15 @@ pub fn truncate_str(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// A transmission request header.
+/// A transmission request header (either style).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
     pub cmd: u16,
     pub cookie: u64,
     pub offset: u64,
-    pub len: u32,
+    /// The effect length; with extended headers and `CMD_FLAG_PAYLOAD_LEN`, the payload length.
+    pub len: u64,
 }
 
 impl Request {
@@ -484,10 +497,26 @@ impl Request {
             cmd: c.u16()?,
             cookie: c.u64()?,
             offset: c.u64()?,
-            len: c.u32()?,
+            len: c.u32()? as u64,
         })
     }
 
+    pub fn decode_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<Request, ProtoError> {
+        let mut c = Cursor::new(b);
+        let magic = c.u32()?;
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(ProtoError::BadMagic(magic as u64));
+        }
+        Ok(Request {
+            flags: c.u16()?,
+            cmd: c.u16()?,
+            cookie: c.u64()?,
+            offset: c.u64()?,
+            len: c.u64()?,
+        })
+    }
+
+    /// The compact encoding (`len` must fit 32 bits).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -495,7 +524,18 @@ impl Request {
         b[6..8].copy_from_slice(&self.cmd.to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
+        b
+    }
+
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.cmd.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.len.to_be_bytes());
         b
     }
 }
@@ -516,11 +556,13 @@ pub fn command_name(cmd: u16) -> &'static str {
 }
 
 /// The command flags that are valid on `cmd` (FUA is valid on every command).
-pub fn allowed_flags(cmd: u16, structured: bool) -> u16 {
+pub fn allowed_flags(cmd: u16, structured: bool, extended: bool) -> u16 {
     CMD_FLAG_FUA
         | match cmd {
             CMD_READ if structured => CMD_FLAG_DF,
+            CMD_WRITE if extended => CMD_FLAG_PAYLOAD_LEN,
             CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS if extended => CMD_FLAG_REQ_ONE | CMD_FLAG_PAYLOAD_LEN,
             CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
             _ => 0,
         }
@@ -535,54 +577,85 @@ pub fn simple_reply(cookie: u64, error: u32) -> [u8; SIMPLE_REPLY_LEN] {
     b
 }
 
+/// The request a structured reply chunk answers, and the header style to answer in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub cookie: u64,
+    /// The request's offset (echoed in extended headers).
+    pub offset: u64,
+    pub extended: bool,
+}
+
+/// Longest reply built inline: an extended header and a 12-byte fixed payload.
+pub const SMALL_REPLY_MAX: usize = 48;
+
+/// A reply header (with a small fixed payload) built without allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct SmallReply {
+    buf: [u8; SMALL_REPLY_MAX],
+    len: usize,
+}
+
+impl SmallReply {
+    fn put(&mut self, b: &[u8]) {
+        self.buf[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// A structured reply chunk header; `len` is the payload length that follows.
-pub fn chunk_header(flags: u16, rtype: u16, cookie: u64, len: u32) -> [u8; CHUNK_HEADER_LEN] {
-    let mut b = [0u8; CHUNK_HEADER_LEN];
-    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&flags.to_be_bytes());
-    b[6..8].copy_from_slice(&rtype.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..20].copy_from_slice(&len.to_be_bytes());
+pub fn chunk_header(to: ReplyTo, flags: u16, rtype: u16, len: u64) -> SmallReply {
+    let mut b = SmallReply {
+        buf: [0; SMALL_REPLY_MAX],
+        len: 0,
+    };
+    if to.extended {
+        b.put(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+        b.put(&flags.to_be_bytes());
+        b.put(&rtype.to_be_bytes());
+        b.put(&to.cookie.to_be_bytes());
+        b.put(&to.offset.to_be_bytes());
+        b.put(&len.to_be_bytes());
+    } else {
+        b.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b.put(&flags.to_be_bytes());
+        b.put(&rtype.to_be_bytes());
+        b.put(&to.cookie.to_be_bytes());
+        b.put(&(len as u32).to_be_bytes());
+    }
     b
 }
 
 /// Header of an `OFFSET_DATA` chunk carrying `data_len` bytes at `offset` (the data follows).
-pub fn offset_data_header(flags: u16, cookie: u64, offset: u64, data_len: u32) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[..20].copy_from_slice(&chunk_header(
-        flags,
-        REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        data_len + 8,
-    ));
-    b[20..28].copy_from_slice(&offset.to_be_bytes());
+pub fn offset_data_header(to: ReplyTo, flags: u16, offset: u64, data_len: u32) -> SmallReply {
+    let mut b = chunk_header(to, flags, REPLY_TYPE_OFFSET_DATA, data_len as u64 + 8);
+    b.put(&offset.to_be_bytes());
     b
 }
 
 /// A complete `OFFSET_HOLE` chunk.
-pub fn offset_hole(flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    b[..20].copy_from_slice(&chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12));
-    b[20..28].copy_from_slice(&offset.to_be_bytes());
-    b[28..32].copy_from_slice(&len.to_be_bytes());
+pub fn offset_hole(to: ReplyTo, flags: u16, offset: u64, len: u32) -> SmallReply {
+    let mut b = chunk_header(to, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+    b.put(&offset.to_be_bytes());
+    b.put(&len.to_be_bytes());
     b
 }
 
 /// A complete `NONE` chunk (always final).
-pub fn none_chunk(cookie: u64) -> [u8; CHUNK_HEADER_LEN] {
-    chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
+pub fn none_chunk(to: ReplyTo) -> SmallReply {
+    chunk_header(to, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
 }
 
 /// A complete final `ERROR` chunk with a message for humans.
-pub fn error_chunk(cookie: u64, err: NbdError, msg: &str) -> Vec<u8> {
+pub fn error_chunk(to: ReplyTo, err: NbdError, msg: &str) -> Vec<u8> {
     let msg = truncate_str(msg, 1024);
-    let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + msg.len());
-    v.extend_from_slice(&chunk_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        cookie,
-        6 + msg.len() as u32,
-    ));
+    let h = chunk_header(to, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u64);
+    let mut v = Vec::with_capacity(h.as_bytes().len() + 6 + msg.len());
+    v.extend_from_slice(h.as_bytes());
     v.extend_from_slice(&err.code().to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg.as_bytes());
@@ -596,20 +669,29 @@ pub struct Extent {
     pub flags: u32,
 }
 
-/// A complete `BLOCK_STATUS` chunk for one context.
-pub fn block_status_chunk(flags: u16, cookie: u64, context: u32, extents: &[Extent]) -> Vec<u8> {
-    let payload = 4 + 8 * extents.len();
-    let mut v = Vec::with_capacity(CHUNK_HEADER_LEN + payload);
-    v.extend_from_slice(&chunk_header(
-        flags,
-        REPLY_TYPE_BLOCK_STATUS,
-        cookie,
-        payload as u32,
-    ));
+/// A complete block status chunk for one context: `BLOCK_STATUS` (32-bit descriptors), or with
+/// extended headers `BLOCK_STATUS_EXT` (a descriptor count and 64-bit descriptors).
+pub fn block_status_chunk(to: ReplyTo, flags: u16, context: u32, extents: &[Extent]) -> Vec<u8> {
+    let (rtype, payload) = if to.extended {
+        (REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * extents.len())
+    } else {
+        (REPLY_TYPE_BLOCK_STATUS, 4 + 8 * extents.len())
+    };
+    let h = chunk_header(to, flags, rtype, payload as u64);
+    let mut v = Vec::with_capacity(h.as_bytes().len() + payload);
+    v.extend_from_slice(h.as_bytes());
     v.extend_from_slice(&context.to_be_bytes());
-    for e in extents {
-        v.extend_from_slice(&e.len.to_be_bytes());
-        v.extend_from_slice(&e.flags.to_be_bytes());
+    if to.extended {
+        v.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+        for e in extents {
+            v.extend_from_slice(&(e.len as u64).to_be_bytes());
+            v.extend_from_slice(&(e.flags as u64).to_be_bytes());
+        }
+    } else {
+        for e in extents {
+            v.extend_from_slice(&e.len.to_be_bytes());
+            v.extend_from_slice(&e.flags.to_be_bytes());
+        }
     }
     v
 }
@@ -719,31 +801,100 @@ mod tests {
                 b.copy_from_slice(&v[..REQUEST_LEN]);
                 let _ = Request::decode(&b);
             }
+            if v.len() >= EXTENDED_REQUEST_LEN {
+                let mut b = [0u8; EXTENDED_REQUEST_LEN];
+                b.copy_from_slice(&v[..EXTENDED_REQUEST_LEN]);
+                let _ = Request::decode_extended(&b);
+            }
         }
     }
 
     #[test]
     fn reply_encodings() {
+        let to = ReplyTo {
+            cookie: 1,
+            offset: 4096,
+            extended: false,
+        };
         let s = simple_reply(9, 22);
         assert_eq!(&s[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
         assert_eq!(u32::from_be_bytes([s[4], s[5], s[6], s[7]]), 22);
-        let h = offset_hole(REPLY_FLAG_DONE, 1, 4096, 512);
+        let h = offset_hole(to, REPLY_FLAG_DONE, 4096, 512);
+        let h = h.as_bytes();
+        assert_eq!(h.len(), 32);
         assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_OFFSET_HOLE);
         assert_eq!(u32::from_be_bytes([h[16], h[17], h[18], h[19]]), 12);
-        let d = offset_data_header(0, 1, 0, 100);
+        let d = offset_data_header(to, 0, 0, 100);
+        let d = d.as_bytes();
         assert_eq!(u32::from_be_bytes([d[16], d[17], d[18], d[19]]), 108);
-        let e = error_chunk(3, NbdError::Inval, "bad");
+        let e = error_chunk(to, NbdError::Inval, "bad");
         assert_eq!(e.len(), CHUNK_HEADER_LEN + 6 + 3);
         assert_eq!(u32::from_be_bytes([e[16], e[17], e[18], e[19]]), 9);
-        let b = block_status_chunk(
-            REPLY_FLAG_DONE,
-            3,
-            1,
-            &[Extent { len: 512, flags: 3 }, Extent { len: 512, flags: 0 }],
-        );
+        let ext = [Extent { len: 512, flags: 3 }, Extent { len: 512, flags: 0 }];
+        let b = block_status_chunk(to, REPLY_FLAG_DONE, 1, &ext);
         assert_eq!(b.len(), CHUNK_HEADER_LEN + 4 + 16);
         let long = "é".repeat(3000);
-        assert!(error_chunk(1, NbdError::Io, &long).len() <= CHUNK_HEADER_LEN + 6 + 1024);
+        assert!(error_chunk(to, NbdError::Io, &long).len() <= CHUNK_HEADER_LEN + 6 + 1024);
+    }
+
+    fn be64(b: &[u8]) -> u64 {
+        u64::from_be_bytes(b[..8].try_into().unwrap())
+    }
+
+    #[test]
+    fn extended_encodings() {
+        let r = Request {
+            flags: CMD_FLAG_PAYLOAD_LEN,
+            cmd: CMD_BLOCK_STATUS,
+            cookie: 7,
+            offset: 1 << 40,
+            len: 5 << 32,
+        };
+        assert_eq!(Request::decode_extended(&r.encode_extended()), Ok(r));
+        let mut bad = r.encode_extended();
+        bad[0] ^= 1;
+        assert!(Request::decode_extended(&bad).is_err());
+
+        let to = ReplyTo {
+            cookie: 7,
+            offset: 1 << 40,
+            extended: true,
+        };
+        let n = none_chunk(to);
+        let n = n.as_bytes();
+        assert_eq!(n.len(), EXTENDED_HEADER_LEN);
+        assert_eq!(&n[0..4], &EXTENDED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([n[4], n[5]]), REPLY_FLAG_DONE);
+        assert_eq!(be64(&n[8..]), 7);
+        assert_eq!(be64(&n[16..]), 1 << 40);
+        assert_eq!(be64(&n[24..]), 0);
+        let h = offset_hole(to, 0, 8192, 512);
+        let h = h.as_bytes();
+        assert_eq!(h.len(), EXTENDED_HEADER_LEN + 12);
+        assert_eq!(be64(&h[24..]), 12);
+        assert_eq!(be64(&h[32..]), 8192);
+        let d = offset_data_header(to, 0, 8192, 100);
+        assert_eq!(be64(&d.as_bytes()[24..]), 108);
+        let e = error_chunk(to, NbdError::Inval, "bad");
+        assert_eq!(e.len(), EXTENDED_HEADER_LEN + 6 + 3);
+        let ext = [
+            Extent { len: 512, flags: 3 },
+            Extent {
+                len: 1024,
+                flags: 0,
+            },
+        ];
+        let b = block_status_chunk(to, REPLY_FLAG_DONE, 2, &ext);
+        assert_eq!(
+            u16::from_be_bytes([b[6], b[7]]),
+            REPLY_TYPE_BLOCK_STATUS_EXT
+        );
+        assert_eq!(be64(&b[24..]), 8 + 32);
+        assert_eq!(b.len(), EXTENDED_HEADER_LEN + 8 + 32);
+        assert_eq!(&b[32..40], &[0, 0, 0, 2, 0, 0, 0, 2]);
+        assert_eq!(be64(&b[40..]), 512);
+        assert_eq!(be64(&b[48..]), 3);
+        assert_eq!(be64(&b[56..]), 1024);
     }
 
     #[test]
@@ -759,13 +910,27 @@ mod tests {
 
     #[test]
     fn flags_per_command() {
-        assert_eq!(allowed_flags(CMD_READ, false), CMD_FLAG_FUA);
-        assert_eq!(allowed_flags(CMD_READ, true), CMD_FLAG_FUA | CMD_FLAG_DF);
+        assert_eq!(allowed_flags(CMD_READ, false, false), CMD_FLAG_FUA);
+        assert_eq!(
+            allowed_flags(CMD_READ, true, false),
+            CMD_FLAG_FUA | CMD_FLAG_DF
+        );
         assert_ne!(
-            allowed_flags(CMD_WRITE_ZEROES, false) & CMD_FLAG_FAST_ZERO,
+            allowed_flags(CMD_WRITE_ZEROES, false, false) & CMD_FLAG_FAST_ZERO,
             0
         );
-        assert_ne!(allowed_flags(CMD_BLOCK_STATUS, true) & CMD_FLAG_REQ_ONE, 0);
-        assert_eq!(allowed_flags(CMD_WRITE, true) & CMD_FLAG_NO_HOLE, 0);
+        assert_ne!(
+            allowed_flags(CMD_BLOCK_STATUS, true, false) & CMD_FLAG_REQ_ONE,
+            0
+        );
+        assert_eq!(allowed_flags(CMD_WRITE, true, false) & CMD_FLAG_NO_HOLE, 0);
+        assert_eq!(
+            allowed_flags(CMD_BLOCK_STATUS, true, false) & CMD_FLAG_PAYLOAD_LEN,
+            0
+        );
+        assert_ne!(
+            allowed_flags(CMD_BLOCK_STATUS, true, true) & CMD_FLAG_PAYLOAD_LEN,
+            0
+        );
     }
 }

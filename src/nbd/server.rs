@@ -6,6 +6,8 @@
 //! `drain_timeout`, after which connections that cannot deliver their replies are dropped), then
 //! wait until every engine request has completed. The caller then flushes and closes the image.
 //!
+//! Without `persistent`, the server shuts down the same way when the last client leaves.
+//!
 //! A panic in a connection or request task is contained by tokio: that client loses its
 //! connection, the server keeps serving the others.
 
@@ -100,6 +102,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Per-connection limits on requests in flight.
     pub limits: Limits,
+    /// Keep serving when the last client leaves. Without it the server shuts down once a
+    /// client has connected and no client is left (qemu-nbd without `-t`).
+    pub persistent: bool,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +114,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
             limits: Limits::default(),
+            persistent: true,
         }
     }
 }
@@ -237,6 +243,10 @@ impl Server {
                 Some(res) = conns.join_next() => {
                     if let Err(e) = res {
                         tracing::error!("nbd: connection task failed: {e}");
+                    }
+                    if conns.is_empty() && !self.cfg.persistent {
+                        tracing::info!("nbd: last client left and not persistent");
+                        break;
                     }
                 }
                 (slot, accepted) = accept(&self.listener, &slots) => match accepted {

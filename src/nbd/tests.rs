@@ -155,7 +155,7 @@ async fn pipelined_session_over_a_tiny_pipe() {
                     cmd: CMD_WRITE_ZEROES,
                     cookie,
                     offset: off,
-                    len,
+                    len: len.into(),
                 },
                 Vec::new(),
             ));
@@ -169,7 +169,7 @@ async fn pipelined_session_over_a_tiny_pipe() {
                     cmd: CMD_WRITE,
                     cookie,
                     offset: off,
-                    len,
+                    len: len.into(),
                 },
                 data,
             ));
@@ -208,7 +208,7 @@ async fn pipelined_session_over_a_tiny_pipe() {
                 cmd,
                 cookie,
                 offset: off,
-                len,
+                len: len.into(),
             }
             .encode(),
         );
@@ -349,7 +349,7 @@ async fn failed_fsync_gives_clients_eio_from_then_on() {
             cmd,
             cookie,
             offset,
-            len,
+            len: len.into(),
         };
         cw.write_all(&req.encode()).await.unwrap();
         if cmd == CMD_WRITE {

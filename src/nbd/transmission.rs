@@ -49,7 +49,11 @@ const MAX_IOV: usize = 1024;
 const READS_PER_TURN: usize = 64;
 /// READs at least this large run as their own task: the copy from the page cache then proceeds on
 /// another core while the connection task keeps sending replies (small READs are cheaper inline).
-const SPAWN_READ_LEN: u32 = 128 << 10;
+const SPAWN_READ_LEN: u64 = 128 << 10;
+/// Largest BLOCK_STATUS payload (extended headers) read: the effect length and context ids.
+const MAX_STATUS_PAYLOAD: u64 = 4096;
+/// Largest WRITE payload skipped to keep the stream in sync; a larger one ends the connection.
+const MAX_SKIP: u64 = 1 << 32;
 /// READ buffers kept for reuse per connection: at most this many bytes...
 const POOL_BYTES: usize = 32 << 20;
 /// ... and this many buffers.
@@ -111,14 +115,19 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     let mut s = Session {
-        conn,
+        conn: conn.clone(),
         reader,
         writer,
         limits,
         tracker,
         stop: StopSignal::new(stop),
+        header_len: if conn.neg.extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
+        },
         rstate: ReadState::Header {
-            buf: [0; REQUEST_LEN],
+            buf: [0; EXTENDED_REQUEST_LEN],
             filled: 0,
         },
         reading: true,
@@ -178,20 +187,20 @@ impl StopSignal {
 
 /// Where the request parser is.
 enum ReadState {
-    /// Reading a request header.
+    /// Reading a request header (of the negotiated style's length).
     Header {
-        buf: [u8; REQUEST_LEN],
+        buf: [u8; EXTENDED_REQUEST_LEN],
         filled: usize,
     },
     /// A request whose admission waits for the budget.
     Admit(Request),
-    /// Reading the payload of an admitted WRITE.
+    /// Reading the payload of an admitted WRITE (or of a BLOCK_STATUS with extended headers).
     Payload {
         req: Request,
         buf: IoBufMut,
         filled: usize,
     },
-    /// Reading and dropping the payload of an oversized WRITE.
+    /// Reading and dropping the payload of an oversized WRITE or BLOCK_STATUS.
     Skip { req: Request, left: u64 },
 }
 
@@ -218,6 +227,8 @@ macro_rules! read_or_return {
 
 struct Session<R, W> {
     conn: Arc<Conn>,
+    /// Request header length: compact or extended.
+    header_len: usize,
     reader: R,
     writer: W,
     limits: Limits,
@@ -344,7 +355,7 @@ where
                 self.release(cost);
             }
             self.rstate = ReadState::Header {
-                buf: [0; REQUEST_LEN],
+                buf: [0; EXTENDED_REQUEST_LEN],
                 filled: 0,
             };
         }
@@ -375,7 +386,7 @@ where
     fn cost(&self, req: &Request) -> usize {
         REQUEST_OVERHEAD
             + match req.cmd {
-                CMD_READ | CMD_WRITE if req.len <= MAX_PAYLOAD => req.len as usize,
+                CMD_READ | CMD_WRITE if req.len <= MAX_PAYLOAD as u64 => req.len as usize,
                 CMD_BLOCK_STATUS => BLOCK_STATUS_COST,
                 _ => 0,
             }
@@ -386,12 +397,23 @@ where
     fn poll_request(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, End>> {
         match &mut self.rstate {
             ReadState::Header { buf, filled } => {
-                while *filled < REQUEST_LEN {
-                    let n =
-                        read_or_return!(poll_read_some(&mut self.reader, cx, &mut buf[*filled..]));
+                let hlen = self.header_len;
+                while *filled < hlen {
+                    let n = read_or_return!(poll_read_some(
+                        &mut self.reader,
+                        cx,
+                        &mut buf[*filled..hlen]
+                    ));
                     *filled += n;
                 }
-                let req = match Request::decode(buf) {
+                let decoded = if hlen == EXTENDED_REQUEST_LEN {
+                    Request::decode_extended(buf)
+                } else {
+                    let mut compact = [0u8; REQUEST_LEN];
+                    compact.copy_from_slice(&buf[..REQUEST_LEN]);
+                    Request::decode(&compact)
+                };
+                let req = match decoded {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::info!("nbd: closing connection: request header: {e}");
@@ -416,24 +438,38 @@ where
                 }
                 self.in_requests += 1;
                 self.in_bytes += cost;
-                self.rstate = if req.cmd == CMD_WRITE && req.len > MAX_PAYLOAD {
+                let status_payload = req.cmd == CMD_BLOCK_STATUS
+                    && self.conn.neg.extended
+                    && req.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+                let payload_max = if status_payload {
+                    MAX_STATUS_PAYLOAD
+                } else {
+                    MAX_PAYLOAD as u64
+                };
+                if (req.cmd == CMD_WRITE || status_payload) && req.len > MAX_SKIP {
+                    let cost = self.cost(&req);
+                    self.release(cost);
+                    return Poll::Ready(Err(End::Violation(format!(
+                        "{} payload of {} bytes",
+                        command_name(req.cmd),
+                        req.len
+                    ))));
+                }
+                self.rstate = if (req.cmd == CMD_WRITE || status_payload) && req.len > payload_max {
                     // Consumed to find the next request, never stored.
-                    ReadState::Skip {
-                        req,
-                        left: req.len as u64,
-                    }
-                } else if req.cmd == CMD_WRITE {
+                    ReadState::Skip { req, left: req.len }
+                } else if req.cmd == CMD_WRITE || status_payload {
                     ReadState::Payload {
                         req,
                         buf: IoBufMut::for_overwrite(req.len as usize),
                         filled: 0,
                     }
                 } else {
-                    let buf = (req.cmd == CMD_READ && req.len <= MAX_PAYLOAD)
+                    let buf = (req.cmd == CMD_READ && req.len <= MAX_PAYLOAD as u64)
                         .then(|| self.pool.take(req.len as usize));
                     self.dispatch(req, buf, cost);
                     ReadState::Header {
-                        buf: [0; REQUEST_LEN],
+                        buf: [0; EXTENDED_REQUEST_LEN],
                         filled: 0,
                     }
                 };
@@ -449,7 +485,7 @@ where
                 let old = std::mem::replace(
                     &mut self.rstate,
                     ReadState::Header {
-                        buf: [0; REQUEST_LEN],
+                        buf: [0; EXTENDED_REQUEST_LEN],
                         filled: 0,
                     },
                 );
@@ -474,7 +510,7 @@ where
                 }
                 let req = *req;
                 self.rstate = ReadState::Header {
-                    buf: [0; REQUEST_LEN],
+                    buf: [0; EXTENDED_REQUEST_LEN],
                     filled: 0,
                 };
                 let cost = self.cost(&req);
@@ -486,6 +522,9 @@ where
 
     /// Answers a refused request at once, or starts a checked one.
     fn dispatch(&mut self, req: Request, payload: Option<IoBufMut>, cost: usize) {
+        if req.cmd == CMD_BLOCK_STATUS && req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+            return self.dispatch_status_payload(req, payload, cost);
+        }
         if let Err(r) = self.conn.check(&req) {
             let mut reply = self.conn.error_reply(&req, &r);
             if req.cmd == CMD_READ {
@@ -524,6 +563,36 @@ where
         } else {
             self.inflight.push(Box::pin(run));
         }
+    }
+
+    /// A BLOCK_STATUS with a payload (extended headers): the payload (absent if it was too large
+    /// and skipped) names the effect length and the contexts to answer for.
+    fn dispatch_status_payload(&mut self, req: Request, payload: Option<IoBufMut>, cost: usize) {
+        let parsed = match &payload {
+            Some(p) => self.conn.status_payload(&req, p),
+            None => Err(Refusal {
+                err: NbdError::Inval,
+                msg: format!("block status payload of {} bytes is too long", req.len),
+            }),
+        };
+        let (plain, ids) = match parsed.and_then(|(plain, ids)| {
+            self.conn.check(&plain)?;
+            Ok((plain, ids))
+        }) {
+            Ok(x) => x,
+            Err(r) => {
+                let reply = self.conn.error_reply(&req, &r);
+                self.queue.push_back(Done { reply, cost });
+                return;
+            }
+        };
+        let conn = self.conn.clone();
+        let token: Token = self.tracker.token();
+        self.inflight.push(Box::pin(async move {
+            let reply = conn.block_status(&plain, Some(&ids)).await;
+            drop(token);
+            Done { reply, cost }
+        }));
     }
 
     /// Writes as much of the queued replies as the socket takes. Returns the bytes written.
