@@ -256,6 +256,12 @@ pub trait BlockDevice: Send + Sync {
     fn as_qcow2(&self) -> Option<&Qcow2> {
         None
     }
+    /// The smallest request the image handles without read-modify-write of its own: 1 except
+    /// for a probed raw image, whose first sector is checked whole (exported as the minimum
+    /// block size, as QEMU does).
+    fn request_alignment(&self) -> u32 {
+        1
+    }
 }
 
 /// Which other files an image may make qimg open. An image is untrusted input: its header can

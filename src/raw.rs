@@ -30,13 +30,18 @@ pub struct Raw {
 
 /// The bytes format probing looks at.
 const PROBE_BYTES: u64 = 512;
+/// A raw image's size is a whole number of these.
+const SECTOR: u64 = 512;
 
 impl Raw {
     pub async fn open(storage: StorageRef, filename: String, opts: &OpenOptions) -> Result<Raw> {
-        let size = storage
+        let len = storage
             .len()
             .await
             .context(|| format!("Could not get the size of '{filename}'"))?;
+        // Whole 512-byte sectors, as QEMU sizes a raw file: the end of an unaligned file reads as
+        // zeros (a write there extends the file).
+        let size = len.div_ceil(SECTOR) * SECTOR;
         Ok(Raw {
             storage,
             filename,
@@ -279,6 +284,14 @@ impl BlockDevice for Raw {
 
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
         Box::pin(Raw::resize(self, new_size, prealloc))
+    }
+
+    fn request_alignment(&self) -> u32 {
+        if self.probed {
+            SECTOR as u32
+        } else {
+            1
+        }
     }
 }
 

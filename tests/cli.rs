@@ -947,3 +947,65 @@ fn io_truncate_sleep_and_sigraise_like_qemu_io() {
     let r = qemu_io(&img, "qcow2", &["read -P 1 0 64k".into()]);
     assert!(!r.contains("failed"), "{r}");
 }
+
+/// A raw file whose length is not a whole number of sectors: QEMU sizes it in whole 512-byte
+/// sectors, the end reads as zeros, and a write there extends the file. qimg does the same, so
+/// `info`, `map`, `convert` and reads agree (and an NBD export has qemu-nbd's size).
+#[test]
+fn unaligned_raw_files_are_sized_in_sectors_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("u.raw");
+    let data = pattern(9, 1000);
+    std::fs::write(&p, &data).unwrap();
+    let ps = p.to_str().unwrap();
+    for args in [
+        &["info", "-f", "raw", "--output=json", ps][..],
+        &["map", "-f", "raw", "--output=json", ps][..],
+    ] {
+        let ours = qimg(args);
+        let theirs = run("qemu-img", args);
+        let ours = stdout(&ours).replace(&*dir.path().to_string_lossy(), "DIR");
+        let theirs =
+            String::from_utf8_lossy(&theirs.stdout).replace(&*dir.path().to_string_lossy(), "DIR");
+        if args[0] == "info" {
+            // The allocation differs with the file system; the size must not.
+            let v: serde_json::Value = serde_json::from_str(&ours).unwrap();
+            let w: serde_json::Value = serde_json::from_str(&theirs).unwrap();
+            assert_eq!(v["virtual-size"], w["virtual-size"]);
+            assert_eq!(v["virtual-size"], 1024);
+        } else {
+            assert_eq!(ours, theirs, "{args:?}");
+        }
+    }
+    let out = dir.path().join("out.raw");
+    let o = qimg(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        ps,
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), 1024);
+    assert_eq!(&got[..1000], &data[..]);
+    assert!(got[1000..].iter().all(|&b| b == 0));
+    let o = qimg(&[
+        "io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0 1000 24",
+        "-c",
+        "write -P 7 1000 24",
+        ps,
+    ]);
+    assert!(
+        o.status.success() && !stdout(&o).contains("failed"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1024);
+}

@@ -49,11 +49,23 @@ pub struct Args {
     /// How file I/O is issued: threads or io_uring (native is refused)
     #[arg(short = 'i', long = "aio")]
     aio: Option<String>,
+    /// Snapshot mode: writes go to a temporary overlay, dropped at exit; the image is untouched
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
     /// Command to run (repeatable)
     #[arg(short = 'c', long = "cmd")]
     cmds: Vec<String>,
     /// The image (optional: the `open` command opens one later)
     filename: Option<String>,
+}
+
+/// Opens the image, or with `snapshot` (`-s`) a temporary overlay over it.
+async fn open_image_args(a: &ImageArgs<'_>, snapshot: bool) -> qimg::Result<Dev> {
+    if !snapshot {
+        return open(a).await;
+    }
+    let (path, opts) = super::opts::open_options(a)?;
+    super::opts::open_temporary_overlay(&path, &opts).await
 }
 
 /// Largest single request qemu-io accepts.
@@ -75,19 +87,22 @@ pub async fn run(a: Args) -> u8 {
         return 1;
     }
     if let Some(filename) = &a.filename {
-        let opened = open(&ImageArgs {
-            image_opts: a.image_opts,
-            path: filename,
-            format: a.format.as_deref(),
-            read_only: a.read_only,
-            cache: cache.as_deref(),
-            runtime_opts: &a.options,
-            no_backing: false,
-            batch: false,
-            force_share: a.force_share,
-            metadata_only: false,
-            aio: a.aio.as_deref(),
-        })
+        let opened = open_image_args(
+            &ImageArgs {
+                image_opts: a.image_opts,
+                path: filename,
+                format: a.format.as_deref(),
+                read_only: a.read_only,
+                cache: cache.as_deref(),
+                runtime_opts: &a.options,
+                no_backing: false,
+                batch: false,
+                force_share: a.force_share,
+                metadata_only: false,
+                aio: a.aio.as_deref(),
+            },
+            a.snapshot,
+        )
         .await;
         match opened {
             Ok(i) => session.img = Some(i),
@@ -519,8 +534,8 @@ impl Session {
     }
 
     /// `open [-rnU] [-i AIO] [-t CACHE] [-o OPTIONS] PATH`, as qemu-io's. Its `-s` (temporary
-    /// snapshot overlay), `-C` (copy-on-read), `-k` (Linux AIO) and `-d` (discard mode) are not
-    /// implemented and are refused.
+    /// `-C` (copy-on-read), `-k` (Linux AIO) and `-d` (discard mode) are not implemented and are
+    /// refused.
     async fn open(&mut self, args: &[&str]) -> bool {
         const USAGE: &str = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
         if args.is_empty() {
@@ -531,7 +546,7 @@ impl Session {
             eprintln!("{}: file open already, try 'help close'", prog());
             return false;
         }
-        let (mut read_only, mut force_share) = (false, false);
+        let (mut read_only, mut force_share, mut snapshot) = (false, false, false);
         let (mut cache, mut aio): (Option<String>, Option<String>) = (None, None);
         let mut options = Vec::new();
         let mut paths = Vec::new();
@@ -549,9 +564,9 @@ impl Session {
                     'r' => read_only = true,
                     'U' => force_share = true,
                     'n' => cache = Some("none".into()),
-                    's' | 'C' | 'k' | 'd' => {
+                    's' => snapshot = true,
+                    'C' | 'k' | 'd' => {
                         let what = match c {
-                            's' => "-s (a temporary snapshot overlay)",
                             'C' => "-C (copy-on-read)",
                             'k' => "-k (Linux AIO)",
                             _ => "-d (discard modes)",
@@ -588,19 +603,22 @@ impl Session {
             println!("{USAGE}");
             return false;
         };
-        let opened = open(&ImageArgs {
-            image_opts: false,
-            path,
-            format: None,
-            read_only,
-            cache: cache.as_deref(),
-            runtime_opts: &options,
-            no_backing: false,
-            batch: false,
-            force_share,
-            metadata_only: false,
-            aio: aio.as_deref(),
-        })
+        let opened = open_image_args(
+            &ImageArgs {
+                image_opts: false,
+                path,
+                format: None,
+                read_only,
+                cache: cache.as_deref(),
+                runtime_opts: &options,
+                no_backing: false,
+                batch: false,
+                force_share,
+                metadata_only: false,
+                aio: aio.as_deref(),
+            },
+            snapshot,
+        )
         .await;
         match opened {
             Ok(img) => {

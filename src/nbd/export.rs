@@ -157,6 +157,7 @@ impl Export {
 
     /// `(minimum, preferred, maximum payload)`.
     pub fn block_sizes(&self) -> (u32, u32, u32) {
-        (MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD)
+        let min = MIN_BLOCK.max(self.img.request_alignment());
+        (min, PREFERRED_BLOCK.max(min), MAX_PAYLOAD)
     }
 }
