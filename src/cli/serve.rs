@@ -329,10 +329,18 @@ async fn serve(a: Args) -> Result<u8> {
         }
     };
     // Signal handlers first: a client may stop us as soon as it has read the address.
-    let shutdown = shutdown_signal()?;
+    let shutdown = match shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = img.close().await;
+            listen.remove_socket();
+            return Err(e);
+        }
+    };
     if let Some(p) = &a.pid_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
             let _ = img.close().await;
+            listen.remove_socket();
             return Err(Error::io(
                 format!("Failed to write pid file '{}'", p.display()),
                 e,
@@ -365,7 +373,10 @@ async fn serve(a: Args) -> Result<u8> {
 
     let report = server.run(shutdown).await;
     tracing::info!("nbd: served {} connection(s)", report.connections);
-    img.close().await?;
+    let closed = img.close().await;
+    // Only now: a client that waits for the socket to disappear may then open the image.
+    listen.remove_socket();
+    closed?;
     Ok(0)
 }
 

@@ -69,6 +69,16 @@ impl Listen {
     }
 }
 
+impl Listen {
+    /// Removes the socket file of a Unix listener (after the server ended and the image was
+    /// closed, so that a script that waits for the socket to go away may then use the image).
+    pub fn remove_socket(&self) {
+        if let Listen::Unix(p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -285,9 +295,8 @@ impl Server {
         }
 
         tracing::info!("nbd: shutting down");
-        if let Listener::Unix(_, p) = &self.listener {
-            let _ = std::fs::remove_file(p);
-        }
+        // A Unix socket file stays until the caller has closed the image (see
+        // `Listen::remove_socket`): once it is gone, the image is free for others.
         drop(self.listener);
         let _ = stop_tx.send(STOP);
         let drained = tokio::time::timeout(self.cfg.drain_timeout, async {

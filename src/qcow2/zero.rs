@@ -1,9 +1,13 @@
 //! Write-zeroes and discard: metadata-only operations on whole clusters.
 //!
-//! - Write-zeroes on whole clusters of a v3 image sets the ZERO flag: keeping the host cluster
-//!   (preallocated zero cluster) unless unmapping is allowed. Compressed clusters are always
-//!   unmapped (a ZERO flag cannot sit on a compressed descriptor). Partial clusters and v2 images
-//!   get real zeros written, except where the guest already reads zeros.
+//! - Write-zeroes on whole clusters of a v3 image sets the ZERO flag, unallocated clusters
+//!   included (with or without a backing file, as QEMU does: the range is then zero in this
+//!   layer whatever a backing file attached later holds): keeping the host cluster (preallocated
+//!   zero cluster) unless unmapping is allowed. Compressed clusters are always unmapped (a ZERO
+//!   flag cannot sit on a compressed descriptor). Partial clusters and v2 images get real zeros
+//!   written, except where the guest already reads zeros. (QEMU also marks a partly covered
+//!   cluster ZERO when it reads as zeros as a whole; doing that safely needs the check and the
+//!   change under one cluster claim, which is not done yet.)
 //! - Discard works on whole clusters only, as QEMU's does: a discarded cluster reads as zeros on
 //!   v3 images (ZERO flag) and on v2 images without a backing file; on a v2 image with a backing
 //!   file it is left as it is (without a ZERO flag it would read the backing file's data instead
@@ -25,6 +29,12 @@ use crate::units::GuestCluster;
 enum ClusterOp {
     Zero {
         unmap: bool,
+    },
+    /// A cluster a write-zeroes request covers only partly: marked ZERO if the rest of it already
+    /// reads as zeros, decided from its own entry under the cluster claim (`backing_zero`: the
+    /// backing file reads zeros in the rest, checked before: it does not change under us).
+    ZeroIfZero {
+        backing_zero: bool,
     },
     Discard,
     /// Drops the clusters whatever the guest then reads (the backing file's data shows
@@ -76,8 +86,61 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Zeroes a range by writing zero buffers where it does not already read as zeros.
+    /// Zeroes part of a cluster (or, on v2, any range). On v3, a cluster whose rest (what the
+    /// request does not cover) reads as zeros is marked ZERO instead (QEMU's rule); otherwise
+    /// zero buffers are written where the range does not already read as zeros.
     async fn zero_partial(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if self.version() >= 3 {
+            let cs = self.geo.cluster_size();
+            let mut pos = offset;
+            let end = offset + len;
+            while pos < end {
+                let cstart = pos / cs * cs;
+                let cend = (cstart + cs).min(self.virtual_size());
+                let n = cend.min(end) - pos;
+                // Only what the request leaves of the cluster matters (it zeroes the rest).
+                let backing_zero = self.backing_reads_zero(cstart, pos - cstart).await?
+                    && self.backing_reads_zero(pos + n, cend - (pos + n)).await?;
+                let marked = self
+                    .cluster_op(
+                        cstart,
+                        cend - cstart,
+                        ClusterOp::ZeroIfZero { backing_zero },
+                    )
+                    .await?;
+                if !marked {
+                    self.write_zero_buffers(pos, n, flags).await?;
+                }
+                pos += n;
+            }
+            return Ok(());
+        }
+        self.write_zero_buffers(offset, len, flags).await
+    }
+
+    /// Whether the backing chain reads zeros in all of `[offset, offset+len)` (true without a
+    /// backing file, past its end, and for an empty range).
+    async fn backing_reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        let Some(b) = self.backing.get() else {
+            return Ok(self.backing_filename().is_none());
+        };
+        let end = (offset + len).min(b.size());
+        let mut pos = offset;
+        while pos < end {
+            let st = crate::block::chain_status(b, pos, end - pos).await?;
+            if !(st.zero || (!st.present && !st.data)) {
+                return Ok(false);
+            }
+            pos += st.len.max(1);
+        }
+        Ok(true)
+    }
+
+    /// Writes zero buffers where `[offset, offset+len)` does not already read as zeros.
+    async fn write_zero_buffers(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -142,29 +205,32 @@ impl Qcow2 {
     /// being shrunk: no range check) and frees their host clusters, punched out of the file
     /// whatever `pass-discard-request` says.
     pub(crate) async fn crop(&self, offset: u64, len: u64) -> Result<()> {
-        self.cluster_op(offset, len, ClusterOp::Crop).await
+        self.cluster_op(offset, len, ClusterOp::Crop).await?;
+        Ok(())
     }
 
-    /// Applies `op` to whole clusters, one L2 slice at a time.
-    async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+    /// Applies `op` to whole clusters, one L2 slice at a time. Returns false if `op` could not
+    /// decide a cluster (`ZeroIfZero` on a cluster that may hold data): that slice is unchanged.
+    async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<bool> {
         self.apply_frees_if_overdue().await?;
         let r = self.cluster_op_unchecked(offset, len, op).await;
         self.corruption_checked(r).await
     }
 
-    async fn cluster_op_unchecked(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+    async fn cluster_op_unchecked(&self, offset: u64, len: u64, op: ClusterOp) -> Result<bool> {
         let _resize = self.resize_lock.read().await;
         let mut pos = offset;
         let end = offset + len;
+        let mut all = true;
         while pos < end {
             let n = self.bytes_in_slice(pos, end - pos);
-            self.cluster_op_in_slice(pos, n, op).await?;
+            all &= self.cluster_op_in_slice(pos, n, op).await?;
             pos += n;
         }
-        Ok(())
+        Ok(all)
     }
 
-    async fn cluster_op_in_slice(&self, offset: u64, len: u64, op: ClusterOp) -> Result<()> {
+    async fn cluster_op_in_slice(&self, offset: u64, len: u64, op: ClusterOp) -> Result<bool> {
         let g = self.geo;
         let cs = g.cluster_size();
         let first = GuestCluster(offset >> g.cluster_bits);
@@ -174,17 +240,17 @@ impl Qcow2 {
         let has_backing = self.backing.get().is_some() || self.backing_filename().is_some();
 
         // Without an L2 table every cluster is unallocated and reads as zeros unless a backing
-        // file shows through: then there is nothing to change (and no table to allocate).
+        // file shows through: only write-zeroes (which marks clusters ZERO) needs a table.
         let l1e = self.l1.get(g.l1_index(first));
         let has_table = l1e.is_some_and(|e| e.0 & crate::format::table::OFFSET_MASK != 0);
         if !has_table {
             let needed = match op {
-                ClusterOp::Zero { .. } => has_backing,
+                ClusterOp::Zero { .. } | ClusterOp::ZeroIfZero { .. } => true,
                 ClusterOp::Discard => has_backing && self.version() >= 3,
                 ClusterOp::Deallocate | ClusterOp::Crop => false,
             };
             if !needed {
-                return Ok(());
+                return Ok(true);
             }
         }
         loop {
@@ -198,12 +264,16 @@ impl Qcow2 {
             };
             let base = self.index_in_slice(first);
             let mut frees = Vec::new();
+            let mut undecided = false;
             let decided = (|| -> Result<Option<u64>> {
                 let mut st = slice.lock();
                 let mut changes = Vec::new();
                 for i in 0..n {
                     let old = Mapping::decode(st.u64_at(base + i), g)?;
-                    let new = self.new_mapping(old, op, has_backing);
+                    let Some(new) = self.new_mapping(old, op, has_backing) else {
+                        undecided = true;
+                        return Ok(None);
+                    };
                     if new != old {
                         changes.push((i, new));
                         if let Some(free) = freed_range(old, new, cs) {
@@ -232,7 +302,7 @@ impl Qcow2 {
                 let discard = match op {
                     ClusterOp::Discard | ClusterOp::Deallocate => self.pass_discard,
                     ClusterOp::Crop => true,
-                    ClusterOp::Zero { .. } => false,
+                    ClusterOp::Zero { .. } | ClusterOp::ZeroIfZero { .. } => false,
                 };
                 for (start, len) in frees {
                     let after = Some(Dep::Table {
@@ -242,13 +312,22 @@ impl Qcow2 {
                     self.rc.defer_free(start, len, after, discard);
                 }
             }
-            return Ok(());
+            return Ok(!undecided);
         }
     }
 
-    fn new_mapping(&self, old: Mapping, op: ClusterOp, has_backing: bool) -> Mapping {
+    /// The entry `op` makes of `old`; `None` when `op` cannot decide (see `ZeroIfZero`).
+    fn new_mapping(&self, old: Mapping, op: ClusterOp, has_backing: bool) -> Option<Mapping> {
         let v3 = self.version() >= 3;
-        match op {
+        Some(match op {
+            ClusterOp::ZeroIfZero { backing_zero } => match old {
+                Mapping::Zero { .. } => old,
+                Mapping::Unallocated if !has_backing || backing_zero => Mapping::Zero {
+                    prealloc: None,
+                    copied: false,
+                },
+                _ => return None,
+            },
             ClusterOp::Zero { unmap } => match old {
                 Mapping::Compressed { .. } => Mapping::Zero {
                     prealloc: None,
@@ -275,14 +354,14 @@ impl Qcow2 {
                 // v2 has no ZERO flag: dropping the cluster would expose the backing file's
                 // data where the guest wrote its own. QEMU keeps the data then; so do we.
                 if !v3 && has_backing {
-                    return old;
+                    return Some(old);
                 }
                 let allocated = !matches!(
                     old,
                     Mapping::Unallocated | Mapping::Zero { prealloc: None, .. }
                 );
                 if !(allocated || has_backing && old == Mapping::Unallocated && v3) {
-                    return old; // already reads as it should
+                    return Some(old); // already reads as it should
                 }
                 if v3 {
                     Mapping::Zero {
@@ -293,7 +372,7 @@ impl Qcow2 {
                     Mapping::Unallocated
                 }
             }
-        }
+        })
     }
 }
 
