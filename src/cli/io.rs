@@ -79,6 +79,7 @@ pub async fn run(a: Args) -> u8 {
     };
     let mut session = Session {
         img: None,
+        params: None,
         aio: JoinSet::new(),
         failed: false,
     };
@@ -87,25 +88,22 @@ pub async fn run(a: Args) -> u8 {
         return 1;
     }
     if let Some(filename) = &a.filename {
-        let opened = open_image_args(
-            &ImageArgs {
-                image_opts: a.image_opts,
-                path: filename,
-                format: a.format.as_deref(),
-                read_only: a.read_only,
-                cache: cache.as_deref(),
-                runtime_opts: &a.options,
-                no_backing: false,
-                batch: false,
-                force_share: a.force_share,
-                metadata_only: false,
-                aio: a.aio.as_deref(),
-            },
-            a.snapshot,
-        )
-        .await;
-        match opened {
-            Ok(i) => session.img = Some(i),
+        let params = OpenParams {
+            path: filename.clone(),
+            format: a.format.clone(),
+            image_opts: a.image_opts,
+            read_only: a.read_only,
+            cache: cache.clone(),
+            runtime: a.options.clone(),
+            force_share: a.force_share,
+            aio: a.aio.clone(),
+            snapshot: a.snapshot,
+        };
+        match params.open().await {
+            Ok(i) => {
+                session.img = Some(i);
+                session.params = Some(params);
+            }
             Err(e) if a.image_opts => {
                 eprintln!("{}: can't open: {e}", prog());
                 return 1;
@@ -133,8 +131,46 @@ pub async fn run(a: Args) -> u8 {
 struct Session {
     /// The open image (`None` before the first `open`, after `close`).
     img: Option<Arc<dyn BlockDevice>>,
+    /// How it was opened (for `reopen`).
+    params: Option<OpenParams>,
     aio: JoinSet<()>,
     failed: bool,
+}
+
+/// How the image was opened: what `reopen` changes and opens again.
+#[derive(Clone)]
+struct OpenParams {
+    path: String,
+    format: Option<String>,
+    image_opts: bool,
+    read_only: bool,
+    cache: Option<String>,
+    runtime: Vec<String>,
+    force_share: bool,
+    aio: Option<String>,
+    snapshot: bool,
+}
+
+impl OpenParams {
+    async fn open(&self) -> qimg::Result<Dev> {
+        open_image_args(
+            &ImageArgs {
+                image_opts: self.image_opts,
+                path: &self.path,
+                format: self.format.as_deref(),
+                read_only: self.read_only,
+                cache: self.cache.as_deref(),
+                runtime_opts: &self.runtime,
+                no_backing: false,
+                batch: false,
+                force_share: self.force_share,
+                metadata_only: false,
+                aio: self.aio.as_deref(),
+            },
+            self.snapshot,
+        )
+        .await
+    }
 }
 
 type Dev = Arc<dyn BlockDevice>;
@@ -162,6 +198,7 @@ fn is_image_command(name: &str) -> bool {
             | "a"
             | "map"
             | "truncate"
+            | "reopen"
             | "t"
     )
 }
@@ -434,6 +471,7 @@ impl Session {
                 false
             }
             "close" | "c" => self.close().await,
+            "reopen" if self.img.is_some() => self.reopen(args).await,
             _ => match self.img.clone() {
                 Some(img) => self.image_command(&img, name, args).await,
                 None if is_image_command(name) => {
@@ -603,30 +641,139 @@ impl Session {
             println!("{USAGE}");
             return false;
         };
-        let opened = open_image_args(
-            &ImageArgs {
-                image_opts: false,
-                path,
-                format: None,
-                read_only,
-                cache: cache.as_deref(),
-                runtime_opts: &options,
-                no_backing: false,
-                batch: false,
-                force_share,
-                metadata_only: false,
-                aio: aio.as_deref(),
-            },
+        let params = OpenParams {
+            path: path.to_string(),
+            format: None,
+            image_opts: false,
+            read_only,
+            cache,
+            runtime: options,
+            force_share,
+            aio,
             snapshot,
-        )
-        .await;
-        match opened {
+        };
+        match params.open().await {
             Ok(img) => {
                 self.img = Some(img);
+                self.params = Some(params);
                 true
             }
             Err(e) => {
                 eprintln!("{}: can't open device {path}: {e}", prog());
+                false
+            }
+        }
+    }
+
+    /// `reopen [(-r|-w)] [-c cache] [-o options]`: closes the image and opens it again with the
+    /// changed options. Options are checked before the image is closed; if opening with them
+    /// fails anyway, the image is opened again as it was.
+    async fn reopen(&mut self, args: &[&str]) -> bool {
+        const USAGE: &str =
+            "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options";
+        let Some(old) = self.params.clone() else {
+            eprintln!("no file open, try 'help open'");
+            return false;
+        };
+        let (mut ro, mut rw) = (false, false);
+        let mut cache = None;
+        let mut options = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i];
+            i += 1;
+            if a.len() < 2 || !a.starts_with('-') {
+                println!("{USAGE}");
+                return false;
+            }
+            let mut chars = a[1..].chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    'r' => ro = true,
+                    'w' => rw = true,
+                    'c' | 'o' => {
+                        let rest: String = chars.by_ref().collect();
+                        let value = if !rest.is_empty() {
+                            rest
+                        } else if i < args.len() {
+                            i += 1;
+                            args[i - 1].to_string()
+                        } else {
+                            println!("{USAGE}");
+                            return false;
+                        };
+                        if c == 'c' {
+                            cache = Some(value);
+                        } else {
+                            options.push(value);
+                        }
+                    }
+                    other => {
+                        eprintln!("reopen: invalid option -- '{other}'");
+                        println!("{USAGE}");
+                        return false;
+                    }
+                }
+            }
+        }
+        if ro && rw {
+            eprintln!("{}: Only one -r/-w option may be given", prog());
+            return false;
+        }
+        if old.snapshot {
+            eprintln!(
+                "{}: Cannot reopen a temporary snapshot overlay (-s): its writes would be lost",
+                prog()
+            );
+            return false;
+        }
+        if let Some(c) = &cache {
+            if qimg::block::CacheMode::parse(c).is_err() {
+                eprintln!("{}: Invalid cache option: {c}", prog());
+                return false;
+            }
+        }
+        let mut new = old.clone();
+        if ro || rw {
+            new.read_only = ro;
+        }
+        if cache.is_some() {
+            new.cache = cache;
+        }
+        new.runtime.extend(options);
+        // Refuse bad options while the image is still open.
+        let check = ImageArgs {
+            image_opts: new.image_opts,
+            path: &new.path,
+            format: new.format.as_deref(),
+            read_only: new.read_only,
+            cache: new.cache.as_deref(),
+            runtime_opts: &new.runtime,
+            no_backing: false,
+            batch: false,
+            force_share: new.force_share,
+            metadata_only: false,
+            aio: new.aio.as_deref(),
+        };
+        if let Err(e) = super::opts::open_options(&check) {
+            eprintln!("{}: {e}", prog());
+            return false;
+        }
+        if !self.close().await {
+            return false;
+        }
+        match new.open().await {
+            Ok(img) => {
+                self.img = Some(img);
+                self.params = Some(new);
+                true
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", prog());
+                if let Ok(img) = old.open().await {
+                    self.img = Some(img);
+                    self.params = Some(old);
+                }
                 false
             }
         }
