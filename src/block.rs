@@ -375,6 +375,11 @@ pub struct OpenOptions {
     /// The format of the image's own backing file, instead of what the image names
     /// (QEMU's `backing.driver=` runtime option).
     pub backing_format: Option<Format>,
+    /// QEMU's block-layer `discard=` option for the image (not its backing files): see
+    /// [`crate::block_options`]. `None`: discards reach the image.
+    pub discard: Option<crate::block_options::Discard>,
+    /// QEMU's block-layer `detect-zeroes=` option. `None`: off.
+    pub detect_zeroes: Option<crate::block_options::DetectZeroes>,
 }
 
 impl OpenOptions {
@@ -419,7 +424,23 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
         ));
     }
     let mut seen = Vec::new();
-    open_layer(path, opts, 0, &mut seen).await
+    let img = open_layer(path, opts, 0, &mut seen).await?;
+    if opts.discard.is_none() && opts.detect_zeroes.is_none() {
+        return Ok(img);
+    }
+    use crate::block_options::{DetectZeroes, Discard, WithOptions};
+    let wrapped = WithOptions::wrap(
+        img.clone(),
+        opts.discard.unwrap_or(Discard::Unmap),
+        opts.detect_zeroes.unwrap_or(DetectZeroes::Off),
+    );
+    match wrapped {
+        Ok(w) => Ok(w),
+        Err(e) => {
+            let _ = img.close().await;
+            Err(e)
+        }
+    }
 }
 
 fn open_layer<'a>(
@@ -517,6 +538,9 @@ fn open_layer<'a>(
                         metadata_only: opts.metadata_only,
                         writable_backing_depth: opts.writable_backing_depth,
                         backing_format: None,
+                        // Block-layer options belong to the top image only.
+                        discard: None,
+                        detect_zeroes: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

@@ -7,6 +7,7 @@
 //! - the `qimg` binary (`src/main.rs`, `src/cli/`): qemu-img compatible commands.
 
 pub mod block;
+pub mod block_options;
 pub mod buf;
 pub mod chain;
 pub mod cpu;

@@ -1182,3 +1182,71 @@ fn reopen_like_qemu_io() {
         assert_eq!(outs[0], outs[1], "{flags:?} {cmds:?}");
     }
 }
+
+/// The block layer's `discard=` and `detect-zeroes=` options (in `--image-opts` lists): the same
+/// writes and discards through qemu-io and qimg io leave the same map, and bad values get
+/// qemu-io's messages.
+#[test]
+fn discard_and_detect_zeroes_options_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 4] = [
+        (
+            "discard=unmap,detect-zeroes=unmap",
+            &["write -P 1 0 1M", "write -P 0 0 128k", "write -P 0 300k 8k"],
+        ),
+        (
+            "detect-zeroes=on",
+            &["write -P 1 0 1M", "write -P 0 0 128k", "write -P 0 1M 64k"],
+        ),
+        ("discard=ignore", &["write -P 1 0 1M", "discard 0 512k"]),
+        ("discard=unmap", &["write -P 1 0 1M", "discard 0 512k"]),
+    ];
+    for (opts, cmds) in cases {
+        let mut seen = Vec::new();
+        for tool in ["qemu-io", QIMG] {
+            let p = dir.path().join(format!("d{}.qcow2", seen.len()));
+            qemu_create(&p, "", 4 << 20, &[]);
+            let spec = format!("driver=qcow2,file.filename={},{opts}", p.display());
+            let mut args: Vec<&str> = if tool == QIMG { vec!["io"] } else { vec![] };
+            args.extend_from_slice(&["--image-opts", &spec]);
+            for c in cmds {
+                args.extend_from_slice(&["-c", c]);
+            }
+            let o = run(tool, &args);
+            assert!(o.status.success(), "{tool} {opts}: {}", text(&o));
+            qemu_check_clean(&p);
+            let m = run("qemu-img", &["map", "--output=json", p.to_str().unwrap()]);
+            let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+            let view: Vec<String> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} {} present={} zero={} data={}",
+                        e["start"], e["length"], e["present"], e["zero"], e["data"]
+                    )
+                })
+                .collect();
+            seen.push(view);
+        }
+        assert_eq!(seen[0], seen[1], "{opts}");
+    }
+    let p = dir.path().join("e.qcow2");
+    qemu_create(&p, "", 1 << 20, &[]);
+    for bad in [
+        "detect-zeroes=maybe",
+        "discard=bad",
+        "detect-zeroes=unmap,discard=ignore",
+    ] {
+        let spec = format!("driver=qcow2,file.filename={},{bad}", p.display());
+        let theirs = run("qemu-io", &["--image-opts", &spec, "-c", "write 0 4k"]);
+        let ours = qimg(&["io", "--image-opts", &spec, "-c", "write 0 4k"]);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{bad}");
+        assert_eq!(
+            stderr(&ours),
+            String::from_utf8_lossy(&theirs.stderr).replace("qemu-io:", "PROG:"),
+            "{bad}"
+        );
+    }
+}

@@ -207,6 +207,8 @@ async fn open_file(
         metadata_only: false,
         writable_backing_depth: None,
         backing_format: None,
+        discard: None,
+        detect_zeroes: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -4,6 +4,7 @@
 use qimg::block::{
     open_image, Aio, BlockDevice, CacheMode, Format, LockOptions, Locking, OpenOptions,
 };
+use qimg::block_options::{DetectZeroes, Discard};
 use qimg::qcow2::Qcow2Options;
 use qimg::size::{parse_size, SizeError};
 use qimg::Result;
@@ -44,42 +45,63 @@ pub fn parse_kv_list(s: &str) -> Vec<(String, String)> {
 /// (QEMU spells it `file.locking` below a format driver; both are taken). Unknown keys are
 /// refused with QEMU's message.
 pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
-    let (qcow2, locking, backing) = runtime_options_with_backing(lists)?;
-    if let Some(f) = backing {
+    let r = runtime_options_with_backing(lists)?;
+    if let Some(f) = r.backing_format {
         return Err(qimg::Error::arg(format!(
             "Option 'backing.driver={}' is not supported here",
             f.name()
         )));
     }
-    Ok((qcow2, locking))
+    if r.discard.is_some() || r.detect_zeroes.is_some() {
+        return Err(qimg::Error::arg(
+            "Options 'discard' and 'detect-zeroes' are not supported here",
+        ));
+    }
+    Ok((r.qcow2, r.locking))
 }
 
-/// [`runtime_options`], and `backing.driver=FMT`: the backing file's format, instead of what
-/// the image names.
-pub fn runtime_options_with_backing(
-    lists: &[String],
-) -> Result<(Qcow2Options, Locking, Option<Format>)> {
-    let mut qcow2 = Qcow2Options::default();
-    let mut locking = Locking::default();
-    let mut backing = None;
+/// What runtime option lists say.
+pub struct Runtime {
+    pub qcow2: Qcow2Options,
+    pub locking: Locking,
+    /// `backing.driver=FMT`: the backing file's format, instead of what the image names.
+    pub backing_format: Option<Format>,
+    /// The block layer's `discard=` and `detect-zeroes=` (see `qimg::block_options`).
+    pub discard: Option<Discard>,
+    pub detect_zeroes: Option<DetectZeroes>,
+}
+
+/// [`runtime_options`], with `backing.driver=`, `discard=` and `detect-zeroes=`.
+pub fn runtime_options_with_backing(lists: &[String]) -> Result<Runtime> {
+    let mut r = Runtime {
+        qcow2: Qcow2Options::default(),
+        locking: Locking::default(),
+        backing_format: None,
+        discard: None,
+        detect_zeroes: None,
+    };
     for list in lists {
         for (k, v) in parse_kv_list(list) {
             if k == "backing.driver" {
-                backing = Some(
+                r.backing_format = Some(
                     Format::parse(&v)
                         .map_err(|_| qimg::Error::unsupported(format!("Unknown driver '{v}'")))?,
                 );
             } else if k == "locking" || k == "file.locking" {
-                locking = Locking::parse(&v)?;
-            } else if !qcow2.set(&k, &v)? {
-                // Every runtime option taken here is the qcow2 driver's or the file's.
+                r.locking = Locking::parse(&v)?;
+            } else if k == "discard" {
+                r.discard = Some(Discard::parse(&v)?);
+            } else if k == "detect-zeroes" {
+                r.detect_zeroes = Some(DetectZeroes::parse(&v)?);
+            } else if !r.qcow2.set(&k, &v)? {
+                // Every other runtime option taken here is the qcow2 driver's or the file's.
                 return Err(qimg::Error::arg(format!(
                     "Block format 'qcow2' does not support the option '{k}'"
                 )));
             }
         }
     }
-    Ok((qcow2, locking, backing))
+    Ok(r)
 }
 
 /// Everything needed to open an image from the command line.
@@ -139,7 +161,13 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         .unwrap_or_default();
     let mut lists = spec.runtime.clone();
     lists.extend(a.runtime_opts.iter().cloned());
-    let (qcow2, locking, backing_format) = runtime_options_with_backing(&lists)?;
+    let Runtime {
+        qcow2,
+        locking,
+        backing_format,
+        discard,
+        detect_zeroes,
+    } = runtime_options_with_backing(&lists)?;
     let opts = OpenOptions {
         format,
         probe: format.is_none(),
@@ -155,6 +183,8 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         metadata_only: a.metadata_only,
         aio: a.aio.map(parse_aio).transpose()?.unwrap_or_default(),
         backing_format,
+        discard,
+        detect_zeroes,
         ..Default::default()
     };
     Ok((spec.path, opts))
