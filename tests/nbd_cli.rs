@@ -444,3 +444,46 @@ fn unsupported_options_are_refused() {
         assert!(!sock.exists(), "{extra:?}: the server started");
     }
 }
+
+/// A server started on the socket path of one that has not ended yet (a script that restarts a
+/// server does not wait for the old one, as the iotests' `_make_test_img`): the old server, once
+/// it has closed its image, must not remove the new server's socket.
+#[test]
+fn a_restarted_server_keeps_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let a_img = dir.path().join("a.qcow2");
+    let b_img = dir.path().join("b.qcow2");
+    qemu_create(&a_img, "", 64 << 20, &[]);
+    qemu_create(&b_img, "", 64 << 20, &[]);
+    let a_pid = dir.path().join("a.pid");
+    let b_pid = dir.path().join("b.pid");
+    let pid_arg = format!("--pid-file={}", s(&a_pid));
+    let o = start_forked(
+        "qimg",
+        &["-t", "-f", "qcow2", "-k", s(&sock), &pid_arg, s(&a_img)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let a = read_pid(&a_pid);
+    // B takes over the path while A still runs; then A ends.
+    let pid_arg = format!("--pid-file={}", s(&b_pid));
+    let o = start_forked(
+        "qimg",
+        &["-t", "-f", "qcow2", "-k", s(&sock), &pid_arg, s(&b_img)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    kill(a);
+    wait_gone(a, "the old server");
+    assert!(sock.exists(), "the old server removed the new one's socket");
+    let o = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write 0 4k", &sock_uri(&sock)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let b = read_pid(&b_pid);
+    kill(b);
+    wait_gone(b, "the new server");
+    assert!(!sock.exists(), "the last server leaves no socket behind");
+    qemu_check_clean(&a_img);
+    qemu_check_clean(&b_img);
+}

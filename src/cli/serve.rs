@@ -328,19 +328,20 @@ async fn serve(a: Args) -> Result<u8> {
             return Err(Error::io(format!("Failed to listen on {listen}"), e));
         }
     };
+    let socket_id = listen.socket_id();
     // Signal handlers first: a client may stop us as soon as it has read the address.
     let shutdown = match shutdown_signal() {
         Ok(s) => s,
         Err(e) => {
             let _ = img.close().await;
-            listen.remove_socket();
+            listen.remove_socket(socket_id);
             return Err(e);
         }
     };
     if let Some(p) = &a.pid_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
             let _ = img.close().await;
-            listen.remove_socket();
+            listen.remove_socket(socket_id);
             return Err(Error::io(
                 format!("Failed to write pid file '{}'", p.display()),
                 e,
@@ -375,7 +376,7 @@ async fn serve(a: Args) -> Result<u8> {
     tracing::info!("nbd: served {} connection(s)", report.connections);
     let closed = img.close().await;
     // Only now: a client that waits for the socket to disappear may then open the image.
-    listen.remove_socket();
+    listen.remove_socket(socket_id);
     closed?;
     Ok(0)
 }

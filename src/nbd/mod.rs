@@ -34,5 +34,5 @@ pub mod transmission;
 mod tests;
 
 pub use export::{DetectZeroes, DiscardMode, Export, ExportConfig};
-pub use server::{Listen, ServeReport, Server, ServerConfig};
+pub use server::{Listen, ServeReport, Server, ServerConfig, SocketId};
 pub use transmission::Limits;

@@ -69,12 +69,31 @@ impl Listen {
     }
 }
 
+/// Which file a Unix socket is (device and inode), to remove only our own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketId(u64, u64);
+
 impl Listen {
-    /// Removes the socket file of a Unix listener (after the server ended and the image was
-    /// closed, so that a script that waits for the socket to go away may then use the image).
-    pub fn remove_socket(&self) {
-        if let Listen::Unix(p) = self {
-            let _ = std::fs::remove_file(p);
+    /// The identity of the socket file of a Unix listener.
+    pub fn socket_id(&self) -> Option<SocketId> {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Listen::Unix(p) => std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| SocketId(m.dev(), m.ino())),
+            Listen::Tcp(_) => None,
+        }
+    }
+
+    /// Removes the socket file of a Unix listener if it is still the one `id` names (after the
+    /// server ended and the image was closed, so that a script that waits for the socket to go
+    /// away may then use the image). A socket another server has bound at the same path since
+    /// (a script that restarts a server does not wait for the old one to end) is left alone.
+    pub fn remove_socket(&self, id: Option<SocketId>) {
+        if let (Listen::Unix(p), Some(id)) = (self, id) {
+            if self.socket_id() == Some(id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
