@@ -59,6 +59,15 @@ fn wait_gone(pid: i32, what: &str) {
     }
 }
 
+/// Waits until a server that ends by itself has removed its socket (it does so last).
+fn wait_socket_gone(sock: &Path, what: &str) {
+    let t = Instant::now();
+    while sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what} did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn read_pid(p: &Path) -> i32 {
     std::fs::read_to_string(p)
         .unwrap_or_else(|e| panic!("pid file {}: {e}", p.display()))
@@ -291,11 +300,7 @@ fn snapshot_mode_keeps_the_image() {
         "{}",
         text(&o)
     );
-    let t = Instant::now();
-    while sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "server did not end");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_socket_gone(&sock, "qimg serve");
     let left: Vec<PathBuf> = std::fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -359,14 +364,7 @@ fn detect_zeroes_like_qemu_nbd() {
                 ],
             );
             assert!(o.status.success(), "{}", text(&o));
-            let t = Instant::now();
-            while sock.exists() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(10),
-                    "{server} did not end"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            wait_socket_gone(&sock, server);
             qemu_check_clean(&img);
             let m = run(
                 "qemu-img",
