@@ -11,6 +11,7 @@ pub mod block_options;
 pub mod buf;
 pub mod chain;
 pub mod cpu;
+pub mod dirty_bitmap;
 pub mod error;
 pub mod format;
 #[doc(hidden)]

@@ -17,6 +17,7 @@
 pub mod amend;
 mod backing_file;
 mod barrier;
+mod bitmaps;
 pub mod cache;
 pub mod check;
 mod cleaner;
@@ -59,6 +60,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub use bitmaps::BitmapInfo;
 pub use check::{CheckReport, Fix};
 pub use create::{create, CreateOptions, Preallocation};
 
@@ -219,6 +221,8 @@ pub struct Qcow2 {
     filename: String,
     pub(crate) closed: AtomicBool,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Persistent dirty bitmaps (`bitmaps`).
+    pub(crate) bitmaps: bitmaps::Bitmaps,
     /// What the repair of a dirty image at open found and did, in QEMU's words (QEMU prints
     /// them while opening; the command line prints them from here).
     repair_messages: Mutex<Vec<String>>,
@@ -347,12 +351,23 @@ impl Qcow2 {
             corrupt_bit_written: AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
             repair_messages: Mutex::new(Vec::new()),
+            bitmaps: bitmaps::Bitmaps::default(),
             hdr: HeaderStore::new(h),
         };
 
         if !read_only {
             img.map_metadata(&img.hdr.with(|h| h.clone()));
             img.prepare_for_writing(opts.for_check).await?;
+        }
+        if opts.for_check {
+            // A broken directory must not keep `check` from running: it reports it.
+            if let Err(e) = img.open_bitmaps(false).await {
+                tracing::debug!("{}: bitmaps not loaded: {e}", img.filename);
+            }
+        } else if let Err(e) = img.open_bitmaps(!read_only).await {
+            // Nothing was changed on disk before the failure; the handle goes away.
+            img.closed.store(true, Relaxed);
+            return Err(e);
         }
         Ok(img)
     }
@@ -434,12 +449,22 @@ impl Qcow2 {
     /// Read-write open: clear autoclear bits we do not maintain, repair a dirty image (unless
     /// the image is opened to be checked).
     async fn prepare_for_writing(&self, for_check: bool) -> Result<()> {
+        use crate::format::header::{autoclear, Extension};
         let h = self.hdr.get();
-        if h.version >= 3 && h.autoclear_features != 0 {
-            // We maintain none of the autoclear features (bitmaps, raw external data): clearing
-            // the bits tells other programs their data can no longer be trusted.
+        // Bitmaps we maintain (`bitmaps`); any other autoclear feature (raw external data,
+        // unknown ones) we do not: clearing the bit tells other programs its data can no
+        // longer be trusted. A bitmaps extension whose bit a program lacking bitmap support
+        // cleared is stale: it is dropped.
+        let keep = autoclear::BITMAPS;
+        let stale_bitmaps = h.bitmaps().is_some() && h.autoclear_features & autoclear::BITMAPS == 0;
+        if h.version >= 3 && (h.autoclear_features & !keep != 0 || stale_bitmaps) {
             self.hdr
-                .update(&self.w, |h| h.autoclear_features = 0)
+                .update(&self.w, |h| {
+                    h.autoclear_features &= keep;
+                    if h.autoclear_features & autoclear::BITMAPS == 0 {
+                        h.extensions.retain(|e| !matches!(e, Extension::Bitmaps(_)));
+                    }
+                })
                 .await?;
             self.w.barrier.sync_now().await?;
         }
@@ -672,7 +697,12 @@ impl Qcow2 {
         }
         if !self.read_only && !self.w.barrier.is_corrupt() {
             // After a failed flush this fails: closing must not report durability it lacks.
-            if let Err(e) = self.flush_for_close().await {
+            // Bitmaps that cannot be stored stay `in-use` on disk: inconsistent, never wrong.
+            let stored = match self.store_bitmaps().await {
+                Ok(()) => self.flush_for_close().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
                 return Err(match e {
                     e @ Error::Corrupt(_) => self.signal_corruption(e).await,
                     e => e,

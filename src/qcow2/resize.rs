@@ -71,6 +71,9 @@ impl Qcow2 {
         }
         let _op = self.resize_op.lock().await;
         let old = self.virtual_size();
+        if new_size != old {
+            self.check_bitmaps_resizable()?;
+        }
         if self.version() < 3 && !self.snapshots().is_empty() && new_size != old {
             // Version 2 snapshot entries need not record their disk size: a snapshot taken at
             // another size could not be told apart (QEMU's rule).
@@ -128,6 +131,7 @@ impl Qcow2 {
             self.hdr.update(&self.w, |h| h.size = new_size).await?;
             self.w.barrier.sync_now().await?;
             self.size.store(new_size, Relaxed);
+            self.resize_bitmaps(new_size);
         }
         // After `falloc` or `full` preallocation the new area reads zeros already (data
         // clusters, as QEMU leaves them); otherwise zero clusters hide the backing file.
@@ -224,6 +228,7 @@ impl Qcow2 {
         {
             let _exclusive = self.resize_lock.write().await;
             self.size.store(new_size, Relaxed);
+            self.resize_bitmaps(new_size);
         }
         if let Some(seq) = &self.seq {
             // Cached clusters past the new end must not be read back after a later growth.
@@ -235,7 +240,11 @@ impl Qcow2 {
                 // The header still says `old` (it is written last): so does memory. What was
                 // cut already reads as zeros.
                 if self.hdr.with(|h| h.size) == old {
+                    let _exclusive = self.resize_lock.write().await;
                     self.size.store(old, Relaxed);
+                    // The cut area may read differently now: dirty, not lost.
+                    self.resize_bitmaps(old);
+                    self.mark_dirty(new_size, old - new_size);
                 }
                 Err(e)
             }

@@ -173,6 +173,7 @@ impl Qcow2 {
         };
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.virtual_size())?;
+        self.mark_dirty_locked(offset, data.len() as u64).await;
         let cs = seq.cs;
         let mut pos = 0usize;
         while pos < data.len() {

@@ -189,7 +189,7 @@ impl Qcow2 {
 
     /// Allocates clusters for a new table, writes `bytes` there and makes the allocation's
     /// refcounts durable-ordered (no sync). On failure the clusters are released.
-    async fn allocate_and_write(&self, bytes: &[u8]) -> Result<HostOffset> {
+    pub(crate) async fn allocate_and_write(&self, bytes: &[u8]) -> Result<HostOffset> {
         let clusters = (bytes.len() as u64).div_ceil(self.geo.cluster_size());
         let alloc = self.rc.allocate(&self.w, &self.hdr, clusters).await?;
         let off = self.geo.host_offset(alloc.start);
@@ -207,7 +207,7 @@ impl Qcow2 {
 
     /// Takes the reference of a table that was allocated but never linked anywhere (best
     /// effort: a failure leaves a leak).
-    async fn free_table_clusters(&self, off: HostOffset, len: u64) {
+    pub(crate) async fn free_table_clusters(&self, off: HostOffset, len: u64) {
         if len == 0 {
             return;
         }
@@ -308,6 +308,14 @@ impl Qcow2 {
     pub async fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         self.check_writable()?;
         let sn = self.find_snapshot(id_or_name).ok_or_else(not_found)?;
+        if self.has_bitmaps() {
+            // QEMU's rule (EBUSY): no write would record the change of content, and a backup
+            // trusting the bitmaps would miss it.
+            return Err(Error::io(
+                "Device has active dirty bitmaps",
+                std::io::Error::from_raw_os_error(16),
+            ));
+        }
         self.flush_seq_cache().await?;
         let _x = self.resize_lock.write().await;
         let r = self.apply_exclusive(&sn).await;

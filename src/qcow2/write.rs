@@ -74,6 +74,7 @@ impl Qcow2 {
         self.apply_frees_if_overdue().await?;
         {
             let _resize = self.resize_lock.read().await;
+            self.mark_dirty(offset, data.len() as u64);
             let mut pos = 0usize;
             while pos < data.len() {
                 let off = offset + pos as u64;

@@ -53,6 +53,7 @@ impl Qcow2 {
         if len == 0 {
             return Ok(());
         }
+        self.mark_dirty_locked(offset, len).await;
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let size = self.virtual_size();
@@ -171,6 +172,8 @@ impl Qcow2 {
     pub(crate) async fn discard_plain(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.virtual_size())?;
+        // The whole range, as QEMU marks it: what a discard leaves may read differently.
+        self.mark_dirty_locked(offset, len).await;
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let astart = offset.next_multiple_of(cs);
