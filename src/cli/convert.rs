@@ -87,6 +87,12 @@ pub struct Args {
     /// snapshot.id=ID[,snapshot.name=NAME]
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
+    /// Copy the persistent dirty bitmaps of the source (qcow2 to qcow2)
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: leave out inconsistent bitmaps (with a warning) instead of failing
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source file(s) and the target file (last)
     files: Vec<String>,
 }
@@ -146,6 +152,66 @@ fn parse_sparse(s: &str) -> Result<u64> {
     Ok(n)
 }
 
+/// `--bitmaps`, before the target is created: the source can have bitmaps, and none that would
+/// be copied is inconsistent (unless they are to be skipped). Bitmaps are visited in the order
+/// qemu-img visits them (the reverse of the directory), so the same one is named first.
+fn check_bitmaps(src: &dyn BlockDevice, skip_broken: bool) -> Result<()> {
+    let Some(q) = src.as_qcow2() else {
+        return Err(Error::arg("Source lacks bitmap support"));
+    };
+    if skip_broken {
+        return Ok(());
+    }
+    if let Some(b) = q.bitmap_list().iter().rev().find(|b| b.in_use) {
+        return Err(Error::arg(format!(
+            "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+            b.name
+        )));
+    }
+    Ok(())
+}
+
+/// `--bitmaps`, after the data: every consistent bitmap of the source is created in the target
+/// (same name, granularity and state, in the source's order) with the source's bits. The copy's
+/// own writes do not dirty them: they are created afterwards.
+async fn copy_bitmaps(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    skip_broken: bool,
+) -> Result<()> {
+    let (Some(sq), Some(dq)) = (src.as_qcow2(), dst.as_qcow2()) else {
+        return Ok(());
+    };
+    let list = sq.bitmap_list();
+    for b in list.iter().rev().filter(|b| b.in_use) {
+        if skip_broken {
+            eprintln!(
+                "{}: warning: Skipping inconsistent bitmap '{}'",
+                super::prog(),
+                b.name
+            );
+        }
+    }
+    for b in list.iter().filter(|b| !b.in_use) {
+        dq.bitmap_add(&b.name, Some(b.granularity), b.enabled)
+            .await
+            .map_err(|e| Error::arg(format!("Failed to create bitmap {}: {e}", b.name)))?;
+        let populated = async {
+            let bits = sq.bitmap_bits(&b.name).await?;
+            dq.bitmap_merge(&b.name, &bits).await
+        }
+        .await;
+        if let Err(e) = populated {
+            let _ = dq.bitmap_remove(&b.name).await;
+            return Err(Error::arg(format!(
+                "Failed to populate bitmap {}: {e}",
+                b.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One source image at a position of the concatenated input.
 struct Source {
     img: Arc<dyn BlockDevice>,
@@ -156,10 +222,20 @@ async fn convert(a: &Args) -> Result<()> {
     if a.target_is_zero && !a.no_create {
         return Err(Error::arg("--target-is-zero requires use of -n flag"));
     }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(Error::arg(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
+    }
     let (target, sources) = match a.files.split_last() {
         Some((t, s)) if !s.is_empty() => (t, s),
         _ => return Err(Error::arg("Must specify image file name")),
     };
+    if a.bitmaps && sources.len() > 1 {
+        return Err(Error::arg(
+            "Copying bitmaps only possible with single source",
+        ));
+    }
     let snapshot = a
         .snapshot
         .as_deref()
@@ -217,6 +293,9 @@ async fn convert(a: &Args) -> Result<()> {
     }
     // Whether the target's clusters are all still to be allocated (a new qcow2 target without
     // preallocation).
+    if a.bitmaps {
+        check_bitmaps(&*srcs[0].img, a.skip_broken_bitmaps)?;
+    }
     let mut fresh_clusters = false;
     // The target's backing file: `-B`, or `-o backing_file=` (the same thing for qemu-img: only
     // what the source's top layer holds is copied either way).
@@ -260,6 +339,17 @@ async fn convert(a: &Args) -> Result<()> {
     })
     .await
     .map_err(|e| Error::arg(format!("Could not open '{target}': {e}")))?;
+    if a.bitmaps && dst.as_qcow2().is_none_or(|q| q.version() < 3) {
+        let _ = dst.close().await;
+        return Err(Error::arg(format!(
+            "Format driver '{}' does not support bitmaps",
+            if format == Format::Qcow2 {
+                "qcow2"
+            } else {
+                format.name()
+            }
+        )));
+    }
     if dst.size() < total {
         return Err(Error::arg(format!(
             "Target image size {} is smaller than the source ({total})",
@@ -324,6 +414,9 @@ async fn convert(a: &Args) -> Result<()> {
     }
     job.progress.finish();
     result?;
+    if a.bitmaps {
+        copy_bitmaps(&*job.srcs[0].img, &*dst, a.skip_broken_bitmaps).await?;
+    }
     dst.close().await?;
     for s in &job.srcs {
         s.img.close().await?;

@@ -81,13 +81,73 @@ pub async fn run(a: Args) -> u8 {
     0
 }
 
-/// JSON with 4-space indentation, as qemu-img prints it.
+/// JSON with 4-space indentation, as qemu-img prints it (QEMU's own writer: empty arrays and
+/// objects still open and close on separate lines, non-ASCII characters escaped).
 pub fn pretty(v: &Value) -> String {
-    let mut out = Vec::new();
-    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
-    serde::Serialize::serialize(v, &mut ser).expect("JSON values always serialize");
-    String::from_utf8(out).unwrap_or_default()
+    let mut out = String::new();
+    write_json(&mut out, v, 0);
+    out
+}
+
+fn write_json(out: &mut String, v: &Value, level: usize) {
+    let indent = |out: &mut String, level: usize| out.push_str(&"    ".repeat(level));
+    match v {
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, v)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push('\n');
+                indent(out, level + 1);
+                write_string(out, k);
+                out.push_str(": ");
+                write_json(out, v, level + 1);
+            }
+            out.push('\n');
+            indent(out, level);
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push('\n');
+                indent(out, level + 1);
+                write_json(out, v, level + 1);
+            }
+            out.push('\n');
+            indent(out, level);
+            out.push(']');
+        }
+        Value::String(s) => write_string(out, s),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || (c as u32) >= 0x7f => {
+                let mut buf = [0u16; 2];
+                for u in c.encode_utf16(&mut buf) {
+                    out.push_str(&format!("\\u{:04X}", u));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn file_length(img: &dyn BlockDevice) -> u64 {
@@ -147,6 +207,16 @@ fn info_json(img: &dyn BlockDevice) -> Value {
         data.insert("compression-type".into(), json!(h.compression_type.name()));
         if h.version >= 3 {
             data.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+            let bitmaps = q.bitmap_list();
+            if !bitmaps.is_empty() {
+                data.insert(
+                    "bitmaps".into(),
+                    bitmaps
+                        .iter()
+                        .map(|b| json!({"flags": bitmap_flags(b), "name": b.name, "granularity": b.granularity}))
+                        .collect(),
+                );
+            }
         }
         data.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if h.version >= 3 {
@@ -166,6 +236,18 @@ fn info_json(img: &dyn BlockDevice) -> Value {
         m.insert("dirty-flag".into(), json!(false));
     }
     Value::Object(m)
+}
+
+/// A bitmap's flags by qemu-img's names, in its order.
+fn bitmap_flags(b: &qimg::qcow2::BitmapInfo) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if b.in_use {
+        f.push("in-use");
+    }
+    if b.enabled {
+        f.push("auto");
+    }
+    f
 }
 
 fn snapshot_json(s: &Snapshot) -> Value {
@@ -226,6 +308,20 @@ fn info_human(img: &dyn BlockDevice) -> String {
         s += &format!("    compression type: {}\n", h.compression_type.name());
         if h.version >= 3 {
             s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
+            let bitmaps = q.bitmap_list();
+            if !bitmaps.is_empty() {
+                s += "    bitmaps:\n";
+                for (i, b) in bitmaps.iter().enumerate() {
+                    s += &format!("        [{i}]:\n            flags:\n");
+                    for (k, f) in bitmap_flags(b).iter().enumerate() {
+                        s += &format!("                [{k}]: {f}\n");
+                    }
+                    s += &format!(
+                        "            name: {}\n            granularity: {}\n",
+                        b.name, b.granularity
+                    );
+                }
+            }
         }
         s += &format!("    refcount bits: {}\n", h.refcount_bits());
         if h.version >= 3 {

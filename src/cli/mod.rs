@@ -3,6 +3,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -71,6 +72,8 @@ enum Command {
     Snapshot(snapshot::Args),
     /// Change an image's format options (version, refcount width, lazy refcounts, size)
     Amend(amend::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps
+    Bitmap(bitmap::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -120,6 +123,7 @@ pub fn main() -> ExitCode {
             Command::Dd(a) => dd::run(a).await,
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Amend(a) => amend::run(a).await,
+            Command::Bitmap(a) => bitmap::run(a).await,
         }
     });
     ExitCode::from(code)

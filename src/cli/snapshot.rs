@@ -126,6 +126,10 @@ pub async fn run(a: Args) -> u8 {
                 }
             }
         }
+        // QEMU refuses it before the driver sees it, and says so without an errno.
+        Action::Apply(name) if q.is_some_and(|q| q.has_bitmaps()) => fail(format!(
+            "Could not apply snapshot '{name}': Device has active dirty bitmaps"
+        )),
         Action::Apply(name) => {
             let r = match q {
                 Some(q) => q.snapshot_apply(name).await,
