@@ -99,8 +99,9 @@ pub struct Args {
     /// qemu-nbd's offset into the image: not supported (refused)
     #[arg(long = "offset", hide = true)]
     offset: Option<String>,
-    /// qemu-nbd's persistent dirty bitmap export: not supported yet (refused)
-    #[arg(short = 'B', long = "bitmap", hide = true)]
+    /// Export persistent dirty bitmap NAME as metadata context qemu:dirty-bitmap:NAME
+    /// (repeatable; looked up in the image, then down its backing chain)
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmap: Vec<String>,
     /// QEMU objects: not supported (refused)
     #[arg(long = "object", hide = true)]
@@ -154,14 +155,43 @@ pub async fn run(a: Args) -> u8 {
     code
 }
 
+/// The bitmaps of `-B`, each found in the image or else down its backing chain (qemu-nbd's
+/// lookup), with qemu-nbd's messages for a missing or inconsistent one. Listed in qemu-nbd's
+/// order (the last `-B` first), which gives the same context ids.
+async fn export_bitmaps(
+    img: &Arc<dyn qimg::BlockDevice>,
+    names: &[String],
+) -> Result<Vec<(String, Arc<qimg::dirty_bitmap::DirtyBitmap>)>> {
+    let mut out = Vec::new();
+    for name in names.iter().rev() {
+        let mut layer = Some(img.clone());
+        let mut found = None;
+        while let Some(l) = layer {
+            if let Some(q) = l.as_qcow2() {
+                if q.bitmap_inconsistent(name).is_some() {
+                    found = Some(q.bitmap_bits(name).await.map_err(|e| {
+                        // The hint that follows QEMU's message is not printed by qemu-nbd.
+                        let msg = e.to_string();
+                        Error::arg(msg.lines().next().unwrap_or_default().to_string())
+                    })?);
+                    break;
+                }
+            }
+            layer = l.backing();
+        }
+        let Some(bits) = found else {
+            return Err(Error::arg(format!("Bitmap '{name}' is not found")));
+        };
+        out.push((name.clone(), bits));
+    }
+    Ok(out)
+}
+
 /// qemu-nbd options qimg does not implement: refused by name, never ignored.
 fn refuse_unsupported(a: &Args) -> Result<()> {
     let refuse = |what: &str| Err(Error::unsupported(what.to_string()));
     if a.offset.is_some() || a.options.iter().any(|o| is_offset(o)) {
         return refuse("-o/--offset (exporting part of an image) is not supported");
-    }
-    if !a.bitmap.is_empty() {
-        return refuse("-B/--bitmap: exporting dirty bitmaps is not supported yet");
     }
     if !a.object.is_empty() {
         return refuse("--object is not supported by qimg serve");
@@ -289,6 +319,13 @@ async fn serve(a: Args) -> Result<u8> {
         }
     }
 
+    let bitmaps = match export_bitmaps(&img, &a.bitmap).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = img.close().await;
+            return Err(e);
+        }
+    };
     let (name, aliases) = match &a.export_name {
         Some(n) => (n.clone(), Vec::new()),
         None => {
@@ -313,6 +350,7 @@ async fn serve(a: Args) -> Result<u8> {
             detect_zeroes,
             allocation_depth: a.allocation_depth,
             multi_conn: a.shared != 1,
+            bitmaps,
         },
     ));
     let cfg = ServerConfig {

@@ -435,16 +435,36 @@ impl Conn {
             .filter(|(id, _)| only.is_none_or(|ids| ids.contains(id)))
             .copied()
             .collect();
-        let contexts: Vec<Context> = chosen.iter().map(|(_, c)| *c).collect();
+        let contexts: Vec<Context> = chosen
+            .iter()
+            .map(|(_, c)| *c)
+            .filter(|c| c.from_chain())
+            .collect();
         let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
         // Lengths beyond 32 bits (extended headers) are answered for a prefix, as the spec
         // allows: the client asks again for the rest.
         let len = req.len.min(u32::MAX as u64) as u32;
-        let lists =
+        let mut chain_lists = if contexts.is_empty() {
+            Vec::new()
+        } else {
             match status::extents(&self.export.img, &contexts, req.offset, len, req_one).await {
                 Ok(l) => l,
                 Err(e) => return self.error_reply(req, &engine_error(&e)),
-            };
+            }
+        }
+        .into_iter();
+        let lists: Vec<Vec<Extent>> = chosen
+            .iter()
+            .map(|(_, c)| match c {
+                Context::Bitmap(i) => status::bitmap_extents(
+                    &self.export.bitmaps[*i as usize],
+                    req.offset,
+                    len,
+                    req_one,
+                ),
+                _ => chain_lists.next().unwrap_or_default(),
+            })
+            .collect();
         let n = lists.len();
         let to = self.to(req);
         let parts = chosen

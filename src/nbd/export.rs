@@ -8,6 +8,7 @@ use super::handshake::Negotiated;
 use super::proto::*;
 use super::status::Context;
 use crate::block::{BlockDevice, CacheMode};
+use crate::dirty_bitmap::DirtyBitmap;
 use std::sync::Arc;
 
 /// What TRIM does (qemu-nbd's `--discard`).
@@ -76,6 +77,8 @@ pub struct ExportConfig {
     pub allocation_depth: bool,
     /// Advertise that several connections may be used at once (`NBD_FLAG_CAN_MULTI_CONN`).
     pub multi_conn: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (qemu-nbd's `-B`).
+    pub bitmaps: Vec<(String, Arc<DirtyBitmap>)>,
 }
 
 /// An image being served.
@@ -91,6 +94,9 @@ pub struct Export {
     pub detect_zeroes: DetectZeroes,
     pub allocation_depth: bool,
     pub multi_conn: bool,
+    /// Names of the exported bitmaps, by context index.
+    pub bitmap_names: Vec<String>,
+    pub bitmaps: Vec<Arc<DirtyBitmap>>,
 }
 
 /// Minimum block size: any byte is addressable (the engine does read-modify-write).
@@ -111,6 +117,8 @@ impl Export {
             detect_zeroes: cfg.detect_zeroes,
             allocation_depth: cfg.allocation_depth,
             multi_conn: cfg.multi_conn,
+            bitmap_names: cfg.bitmaps.iter().map(|(n, _)| n.clone()).collect(),
+            bitmaps: cfg.bitmaps.into_iter().map(|(_, b)| b).collect(),
         }
     }
 
@@ -128,6 +136,7 @@ impl Export {
         match c {
             Context::Allocation => true,
             Context::Depth => self.allocation_depth,
+            Context::Bitmap(i) => (i as usize) < self.bitmaps.len(),
         }
     }
 

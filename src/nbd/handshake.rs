@@ -346,20 +346,21 @@ impl Haggle<'_> {
         let mut chosen: Vec<Context> = Vec::new();
         if set {
             for q in &req.queries {
-                if let Some(c) = Context::from_name(q).filter(|c| self.export.offers(*c)) {
+                let names = &self.export.bitmap_names;
+                if let Some(c) = Context::from_name(q, names).filter(|c| self.export.offers(*c)) {
                     if !chosen.contains(&c) {
                         chosen.push(c);
                     }
                 }
             }
         } else if req.queries.is_empty() {
-            chosen = Context::ALL
+            chosen = Context::all(&self.export.bitmap_names)
                 .into_iter()
                 .filter(|c| self.export.offers(*c))
                 .collect();
         } else {
             for q in &req.queries {
-                for c in Context::list_matches(q) {
+                for c in Context::list_matches(q, &self.export.bitmap_names) {
                     if self.export.offers(c) && !chosen.contains(&c) {
                         chosen.push(c);
                     }
@@ -369,7 +370,8 @@ impl Haggle<'_> {
         for c in chosen {
             // Ids are stable per context (listing reports 0, as the spec asks).
             let id = if set { context_id(c) } else { 0 };
-            self.reply(opt, REP_META_CONTEXT, &rep_meta_context(id, c.name()));
+            let name = c.name(&self.export.bitmap_names);
+            self.reply(opt, REP_META_CONTEXT, &rep_meta_context(id, &name));
             if set {
                 self.neg.contexts.push((id, c));
             }
@@ -383,5 +385,6 @@ pub fn context_id(c: Context) -> u32 {
     match c {
         Context::Allocation => 1,
         Context::Depth => 2,
+        Context::Bitmap(i) => 3 + u32::from(i),
     }
 }

@@ -1,5 +1,6 @@
 //! Block status for NBD: the `base:allocation` and `qemu:allocation-depth` metadata contexts,
-//! computed from the backing chain with [`chain_status`].
+//! computed from the backing chain with [`chain_status`], and `qemu:dirty-bitmap:NAME`, read
+//! from a persistent dirty bitmap (qemu-nbd's `-B`: flag 1 where the bitmap is dirty).
 //!
 //! The flags follow what QEMU's server reports for the same image, so that `nbdinfo --map` and
 //! `qemu-img map` give the same answers against qimg and qemu-nbd:
@@ -21,6 +22,7 @@
 
 use super::proto::{Extent, STATE_HOLE, STATE_ZERO};
 use crate::block::{chain_status, BlockDevice, ChainStatus};
+use crate::dirty_bitmap::DirtyBitmap;
 use crate::error::Result;
 use std::sync::Arc;
 
@@ -36,31 +38,56 @@ pub enum Context {
     Allocation,
     /// `qemu:allocation-depth`: which layer of the chain provides the data.
     Depth,
+    /// `qemu:dirty-bitmap:NAME`: the export's bitmap of this index.
+    Bitmap(u16),
 }
 
-impl Context {
-    pub const ALL: [Context; 2] = [Context::Allocation, Context::Depth];
+/// Prefix of the dirty bitmap contexts.
+pub const BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
-    pub fn name(self) -> &'static str {
+impl Context {
+    /// The name of a context; `bitmaps` are the export's bitmap names.
+    pub fn name(self, bitmaps: &[String]) -> String {
         match self {
-            Context::Allocation => super::proto::CTX_BASE_ALLOCATION,
-            Context::Depth => super::proto::CTX_QEMU_ALLOCATION_DEPTH,
+            Context::Allocation => super::proto::CTX_BASE_ALLOCATION.to_string(),
+            Context::Depth => super::proto::CTX_QEMU_ALLOCATION_DEPTH.to_string(),
+            Context::Bitmap(i) => format!(
+                "{BITMAP_PREFIX}{}",
+                bitmaps.get(i as usize).map_or("", String::as_str)
+            ),
         }
+    }
+
+    /// Every context of an export with `bitmaps` (the depth context whether offered or not).
+    pub fn all(bitmaps: &[String]) -> Vec<Context> {
+        let mut v = vec![Context::Allocation, Context::Depth];
+        v.extend((0..bitmaps.len().min(u16::MAX as usize)).map(|i| Context::Bitmap(i as u16)));
+        v
     }
 
     /// The context a `NBD_OPT_SET_META_CONTEXT` query selects (exact names only).
-    pub fn from_name(s: &str) -> Option<Context> {
-        Context::ALL.into_iter().find(|c| c.name() == s)
+    pub fn from_name(s: &str, bitmaps: &[String]) -> Option<Context> {
+        Context::all(bitmaps)
+            .into_iter()
+            .find(|c| c.name(bitmaps) == s)
     }
 
     /// The contexts a `NBD_OPT_LIST_META_CONTEXT` query matches: exact names, or a namespace
-    /// wildcard (`base:`, `qemu:`). Unknown namespaces and leaf names match nothing.
-    pub fn list_matches(query: &str) -> Vec<Context> {
+    /// wildcard (`base:`, `qemu:`, and `qemu:dirty-bitmap:` for every bitmap). Unknown
+    /// namespaces and leaf names match nothing.
+    pub fn list_matches(query: &str, bitmaps: &[String]) -> Vec<Context> {
+        let all = Context::all(bitmaps);
         match query {
             "base:" => vec![Context::Allocation],
-            "qemu:" => vec![Context::Depth],
-            q => Context::from_name(q).into_iter().collect(),
+            "qemu:" => all.into_iter().skip(1).collect(),
+            BITMAP_PREFIX => all.into_iter().skip(2).collect(),
+            q => Context::from_name(q, bitmaps).into_iter().collect(),
         }
+    }
+
+    /// Whether the context is answered from the backing chain (not from a bitmap).
+    pub fn from_chain(self) -> bool {
+        !matches!(self, Context::Bitmap(_))
     }
 
     /// The status flags of one chain extent in this context. `past_backing_end`: the extent is
@@ -82,7 +109,47 @@ impl Context {
                 };
                 depth.min(u32::MAX as u64) as u32
             }
+            Context::Bitmap(_) => 0,
         }
+    }
+}
+
+/// Describes `[offset, offset + len)` (`len` ≥ 1) in a dirty bitmap context: flag 1
+/// (`NBD_STATE_DIRTY`) where the bitmap is dirty, runs clipped to the range, at most
+/// [`MAX_EXTENTS`] of them (one with `req_one`).
+pub fn bitmap_extents(bits: &DirtyBitmap, offset: u64, len: u32, req_one: bool) -> Vec<Extent> {
+    let end = offset + u64::from(len);
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        if pos >= bits.size() {
+            // Past the bitmap (an export rounded up): clean.
+            push_extent(&mut out, (end - pos) as u32, 0);
+            break;
+        }
+        let (n, dirty) = bits.extent(pos, end - pos);
+        let n = n.max(1);
+        let full = (req_one && !out.is_empty()) || out.len() >= MAX_EXTENTS;
+        match out.last_mut() {
+            Some(last) if last.flags == u32::from(dirty) => last.len += n as u32,
+            Some(_) if full => break,
+            _ => out.push(Extent {
+                len: n as u32,
+                flags: u32::from(dirty),
+            }),
+        }
+        pos += n;
+        if req_one && out.len() == 1 && pos < end && bits.is_dirty(pos) != dirty {
+            break;
+        }
+    }
+    out
+}
+
+fn push_extent(out: &mut Vec<Extent>, len: u32, flags: u32) {
+    match out.last_mut() {
+        Some(last) if last.flags == flags => last.len += len,
+        _ => out.push(Extent { len, flags }),
     }
 }
 
@@ -191,18 +258,48 @@ mod tests {
 
     #[test]
     fn context_names() {
+        let none: &[String] = &[];
         assert_eq!(
-            Context::from_name("base:allocation"),
+            Context::from_name("base:allocation", none),
             Some(Context::Allocation)
         );
         assert_eq!(
-            Context::from_name("qemu:allocation-depth"),
+            Context::from_name("qemu:allocation-depth", none),
             Some(Context::Depth)
         );
-        assert_eq!(Context::from_name("base:"), None);
-        assert_eq!(Context::list_matches("base:"), vec![Context::Allocation]);
-        assert_eq!(Context::list_matches("qemu:"), vec![Context::Depth]);
-        assert!(Context::list_matches("qemu:dirty-bitmap:x").is_empty());
-        assert!(Context::list_matches("nonsense").is_empty());
+        assert_eq!(Context::from_name("base:", none), None);
+        assert_eq!(
+            Context::list_matches("base:", none),
+            vec![Context::Allocation]
+        );
+        assert_eq!(Context::list_matches("qemu:", none), vec![Context::Depth]);
+        assert!(Context::list_matches("qemu:dirty-bitmap:x", none).is_empty());
+        assert!(Context::list_matches("nonsense", none).is_empty());
+        let two = ["a".to_string(), "b".to_string()];
+        assert_eq!(
+            Context::from_name("qemu:dirty-bitmap:b", &two),
+            Some(Context::Bitmap(1))
+        );
+        assert_eq!(
+            Context::list_matches("qemu:dirty-bitmap:", &two),
+            vec![Context::Bitmap(0), Context::Bitmap(1)]
+        );
+        assert_eq!(Context::list_matches("qemu:", &two).len(), 3);
+    }
+
+    #[test]
+    fn bitmap_extents_are_clipped_and_merged() {
+        let b = DirtyBitmap::new(1 << 20, 16, 512);
+        b.mark(100 << 10, 1);
+        let e = bitmap_extents(&b, 0, 1 << 20, false);
+        assert_eq!(
+            e.iter().map(|e| (e.len, e.flags)).collect::<Vec<_>>(),
+            vec![(64 << 10, 0), (64 << 10, 1), (896 << 10, 0)]
+        );
+        let e = bitmap_extents(&b, 70 << 10, 4096, false);
+        assert_eq!((e[0].len, e[0].flags), (4096, 1));
+        let e = bitmap_extents(&b, 0, 1 << 20, true);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].len, e[0].flags), (64 << 10, 0));
     }
 }
