@@ -683,3 +683,126 @@ fn power_loss_never_leaves_a_clean_bitmap_missing_a_write() {
         }
     }
 }
+
+/// The README's incremental backup example, run as written (the `sh` block of its section), with
+/// this build's qimg first on PATH.
+#[test]
+fn readme_incremental_backup_example_works() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("### Incremental backups: dirty bitmaps")
+        .nth(1)
+        .expect("the README's incremental backup section");
+    let script = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its sh block");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(QIMG).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let o = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "README example failed:\n{out}");
+    assert!(out.contains("Images are identical."), "{out}");
+    let dirty = std::fs::read_to_string(dir.path().join("dirty.txt")).unwrap();
+    assert_eq!(dirty, "4194304 1048576\n314572800 65536\n");
+    qemu_check_clean(&dir.path().join("disk.qcow2"));
+}
+
+/// `amend` with bitmaps: a new refcount width keeps them (stored, not `in-use`, usable by
+/// QEMU); a downgrade to compat=0.10, which cannot hold them, is refused.
+#[test]
+fn amend_keeps_bitmaps_or_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    qemu_create(&img, "", 64 << 20, &[]);
+    ok(run("qemu-img", &["bitmap", "--add", s(&img), "b0"]));
+    ok(qimg(&["io", "-f", "qcow2", "-c", "write 1M 64k", s(&img)]));
+    ok(qimg(&["amend", "-o", "refcount_bits=64", s(&img)]));
+    qemu_check_clean(&img);
+    assert!(!info_bitmaps("qemu-img", &img).contains("in-use"));
+    assert_eq!(dirty_map("qemu-nbd", &img, "b0"), vec![(1 << 20, 64 << 10)]);
+    ok(qimg(&["amend", "-o", "refcount_bits=16", s(&img)]));
+    let o = qimg(&["amend", "-o", "compat=0.10", s(&img)]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("persistent dirty bitmaps"),
+        "{}",
+        text(&o)
+    );
+    qemu_check_clean(&img);
+    assert_eq!(dirty_map("qemu-nbd", &img, "b0"), vec![(1 << 20, 64 << 10)]);
+}
+
+/// A server killed with SIGKILL while it writes: its bitmaps stay `in-use` (QEMU and qimg both
+/// see them as inconsistent), the image has nothing worse than leaks.
+#[test]
+fn kill9_of_a_writing_server_leaves_bitmaps_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    qemu_create(&img, "", 64 << 20, &[]);
+    ok(run("qemu-img", &["bitmap", "--add", s(&img), "b0"]));
+    let sock = dir.path().join("s.sock");
+    let pid = dir.path().join("pid");
+    ok(qimg(&[
+        "serve",
+        "-t",
+        "-f",
+        "qcow2",
+        "--fork",
+        "--pid-file",
+        s(&pid),
+        "-k",
+        s(&sock),
+        s(&img),
+    ]));
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let o = run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write 2M 1M", "-c", "flush", &uri],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let p = std::fs::read_to_string(&pid).unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", p.trim()])
+        .status()
+        .unwrap()
+        .success());
+    let t = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{}", p.trim())).exists()
+        && t.elapsed() < std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(info_bitmaps("qemu-img", &img).contains("in-use"));
+    assert_eq!(info_bitmaps("qimg", &img), info_bitmaps("qemu-img", &img));
+    let (_, corruptions, _, t) = qemu_check(&img);
+    assert_eq!(corruptions, 0, "{t}");
+    let o = qimg(&["bitmap", "--clear", s(&img), "b0"]);
+    assert!(
+        text(&o).contains("is inconsistent and cannot be used"),
+        "{}",
+        text(&o)
+    );
+    // The written data survived (it was flushed).
+    let o = run(
+        "qemu-io",
+        &["-f", "qcow2", "-r", "-c", "read -P 0xcd 2M 1M", s(&img)],
+    );
+    assert!(
+        o.status.success() && !text(&o).contains("fail"),
+        "{}",
+        text(&o)
+    );
+}

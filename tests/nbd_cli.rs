@@ -420,8 +420,7 @@ fn unsupported_options_are_refused() {
     let img = dir.path().join("d.qcow2");
     qemu_create(&img, "", 1 << 20, &[]);
     let sock = dir.path().join("s.sock");
-    let cases: [(&[&str], &str); 7] = [
-        (&["-B", "b0"], "--bitmap"),
+    let cases: [(&[&str], &str); 6] = [
         (&["--object", "secret,id=s0,data=x"], "--object"),
         (&["--tls-creds", "tls0"], "TLS"),
         (&["-c", "/dev/nbd0"], "kernel NBD client"),

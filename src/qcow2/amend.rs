@@ -84,6 +84,13 @@ impl Qcow2 {
         {
             return Err(Error::arg("Internal snapshots prevent downgrade of image"));
         }
+        if self.has_bitmaps() {
+            // QEMU downgrades anyway and leaves a bitmaps extension no version 2 reader may
+            // trust: the bitmaps are lost and their clusters leak. Refused instead.
+            return Err(Error::unsupported(
+                "Cannot downgrade an image with persistent dirty bitmaps (compat=0.10 cannot hold them); remove them first with 'qimg bitmap --remove'",
+            ));
+        }
         self.flush_seq_cache().await?;
         let _x = self.resize_lock.write().await;
         let _f = self.flush_lock.lock().await;
@@ -171,6 +178,9 @@ impl Qcow2 {
             return Ok(());
         }
         self.flush_seq_cache().await?;
+        // The handle is not closed the usual way afterwards: the bitmaps are stored first (the
+        // rebuild then counts their clusters).
+        self.store_bitmaps().await?;
         let _x = self.resize_lock.write().await;
         {
             let _f = self.flush_lock.lock().await;

@@ -37,6 +37,10 @@ use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
+/// Most memory the bitmaps of one image may need when loaded for writing (their bits are
+/// allocated as they are found set, but an image could set them all).
+const MAX_LOADED_BYTES: u64 = 4 << 30;
+
 /// What `info` shows of a bitmap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapInfo {
@@ -265,6 +269,22 @@ impl Qcow2 {
     /// bitmap and marks them all `in-use` on disk before returning.
     pub(crate) async fn open_bitmaps(&self, track: bool) -> Result<()> {
         let entries = self.read_directory().await?;
+        if track {
+            // Each bitmap is capped (512 MiB of bits); their number is not, beyond QEMU's 65535.
+            let cs = self.geo.cluster_size();
+            let total: u64 = entries
+                .iter()
+                .filter(|e| !e.in_use())
+                .map(|e| u64::from(e.table_size) * cs)
+                .sum();
+            if total > MAX_LOADED_BYTES {
+                return Err(Error::TooLarge(format!(
+                    "The image's bitmaps would need {} MiB of memory (at most {} MiB)",
+                    total >> 20,
+                    MAX_LOADED_BYTES >> 20
+                )));
+            }
+        }
         let mut slots = Vec::with_capacity(entries.len());
         for e in entries {
             let inconsistent = e.in_use();
