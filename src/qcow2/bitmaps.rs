@@ -315,7 +315,8 @@ impl Qcow2 {
                 s.entry = e;
             }
         }
-        self.bitmaps.live.store(track, Relaxed);
+        // Stored at close only if something was marked (or is changed later).
+        self.bitmaps.live.store(mark, Relaxed);
         self.bitmaps.retrack(&slots);
         *self.bitmaps.slots.lock() = slots;
         Ok(())
