@@ -250,6 +250,15 @@ pub trait BlockDevice: Send + Sync {
     fn backing(&self) -> Option<Arc<dyn BlockDevice>>;
     /// Bytes the image takes on the host.
     fn allocated_bytes(&self) -> Option<u64>;
+    /// QEMU's name of the protocol below the format (`file`, `nbd`).
+    fn protocol(&self) -> &'static str {
+        "file"
+    }
+    /// The image is a protocol opened without a format driver (QEMU's `driver=nbd`): `info`
+    /// names the protocol as its format and shows no child node.
+    fn protocol_node(&self) -> bool {
+        false
+    }
     /// Changes the virtual size (`qemu-img resize`, qemu-io's `truncate`), preallocating a
     /// grown area as `prealloc` says.
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>>;
@@ -380,6 +389,9 @@ pub struct OpenOptions {
     pub discard: Option<crate::block_options::Discard>,
     /// QEMU's block-layer `detect-zeroes=` option. `None`: off.
     pub detect_zeroes: Option<crate::block_options::DetectZeroes>,
+    /// The image is an export of an NBD server, not a file (`nbd://` names, `driver=nbd`): the
+    /// path is only its name. Never set from a name found inside an image.
+    pub nbd: Option<crate::nbd::remote::Target>,
 }
 
 impl OpenOptions {
@@ -456,6 +468,13 @@ fn open_layer<'a>(
             )));
         }
         let name = path.display().to_string();
+        if let (0, Some(target)) = (depth, &opts.nbd) {
+            let storage = crate::nbd::remote::NbdStorage::connect(target)
+                .await
+                .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+            let storage: StorageRef = Arc::new(storage);
+            return open_format(storage, path, name, opts, depth, seen).await;
+        }
         let file_opts = FileOptions {
             writes_on_caller: opts.batch,
             lock: Some(LockRequest {
@@ -478,6 +497,20 @@ fn open_layer<'a>(
             seen.push(canon);
         }
         let storage: StorageRef = opts.aio.storage(storage)?;
+        open_format(storage, path, name, opts, depth, seen).await
+    })
+}
+
+/// Opens the format driver of a layer on its storage (and, for qcow2, its backing chain).
+async fn open_format(
+    storage: StorageRef,
+    path: &Path,
+    name: String,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Arc<dyn BlockDevice>> {
+    {
         let format = match opts.format {
             Some(f) => f,
             None if !opts.probe => {
@@ -541,6 +574,8 @@ fn open_layer<'a>(
                         // Block-layer options belong to the top image only.
                         discard: None,
                         detect_zeroes: None,
+                        // A name inside an image never makes us connect anywhere.
+                        nbd: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)
@@ -567,7 +602,7 @@ fn open_layer<'a>(
                 Ok(img as Arc<dyn BlockDevice>)
             }
         }
-    })
+    }
 }
 
 /// Resolves a backing file name the way QEMU does: relative to the directory of the image that

@@ -151,6 +151,12 @@ impl BlockDevice for WithOptions {
     fn allocated_bytes(&self) -> Option<u64> {
         self.inner.allocated_bytes()
     }
+    fn protocol(&self) -> &'static str {
+        self.inner.protocol()
+    }
+    fn protocol_node(&self) -> bool {
+        self.inner.protocol_node()
+    }
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
         self.inner.resize(new_size, prealloc)
     }

@@ -22,6 +22,8 @@ pub struct Raw {
     /// Serializes checked writes to the first sector (two writes that each look harmless could
     /// together build a header).
     first_sector: tokio::sync::Mutex<()>,
+    /// QEMU's `driver=nbd` node itself: a protocol, no format (see `BlockDevice::protocol_node`).
+    protocol_node: bool,
     /// An fsync failed: as for qcow2 (see `qcow2::barrier`), writes made before it may be lost
     /// although a later fsync would succeed, so every later write and flush fails with `EIO`
     /// until the image is reopened.
@@ -51,6 +53,7 @@ impl Raw {
             probed: opts.format.is_none(),
             first_sector: tokio::sync::Mutex::new(()),
             sync_failed: AtomicBool::new(false),
+            protocol_node: opts.nbd.as_ref().is_some_and(|t| t.bare),
         })
     }
 
@@ -94,6 +97,7 @@ impl Raw {
             probed: false,
             first_sector: tokio::sync::Mutex::new(()),
             sync_failed: AtomicBool::new(false),
+            protocol_node: false,
         }
     }
 
@@ -258,15 +262,15 @@ impl BlockDevice for Raw {
     fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {
         Box::pin(async move {
             let max = max.min(self.size().saturating_sub(offset));
-            let (hole, len) = self
+            let e = self
                 .storage
-                .hole_at(offset, max)
+                .extent_at(offset, max)
                 .await
                 .context(|| format!("querying allocation of '{}'", self.filename))?;
             Ok(BlockStatus {
-                len: len.max(1).min(max.max(1)),
-                data: !hole,
-                zero: hole,
+                len: e.len.max(1).min(max.max(1)),
+                data: e.data,
+                zero: e.zero,
                 compressed: false,
                 offset: Some(offset),
                 allocated: true,
@@ -280,6 +284,14 @@ impl BlockDevice for Raw {
 
     fn allocated_bytes(&self) -> Option<u64> {
         self.storage.allocated_bytes()
+    }
+
+    fn protocol(&self) -> &'static str {
+        self.storage.protocol()
+    }
+
+    fn protocol_node(&self) -> bool {
+        self.protocol_node
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {

@@ -209,6 +209,7 @@ async fn open_file(
         backing_format: None,
         discard: None,
         detect_zeroes: None,
+        nbd: qimg::nbd::remote::Target::parse(&a.filename).transpose()?,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

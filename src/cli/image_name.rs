@@ -25,6 +25,9 @@ pub struct ImageSpec {
     pub no_backing: bool,
     /// `read-only=on`.
     pub read_only: bool,
+    /// An NBD export (`nbd://` and `nbd+unix://` names, QEMU's legacy `nbd:` names,
+    /// `driver=nbd`): `path` is then only its name.
+    pub nbd: Option<qimg::nbd::remote::Target>,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -43,10 +46,79 @@ pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
         flatten("", &serde_json::Value::Object(map), &mut pairs)?;
         return from_options(pairs);
     }
+    if let Some(target) = qimg::nbd::remote::Target::parse(name) {
+        let target = target?;
+        return Ok(ImageSpec {
+            path: target.canonical_name(),
+            nbd: Some(target),
+            ..Default::default()
+        });
+    }
     Ok(ImageSpec {
         path: strip_file_prefix(name),
         ..Default::default()
     })
+}
+
+/// The options of QEMU's `nbd` driver: `server.type=unix|inet` with `server.path` or
+/// `server.host`/`server.port` (or the legacy `path`, `host`, `port`), `export`, and
+/// `x-dirty-bitmap` (block status read from that metadata context).
+fn nbd_target(pairs: &[(String, String)]) -> Result<(String, qimg::nbd::remote::Target)> {
+    use qimg::nbd::remote::{Address, Target, DEFAULT_PORT};
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .rev()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    for (k, _) in pairs {
+        let known = [
+            "driver",
+            "server.type",
+            "server.path",
+            "server.host",
+            "server.port",
+            "path",
+            "host",
+            "port",
+            "export",
+            "x-dirty-bitmap",
+            "read-only",
+        ];
+        if !known.contains(&k.as_str()) {
+            return Err(Error::unsupported(format!(
+                "Option '{k}' of the nbd driver is not supported"
+            )));
+        }
+    }
+    let path = get("server.path").or_else(|| get("path"));
+    let host = get("server.host").or_else(|| get("host"));
+    let port = get("server.port").or_else(|| get("port"));
+    let kind = get("server.type");
+    let address = match (kind.as_deref(), path, host) {
+        (Some("unix") | None, Some(p), None) => Address::Unix(p),
+        (Some("inet") | None, None, Some(h)) => {
+            let port = match port {
+                None => DEFAULT_PORT,
+                Some(p) => p
+                    .parse()
+                    .map_err(|_| Error::arg(format!("Invalid port '{p}'")))?,
+            };
+            Address::Tcp { host: h, port }
+        }
+        (_, Some(_), Some(_)) => {
+            return Err(Error::arg("nbd: 'path' and 'host' are mutually exclusive"))
+        }
+        _ => return Err(Error::arg("nbd: either 'path' or 'host' must be given")),
+    };
+    let target = Target {
+        address,
+        export: get("export").unwrap_or_default(),
+        status_context: get("x-dirty-bitmap"),
+        bare: true,
+    };
+    Ok((target.canonical_name(), target))
 }
 
 /// The file name behind a `file:` prefix, as QEMU's file protocol takes it: a relative name
@@ -146,6 +218,20 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
 
 /// Interprets flattened options.
 fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
+    if pairs.iter().any(|(k, v)| k == "driver" && v == "nbd") {
+        let (path, target) = nbd_target(&pairs)?;
+        let read_only = match pairs.iter().find(|(k, _)| k == "read-only") {
+            Some((k, v)) => qimg::size::parse_bool(k, v)?,
+            None => false,
+        };
+        return Ok(ImageSpec {
+            path,
+            format: Some("raw".into()),
+            read_only,
+            nbd: Some(target),
+            ..Default::default()
+        });
+    }
     let mut spec = ImageSpec::default();
     let mut path = None;
     let mut runtime = Vec::new();

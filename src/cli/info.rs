@@ -151,6 +151,9 @@ fn write_string(out: &mut String, s: &str) {
 }
 
 fn file_length(img: &dyn BlockDevice) -> u64 {
+    if img.protocol() != "file" {
+        return img.size();
+    }
     std::fs::metadata(img.filename())
         .map(|m| m.len().next_multiple_of(512))
         .unwrap_or(0)
@@ -163,19 +166,40 @@ fn full_backing(img: &dyn BlockDevice, name: &str) -> String {
 }
 
 fn info_json(img: &dyn BlockDevice) -> Value {
-    let actual = img.allocated_bytes().unwrap_or(0);
-    let file_child = json!({
+    if img.protocol_node() {
+        return json!({
+            "children": [],
+            "virtual-size": img.size(),
+            "filename": img.filename(),
+            "format": img.protocol(),
+        });
+    }
+    let actual = img.allocated_bytes();
+    // What qemu-img says of a protocol other than a file: name, size, driver.
+    let file_child = if img.protocol() != "file" {
+        json!({
+            "name": "file",
+            "info": {
+                "children": [],
+                "virtual-size": file_length(img),
+                "filename": img.filename(),
+                "format": img.protocol(),
+            }
+        })
+    } else {
+        json!({
         "name": "file",
         "info": {
             "children": [],
             "virtual-size": file_length(img),
             "filename": img.filename(),
             "format": "file",
-            "actual-size": actual,
+            "actual-size": actual.unwrap_or(0),
             "format-specific": {"type": "file", "data": {}},
             "dirty-flag": false,
         }
-    });
+        })
+    };
     let mut m = serde_json::Map::new();
     m.insert("children".into(), json!([file_child]));
     if let Some(q) = img.as_qcow2() {
@@ -196,7 +220,9 @@ fn info_json(img: &dyn BlockDevice) -> Value {
         m.insert("cluster-size".into(), json!(q.cluster_size()));
     }
     m.insert("format".into(), json!(img.format().name()));
-    m.insert("actual-size".into(), json!(actual));
+    if let Some(a) = actual {
+        m.insert("actual-size".into(), json!(a));
+    }
     if let Some(q) = img.as_qcow2() {
         let h = q.header();
         let mut data = serde_json::Map::new();
@@ -233,7 +259,9 @@ fn info_json(img: &dyn BlockDevice) -> Value {
         }
         m.insert("dirty-flag".into(), json!(h.is_dirty()));
     } else {
-        m.insert("dirty-flag".into(), json!(false));
+        if img.protocol() == "file" {
+            m.insert("dirty-flag".into(), json!(false));
+        }
     }
     Value::Object(m)
 }
@@ -273,15 +301,28 @@ fn snapshot_json(s: &Snapshot) -> Value {
 
 fn info_human(img: &dyn BlockDevice) -> String {
     let mut s = String::new();
-    let actual = img.allocated_bytes().unwrap_or(0);
+    let disk_size = match img.allocated_bytes() {
+        Some(a) => human_size(a),
+        None => "unavailable".to_string(),
+    };
     s += &format!("image: {}\n", img.filename());
+    if img.protocol_node() {
+        s += &format!("file format: {}\n", img.protocol());
+        s += &format!(
+            "virtual size: {} ({} bytes)\n",
+            human_size(img.size()),
+            img.size()
+        );
+        s += &format!("disk size: {disk_size}\n");
+        return s;
+    }
     s += &format!("file format: {}\n", img.format().name());
     s += &format!(
         "virtual size: {} ({} bytes)\n",
         human_size(img.size()),
         img.size()
     );
-    s += &format!("disk size: {}\n", human_size(actual));
+    s += &format!("disk size: {disk_size}\n");
     if let Some(q) = img.as_qcow2() {
         let h = q.header();
         s += &format!("cluster_size: {}\n", q.cluster_size());
@@ -332,9 +373,9 @@ fn info_human(img: &dyn BlockDevice) -> String {
     let flen = file_length(img);
     s += "Child node '/file':\n";
     s += &format!("    filename: {}\n", img.filename());
-    s += "    protocol type: file\n";
+    s += &format!("    protocol type: {}\n", img.protocol());
     s += &format!("    file length: {} ({flen} bytes)\n", human_size(flen));
-    s += &format!("    disk size: {}\n", human_size(actual));
+    s += &format!("    disk size: {disk_size}\n");
     let _ = Format::Raw;
     s
 }

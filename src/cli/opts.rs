@@ -185,6 +185,7 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         backing_format,
         discard,
         detect_zeroes,
+        nbd: spec.nbd.clone(),
         ..Default::default()
     };
     Ok((spec.path, opts))

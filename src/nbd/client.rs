@@ -37,16 +37,20 @@ pub struct Listing {
     pub exports: Vec<ExportListing>,
 }
 
-fn bad(msg: impl Into<String>) -> io::Error {
+pub(super) fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-struct OptReply {
-    rtype: u32,
-    payload: Vec<u8>,
+pub(super) struct OptReply {
+    pub(super) rtype: u32,
+    pub(super) payload: Vec<u8>,
 }
 
-async fn send_option<W: AsyncWrite + Unpin>(w: &mut W, option: u32, data: &[u8]) -> io::Result<()> {
+pub(super) async fn send_option<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    data: &[u8],
+) -> io::Result<()> {
     let len = u32::try_from(data.len()).map_err(|_| bad("option too long"))?;
     let mut b = OptionHeader { option, len }.encode().to_vec();
     b.extend_from_slice(data);
@@ -54,7 +58,10 @@ async fn send_option<W: AsyncWrite + Unpin>(w: &mut W, option: u32, data: &[u8])
     w.flush().await
 }
 
-async fn read_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> io::Result<OptReply> {
+pub(super) async fn read_reply<R: AsyncRead + Unpin>(
+    r: &mut R,
+    option: u32,
+) -> io::Result<OptReply> {
     let mut h = [0u8; 20];
     r.read_exact(&mut h).await?;
     let mut c = Cursor::new(&h);
@@ -79,13 +86,13 @@ async fn read_reply<R: AsyncRead + Unpin>(r: &mut R, option: u32) -> io::Result<
 }
 
 /// The server's message of an error reply, for errors.
-fn error_text(rep: &OptReply) -> String {
+pub(super) fn error_text(rep: &OptReply) -> String {
     String::from_utf8_lossy(&rep.payload).into_owned()
 }
 
 /// Sends an option without data and tells whether the server acknowledged it (an error reply
 /// means no; anything else is a protocol error).
-async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     option: u32,
 ) -> io::Result<bool> {

@@ -14,7 +14,8 @@
 //! - [`status`]: the `base:allocation` and `qemu:allocation-depth` metadata contexts;
 //! - [`export`]: what is served and what is advertised about it;
 //! - [`server`]: listener, connection limit, graceful shutdown;
-//! - [`client`]: the client side of the handshake, to list another server's exports.
+//! - [`client`]: the client side of the handshake, to list another server's exports;
+//! - [`remote`]: an export of another server as `Storage` (`nbd://` names in qimg's tools).
 //!
 //! Guarantees: no input from a client can crash the server or make it allocate without bound
 //! (every length is checked before it is used, in-flight work is capped per connection and the
@@ -26,6 +27,7 @@ pub mod commands;
 pub mod export;
 pub mod handshake;
 pub mod proto;
+pub mod remote;
 pub mod server;
 pub mod status;
 pub mod transmission;

@@ -808,6 +808,10 @@ impl BlockDevice for Qcow2 {
         self.w.storage.allocated_bytes()
     }
 
+    fn protocol(&self) -> &'static str {
+        self.w.storage.protocol()
+    }
+
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
         Box::pin(Qcow2::resize(self, new_size, prealloc))
     }

@@ -82,7 +82,34 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Drops the image locks taken when the file was opened (the image was closed; the handle
     /// may live on). Storage without locks has nothing to do.
+    /// What the extent at `offset` holds (at most `max` bytes): data, reads as zeros, or
+    /// neither (a hole whose content this storage does not know, such as an NBD extent that
+    /// is a hole without reading as zeros). The default asks [`Storage::hole_at`].
+    fn extent_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<Extent>> {
+        Box::pin(async move {
+            let (hole, len) = self.hole_at(offset, max).await?;
+            Ok(Extent {
+                len,
+                data: !hole,
+                zero: hole,
+            })
+        })
+    }
+
     fn release_locks(&self) {}
+
+    /// QEMU's name of the protocol (`file`, `nbd`), for `info`.
+    fn protocol(&self) -> &'static str {
+        "file"
+    }
+}
+
+/// An extent of storage (see [`Storage::extent_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub data: bool,
+    pub zero: bool,
 }
 
 /// Shared handle to a storage backend.
@@ -119,6 +146,15 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn hole_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<(bool, u64)>> {
         (**self).hole_at(offset, max)
+    }
+    fn extent_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<Extent>> {
+        (**self).extent_at(offset, max)
+    }
+    fn release_locks(&self) {
+        (**self).release_locks()
+    }
+    fn protocol(&self) -> &'static str {
+        (**self).protocol()
     }
 }
 
