@@ -420,9 +420,8 @@ fn unsupported_options_are_refused() {
     let img = dir.path().join("d.qcow2");
     qemu_create(&img, "", 1 << 20, &[]);
     let sock = dir.path().join("s.sock");
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--object", "secret,id=s0,data=x"], "--object"),
-        (&["--tls-creds", "tls0"], "TLS"),
         (&["-c", "/dev/nbd0"], "kernel NBD client"),
         (&["-o", "512"], "--offset"),
         (&["--offset", "0x200"], "--offset"),

@@ -103,12 +103,14 @@ pub struct Args {
     /// (repeatable; looked up in the image, then down its backing chain)
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmap: Vec<String>,
-    /// QEMU objects: not supported (refused)
-    #[arg(long = "object", hide = true)]
+    /// QEMU objects: tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]
+    /// (credentials for --tls-creds); other object types are refused
+    #[arg(long = "object", value_name = "OBJECT")]
     object: Vec<String>,
-    /// TLS: not supported yet (refused)
-    #[arg(long = "tls-creds", hide = true)]
+    /// Require TLS with the credentials of object ID (clients must start TLS first)
+    #[arg(long = "tls-creds", value_name = "ID")]
     tls_creds: Option<String>,
+    /// TLS client authorization objects: not supported yet (refused)
     #[arg(long = "tls-authz", hide = true)]
     tls_authz: Option<String>,
     #[arg(long = "tls-hostname", hide = true)]
@@ -193,11 +195,14 @@ fn refuse_unsupported(a: &Args) -> Result<()> {
     if a.offset.is_some() || a.options.iter().any(|o| is_offset(o)) {
         return refuse("-o/--offset (exporting part of an image) is not supported");
     }
-    if !a.object.is_empty() {
-        return refuse("--object is not supported by qimg serve");
+    if a.tls_authz.is_some() {
+        return refuse("--tls-authz (authorizing TLS clients by name) is not supported yet");
     }
-    if a.tls_creds.is_some() || a.tls_authz.is_some() || a.tls_hostname.is_some() {
-        return refuse("TLS (--tls-creds, --tls-authz, --tls-hostname) is not supported yet");
+    if a.tls_hostname.is_some() && !a.list {
+        return Err(Error::arg("--tls-hostname is only permitted with --list"));
+    }
+    if a.list && (a.tls_creds.is_some() || a.tls_hostname.is_some()) {
+        return refuse("--list over TLS is not supported yet");
     }
     if a.connect.is_some() || a.disconnect {
         return refuse(
@@ -224,8 +229,76 @@ fn is_offset(o: &str) -> bool {
     !digits.is_empty() && digits.chars().all(|c| c.is_ascii_hexdigit()) && !o.contains('=')
 }
 
+/// The TLS setup `--object tls-creds-x509,...` and `--tls-creds ID` ask for (QEMU's rules and
+/// messages).
+fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
+    struct Creds {
+        id: String,
+        endpoint: String,
+        dir: Option<String>,
+        verify_peer: bool,
+    }
+    let mut creds = Vec::new();
+    for o in &a.object {
+        let mut pairs = super::opts::parse_kv_list(o);
+        let kind = match pairs.iter().position(|(k, _)| k == "qom-type") {
+            Some(i) => pairs.remove(i).1,
+            None if !pairs.is_empty() && pairs[0].1 == "on" => pairs.remove(0).0,
+            None => {
+                return Err(Error::arg(format!(
+                    "Parameter 'qom-type' is missing in '{o}'"
+                )))
+            }
+        };
+        if kind != "tls-creds-x509" {
+            return Err(Error::unsupported(format!(
+                "--object {kind} is not supported by qimg serve (only tls-creds-x509)"
+            )));
+        }
+        let mut c = Creds {
+            id: String::new(),
+            endpoint: "client".into(),
+            dir: None,
+            verify_peer: true,
+        };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "id" => c.id = v,
+                "endpoint" => c.endpoint = v,
+                "dir" => c.dir = Some(v),
+                "verify-peer" => c.verify_peer = qimg::size::parse_bool(&k, &v)?,
+                other => {
+                    return Err(Error::unsupported(format!(
+                        "Property '{other}' of tls-creds-x509 is not supported"
+                    )))
+                }
+            }
+        }
+        if c.id.is_empty() {
+            return Err(Error::arg("Parameter 'id' is missing"));
+        }
+        creds.push(c);
+    }
+    let Some(id) = &a.tls_creds else {
+        return Ok(None);
+    };
+    let Some(c) = creds.iter().find(|c| &c.id == id) else {
+        return Err(Error::arg(format!("No TLS credentials with id '{id}'")));
+    };
+    if c.endpoint != "server" {
+        return Err(Error::arg(
+            "Expecting TLS credentials with a server endpoint",
+        ));
+    }
+    let Some(dir) = &c.dir else {
+        return Err(Error::arg("tls-creds-x509 needs dir=DIR"));
+    };
+    qimg::nbd::tls::TlsServer::from_x509_dir(Path::new(dir), c.verify_peer).map(Some)
+}
+
 async fn serve(a: Args) -> Result<u8> {
     refuse_unsupported(&a)?;
+    let tls = tls_setup(&a)?;
     if a.list {
         if a.filename.is_some() {
             return Err(Error::arg("List mode is incompatible with a file name"));
@@ -357,6 +430,7 @@ async fn serve(a: Args) -> Result<u8> {
         shared: a.shared,
         handshake_timeout: Duration::from_secs(a.handshake_limit.max(1)),
         persistent: a.persistent,
+        tls,
         ..ServerConfig::default()
     };
     let server = match Server::bind(&listen, export, cfg).await {

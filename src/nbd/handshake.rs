@@ -84,11 +84,40 @@ where
         )));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    haggle(r, w, export, no_zeroes, false).await
+}
 
+/// The option haggling after `NBD_OPT_STARTTLS` and the TLS handshake (see `tls`): the
+/// greeting and the client flags came before.
+pub async fn handshake_after_tls<R, W>(
+    r: &mut R,
+    w: &mut W,
+    export: &Export,
+    no_zeroes: bool,
+) -> Result<Negotiated, HandshakeEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    haggle(r, w, export, no_zeroes, true).await
+}
+
+async fn haggle<R, W>(
+    r: &mut R,
+    w: &mut W,
+    export: &Export,
+    no_zeroes: bool,
+    tls: bool,
+) -> Result<Negotiated, HandshakeEnd>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut h = Haggle {
         export,
         neg: Negotiated::default(),
         out: Vec::new(),
+        tls,
     };
     for _ in 0..MAX_OPTIONS {
         let mut hb = [0u8; OPTION_HEADER_LEN];
@@ -193,6 +222,8 @@ struct Haggle<'a> {
     export: &'a Export,
     neg: Negotiated,
     out: Vec<u8>,
+    /// The connection is encrypted already.
+    tls: bool,
 }
 
 impl Haggle<'_> {
@@ -270,7 +301,11 @@ impl Haggle<'_> {
                 Step::Continue
             }
             OPT_STARTTLS => {
-                self.error(opt, REP_ERR_UNSUP, "TLS is not supported");
+                if self.tls {
+                    self.error(opt, REP_ERR_INVALID, "TLS is already active");
+                } else {
+                    self.error(opt, REP_ERR_POLICY, "TLS not configured");
+                }
                 Step::Continue
             }
             _ => {

@@ -15,7 +15,8 @@
 //! - [`export`]: what is served and what is advertised about it;
 //! - [`server`]: listener, connection limit, graceful shutdown;
 //! - [`client`]: the client side of the handshake, to list another server's exports;
-//! - [`remote`]: an export of another server as `Storage` (`nbd://` names in qimg's tools).
+//! - [`remote`]: an export of another server as `Storage` (`nbd://` names in qimg's tools);
+//! - [`tls`]: TLS with X.509 credentials, and the handshake before `NBD_OPT_STARTTLS`.
 //!
 //! Guarantees: no input from a client can crash the server or make it allocate without bound
 //! (every length is checked before it is used, in-flight work is capped per connection and the
@@ -30,6 +31,7 @@ pub mod proto;
 pub mod remote;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod transmission;
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 
 use super::commands::Conn;
 use super::export::Export;
-use super::handshake::handshake;
+use super::handshake::{handshake, handshake_after_tls};
 use super::transmission::{self, End, Limits, ABANDON, RUNNING, STOP};
 use std::fmt;
 use std::future::Future;
@@ -134,6 +134,8 @@ pub struct ServerConfig {
     /// Keep serving when the last client leaves. Without it the server shuts down once a
     /// client has connected and no client is left (qemu-nbd without `-t`).
     pub persistent: bool,
+    /// Require TLS (`NBD_OPT_STARTTLS` before anything else): qemu-nbd's `--tls-creds`.
+    pub tls: Option<super::tls::TlsServer>,
 }
 
 impl Default for ServerConfig {
@@ -144,6 +146,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             limits: Limits::default(),
             persistent: true,
+            tls: None,
         }
     }
 }
@@ -291,16 +294,23 @@ impl Server {
                             tracker: tracker.clone(),
                             _slot: slot,
                         };
-                        match stream {
-                            Stream::Tcp(s) => {
+                        match (stream, self.cfg.tls.clone()) {
+                            (Stream::Tcp(s), Some(tls)) => {
+                                let _ = s.set_nodelay(true);
+                                conns.spawn(tls_connection(ctx, s, tls));
+                            }
+                            (Stream::Unix(s), Some(tls)) => {
+                                conns.spawn(tls_connection(ctx, s, tls));
+                            }
+                            (Stream::Tcp(s), None) => {
                                 // Replies are batched already; Nagle would only delay them.
                                 let _ = s.set_nodelay(true);
                                 let (r, w) = s.into_split();
-                                conns.spawn(connection(ctx, r, w));
+                                conns.spawn(connection(ctx, r, w, None));
                             }
-                            Stream::Unix(s) => {
+                            (Stream::Unix(s), None) => {
                                 let (r, w) = s.into_split();
-                                conns.spawn(connection(ctx, r, w));
+                                conns.spawn(connection(ctx, r, w, None));
                             }
                         }
                     }
@@ -373,17 +383,54 @@ struct ConnCtx {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
-async fn connection<R, W>(mut ctx: ConnCtx, r: R, mut w: W)
+/// A connection that must negotiate TLS first: the part of the handshake before TLS and the
+/// TLS handshake, within the handshake time limit, then the rest as any connection.
+async fn tls_connection<S>(mut ctx: ConnCtx, s: S, tls: super::tls::TlsServer)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let id = ctx.id;
+    let accepted = tokio::select! {
+        res = tokio::time::timeout(ctx.cfg.handshake_timeout, tls.accept(s)) => match res {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                tracing::info!("nbd: connection {id}: TLS: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    "nbd: connection {id}: TLS not negotiated within {:?}",
+                    ctx.cfg.handshake_timeout
+                );
+                return;
+            }
+        },
+        _ = ctx.stop.wait_for(|level| *level >= STOP) => return,
+    };
+    let (stream, no_zeroes) = accepted;
+    let (r, w) = tokio::io::split(stream);
+    connection(ctx, r, w, Some(no_zeroes)).await
+}
+
+/// Serves one connection: handshake (`after_tls`: the rest of it over an encrypted stream,
+/// with the client's `NO_ZEROES` choice), then transmission.
+async fn connection<R, W>(mut ctx: ConnCtx, r: R, mut w: W, after_tls: Option<bool>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let id = ctx.id;
     let mut r = BufReader::with_capacity(READ_BUFFER, r);
+    let haggled = async {
+        match after_tls {
+            Some(nz) => handshake_after_tls(&mut r, &mut w, &ctx.export, nz).await,
+            None => handshake(&mut r, &mut w, &ctx.export).await,
+        }
+    };
     let neg = tokio::select! {
         res = tokio::time::timeout(
             ctx.cfg.handshake_timeout,
-            handshake(&mut r, &mut w, &ctx.export),
+            haggled,
         ) => match res {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {
