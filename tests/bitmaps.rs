@@ -806,3 +806,204 @@ fn kill9_of_a_writing_server_leaves_bitmaps_in_use() {
         text(&o)
     );
 }
+
+/// Regressions from review: failures and races around storing bitmaps.
+mod failures {
+    use super::*;
+    use qimg::qcow2::Preallocation;
+    use qimg::storage::fault::{FaultError, FaultStorage, OpKind};
+    use qimg::storage::latency::LatencyStorage;
+    use qimg::IoBufMut;
+    use std::time::Duration;
+
+    async fn base(size: u64) -> Arc<MemoryStorage> {
+        let mem = Arc::new(MemoryStorage::new());
+        create(
+            mem.clone(),
+            &CreateOptions {
+                size,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let q = open(&mem, false).await.unwrap();
+        q.bitmap_add("b", Some(65536), true).await.unwrap();
+        q.close().await.unwrap();
+        mem
+    }
+
+    /// What the disk holds now: (bitmap in use, dirty at `at`, byte at `at`).
+    async fn after(mem: &Arc<MemoryStorage>, name: &str, at: u64) -> (bool, bool, u8) {
+        let copy = Arc::new(MemoryStorage::from_bytes(&mem.to_vec()));
+        let q = open(&copy, true).await.unwrap();
+        let info = q.bitmap_list();
+        let b = info.iter().find(|b| b.name == name).unwrap();
+        let dirty = if b.in_use {
+            false
+        } else {
+            q.bitmap_bits(name).await.unwrap().is_dirty(at)
+        };
+        let buf = q.read_at(at, IoBufMut::zeroed(512)).await.unwrap();
+        let byte = buf[0];
+        q.close().await.unwrap();
+        (b.in_use, dirty, byte)
+    }
+
+    #[test]
+    fn a_failed_store_at_close_still_flushes_the_data() {
+        rt().block_on(async {
+            let mem = base(8 << 20).await;
+            let fs = Arc::new(FaultStorage::new(mem.clone()));
+            let h = fs.handle();
+            let q = Qcow2::open(
+                fs,
+                "f".into(),
+                &Qcow2Options::default(),
+                false,
+                CacheMode::Writeback,
+            )
+            .await
+            .unwrap();
+            q.write_at(0, IoBuf::copy_from(&[0x5a; 65536]))
+                .await
+                .unwrap();
+            let next = h.count(OpKind::Write) + 1;
+            h.fail_nth(OpKind::Write, next, FaultError::NoSpace);
+            assert!(q.close().await.is_err());
+            let (in_use, _, byte) = after(&mem, "b", 0).await;
+            assert!(in_use, "an unstored bitmap stays in-use");
+            assert_eq!(byte, 0x5a, "the data was flushed all the same");
+        });
+    }
+
+    #[test]
+    fn close_waits_for_writes_in_flight() {
+        rt().block_on(async {
+            let mem = base(64 << 20).await;
+            let lat = Arc::new(LatencyStorage::new(mem.clone(), Duration::from_millis(20)));
+            let q = Arc::new(
+                Qcow2::open(
+                    lat,
+                    "lat".into(),
+                    &Qcow2Options::default(),
+                    false,
+                    CacheMode::Writeback,
+                )
+                .await
+                .unwrap(),
+            );
+            let (q1, q2, q3) = (q.clone(), q.clone(), q.clone());
+            let a = tokio::spawn(async move { q1.resize(1 << 30, Preallocation::Off).await });
+            let b = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                q2.write_at(32 << 20, IoBuf::copy_from(&[7u8; 4096])).await
+            });
+            let c = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                q3.close().await
+            });
+            let _ = a.await.unwrap();
+            let wrote = b.await.unwrap().is_ok();
+            c.await.unwrap().unwrap();
+            let (in_use, dirty, byte) = after(&mem, "b", 32 << 20).await;
+            assert!(!in_use);
+            if byte == 7 {
+                assert!(
+                    dirty,
+                    "a write that reached the disk is in the clean bitmap"
+                );
+            }
+            assert_eq!(byte == 7, wrote);
+        });
+    }
+
+    #[test]
+    fn a_failed_amend_leaves_no_clean_bitmap_behind() {
+        for k in 1..6 {
+            rt().block_on(async {
+                let mem = base(8 << 20).await;
+                let fs = Arc::new(FaultStorage::new(mem.clone()));
+                let h = fs.handle();
+                let q = Qcow2::open(
+                    fs,
+                    "f".into(),
+                    &Qcow2Options::default(),
+                    false,
+                    CacheMode::Writeback,
+                )
+                .await
+                .unwrap();
+                q.write_at(1 << 20, IoBuf::copy_from(&[0x5a; 4096]))
+                    .await
+                    .unwrap();
+                q.flush().await.unwrap();
+                h.fail_nth(OpKind::Write, k, FaultError::NoSpace);
+                let amended = q.change_refcount_width(8).await;
+                h.disarm_all();
+                if amended.is_err() {
+                    let _ = q.write_at(2 << 20, IoBuf::copy_from(&[0x66; 4096])).await;
+                    let _ = q.close().await;
+                }
+                for (at, byte) in [(1u64 << 20, 0x5a), (2 << 20, 0x66)] {
+                    let (in_use, dirty, got) = after(&mem, "b", at).await;
+                    if !in_use && got == byte {
+                        assert!(dirty, "k={k}: clean bitmap misses the write at {at}");
+                    }
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn a_failed_shrink_keeps_disabled_bitmaps() {
+        for k in 1..6 {
+            rt().block_on(async {
+                let mem = Arc::new(MemoryStorage::new());
+                create(
+                    mem.clone(),
+                    &CreateOptions {
+                        size: 8 << 20,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+                {
+                    let q = open(&mem, false).await.unwrap();
+                    q.bitmap_add("frozen", Some(65536), true).await.unwrap();
+                    q.write_at(6 << 20, IoBuf::copy_from(&[3u8; 65536]))
+                        .await
+                        .unwrap();
+                    q.bitmap_set_enabled("frozen", false).await.unwrap();
+                    q.close().await.unwrap();
+                }
+                let fs = Arc::new(FaultStorage::new(mem.clone()));
+                let h = fs.handle();
+                let q = Qcow2::open(
+                    fs,
+                    "f".into(),
+                    &Qcow2Options::default(),
+                    false,
+                    CacheMode::Writeback,
+                )
+                .await
+                .unwrap();
+                h.fail_nth(OpKind::Write, k, FaultError::NoSpace);
+                let shrunk = q.resize(4 << 20, Preallocation::Off).await;
+                h.disarm_all();
+                let _ = q.close().await;
+                let copy = Arc::new(MemoryStorage::from_bytes(&mem.to_vec()));
+                let q2 = open(&copy, true).await.unwrap();
+                if shrunk.is_err() && q2.size() == 8 << 20 && !q2.bitmap_list()[0].in_use {
+                    let bits = q2.bitmap_bits("frozen").await.unwrap();
+                    assert!(
+                        bits.is_dirty(6 << 20),
+                        "k={k}: the frozen bitmap lost its bits"
+                    );
+                }
+                q2.close().await.unwrap();
+            });
+        }
+    }
+}

@@ -415,7 +415,11 @@ async fn convert(a: &Args) -> Result<()> {
     job.progress.finish();
     result?;
     if a.bitmaps {
-        copy_bitmaps(&*job.srcs[0].img, &*dst, a.skip_broken_bitmaps).await?;
+        if let Err(e) = copy_bitmaps(&*job.srcs[0].img, &*dst, a.skip_broken_bitmaps).await {
+            // The data is copied: it must reach the disk even though the bitmaps failed.
+            let _ = dst.close().await;
+            return Err(e);
+        }
     }
     dst.close().await?;
     for s in &job.srcs {

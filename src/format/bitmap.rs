@@ -105,6 +105,11 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
     let mut out = Vec::new();
     let mut off = 0usize;
     for _ in 0..nb_bitmaps {
+        if off == buf.len() {
+            return Err(Error::invalid(
+                "Less bitmaps found than specified in header extension",
+            ));
+        }
         if off + 24 > buf.len() {
             return Err(broken());
         }
@@ -142,7 +147,7 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
     }
     if off != buf.len() {
         return Err(Error::invalid(
-            "Less bitmaps found than specified in header extension",
+            "More bitmaps found than specified in header extension",
         ));
     }
     Ok(out)

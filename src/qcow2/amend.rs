@@ -178,16 +178,30 @@ impl Qcow2 {
             return Ok(());
         }
         self.flush_seq_cache().await?;
-        // The handle is not closed the usual way afterwards: the bitmaps are stored first (the
-        // rebuild then counts their clusters).
-        self.store_bitmaps().await?;
         let _x = self.resize_lock.write().await;
-        {
-            let _f = self.flush_lock.lock().await;
-            self.flush_locked().await?;
+        // The handle is not closed the usual way afterwards: the bitmaps are stored first (the
+        // rebuild then counts their clusters), with no request running.
+        self.store_bitmaps().await?;
+        let rebuilt = async {
+            {
+                let _f = self.flush_lock.lock().await;
+                self.flush_locked().await?;
+            }
+            let r = self.rebuild_refcounts_at(width).await;
+            self.corruption_checked(r).await
         }
-        let r = self.rebuild_refcounts_at(width).await;
-        self.corruption_checked(r).await?;
+        .await;
+        if let Err(e) = rebuilt {
+            // The handle stays usable: its bitmaps must be `in-use` on disk again.
+            if let Err(m) = self.remark_bitmaps_in_use().await {
+                tracing::warn!(
+                    "{}: bitmaps left stored after a failed amend: {m}",
+                    self.filename
+                );
+                self.w.barrier.mark_corrupt();
+            }
+            return Err(e);
+        }
         // The in-memory allocator still counts in the old width: nothing may use it now.
         self.closed
             .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -428,12 +428,52 @@ impl Qcow2 {
         }
     }
 
-    /// Stores the bitmaps at close (see the module docs for the order of the steps).
+    /// Stores the bitmaps at close (see the module docs for the order of the steps). On
+    /// failure every loaded bitmap counts as changed, so that a later store rewrites it (the
+    /// disk still has them `in-use`).
     pub(crate) async fn store_bitmaps(&self) -> Result<()> {
         if !self.bitmaps.live.load(Relaxed) {
             return Ok(());
         }
         let _op = self.bitmaps.op.lock().await;
+        let r = self.store_bitmaps_locked().await;
+        if r.is_err() {
+            for s in self.bitmaps.slots.lock().iter_mut() {
+                if s.bits.is_some() {
+                    s.dirty = true;
+                }
+            }
+        }
+        r
+    }
+
+    /// After a failure past [`Qcow2::store_bitmaps`] with the handle still in use: the bitmaps
+    /// go back to `in-use` on disk before any further write.
+    pub(crate) async fn remark_bitmaps_in_use(&self) -> Result<()> {
+        let _op = self.bitmaps.op.lock().await;
+        let entries: Vec<BitmapEntry> = {
+            let slots = self.bitmaps.slots.lock();
+            if slots.iter().all(|s| s.inconsistent) {
+                return Ok(());
+            }
+            slots
+                .iter()
+                .map(|s| BitmapEntry {
+                    flags: s.entry.flags | flags::IN_USE,
+                    ..s.entry.clone()
+                })
+                .collect()
+        };
+        self.switch_directory(&entries).await?;
+        let mut slots = self.bitmaps.slots.lock();
+        for (s, e) in slots.iter_mut().zip(entries) {
+            s.entry = e;
+        }
+        self.bitmaps.live.store(true, Relaxed);
+        Ok(())
+    }
+
+    async fn store_bitmaps_locked(&self) -> Result<()> {
         let work: Vec<(usize, Arc<DirtyBitmap>)> = {
             let slots = self.bitmaps.slots.lock();
             slots
@@ -531,14 +571,18 @@ impl Qcow2 {
             s.entry.clone()
         };
         let bits = Arc::new(self.load_bits(&entry).await?);
-        if let Some(s) = self
-            .bitmaps
-            .slots
-            .lock()
-            .iter_mut()
-            .find(|s| s.entry.name == name)
-        {
-            s.bits = Some(bits.clone());
+        // Kept for writing; a read-only image loads again on the next use rather than keep
+        // every bitmap it was asked for (a hostile image could have many large ones).
+        if !self.read_only {
+            if let Some(s) = self
+                .bitmaps
+                .slots
+                .lock()
+                .iter_mut()
+                .find(|s| s.entry.name == name)
+            {
+                s.bits = Some(bits.clone());
+            }
         }
         Ok(bits)
     }
@@ -591,13 +635,30 @@ impl Qcow2 {
             )));
         }
         let size = self.virtual_size();
-        let entries = bitmap::table_entries(size, gbits, self.geo).max(1);
+        if size == 0 {
+            return Err(Error::arg(
+                "A disk of size 0 cannot have persistent bitmaps",
+            ));
+        }
+        let entries = bitmap::table_entries(size, gbits, self.geo);
         if entries * self.geo.cluster_size() > bitmap::MAX_PHYS_BYTES {
             return Err(Error::arg(
                 "Too much space will be occupied by the bitmap. Use larger granularity",
             ));
         }
         let mut slots = self.bitmaps.slots.lock();
+        let cs = self.geo.cluster_size();
+        let loaded: u64 = slots
+            .iter()
+            .filter(|s| !s.inconsistent)
+            .map(|s| bitmap::table_entries(size, s.entry.granularity_bits, self.geo) * cs)
+            .sum();
+        if loaded + entries * cs > MAX_LOADED_BYTES {
+            return Err(Error::arg(format!(
+                "The image's bitmaps would need more than {} MiB of memory",
+                MAX_LOADED_BYTES >> 20
+            )));
+        }
         if slots.iter().any(|s| s.entry.name == name) {
             return Err(Error::arg(format!("Bitmap already exists: {name}")));
         }
@@ -732,8 +793,32 @@ impl Qcow2 {
 
     /// Refuses a resize when a bitmap could not follow it (QEMU's rule: every bitmap must be
     /// loaded and consistent).
-    pub(crate) fn check_bitmaps_resizable(&self) -> Result<()> {
+    pub(crate) fn check_bitmaps_resizable(&self, new_size: u64) -> Result<()> {
         let slots = self.bitmaps.slots.lock();
+        if !slots.is_empty() && new_size == 0 {
+            return Err(Error::arg(
+                "A disk of size 0 cannot have persistent bitmaps",
+            ));
+        }
+        let cs = self.geo.cluster_size();
+        let mut total = 0;
+        for s in slots.iter() {
+            let phys = bitmap::table_entries(new_size, s.entry.granularity_bits, self.geo) * cs;
+            if phys > bitmap::MAX_PHYS_BYTES {
+                return Err(Error::arg(format!(
+                    "Bitmap '{}' would be too large for the new size (granularity {})",
+                    s.entry.name,
+                    1u64 << s.entry.granularity_bits
+                )));
+            }
+            total += phys;
+        }
+        if total > MAX_LOADED_BYTES {
+            return Err(Error::arg(format!(
+                "The image's bitmaps would need more than {} MiB of memory at the new size",
+                MAX_LOADED_BYTES >> 20
+            )));
+        }
         for s in slots.iter() {
             if s.inconsistent {
                 return Err(inconsistent(&s.entry.name));
@@ -745,6 +830,30 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// The loaded bitmaps, to be put back by [`Qcow2::restore_bitmaps`] if a shrink fails.
+    pub(crate) fn saved_bitmaps(&self) -> Vec<Option<Arc<DirtyBitmap>>> {
+        self.bitmaps
+            .slots
+            .lock()
+            .iter()
+            .map(|s| s.bits.clone())
+            .collect()
+    }
+
+    /// Puts back bitmaps saved before a failed shrink, with every bit set since (in the
+    /// resized copies) merged in. Call with the resize lock held exclusively.
+    pub(crate) fn restore_bitmaps(&self, saved: Vec<Option<Arc<DirtyBitmap>>>) {
+        let mut slots = self.bitmaps.slots.lock();
+        for (s, old) in slots.iter_mut().zip(saved) {
+            if let (Some(old), Some(now)) = (old, &s.bits) {
+                old.merge_from(now);
+                old.set_changed();
+                s.bits = Some(old);
+            }
+        }
+        self.bitmaps.retrack(&slots);
     }
 
     /// Resizes the loaded bitmaps to the new disk size. Call with the resize lock held

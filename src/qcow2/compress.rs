@@ -185,6 +185,7 @@ impl Qcow2 {
                 return Ok(());
             }
             let _resize = self.resize_lock.read().await;
+            self.check_open()?;
             self.mark_dirty(offset, len);
             self.compressed_request(offset, data, ticket).await?;
             if self.w.writethrough {

@@ -695,14 +695,20 @@ impl Qcow2 {
                 t.abort();
             }
         }
+        // Requests that changed data hold the resize lock shared until their data is written
+        // (and the bitmaps marked): wait for them. Those still waiting for it see the handle
+        // closed once they get it.
+        let _quiesced = self.resize_lock.write().await;
+        let mut bitmaps = Ok(());
         if !self.read_only && !self.w.barrier.is_corrupt() {
+            // Bitmaps that cannot be stored stay `in-use` on disk: inconsistent, never wrong;
+            // the data is flushed all the same.
+            bitmaps = self.store_bitmaps().await;
+            if let Err(e) = &bitmaps {
+                tracing::warn!("{}: lost persistent bitmaps: {e}", self.filename);
+            }
             // After a failed flush this fails: closing must not report durability it lacks.
-            // Bitmaps that cannot be stored stay `in-use` on disk: inconsistent, never wrong.
-            let stored = match self.store_bitmaps().await {
-                Ok(()) => self.flush_for_close().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = stored {
+            if let Err(e) = self.flush_for_close().await {
                 return Err(match e {
                     e @ Error::Corrupt(_) => self.signal_corruption(e).await,
                     e => e,
@@ -714,7 +720,7 @@ impl Qcow2 {
         }
         // Closed means others may have the image now, even while this handle lives on.
         self.w.storage.release_locks();
-        Ok(())
+        bitmaps
     }
 }
 

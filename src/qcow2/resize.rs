@@ -72,7 +72,7 @@ impl Qcow2 {
         let _op = self.resize_op.lock().await;
         let old = self.virtual_size();
         if new_size != old {
-            self.check_bitmaps_resizable()?;
+            self.check_bitmaps_resizable(new_size)?;
         }
         if self.version() < 3 && !self.snapshots().is_empty() && new_size != old {
             // Version 2 snapshot entries need not record their disk size: a snapshot taken at
@@ -225,6 +225,7 @@ impl Qcow2 {
     /// Shrinks the disk from `old` to `new_size` bytes (see the module docs for the order).
     async fn shrink(&self, old: u64, new_size: u64) -> Result<()> {
         self.flush_seq_cache().await?;
+        let saved = self.saved_bitmaps();
         {
             let _exclusive = self.resize_lock.write().await;
             self.size.store(new_size, Relaxed);
@@ -242,8 +243,9 @@ impl Qcow2 {
                 if self.hdr.with(|h| h.size) == old {
                     let _exclusive = self.resize_lock.write().await;
                     self.size.store(old, Relaxed);
-                    // The cut area may read differently now: dirty, not lost.
-                    self.resize_bitmaps(old);
+                    // The cut area may read differently now: dirty (in the enabled bitmaps),
+                    // not lost; the disabled ones come back as they were.
+                    self.restore_bitmaps(saved);
                     self.mark_dirty(new_size, old - new_size);
                 }
                 Err(e)

@@ -74,6 +74,8 @@ impl Qcow2 {
         self.apply_frees_if_overdue().await?;
         {
             let _resize = self.resize_lock.read().await;
+            // `close` may have run while this request waited for the lock.
+            self.check_open()?;
             self.mark_dirty(offset, data.len() as u64);
             let mut pos = 0usize;
             while pos < data.len() {

@@ -222,6 +222,8 @@ impl Qcow2 {
 
     async fn cluster_op_unchecked(&self, offset: u64, len: u64, op: ClusterOp) -> Result<bool> {
         let _resize = self.resize_lock.read().await;
+        // `close` may have run while this request waited for the lock.
+        self.check_open()?;
         let mut pos = offset;
         let end = offset + len;
         let mut all = true;
