@@ -45,7 +45,11 @@ pub struct BitmapEntry {
     pub flags: u32,
     pub kind: u8,
     pub granularity_bits: u8,
+    /// The name (not valid UTF-8 in the image: decoded lossily, see `raw_name`).
     pub name: String,
+    /// The name's bytes when they are not valid UTF-8 (QEMU does not check), written back as
+    /// they were.
+    pub raw_name: Option<Vec<u8>>,
     /// Extra data of the entry, kept verbatim on rewrites.
     pub extra_data: Vec<u8>,
 }
@@ -59,9 +63,14 @@ impl BitmapEntry {
         self.flags & flags::AUTO != 0
     }
 
+    /// The name as stored.
+    pub fn name_bytes(&self) -> &[u8] {
+        self.raw_name.as_deref().unwrap_or(self.name.as_bytes())
+    }
+
     /// Bytes of this entry in the directory (padded to 8).
     pub fn encoded_len(&self) -> usize {
-        (24 + self.extra_data.len() + self.name.len()).next_multiple_of(8)
+        (24 + self.extra_data.len() + self.name_bytes().len()).next_multiple_of(8)
     }
 }
 
@@ -84,11 +93,12 @@ pub fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
         be::put_u32(b, 12, e.flags);
         b[16] = e.kind;
         b[17] = e.granularity_bits;
-        be::put_u16(b, 18, e.name.len() as u16);
+        let name = e.name_bytes();
+        be::put_u16(b, 18, name.len() as u16);
         be::put_u32(b, 20, e.extra_data.len() as u32);
         b[24..24 + e.extra_data.len()].copy_from_slice(&e.extra_data);
         let n = 24 + e.extra_data.len();
-        b[n..n + e.name.len()].copy_from_slice(e.name.as_bytes());
+        b[n..n + name.len()].copy_from_slice(name);
     }
     out
 }
@@ -123,8 +133,14 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
             return Err(broken());
         }
         let name_start = 24 + extra;
-        let name = std::str::from_utf8(&e[name_start..name_start + name_size])
-            .map_err(|_| Error::invalid("Bitmap name is not valid UTF-8"))?;
+        let bytes = &e[name_start..name_start + name_size];
+        let (name, raw_name) = match std::str::from_utf8(bytes) {
+            Ok(n) => (n.to_string(), None),
+            Err(_) => (
+                String::from_utf8_lossy(bytes).into_owned(),
+                Some(bytes.to_vec()),
+            ),
+        };
         // Checked before the table is read: its size comes from the untrusted directory.
         if !g.is_aligned(table_offset.0)
             || table_size > MAX_TABLE_ENTRIES
@@ -140,7 +156,8 @@ pub fn decode_directory(buf: &[u8], nb_bitmaps: u32, g: Geometry) -> Result<Vec<
             flags: be::u32(e, 12),
             kind: e[16],
             granularity_bits: e[17],
-            name: name.to_string(),
+            name,
+            raw_name,
             extra_data: e[24..name_start].to_vec(),
         });
         off += len;
@@ -184,6 +201,7 @@ mod tests {
                 kind: KIND_DIRTY_TRACKING,
                 granularity_bits: 16,
                 name: "b0".into(),
+                raw_name: None,
                 extra_data: Vec::new(),
             },
             BitmapEntry {
@@ -193,6 +211,7 @@ mod tests {
                 kind: KIND_DIRTY_TRACKING,
                 granularity_bits: 9,
                 name: "a longer name".into(),
+                raw_name: None,
                 extra_data: vec![1, 2, 3],
             },
         ];
@@ -202,6 +221,20 @@ mod tests {
             decode_directory(&bytes, 2, Geometry::new(16)).unwrap(),
             entries
         );
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_kept() {
+        let mut buf = vec![0u8; 32];
+        be::put_u64(&mut buf, 0, 0x50000);
+        be::put_u32(&mut buf, 8, 1);
+        buf[16] = 1;
+        buf[17] = 16;
+        be::put_u16(&mut buf, 18, 2);
+        buf[24..26].copy_from_slice(&[0xff, b'x']);
+        let d = decode_directory(&buf, 1, Geometry::new(16)).unwrap();
+        assert_eq!(d[0].name_bytes(), &[0xff, b'x']);
+        assert_eq!(encode_directory(&d), buf);
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl Qcow2 {
             || !(bitmap::MIN_GRANULARITY_BITS..=bitmap::MAX_GRANULARITY_BITS)
                 .contains(&e.granularity_bits)
             || e.flags & !flags::KNOWN != 0
-            || e.name.len() > bitmap::MAX_NAME_BYTES
+            || e.name_bytes().len() > bitmap::MAX_NAME_BYTES
             || e.kind != bitmap::KIND_DIRTY_TRACKING
             || phys > bitmap::MAX_PHYS_BYTES
             || (!e.in_use() && disk_size > (phys * 8) << e.granularity_bits);
@@ -379,6 +379,7 @@ impl Qcow2 {
             kind: bitmap::KIND_DIRTY_TRACKING,
             granularity_bits: 16,
             name: String::new(),
+            raw_name: None,
             extra_data: Vec::new(),
         };
         match self.read_bitmap_table(&e).await {
@@ -674,6 +675,7 @@ impl Qcow2 {
             kind: bitmap::KIND_DIRTY_TRACKING,
             granularity_bits: gbits,
             name: name.to_string(),
+            raw_name: None,
             extra_data: Vec::new(),
         };
         let dir: u64 = slots
