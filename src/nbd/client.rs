@@ -105,10 +105,9 @@ pub(super) async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Lists the exports of the server at the other end of `s`, as `qemu-nbd --list` does: newstyle
-/// handshake, extended headers (else structured replies) if the server has them, `NBD_OPT_LIST`,
-/// then `NBD_OPT_INFO` and `NBD_OPT_LIST_META_CONTEXT` for each export, and `NBD_OPT_ABORT`.
-pub async fn list_exports<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Listing> {
+/// The start of a client's handshake: the server's greeting checked (fixed newstyle), the
+/// client's flags sent (`NO_ZEROES` when offered).
+pub(super) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<()> {
     let mut h = [0u8; 18];
     s.read_exact(&mut h).await?;
     let mut c = Cursor::new(&h);
@@ -129,7 +128,14 @@ pub async fn list_exports<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::R
     if flags & FLAG_NO_ZEROES != 0 {
         cflags |= FLAG_C_NO_ZEROES;
     }
-    s.write_all(&cflags.to_be_bytes()).await?;
+    s.write_all(&cflags.to_be_bytes()).await
+}
+
+/// Lists the exports of the server at the other end of `s`, as `qemu-nbd --list` does: newstyle
+/// handshake, extended headers (else structured replies) if the server has them, `NBD_OPT_LIST`,
+/// then `NBD_OPT_INFO` and `NBD_OPT_LIST_META_CONTEXT` for each export, and `NBD_OPT_ABORT`.
+pub async fn list_exports<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Listing> {
+    greet(s).await?;
 
     let mut listing = Listing::default();
     if simple_option(s, OPT_EXTENDED_HEADERS).await? {

@@ -9,7 +9,7 @@
 //! `x-dirty-bitmap=` names, read the way QEMU reads it there: a dirty extent comes back as a
 //! hole that does not read as zeros, so `map` shows dirty areas as absent.
 
-use super::client::{bad, error_text, read_reply, send_option, simple_option};
+use super::client::{bad, error_text, greet, read_reply, send_option, simple_option};
 use super::proto::*;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::storage::{IoFuture, Storage};
@@ -212,25 +212,7 @@ impl NbdStorage {
         };
         let mut conn = Conn { stream, cookie: 0 };
         let s = &mut conn.stream;
-        let mut h = [0u8; 18];
-        s.read_exact(&mut h).await?;
-        let mut c = Cursor::new(&h);
-        let magic = c.u64().map_err(|e| bad(e.to_string()))?;
-        let opt_magic = c.u64().map_err(|e| bad(e.to_string()))?;
-        let flags = c.u16().map_err(|e| bad(e.to_string()))?;
-        if magic != NBDMAGIC || opt_magic != IHAVEOPT {
-            return Err(bad("not an NBD newstyle server"));
-        }
-        if flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(bad(
-                "the server does not support fixed newstyle negotiation",
-            ));
-        }
-        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
-        if flags & FLAG_NO_ZEROES != 0 {
-            cflags |= FLAG_C_NO_ZEROES;
-        }
-        s.write_all(&cflags.to_be_bytes()).await?;
+        greet(s).await?;
         let structured = simple_option(s, OPT_STRUCTURED_REPLY).await?;
         let mut context = None;
         if structured {
