@@ -65,11 +65,55 @@ offset_type!(
 pub struct Geometry {
     /// log2 of the cluster size (9..=21).
     pub cluster_bits: u32,
+    /// Extended L2 entries (incompatible feature bit 4): 16-byte L2 entries whose second word
+    /// describes 32 subclusters.
+    pub extended_l2: bool,
 }
 
+/// Subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS: u64 = 32;
+
 impl Geometry {
+    /// Standard L2 entries.
     pub const fn new(cluster_bits: u32) -> Self {
-        Self { cluster_bits }
+        Self {
+            cluster_bits,
+            extended_l2: false,
+        }
+    }
+
+    /// Standard or extended L2 entries.
+    pub const fn with_l2(cluster_bits: u32, extended_l2: bool) -> Self {
+        Self {
+            cluster_bits,
+            extended_l2,
+        }
+    }
+
+    /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
+    #[inline]
+    pub const fn l2_entry_size(self) -> u64 {
+        if self.extended_l2 {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// log2 of the unit of allocation state: the subcluster size with extended L2 entries,
+    /// the cluster size otherwise.
+    #[inline]
+    pub const fn subcluster_bits(self) -> u32 {
+        if self.extended_l2 {
+            self.cluster_bits - 5
+        } else {
+            self.cluster_bits
+        }
+    }
+
+    #[inline]
+    pub const fn subcluster_size(self) -> u64 {
+        1u64 << self.subcluster_bits()
     }
 
     #[inline]
@@ -77,15 +121,19 @@ impl Geometry {
         1u64 << self.cluster_bits
     }
 
-    /// Number of 8-byte entries in an L2 table (standard, not extended, L2).
+    /// Number of entries in an L2 table.
     #[inline]
     pub const fn l2_entries(self) -> u64 {
-        self.cluster_size() / 8
+        self.cluster_size() / self.l2_entry_size()
     }
 
     #[inline]
     pub const fn l2_bits(self) -> u32 {
-        self.cluster_bits - 3
+        if self.extended_l2 {
+            self.cluster_bits - 4
+        } else {
+            self.cluster_bits - 3
+        }
     }
 
     #[inline]
@@ -162,5 +210,11 @@ mod tests {
         let small = Geometry::new(9);
         assert_eq!(small.l2_entries(), 64);
         assert_eq!(small.in_cluster(1000), 1000 - 512);
+        let ext = Geometry::with_l2(17, true);
+        assert_eq!(ext.l2_entries(), 8192);
+        assert_eq!(ext.subcluster_size(), 4096);
+        assert_eq!(ext.l1_index(GuestCluster(8192 * 3)), 3);
+        assert_eq!(ext.l1_entries_for(1 << 30), 1);
+        assert_eq!(Geometry::new(16).subcluster_size(), 65536);
     }
 }

@@ -105,13 +105,7 @@ pub(crate) fn parse_options(format: Format, lists: &[String], size: Option<u64>)
                 }
                 (Format::Qcow2, "backing_file") => o.backing_file = Some(v),
                 (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v),
-                (Format::Qcow2, "extended_l2") => {
-                    if parse_bool(&k, &v)? {
-                        return Err(Error::unsupported(
-                            "extended_l2 (subclusters) is not supported yet",
-                        ));
-                    }
-                }
+                (Format::Qcow2, "extended_l2") => o.extended_l2 = parse_bool(&k, &v)?,
                 (
                     Format::Qcow2,
                     "encryption" | "encrypt.format" | "data_file" | "data_file_raw",
@@ -245,7 +239,11 @@ pub(crate) fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) 
             s
         }
         Format::Qcow2 => {
-            let mut s = format!("fmt=qcow2 cluster_size={} extended_l2=off", o.cluster_size);
+            let mut s = format!(
+                "fmt=qcow2 cluster_size={} extended_l2={}",
+                o.cluster_size,
+                if o.extended_l2 { "on" } else { "off" }
+            );
             if o.preallocation != Preallocation::Off {
                 s += &format!(" preallocation={}", o.preallocation.name());
             }

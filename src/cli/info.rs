@@ -3,6 +3,7 @@
 use super::fail;
 use super::opts::{open, ImageArgs};
 use qimg::block::{BlockDevice, Format};
+use qimg::format::header::incompat;
 use qimg::format::snapshot::Snapshot;
 use qimg::size::human_size;
 use serde_json::{json, Value};
@@ -247,7 +248,10 @@ fn info_json(img: &dyn BlockDevice) -> Value {
         data.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if h.version >= 3 {
             data.insert("corrupt".into(), json!(h.is_corrupt()));
-            data.insert("extended-l2".into(), json!(false));
+            data.insert(
+                "extended-l2".into(),
+                json!(h.incompatible_features & incompat::EXTL2 != 0),
+            );
         }
         m.insert(
             "format-specific".into(),
@@ -367,7 +371,10 @@ fn info_human(img: &dyn BlockDevice) -> String {
         s += &format!("    refcount bits: {}\n", h.refcount_bits());
         if h.version >= 3 {
             s += &format!("    corrupt: {}\n", h.is_corrupt());
-            s += "    extended l2: false\n";
+            s += &format!(
+                "    extended l2: {}\n",
+                h.incompatible_features & incompat::EXTL2 != 0
+            );
         }
     }
     let flen = file_length(img);

@@ -213,7 +213,10 @@ pub struct Header {
 
 impl Header {
     pub fn geometry(&self) -> Geometry {
-        Geometry::new(self.cluster_bits)
+        Geometry::with_l2(
+            self.cluster_bits,
+            self.incompatible_features & incompat::EXTL2 != 0,
+        )
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -292,7 +295,6 @@ impl Header {
             )));
         }
         let cluster_size = 1u64 << cluster_bits;
-        let g = Geometry::new(cluster_bits);
 
         let mut h = Header {
             version,
@@ -399,6 +401,14 @@ impl Header {
             let name = String::from_utf8(bytes.to_vec())
                 .map_err(|_| Error::invalid("Backing file name is not valid UTF-8"))?;
             h.backing_file = Some(name);
+        }
+
+        let g = h.geometry();
+        if g.extended_l2 && g.subcluster_size() < 512 {
+            return Err(Error::invalid(format!(
+                "Unsupported subcluster size: {}",
+                g.subcluster_size()
+            )));
         }
 
         // Tables: alignment, sizes and QEMU's caps.

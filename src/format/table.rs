@@ -73,8 +73,11 @@ pub enum Mapping {
 }
 
 impl Mapping {
-    /// Decodes an L2 entry. `l2_index`/`guest` are for error messages only.
+    /// Decodes an L2 entry (the first word of an extended one: there, `Zero` never results, the
+    /// subcluster bitmap says what reads as zeros, see [`Subcluster`]).
     pub fn decode(raw: u64, g: Geometry) -> Result<Mapping> {
+        // Bit 0 has no meaning in extended entries: QEMU ignores it, and so do we.
+        let raw = if g.extended_l2 { raw & !ZERO } else { raw };
         if raw & COMPRESSED != 0 {
             let shift = compressed_shift(g);
             let host = raw & ((1u64 << shift) - 1);
@@ -131,6 +134,81 @@ impl Mapping {
     /// Whether the guest reads zeros here without consulting a backing file.
     pub fn is_zero(self) -> bool {
         matches!(self, Mapping::Zero { .. })
+    }
+}
+
+/// The second word of an extended L2 entry: bit `i` says subcluster `i` is allocated (reads
+/// from the cluster), bit `32 + i` that it reads as zeros; neither: it reads from the backing
+/// file (or as zeros without one).
+pub mod sub {
+    /// Every subcluster allocated.
+    pub const ALL_ALLOC: u64 = 0xffff_ffff;
+    /// Every subcluster reads as zeros.
+    pub const ALL_ZERO: u64 = ALL_ALLOC << 32;
+
+    /// The allocation bits of subclusters `first..end` (at most 32).
+    #[inline]
+    pub const fn alloc_range(first: u32, end: u32) -> u64 {
+        if end <= first {
+            return 0;
+        }
+        let n = end - first;
+        let ones = if n >= 32 { ALL_ALLOC } else { (1u64 << n) - 1 };
+        (ones << first) & ALL_ALLOC
+    }
+
+    /// The zero bits of subclusters `first..end`.
+    #[inline]
+    pub const fn zero_range(first: u32, end: u32) -> u64 {
+        alloc_range(first, end) << 32
+    }
+}
+
+/// What one subcluster of an extended L2 entry is (QEMU's subcluster types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subcluster {
+    /// Reads from the cluster at this subcluster's place.
+    Data,
+    /// Reads as zeros; `allocated`: the entry has a host cluster (kept for it).
+    Zero { allocated: bool },
+    /// Reads from the backing file; `allocated`: the entry has a host cluster.
+    Unallocated { allocated: bool },
+    /// The entry is a compressed cluster (whole: compressed clusters have no subclusters).
+    Compressed,
+}
+
+impl Subcluster {
+    /// Classifies subcluster `sc` of an entry whose first word decoded to `m`. `None`: an
+    /// invalid combination (an allocated subcluster without a host cluster, or one both
+    /// allocated and zero), which is corruption.
+    pub fn of(m: Mapping, bitmap: u64, sc: u32) -> Option<Subcluster> {
+        let alloc = bitmap & (1 << sc) != 0;
+        let zero = bitmap & (1 << (32 + sc)) != 0;
+        Some(match m {
+            Mapping::Compressed { .. } => Subcluster::Compressed,
+            Mapping::Data { .. } | Mapping::Zero { prealloc: Some(_), .. } => {
+                if (bitmap >> 32) & bitmap != 0 {
+                    return None;
+                }
+                if zero {
+                    Subcluster::Zero { allocated: true }
+                } else if alloc {
+                    Subcluster::Data
+                } else {
+                    Subcluster::Unallocated { allocated: true }
+                }
+            }
+            Mapping::Unallocated | Mapping::Zero { prealloc: None, .. } => {
+                if bitmap & sub::ALL_ALLOC != 0 {
+                    return None;
+                }
+                if zero {
+                    Subcluster::Zero { allocated: false }
+                } else {
+                    Subcluster::Unallocated { allocated: false }
+                }
+            }
+        })
     }
 }
 
@@ -219,6 +297,40 @@ mod tests {
         let (start, len) = compressed_range(HostOffset(0x5_0123), 4);
         assert_eq!(start.0, 0x5_0123);
         assert_eq!(start.0 + len, 0x5_0000 + 4 * 512);
+    }
+
+    #[test]
+    fn subclusters_follow_the_spec() {
+        let g = Geometry::with_l2(16, true);
+        let data = Mapping::decode(0x8000_0000_0005_0000 | ZERO, g).unwrap();
+        assert_eq!(
+            data,
+            Mapping::Data {
+                host: HostOffset(0x5_0000),
+                copied: true
+            },
+            "bit 0 is ignored"
+        );
+        let bm = sub::alloc_range(0, 2) | sub::zero_range(5, 6);
+        assert_eq!(Subcluster::of(data, bm, 1), Some(Subcluster::Data));
+        assert_eq!(
+            Subcluster::of(data, bm, 5),
+            Some(Subcluster::Zero { allocated: true })
+        );
+        assert_eq!(
+            Subcluster::of(data, bm, 9),
+            Some(Subcluster::Unallocated { allocated: true })
+        );
+        assert_eq!(Subcluster::of(data, 1 | (1 << 32), 9), None, "alloc and zero");
+        let none = Mapping::decode(0, g).unwrap();
+        assert_eq!(Subcluster::of(none, 1 << 3, 0), None, "alloc without host");
+        assert_eq!(
+            Subcluster::of(none, sub::ALL_ZERO, 31),
+            Some(Subcluster::Zero { allocated: false })
+        );
+        assert_eq!(sub::alloc_range(0, 32), sub::ALL_ALLOC);
+        assert_eq!(sub::alloc_range(31, 32), 1 << 31);
+        assert_eq!(sub::alloc_range(3, 3), 0);
     }
 
     #[test]

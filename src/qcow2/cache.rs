@@ -26,7 +26,7 @@ use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
 use crate::storage::StorageRef;
 use crate::striped::StripedCounter;
-use crate::units::HostOffset;
+use crate::units::{Geometry, HostOffset};
 use futures_util::future::{try_join_all, BoxFuture};
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
@@ -129,12 +129,45 @@ impl TableState {
         self.deps.push((v, d));
     }
 
-    /// Big-endian u64 entry `i` (L2 entries).
+    /// Big-endian u64 entry `i` (L1 chunks).
     #[inline]
     pub fn u64_at(&self, i: usize) -> u64 {
         let o = i * 8;
         u64::from_be_bytes(self.data[o..o + 8].try_into().unwrap_or([0; 8]))
     }
+
+    /// L2 entry `i`: first word and subcluster bitmap (see [`l2_entry`]).
+    #[inline]
+    pub fn l2_at(&self, i: usize, g: Geometry) -> (u64, u64) {
+        l2_entry(&self.data, i, g)
+    }
+}
+
+/// L2 entry `i` of a slice: its first word and its subcluster bitmap (0 for standard entries).
+#[inline]
+pub fn l2_entry(data: &[u8], i: usize, g: Geometry) -> (u64, u64) {
+    if g.extended_l2 {
+        (word(data, 2 * i), word(data, 2 * i + 1))
+    } else {
+        (word(data, i), 0)
+    }
+}
+
+/// Sets L2 entry `i` of a slice (the bitmap is ignored for standard entries).
+#[inline]
+pub fn put_l2_entry(data: &mut [u8], i: usize, g: Geometry, raw: u64, bitmap: u64) {
+    if g.extended_l2 {
+        put_u64(data, 2 * i, raw);
+        put_u64(data, 2 * i + 1, bitmap);
+    } else {
+        put_u64(data, i, raw);
+    }
+}
+
+fn word(data: &[u8], i: usize) -> u64 {
+    data.get(i * 8..i * 8 + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 /// Stores a big-endian u64 entry into a table being modified.

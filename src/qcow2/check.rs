@@ -15,7 +15,9 @@ use super::Qcow2;
 use crate::buf::IoBufMut;
 use crate::error::{Error, Result};
 use crate::format::bitmap::{self, TABLE_OFFSET_MASK};
-use crate::format::table::{compressed_shift, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK};
+use crate::format::table::{
+    compressed_shift, sub, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK,
+};
 use crate::format::{be, Extension};
 
 /// Bits of a refcount table entry that must be zero.
@@ -369,9 +371,15 @@ impl<'a> Walk<'a> {
             )));
         };
         let shift = compressed_shift(g);
+        let es = g.l2_entry_size() as usize;
         let mut next_contiguous = 0u64;
         for i in 0..g.l2_entries() as usize {
-            let mut e = be::u64(&buf, i * 8);
+            let mut e = be::u64(&buf, i * es);
+            let bitmap = if g.extended_l2 {
+                be::u64(&buf, i * es + 8)
+            } else {
+                0
+            };
             if e & (1 << 62) != 0 {
                 // Compressed.
                 if e & (1 << 63) != 0 {
@@ -380,6 +388,14 @@ impl<'a> Walk<'a> {
                         e & ((1u64 << shift) - 1)
                     ));
                     e &= !(1 << 63);
+                }
+                if bitmap != 0 {
+                    // QEMU's check then leaves the cluster uncounted.
+                    self.corruption(format!(
+                        "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={}",
+                        c_hex(e)
+                    ));
+                    continue;
                 }
                 let coffset = e & ((1u64 << shift) - 1);
                 let sectors = ((e >> shift) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
@@ -398,9 +414,24 @@ impl<'a> Walk<'a> {
                 ));
             }
             let off = e & OFFSET_MASK;
-            let zero = e & 1 != 0;
+            // With subclusters, "preallocated" means no subcluster is allocated.
+            let zero = if g.extended_l2 {
+                bitmap & sub::ALL_ALLOC == 0
+            } else {
+                e & 1 != 0
+            };
             if off == 0 {
+                if bitmap & sub::ALL_ALLOC != 0 {
+                    self.corruption(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
+                    );
+                }
                 continue; // unallocated or plain zero
+            }
+            if (bitmap >> 32) & bitmap != 0 {
+                self.corruption(format!(
+                    "ERROR offset={off:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                ));
             }
             if active {
                 self.scan_copied(e, off, |rc| {
@@ -873,8 +904,9 @@ impl Qcow2 {
                 }
             };
             let mut copied_checks = Vec::new();
+            let es = self.geo.l2_entry_size() as usize;
             for j in 0..self.geo.l2_entries() as usize {
-                let x = be::u64(&buf, j * 8);
+                let x = be::u64(&buf, j * es);
                 if x & (1 << 62) != 0 || x & OFFSET_MASK == 0 {
                     continue; // compressed, unallocated or plain zero
                 }
@@ -904,15 +936,16 @@ impl Qcow2 {
     /// Rewrites entry `j` of the L2 table at host offset `l2` through the L2 cache (repair).
     async fn set_l2_entry_raw(&self, l2: u64, j: usize, value: u64) -> Result<()> {
         let slice_bytes = self.l2.entry_size();
-        let per_slice = slice_bytes / 8;
+        let per_slice = slice_bytes / self.geo.l2_entry_size() as usize;
         let slice_off = l2 + (j / per_slice * slice_bytes) as u64;
         let t = self
             .l2
             .get(&self.w, crate::units::HostOffset(slice_off))
             .await?;
-        let mut g = t.lock();
-        let data = g.modify([]);
-        super::cache::put_u64(data, j % per_slice, value);
+        let mut st = t.lock();
+        let (_, bitmap) = st.l2_at(j % per_slice, self.geo);
+        let data = st.modify([]);
+        super::cache::put_l2_entry(data, j % per_slice, self.geo, value, bitmap);
         Ok(())
     }
 
@@ -981,7 +1014,7 @@ impl StoredRefcounts {
 }
 
 /// C's `%#x`: no `0x` prefix for zero.
-fn c_hex(v: u64) -> String {
+pub(crate) fn c_hex(v: u64) -> String {
     if v == 0 {
         "0".into()
     } else {

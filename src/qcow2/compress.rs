@@ -12,7 +12,7 @@
 //! compressed bytes and the refcounts are durable before the L2 entry that points to them, and
 //! the cluster's old content is freed only after the new entry is durable.
 
-use super::cache::{put_u64, Dep};
+use super::cache::{put_l2_entry, Dep};
 use super::Qcow2;
 use crate::block::{check_range, ZeroFlags};
 use crate::buf::IoBuf;
@@ -342,9 +342,10 @@ impl Qcow2 {
         let i = self.index_in_slice(c);
         let decoded = {
             let mut st = slice.lock();
-            let old = Mapping::decode(st.u64_at(i), g);
+            // A compressed cluster has no subclusters: its bitmap is zero.
+            let old = Mapping::decode(st.l2_at(i, g).0, g);
             if old.is_ok() {
-                put_u64(st.modify(deps.iter().cloned()), i, new.encode(g));
+                put_l2_entry(st.modify(deps.iter().cloned()), i, g, new.encode(g), 0);
             }
             old.map(|o| (o, st.version()))
         };

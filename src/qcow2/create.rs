@@ -69,6 +69,8 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// Extended L2 entries (32 subclusters per cluster).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -83,6 +85,7 @@ impl Default for CreateOptions {
             preallocation: Preallocation::Off,
             backing_file: None,
             backing_format: None,
+            extended_l2: false,
         }
     }
 }
@@ -118,10 +121,25 @@ impl CreateOptions {
                 ));
             }
         }
+        if self.extended_l2 {
+            if self.version < 3 {
+                return Err(Error::arg(
+                    "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+                ));
+            }
+            if cs < 16384 {
+                return Err(Error::arg(
+                    "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+                ));
+            }
+        }
         if self.size % 512 != 0 {
             return Err(Error::arg("Image size must be a multiple of 512 bytes"));
         }
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return Err(Error::arg(
                 "Backing file and preallocation can only be used at the same time if extended_l2 is on",
             ));
@@ -129,7 +147,7 @@ impl CreateOptions {
         if self.backing_file.is_some() && self.backing_format.is_none() {
             return Err(Error::arg("Backing file specified without backing format"));
         }
-        let g = Geometry::new(cs.trailing_zeros());
+        let g = Geometry::with_l2(cs.trailing_zeros(), self.extended_l2);
         if g.l1_entries_for(self.size) * 8 > header::MAX_L1_BYTES {
             // qemu-img's words (its L1 table may not exceed 32 MiB either).
             return Err(Error::arg(
@@ -215,6 +233,9 @@ fn new_header(o: &CreateOptions, g: Geometry, l: &Layout) -> Header {
     if o.compression != CompressionType::Deflate {
         incompatible |= incompat::COMPRESSION;
     }
+    if o.extended_l2 {
+        incompatible |= incompat::EXTL2;
+    }
     Header {
         version: o.version,
         cluster_bits: g.cluster_bits,
@@ -256,7 +277,7 @@ const CHUNK: u64 = 8 << 20;
 /// Creates a qcow2 image on `storage` (which should be empty).
 pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
     o.validate()?;
-    let g = Geometry::new(o.cluster_size.trailing_zeros());
+    let g = Geometry::with_l2(o.cluster_size.trailing_zeros(), o.extended_l2);
     let cs = g.cluster_size();
     let width = RefcountWidth::new(o.refcount_bits.trailing_zeros());
     let prealloc = o.preallocation != Preallocation::Off;
@@ -305,15 +326,18 @@ pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
         write_all(&storage, l.l1 * cs, IoBuf::copy_from(&l1)).await?;
     }
 
-    // L2 tables: guest cluster c maps to data cluster `data + c`.
+    // L2 tables: guest cluster c maps to data cluster `data + c`. With subclusters, none is
+    // allocated (an empty bitmap): the cluster is reserved and reads as before (QEMU's way,
+    // which is what lets preallocation go with a backing file).
     if prealloc {
         let guest_clusters = l.data_clusters;
+        let es = g.l2_entry_size();
         write_generated(&storage, l.l2 * cs, l.l2_count * cs, |chunk_off, buf| {
-            let first_entry = (chunk_off - l.l2 * cs) / 8;
-            for (k, e) in buf.chunks_exact_mut(8).enumerate() {
+            let first_entry = (chunk_off - l.l2 * cs) / es;
+            for (k, e) in buf.chunks_exact_mut(es as usize).enumerate() {
                 let c = first_entry + k as u64;
                 if c < guest_clusters {
-                    e.copy_from_slice(&(((l.data + c) * cs) | COPIED).to_be_bytes());
+                    e[..8].copy_from_slice(&(((l.data + c) * cs) | COPIED).to_be_bytes());
                 }
             }
         })

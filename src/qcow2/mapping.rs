@@ -9,7 +9,9 @@
 use super::Qcow2;
 use crate::block::BlockStatus;
 use crate::error::{IoContext, Result};
-use crate::format::table::Mapping;
+use super::cache::l2_entry;
+use crate::error::Error;
+use crate::format::table::{Mapping, Subcluster};
 use crate::units::{GuestCluster, HostOffset};
 
 /// How a run of guest bytes is stored.
@@ -19,19 +21,11 @@ pub(crate) enum RunKind {
     Data { host: u64 },
     /// Reads as zeros; `prealloc` is the host byte offset kept for it, if any.
     Zero { prealloc: Option<u64> },
-    /// Falls through to the backing file.
-    Unallocated,
+    /// Falls through to the backing file. `host`: the host byte offset an extended L2 entry
+    /// keeps for it (a preallocated subcluster that is not allocated), if any.
+    Unallocated { host: Option<u64> },
     /// Part of one compressed cluster.
     Compressed { host: HostOffset, sectors: u64 },
-}
-
-/// Big-endian entry `i` of a table's bytes (0 past the end: callers stay inside the slice).
-#[inline]
-fn be_u64_at(entries: &[u8], i: usize) -> u64 {
-    entries
-        .get(i * 8..i * 8 + 8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_be_bytes)
 }
 
 /// A run of guest bytes `[offset, offset + len)`.
@@ -77,12 +71,12 @@ impl Qcow2 {
             return Ok(Run {
                 offset,
                 len,
-                kind: RunKind::Unallocated,
+                kind: RunKind::Unallocated { host: None },
             });
         };
         let table = self.l2.get(&self.w, table_off).await?;
         let st = table.lock();
-        self.first_run(st.data(), offset, offset + len)
+        self.first_run(st.data(), table_off, offset, offset + len)
     }
 
     async fn lookup_inner(&self, offset: u64, len: u64) -> Result<Vec<Run>> {
@@ -92,7 +86,7 @@ impl Qcow2 {
             return Ok(vec![Run {
                 offset,
                 len,
-                kind: RunKind::Unallocated,
+                kind: RunKind::Unallocated { host: None },
             }]);
         };
         let table = self.l2.get(&self.w, table_off).await?;
@@ -100,7 +94,7 @@ impl Qcow2 {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let run = self.first_run(st.data(), pos, end)?;
+            let run = self.first_run(st.data(), table_off, pos, end)?;
             pos += run.len;
             runs.push(run);
         }
@@ -121,41 +115,76 @@ impl Qcow2 {
     }
 
     /// The run starting at `offset`, as long as the entries allow (up to `end`, which must lie
-    /// in the same slice as `offset`).
-    fn first_run(&self, entries: &[u8], offset: u64, end: u64) -> Result<Run> {
+    /// in the same slice as `offset`). `slice` is the slice's host offset (for messages).
+    fn first_run(&self, entries: &[u8], slice: HostOffset, offset: u64, end: u64) -> Result<Run> {
         let g = self.geo;
         let cs = g.cluster_size();
+        let unit = g.subcluster_size();
         let mut i = self.index_in_slice(GuestCluster(offset >> g.cluster_bits));
         let mut run: Option<Run> = None;
         let mut pos = offset;
         while pos < end {
             let in_cluster = pos & (cs - 1);
-            let n = (cs - in_cluster).min(end - pos);
-            let kind = match Mapping::decode(be_u64_at(entries, i), g)? {
-                Mapping::Unallocated => RunKind::Unallocated,
-                Mapping::Zero { prealloc, .. } => RunKind::Zero {
-                    prealloc: prealloc.map(|h| h.0 + in_cluster),
-                },
-                Mapping::Data { host, .. } => RunKind::Data {
-                    host: host.0 + in_cluster,
-                },
-                Mapping::Compressed { host, sectors } => RunKind::Compressed { host, sectors },
-            };
-            match run.as_mut() {
-                None => {
-                    run = Some(Run {
-                        offset: pos,
-                        len: n,
-                        kind,
-                    })
+            let cluster_end = (pos - in_cluster + cs).min(end);
+            let (raw, bitmap) = l2_entry(entries, i, g);
+            let m = Mapping::decode(raw, g)?;
+            if !g.extended_l2 || matches!(m, Mapping::Compressed { .. }) {
+                let kind = match m {
+                    Mapping::Unallocated => RunKind::Unallocated { host: None },
+                    Mapping::Zero { prealloc, .. } => RunKind::Zero {
+                        prealloc: prealloc.map(|h| h.0 + in_cluster),
+                    },
+                    Mapping::Data { host, .. } => RunKind::Data {
+                        host: host.0 + in_cluster,
+                    },
+                    Mapping::Compressed { host, sectors } => {
+                        RunKind::Compressed { host, sectors }
+                    }
+                };
+                if !extend(&mut run, pos, cluster_end - pos, kind) {
+                    break;
                 }
-                Some(r) if continues(r, kind) => r.len += n,
-                Some(_) => break,
+                pos = cluster_end;
+            } else {
+                let host = m.host_cluster().map_or(0, |h| h.0);
+                while pos < cluster_end {
+                    let at = pos & (cs - 1);
+                    let n = (unit - (pos & (unit - 1))).min(cluster_end - pos);
+                    let sc = (at / unit) as u32;
+                    let kind = match Subcluster::of(m, bitmap, sc) {
+                        None => return Err(self.invalid_entry(slice, i, true)),
+                        Some(Subcluster::Data) => RunKind::Data { host: host + at },
+                        Some(Subcluster::Zero { allocated }) => RunKind::Zero {
+                            prealloc: allocated.then_some(host + at),
+                        },
+                        Some(Subcluster::Unallocated { allocated }) => RunKind::Unallocated {
+                            host: allocated.then_some(host + at),
+                        },
+                        Some(Subcluster::Compressed) => unreachable!("handled above"),
+                    };
+                    if !extend(&mut run, pos, n, kind) {
+                        return run.ok_or_else(|| Error::arg("empty lookup"));
+                    }
+                    pos += n;
+                }
             }
-            pos += n;
             i += 1;
         }
-        run.ok_or_else(|| crate::error::Error::arg("empty lookup"))
+        run.ok_or_else(|| Error::arg("empty lookup"))
+    }
+
+    /// The corruption error for an extended L2 entry whose bitmap is invalid (QEMU's words:
+    /// its read path's message has two spaces where its write path's has one).
+    pub(crate) fn invalid_entry(&self, slice: HostOffset, i: usize, read: bool) -> Error {
+        let slice_no = slice_index_of(self, slice);
+        let index = slice_no * self.slice_entries + i as u64;
+        let table = slice.0 - slice_no * self.slice_bytes();
+        Error::corrupt(format!(
+            "Invalid cluster entry found {}(L2 offset: {}, L2 index: {})",
+            if read { " " } else { "" },
+            super::check::c_hex(table),
+            super::check::c_hex(index)
+        ))
     }
 
     /// The first run of `[offset, offset+len)` if it can be had without I/O (its L2 slice is
@@ -166,12 +195,12 @@ impl Qcow2 {
             None => Ok(Some(Run {
                 offset,
                 len,
-                kind: RunKind::Unallocated,
+                kind: RunKind::Unallocated { host: None },
             })),
             Some(table_off) => self
                 .l2
                 .with_loaded_or_copy(table_off, |entries| {
-                    self.first_run(entries, offset, offset + len)
+                    self.first_run(entries, table_off, offset, offset + len)
                 })
                 .transpose(),
         }
@@ -218,7 +247,7 @@ impl Qcow2 {
                 offset: None,
                 allocated: true,
             },
-            RunKind::Unallocated => match self.backing.get() {
+            RunKind::Unallocated { host } => match self.backing.get() {
                 Some(b) if offset < b.size() => BlockStatus {
                     len: r.len.min(b.size() - offset),
                     ..BlockStatus::default()
@@ -226,11 +255,39 @@ impl Qcow2 {
                 _ => BlockStatus {
                     len: r.len,
                     zero: true,
+                    offset: host,
                     ..BlockStatus::default()
                 },
             },
         })
     }
+}
+
+/// Extends `run` by `n` bytes of `kind` at `pos` (starting it if there is none); false if
+/// `kind` does not continue it.
+fn extend(run: &mut Option<Run>, pos: u64, n: u64, kind: RunKind) -> bool {
+    match run.as_mut() {
+        None => {
+            *run = Some(Run {
+                offset: pos,
+                len: n,
+                kind,
+            });
+            true
+        }
+        Some(r) if continues(r, kind) => {
+            r.len += n;
+            true
+        }
+        Some(_) => false,
+    }
+}
+
+/// Which slice of its L2 table the slice at `slice` is (slices are aligned to their size
+/// inside a cluster-aligned table).
+fn slice_index_of(img: &Qcow2, slice: HostOffset) -> u64 {
+    let in_table = slice.0 & (img.geo.cluster_size() - 1);
+    in_table / img.slice_bytes()
 }
 
 /// Whether a cluster of kind `next` extends run `last`.
@@ -241,7 +298,10 @@ fn continues(last: &Run, next: RunKind) -> bool {
         (RunKind::Zero { prealloc: Some(a) }, RunKind::Zero { prealloc: Some(b) }) => {
             a + last.len == b
         }
-        (RunKind::Unallocated, RunKind::Unallocated) => true,
+        (RunKind::Unallocated { host: None }, RunKind::Unallocated { host: None }) => true,
+        (RunKind::Unallocated { host: Some(a) }, RunKind::Unallocated { host: Some(b) }) => {
+            a + last.len == b
+        }
         _ => false,
     }
 }

@@ -38,6 +38,7 @@ mod resize;
 mod seqcache;
 pub mod snapshot;
 mod snapshot_refs;
+mod subcluster;
 mod write;
 mod zero;
 
@@ -326,7 +327,7 @@ impl Qcow2 {
             geo: g,
             version: std::sync::atomic::AtomicU32::new(h.version),
             compression: h.compression_type,
-            slice_entries: entry_bytes / 8,
+            slice_entries: entry_bytes / g.l2_entry_size(),
             w,
             l1,
             l2,
@@ -436,11 +437,6 @@ impl Qcow2 {
         if h.incompatible_features & incompat::DATA_FILE != 0 {
             return Err(Error::unsupported(
                 "qcow2 images with an external data file are not supported yet",
-            ));
-        }
-        if h.incompatible_features & incompat::EXTL2 != 0 {
-            return Err(Error::unsupported(
-                "qcow2 images with extended L2 entries (subclusters) are not supported yet",
             ));
         }
         Ok(())
@@ -670,9 +666,14 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Bytes per L2 slice (cache entry).
+    pub(crate) fn slice_bytes(&self) -> u64 {
+        self.slice_entries * self.geo.l2_entry_size()
+    }
+
     /// Host offset of L2 slice `slice` of the table at `l2`.
     pub(crate) fn slice_offset(&self, l2: HostOffset, slice: u64) -> HostOffset {
-        HostOffset(l2.0 + slice * self.slice_entries * 8)
+        HostOffset(l2.0 + slice * self.slice_bytes())
     }
 
     /// Flushes everything and releases the image. Idempotent.

@@ -64,7 +64,7 @@ impl Qcow2 {
                 buf.fill(0);
                 Ok(buf)
             }
-            RunKind::Unallocated => self.read_backing(run.offset, buf).await,
+            RunKind::Unallocated { .. } => self.read_backing(run.offset, buf).await,
             RunKind::Compressed { host, sectors } => {
                 let cluster = self.read_compressed(host, sectors).await?;
                 let at = (run.offset & (self.geo.cluster_size() - 1)) as usize;

@@ -44,7 +44,7 @@
 //! that `qemu-img check` accepts (leaked clusters at most), at the old size with part of the
 //! cut area reading zeros, or at the new size; no data from the cut area can show again later.
 
-use super::cache::{put_u64, Dep};
+use super::cache::{put_l2_entry, Dep};
 use super::create::Preallocation;
 use super::Qcow2;
 use crate::block::ZeroFlags;
@@ -353,7 +353,7 @@ impl Qcow2 {
                     false
                 }
                 RunKind::Compressed { .. } => true,
-                RunKind::Unallocated => backing_shows,
+                RunKind::Unallocated { .. } => backing_shows,
                 RunKind::Zero { .. } => false,
             };
             if copy {
@@ -410,11 +410,18 @@ impl Qcow2 {
                 Ok(c) => c,
             };
             let base = self.index_in_slice(first);
-            let old: Vec<Mapping> = {
+            // Subcluster bitmaps are kept: preallocated clusters of an image with subclusters
+            // have none allocated (they read as before, as in QEMU).
+            let (old, bitmaps): (Vec<Mapping>, Vec<u64>) = {
                 let st = slice.lock();
-                (0..n as usize)
-                    .map(|i| Mapping::decode(st.u64_at(base + i), g))
-                    .collect::<Result<_>>()?
+                let mut old = Vec::with_capacity(n as usize);
+                let mut bitmaps = Vec::with_capacity(n as usize);
+                for i in 0..n as usize {
+                    let (raw, bitmap) = st.l2_at(base + i, g);
+                    old.push(Mapping::decode(raw, g)?);
+                    bitmaps.push(bitmap);
+                }
+                (old, bitmaps)
             };
             // `metadata` keeps data clusters (QEMU's `preallocate_co`); `falloc` and `full`
             // give every cluster of the new area a new, zeroed one (QEMU links one contiguous
@@ -447,7 +454,7 @@ impl Qcow2 {
                         host: HostOffset(host + k as u64 * cs),
                         copied: true,
                     };
-                    put_u64(entries, base + i, m.encode(g));
+                    put_l2_entry(entries, base + i, g, m.encode(g), bitmaps[i]);
                 }
                 st.version()
             };

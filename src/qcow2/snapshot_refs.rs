@@ -92,8 +92,9 @@ impl Qcow2 {
     /// clusters merged; a compressed cluster counts every host cluster its bytes touch).
     fn referenced_runs(&self, table: &[u8], runs: &mut Vec<(u64, u64)>) -> Result<()> {
         let g = self.geo;
-        for i in 0..table.len() / 8 {
-            match Mapping::decode(be::u64(table, i * 8), g)? {
+        let es = g.l2_entry_size() as usize;
+        for i in 0..table.len() / es {
+            match Mapping::decode(be::u64(table, i * es), g)? {
                 Mapping::Data { host, .. }
                 | Mapping::Zero {
                     prealloc: Some(host),
@@ -248,10 +249,11 @@ impl Qcow2 {
                 let mut writes = Vec::new();
                 for (i, off, mut d) in data {
                     let mut changed = false;
-                    for k in 0..d.len() / 8 {
-                        let e = be::u64(&d, k * 8);
+                    let es = self.geo.l2_entry_size() as usize;
+                    for k in 0..d.len() / es {
+                        let e = be::u64(&d, k * es);
                         if e & COPIED != 0 {
-                            be::put_u64(&mut d, k * 8, e & !COPIED);
+                            be::put_u64(&mut d, k * es, e & !COPIED);
                             changed = true;
                         }
                     }
@@ -294,9 +296,10 @@ impl Qcow2 {
         while let Some((i, off, mut d)) = reads.try_next().await? {
             runs.clear();
             refs.clear();
-            let n = d.len() / 8;
+            let es = g.l2_entry_size() as usize;
+            let n = d.len() / es;
             for k in 0..n {
-                if let Some(host) = Mapping::decode(be::u64(&d, k * 8), g)?.host_cluster() {
+                if let Some(host) = Mapping::decode(be::u64(&d, k * es), g)?.host_cluster() {
                     push_run(&mut runs, g.host_cluster(host).0, 1);
                 }
             }
@@ -308,14 +311,14 @@ impl Qcow2 {
             let mut next = refs.iter();
             let mut changed = false;
             for k in 0..n {
-                let e = be::u64(&d, k * 8);
+                let e = be::u64(&d, k * es);
                 let single = match Mapping::decode(e, g)?.host_cluster() {
                     Some(_) => next.next() == Some(&1),
                     None => false,
                 };
                 let want = if single { e | COPIED } else { e & !COPIED };
                 if want != e {
-                    be::put_u64(&mut d, k * 8, want);
+                    be::put_u64(&mut d, k * es, want);
                     changed = true;
                 }
             }

@@ -48,11 +48,16 @@ enum Action {
 enum Plan<'a> {
     InPlace(Vec<(u64, IoBuf)>),
     Wait(Arc<Event>),
-    Alloc { claim: Claim<'a>, old: Vec<Mapping> },
+    /// `bitmaps`: the subcluster bitmaps of `old` (empty without extended L2 entries).
+    Alloc {
+        claim: Claim<'a>,
+        old: Vec<Mapping>,
+        bitmaps: Vec<u64>,
+    },
 }
 
 /// One storage operation of a write.
-enum Op {
+pub(super) enum Op {
     Write(u64, IoBuf),
     Zero(u64, u64),
 }
@@ -111,10 +116,18 @@ impl Qcow2 {
                         .await?;
                     return Ok(());
                 }
-                Plan::Alloc { claim, old } => {
-                    let r = self
-                        .allocating_write(&slice, first, offset, &data, &old)
-                        .await;
+                Plan::Alloc {
+                    claim,
+                    old,
+                    bitmaps,
+                } => {
+                    let r = if g.extended_l2 {
+                        self.allocating_write_ext(&slice, first, offset, &data, &old, &bitmaps)
+                            .await
+                    } else {
+                        self.allocating_write(&slice, first, offset, &data, &old)
+                            .await
+                    };
                     drop(claim);
                     return r;
                 }
@@ -136,12 +149,23 @@ impl Qcow2 {
         let base = self.index_in_slice(first);
         let st = slice.lock();
         let mut old = Vec::with_capacity(n);
+        let mut bitmaps = Vec::new();
         for i in 0..n {
-            old.push(Mapping::decode(st.u64_at(base + i), g)?);
+            let (raw, bitmap) = st.l2_at(base + i, g);
+            let m = Mapping::decode(raw, g)?;
+            if g.extended_l2 {
+                if !super::subcluster::valid_bitmap(m, bitmap) {
+                    return Err(self.invalid_entry(slice.offset(), base + i, false));
+                }
+                bitmaps.push(bitmap);
+            }
+            old.push(m);
         }
         let all_in_place = old
             .iter()
-            .all(|m| matches!(m, Mapping::Data { copied: true, .. }));
+            .all(|m| matches!(m, Mapping::Data { copied: true, .. }))
+            && (!g.extended_l2
+                || super::subcluster::covered_allocated(g, first, offset, data.len(), &bitmaps));
         if all_in_place {
             if let Some(ev) = self.claims.conflicting(first.0, first.0 + n as u64) {
                 return Ok(Plan::Wait(ev));
@@ -163,7 +187,11 @@ impl Qcow2 {
         }
         match self.claims.try_claim(first.0, first.0 + n as u64) {
             Err(ev) => Ok(Plan::Wait(ev)),
-            Ok(claim) => Ok(Plan::Alloc { claim, old }),
+            Ok(claim) => Ok(Plan::Alloc {
+                claim,
+                old,
+                bitmaps,
+            }),
         }
     }
 
@@ -185,7 +213,7 @@ impl Qcow2 {
         let end = offset + data.len() as u64;
         // The slice will be written back with new entries: refuse now, at the request, if that
         // write would land on other metadata (a hostile L1 entry), rather than at the flush.
-        let slice_bytes = self.slice_entries * 8;
+        let slice_bytes = self.slice_bytes();
         if let Err(e) = self
             .w
             .check_metadata_write(slice.offset().0, slice_bytes, None)
@@ -370,7 +398,7 @@ impl Qcow2 {
         }
     }
 
-    async fn run_ops(&self, ops: Vec<Op>) -> Result<()> {
+    pub(super) async fn run_ops(&self, ops: Vec<Op>) -> Result<()> {
         // No guest data lands on metadata (a hostile L2 entry may point anywhere): see `overlap`.
         for op in &ops {
             let (h, n) = match op {
@@ -466,7 +494,7 @@ impl Qcow2 {
             return Err(Error::io(format!("writing new L2 table at {at}"), e));
         }
         let gen = self.w.barrier.generation();
-        let slice_bytes = (self.slice_entries * 8) as usize;
+        let slice_bytes = self.slice_bytes() as usize;
         for (k, chunk) in content.chunks(slice_bytes).enumerate() {
             let off = self.slice_offset(at, k as u64);
             self.l2
@@ -486,7 +514,7 @@ impl Qcow2 {
 
 /// Appends a write, merging it into the previous one when both are contiguous on the host and
 /// in memory (one request over several fresh clusters becomes one write).
-fn push_write(writes: &mut Vec<(u64, IoBuf)>, host: u64, buf: IoBuf) {
+pub(super) fn push_write(writes: &mut Vec<(u64, IoBuf)>, host: u64, buf: IoBuf) {
     if let Some((h, b)) = writes.last_mut() {
         if *h + b.len() as u64 == host {
             if let Some(joined) = b.try_join(&buf) {

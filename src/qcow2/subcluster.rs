@@ -1,0 +1,287 @@
+//! Writes to images with extended L2 entries (subclusters).
+//!
+//! An extended entry describes its cluster in 32 subclusters, each allocated (reads from the
+//! host cluster), zero, or unallocated (reads from the backing file). What this buys is
+//! copy-on-write at subcluster granularity: a 4 KiB write into a fresh 128 KiB cluster of an
+//! overlay writes 4 KiB, not 128 KiB of which 124 KiB copied from the backing file.
+//!
+//! An allocating write handles each cluster of a request in one of three ways:
+//! - the cluster is ours alone (COPIED): the data goes in place; subclusters the request only
+//!   partly covers and that were not allocated get the rest of their current content (zeros or
+//!   the backing file's) written around it; then the covered subclusters are marked allocated;
+//! - the cluster has no host cluster: a new one is allocated and only the covered subclusters
+//!   are written (completed as above); the others keep their state (zero or unallocated);
+//! - the cluster is shared with a snapshot, or compressed: a new cluster receives the whole
+//!   cluster's current content with the data on top, and every subcluster is allocated (QEMU
+//!   keeps the unallocated ones unallocated; the content read is the same).
+//!
+//! The ordering rules are those of every allocating write (`write`): the data is durable
+//! before the entry that points to it or marks it allocated, and an old cluster is freed only
+//! once the entry that stops using it is durable. A crash before the entry is written leaves
+//! the subclusters as they were: data written into unallocated subclusters is not read.
+
+use super::cache::{put_l2_entry, Dep, Table};
+use super::write::{push_write, Op};
+use super::Qcow2;
+use crate::buf::{IoBuf, IoBufMut};
+use crate::error::Result;
+use crate::format::table::{compressed_range, sub, Mapping};
+use crate::units::{Geometry, GuestCluster, HostCluster, HostOffset};
+use std::sync::Arc;
+
+/// Whether an entry's bitmap is valid for its first word (the write path's check: compressed
+/// entries are not looked at).
+pub(super) fn valid_bitmap(m: Mapping, bitmap: u64) -> bool {
+    match m {
+        Mapping::Compressed { .. } => true,
+        Mapping::Data { .. } | Mapping::Zero { prealloc: Some(_), .. } => (bitmap >> 32) & bitmap == 0,
+        Mapping::Unallocated | Mapping::Zero { prealloc: None, .. } => bitmap & sub::ALL_ALLOC == 0,
+    }
+}
+
+/// The subclusters `[first, end)` of the cluster at `gstart` that the guest byte range
+/// `[from, to)` touches (`from < to`, both inside the cluster).
+pub(super) fn touched(g: Geometry, gstart: u64, from: u64, to: u64) -> (u32, u32) {
+    let sb = g.subcluster_bits();
+    let first = ((from - gstart) >> sb) as u32;
+    let end = ((to - gstart).div_ceil(g.subcluster_size())) as u32;
+    (first, end)
+}
+
+/// Whether every subcluster the write `[offset, offset+len)` touches is allocated, for the
+/// clusters from `first` whose bitmaps are given.
+pub(super) fn covered_allocated(
+    g: Geometry,
+    first: GuestCluster,
+    offset: u64,
+    len: usize,
+    bitmaps: &[u64],
+) -> bool {
+    let cs = g.cluster_size();
+    let end = offset + len as u64;
+    bitmaps.iter().enumerate().all(|(i, &b)| {
+        let gstart = (first.0 + i as u64) << g.cluster_bits;
+        let (a, z) = touched(g, gstart, offset.max(gstart), end.min(gstart + cs));
+        let mask = sub::alloc_range(a, z);
+        b & mask == mask
+    })
+}
+
+/// How one cluster of an allocating write is written.
+#[derive(Clone, Copy, Debug)]
+enum Way {
+    /// Our own cluster: in place, then mark the touched subclusters allocated.
+    InPlace(HostOffset),
+    /// A new cluster for the touched subclusters only.
+    Fresh,
+    /// A new cluster with the whole cluster's content.
+    Whole,
+}
+
+impl Qcow2 {
+    /// The allocating write of one L2 slice's piece of a request, on an image with
+    /// subclusters (see the module docs). The caller holds the claim on the clusters.
+    pub(super) async fn allocating_write_ext(
+        &self,
+        slice: &Arc<Table>,
+        first: GuestCluster,
+        offset: u64,
+        data: &IoBuf,
+        old: &[Mapping],
+        bitmaps: &[u64],
+    ) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let end = offset + data.len() as u64;
+        if let Err(e) = self
+            .w
+            .check_metadata_write(slice.offset().0, self.slice_bytes(), None)
+        {
+            return Err(self.signal_corruption(e).await);
+        }
+        self.enable_lazy_refcounts_if_configured().await?;
+        let ways: Vec<Way> = old
+            .iter()
+            .map(|m| match *m {
+                Mapping::Data { host, copied: true } => Way::InPlace(host),
+                Mapping::Unallocated | Mapping::Zero { prealloc: None, .. } => Way::Fresh,
+                _ => Way::Whole,
+            })
+            .collect();
+        let new_count = ways.iter().filter(|w| !matches!(w, Way::InPlace(_))).count() as u64;
+        let alloc = if new_count > 0 {
+            Some(self.rc.allocate(&self.w, &self.hdr, new_count).await?)
+        } else {
+            None
+        };
+        let mut next = alloc.as_ref().map_or(0, |a| a.start.0);
+        let hosts: Vec<HostOffset> = ways
+            .iter()
+            .map(|w| match w {
+                Way::InPlace(h) => *h,
+                _ => {
+                    let h = g.host_offset(HostCluster(next));
+                    next += 1;
+                    h
+                }
+            })
+            .collect();
+
+        let written = self
+            .write_subclusters(first, offset, end, data, &ways, &hosts, bitmaps)
+            .await;
+        if let Err(e) = written {
+            if let Some(a) = alloc {
+                self.rc.release_unlinked(&self.w, a).await?;
+            }
+            return Err(e);
+        }
+        let data_gen = self.w.barrier.generation();
+
+        let base = self.index_in_slice(first);
+        let mut deps = alloc.as_ref().map(|a| a.deps.clone()).unwrap_or_default();
+        deps.push(Dep::Sync(data_gen));
+        let version = {
+            let mut st = slice.lock();
+            let mut changes = Vec::new();
+            for (i, w) in ways.iter().enumerate() {
+                let gstart = (first.0 + i as u64) << g.cluster_bits;
+                let (a, z) = touched(g, gstart, offset.max(gstart), end.min(gstart + cs));
+                let (alloc_bits, zero_bits) = (sub::alloc_range(a, z), sub::zero_range(a, z));
+                let (raw, bitmap) = st.l2_at(base + i, g);
+                let new_bitmap = match w {
+                    Way::InPlace(_) => (bitmap | alloc_bits) & !zero_bits,
+                    Way::Fresh => alloc_bits | (bitmap & sub::ALL_ZERO & !zero_bits),
+                    Way::Whole => sub::ALL_ALLOC,
+                };
+                let new_raw = Mapping::Data {
+                    host: hosts[i],
+                    copied: true,
+                }
+                .encode(g);
+                if (new_raw, new_bitmap) != (raw, bitmap) {
+                    changes.push((i, new_raw, new_bitmap));
+                }
+            }
+            if changes.is_empty() {
+                None
+            } else {
+                let entries = st.modify(deps);
+                for (i, raw, bitmap) in changes {
+                    put_l2_entry(entries, base + i, g, raw, bitmap);
+                }
+                Some(st.version())
+            }
+        };
+        // The clusters a whole copy replaced are free once the new entries are durable.
+        for (w, m) in ways.iter().zip(old) {
+            if !matches!(w, Way::Whole) {
+                continue;
+            }
+            let after = version.map(|version| Dep::Table {
+                table: slice.clone(),
+                version,
+            });
+            match *m {
+                Mapping::Data { host, .. }
+                | Mapping::Zero {
+                    prealloc: Some(host),
+                    ..
+                } => self.rc.defer_free(host, cs, after, false),
+                Mapping::Compressed { host, sectors } => {
+                    let (start, len) = compressed_range(host, sectors);
+                    self.rc.defer_free(start, len, after, false);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Issues the data writes of [`Qcow2::allocating_write_ext`].
+    #[allow(clippy::too_many_arguments)]
+    async fn write_subclusters(
+        &self,
+        first: GuestCluster,
+        offset: u64,
+        end: u64,
+        data: &IoBuf,
+        ways: &[Way],
+        hosts: &[HostOffset],
+        bitmaps: &[u64],
+    ) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let unit = g.subcluster_size();
+        let mut writes: Vec<(u64, IoBuf)> = Vec::new();
+        let mut pos = 0usize;
+        for (i, w) in ways.iter().enumerate() {
+            let gstart = (first.0 + i as u64) << g.cluster_bits;
+            let from = offset.max(gstart);
+            let to = end.min(gstart + cs);
+            let part = data.slice(pos..pos + (to - from) as usize);
+            pos += (to - from) as usize;
+            let host = hosts[i].0;
+            if let Way::Whole = w {
+                let mut buf = self.read_guest_clamped(gstart, cs).await?;
+                buf[(from - gstart) as usize..(to - gstart) as usize].copy_from_slice(&part);
+                push_write(&mut writes, host, buf.freeze());
+                continue;
+            }
+            // Complete the partly written subclusters at both ends with what they read now,
+            // unless they are allocated already (then the rest of them is in place).
+            let allocated = |sc: u64| match w {
+                Way::InPlace(_) => bitmaps[i] & (1 << sc) != 0,
+                _ => false,
+            };
+            let head_start = from & !(unit - 1);
+            let tail_end = to.next_multiple_of(unit).min(gstart + cs);
+            let head_sc = (head_start - gstart) / unit;
+            let tail_sc = (tail_end - 1 - gstart) / unit;
+            let head = if from > head_start && !allocated(head_sc) {
+                head_start
+            } else {
+                from
+            };
+            let tail = if tail_end > to && !allocated(tail_sc) {
+                tail_end
+            } else {
+                to
+            };
+            if head == from && tail == to {
+                push_write(&mut writes, host + (from - gstart), part);
+                continue;
+            }
+            let mut buf = IoBufMut::for_overwrite((tail - head) as usize);
+            if head < from {
+                let fill = self.read_guest_clamped(head, from - head).await?;
+                buf[..(from - head) as usize].copy_from_slice(&fill);
+            }
+            buf[(from - head) as usize..(to - head) as usize].copy_from_slice(&part);
+            if to < tail {
+                let fill = self.read_guest_clamped(to, tail - to).await?;
+                buf[(to - head) as usize..].copy_from_slice(&fill);
+            }
+            push_write(&mut writes, host + (head - gstart), buf.freeze());
+        }
+        self.run_ops(writes.into_iter().map(|(h, b)| Op::Write(h, b)).collect())
+            .await
+    }
+
+    /// What the guest reads at `[offset, offset+len)` now, zeros past the disk's end (the last
+    /// cluster may reach past it).
+    async fn read_guest_clamped(&self, offset: u64, len: u64) -> Result<IoBufMut> {
+        let size = self.virtual_size();
+        let inside = size.saturating_sub(offset).min(len);
+        let mut buf = if inside > 0 {
+            self.read_plain(offset, IoBufMut::for_overwrite(inside as usize))
+                .await?
+        } else {
+            IoBufMut::zeroed(0)
+        };
+        if inside < len {
+            buf.unsplit(IoBufMut::zeroed((len - inside) as usize));
+        }
+        Ok(buf)
+    }
+}
