@@ -76,8 +76,13 @@ impl Mapping {
     /// Decodes an L2 entry (the first word of an extended one: there, `Zero` never results, the
     /// subcluster bitmap says what reads as zeros, see [`Subcluster`]).
     pub fn decode(raw: u64, g: Geometry) -> Result<Mapping> {
-        // Bit 0 has no meaning in extended entries: QEMU ignores it, and so do we.
-        let raw = if g.extended_l2 { raw & !ZERO } else { raw };
+        // Bit 0 of a standard descriptor has no meaning in extended entries: QEMU ignores it,
+        // and so do we. (In a compressed descriptor it is part of the byte offset.)
+        let raw = if g.extended_l2 && raw & COMPRESSED == 0 {
+            raw & !ZERO
+        } else {
+            raw
+        };
         if raw & COMPRESSED != 0 {
             let shift = compressed_shift(g);
             let host = raw & ((1u64 << shift) - 1);
@@ -331,6 +336,14 @@ mod tests {
         assert_eq!(sub::alloc_range(0, 32), sub::ALL_ALLOC);
         assert_eq!(sub::alloc_range(31, 32), 1 << 31);
         assert_eq!(sub::alloc_range(3, 3), 0);
+        assert_eq!(
+            Mapping::decode(COMPRESSED | 0x5_0001, g).unwrap(),
+            Mapping::Compressed {
+                host: HostOffset(0x5_0001),
+                sectors: 1
+            },
+            "an odd compressed offset keeps its bit 0"
+        );
     }
 
     #[test]

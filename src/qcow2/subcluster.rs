@@ -15,13 +15,26 @@
 //!   cluster's current content with the data on top, and every subcluster is allocated (QEMU
 //!   keeps the unallocated ones unallocated; the content read is the same).
 //!
+//! Write-zeroes works on whole subclusters where it can, as QEMU's does: a whole cluster gets
+//! every zero bit (keeping its host cluster unless unmapping is allowed), part of a cluster the
+//! zero bits of the subclusters covered (allocation bits cleared, the host cluster kept), a
+//! partly covered subcluster its zero bit if the rest of it reads as zeros already; what is
+//! left gets zeros written. A compressed cluster has no subclusters: when the request covers
+//! one only partly, the request's whole subcluster-aligned part is written as zeros (QEMU's
+//! fallback, which keeps the resulting entries identical to QEMU's). Discard works on whole
+//! clusters: the entry loses its host cluster and reads as zeros (all zero bits) if it had data
+//! or a backing file would show through; otherwise it is left as it is.
+//!
 //! The ordering rules are those of every allocating write (`write`): the data is durable
 //! before the entry that points to it or marks it allocated, and an old cluster is freed only
 //! once the entry that stops using it is durable. A crash before the entry is written leaves
 //! the subclusters as they were: data written into unallocated subclusters is not read.
 
 use super::cache::{put_l2_entry, Dep, Table};
+use super::mapping::RunKind;
 use super::write::{push_write, Op};
+use super::zero::ClusterOp;
+use crate::block::ZeroFlags;
 use super::Qcow2;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::Result;
@@ -283,5 +296,130 @@ impl Qcow2 {
             buf.unsplit(IoBufMut::zeroed((len - inside) as usize));
         }
         Ok(buf)
+    }
+}
+
+/// The entry a metadata-only operation makes of `(raw, bitmap)` (decoded first word `old`)
+/// whose subclusters `[a, z)` the operation covers; `None` when it cannot decide (the caller
+/// then writes zeros).
+pub(super) fn new_entry(
+    old: Mapping,
+    raw: u64,
+    bitmap: u64,
+    (a, z): (u32, u32),
+    op: ClusterOp,
+    has_backing: bool,
+) -> Option<(u64, u64)> {
+    let whole = (a, z) == (0, 32);
+    let compressed = matches!(old, Mapping::Compressed { .. });
+    let host = old.host_cluster().is_some();
+    let (alloc_bits, zero_bits) = (sub::alloc_range(a, z), sub::zero_range(a, z));
+    Some(match op {
+        ClusterOp::Zero { unmap } if whole => {
+            if host && !unmap {
+                (raw, sub::ALL_ZERO)
+            } else {
+                (0, sub::ALL_ZERO)
+            }
+        }
+        ClusterOp::Zero { .. } => {
+            if compressed {
+                return None;
+            }
+            (raw, (bitmap & !alloc_bits) | zero_bits)
+        }
+        ClusterOp::ZeroIfZero { backing_zero } => {
+            if compressed || bitmap & alloc_bits != 0 {
+                return None;
+            }
+            if bitmap & zero_bits == zero_bits {
+                (raw, bitmap)
+            } else if !has_backing || backing_zero {
+                (raw, bitmap | zero_bits)
+            } else {
+                return None;
+            }
+        }
+        ClusterOp::Discard => {
+            if host || compressed || has_backing {
+                (0, sub::ALL_ZERO)
+            } else {
+                (raw, bitmap)
+            }
+        }
+        ClusterOp::Deallocate | ClusterOp::Crop => (0, 0),
+    })
+}
+
+impl Qcow2 {
+    /// Write-zeroes on an image with subclusters (see the module docs).
+    pub(super) async fn zero_subclusters(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let g = self.geo;
+        let cs = g.cluster_size();
+        let unit = g.subcluster_size();
+        let size = self.virtual_size();
+        let end = offset + len;
+        // The last subcluster of a disk whose size is not subcluster aligned counts as whole.
+        let astart = offset.next_multiple_of(unit);
+        let aend = if end == size { end } else { end / unit * unit };
+        if astart >= aend {
+            return self.zero_partial_subclusters(offset, end, flags).await;
+        }
+        self.zero_partial_subclusters(offset, astart, flags).await?;
+        let partly_compressed = |at: u64| async move {
+            let r = self.lookup_first(at, 1).await?;
+            Ok::<bool, crate::error::Error>(matches!(r.kind, RunKind::Compressed { .. }))
+        };
+        let head_partial = astart % cs != 0 && partly_compressed(astart).await?;
+        let tail_partial =
+            aend % cs != 0 && aend - aend % cs > astart && partly_compressed(aend - 1).await?;
+        let same_cluster_partial = astart % cs != 0 || aend % cs != 0;
+        let fallback = head_partial
+            || tail_partial
+            || (same_cluster_partial
+                && astart / cs == (aend - 1) / cs
+                && partly_compressed(astart).await?);
+        let done = !fallback
+            && self
+                .cluster_op(
+                    astart,
+                    aend - astart,
+                    ClusterOp::Zero {
+                        unmap: flags.may_unmap,
+                    },
+                )
+                .await?;
+        if !done {
+            self.write_zero_buffers(astart, aend - astart, flags)
+                .await?;
+        }
+        self.zero_partial_subclusters(aend, end, flags).await
+    }
+
+    /// Zeroes `[from, to)`, which covers no subcluster whole: each subcluster touched gets its
+    /// zero bit if the rest of it reads as zeros, zeros written otherwise.
+    async fn zero_partial_subclusters(&self, from: u64, to: u64, flags: ZeroFlags) -> Result<()> {
+        let unit = self.geo.subcluster_size();
+        let size = self.virtual_size();
+        let mut pos = from;
+        while pos < to {
+            let sc_start = pos / unit * unit;
+            let sc_end = (sc_start + unit).min(size);
+            let n = sc_end.min(to) - pos;
+            let backing_zero = self.backing_reads_zero(sc_start, pos - sc_start).await?
+                && self.backing_reads_zero(pos + n, sc_end - (pos + n)).await?;
+            let marked = self
+                .cluster_op(
+                    sc_start,
+                    sc_end - sc_start,
+                    ClusterOp::ZeroIfZero { backing_zero },
+                )
+                .await?;
+            if !marked {
+                self.write_zero_buffers(pos, n, flags).await?;
+            }
+            pos += n;
+        }
+        Ok(())
     }
 }

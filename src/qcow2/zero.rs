@@ -16,7 +16,7 @@
 //! Both claim the clusters they change, like allocating writes, and free host clusters only after
 //! the new entries are durable.
 
-use super::cache::{put_u64, Dep};
+use super::cache::{put_l2_entry, Dep};
 use super::Qcow2;
 use crate::block::{check_range, ZeroFlags};
 use crate::buf::IoBuf;
@@ -26,7 +26,7 @@ use crate::units::GuestCluster;
 
 /// What a metadata-only operation does to each cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum ClusterOp {
+pub(super) enum ClusterOp {
     Zero {
         unmap: bool,
     },
@@ -54,6 +54,13 @@ impl Qcow2 {
             return Ok(());
         }
         self.mark_dirty_locked(offset, len).await;
+        if self.geo.extended_l2 {
+            self.zero_subclusters(offset, len, flags).await?;
+            if self.w.writethrough {
+                self.flush_plain().await?;
+            }
+            return Ok(());
+        }
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let size = self.virtual_size();
@@ -121,7 +128,7 @@ impl Qcow2 {
 
     /// Whether the backing chain reads zeros in all of `[offset, offset+len)` (true without a
     /// backing file, past its end, and for an empty range).
-    async fn backing_reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
+    pub(super) async fn backing_reads_zero(&self, offset: u64, len: u64) -> Result<bool> {
         if len == 0 {
             return Ok(true);
         }
@@ -141,7 +148,7 @@ impl Qcow2 {
     }
 
     /// Writes zero buffers where `[offset, offset+len)` does not already read as zeros.
-    async fn write_zero_buffers(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub(super) async fn write_zero_buffers(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -214,7 +221,7 @@ impl Qcow2 {
 
     /// Applies `op` to whole clusters, one L2 slice at a time. Returns false if `op` could not
     /// decide a cluster (`ZeroIfZero` on a cluster that may hold data): that slice is unchanged.
-    async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<bool> {
+    pub(super) async fn cluster_op(&self, offset: u64, len: u64, op: ClusterOp) -> Result<bool> {
         self.apply_frees_if_overdue().await?;
         let r = self.cluster_op_unchecked(offset, len, op).await;
         self.corruption_checked(r).await
@@ -239,7 +246,8 @@ impl Qcow2 {
         let g = self.geo;
         let cs = g.cluster_size();
         let first = GuestCluster(offset >> g.cluster_bits);
-        let n = len.div_ceil(cs) as usize;
+        // (Only subcluster operations start inside a cluster.)
+        let n = (((offset + len - 1) >> g.cluster_bits) - first.0 + 1) as usize;
         // Named in the header counts even when the chain was not opened (`info`-style opens):
         // what the guest reads through the chain must not change.
         let has_backing = self.backing.get().is_some() || self.backing_filename().is_some();
@@ -274,14 +282,26 @@ impl Qcow2 {
                 let mut st = slice.lock();
                 let mut changes = Vec::new();
                 for i in 0..n {
-                    let old = Mapping::decode(st.u64_at(base + i), g)?;
-                    let Some(new) = self.new_mapping(old, op, has_backing) else {
+                    let (raw, bitmap) = st.l2_at(base + i, g);
+                    let old = Mapping::decode(raw, g)?;
+                    let new = if g.extended_l2 {
+                        let gstart = (first.0 + i as u64) << g.cluster_bits;
+                        let from = offset.max(gstart);
+                        let to = (offset + len).min(gstart + cs);
+                        let (a, z) = super::subcluster::touched(g, gstart, from, to);
+                        super::subcluster::new_entry(old, raw, bitmap, (a, z), op, has_backing)
+                            .map(|(r, b)| (r, b, Mapping::decode(r, g)))
+                    } else {
+                        self.new_mapping(old, op, has_backing)
+                            .map(|m| (m.encode(g), 0, Ok(m)))
+                    };
+                    let Some((new_raw, new_bitmap, new)) = new else {
                         undecided = true;
                         return Ok(None);
                     };
-                    if new != old {
-                        changes.push((i, new));
-                        if let Some(free) = freed_range(old, new, cs) {
+                    if (new_raw, new_bitmap) != (raw, bitmap) {
+                        changes.push((i, new_raw, new_bitmap));
+                        if let Some(free) = freed_range(old, new?, cs) {
                             frees.push(free);
                         }
                     }
@@ -290,8 +310,8 @@ impl Qcow2 {
                     return Ok(None);
                 }
                 let entries = st.modify([]);
-                for (i, m) in changes {
-                    put_u64(entries, base + i, m.encode(g));
+                for (i, raw, bitmap) in changes {
+                    put_l2_entry(entries, base + i, g, raw, bitmap);
                 }
                 Ok(Some(st.version()))
             })();
