@@ -12,9 +12,9 @@
 //!   image untouched and shadowing every range written into the base; a crash while emptying
 //!   leaves clusters in the top image that hold what the base now holds too.
 //!
-//! Whole clusters of the image are compared and copied in rebase, so that a compressed image
-//! gets whole compressed clusters and a cluster that differs anywhere is copied whole (as
-//! `qemu-img rebase` does since QEMU 8.2).
+//! Whole clusters of the image (subclusters where it has them and does not compress) are
+//! compared and copied in rebase, so that a compressed image gets whole compressed clusters and
+//! a cluster that differs anywhere is copied whole (as `qemu-img rebase` does since QEMU 8.2).
 
 use crate::block::{chain_status, BlockDevice, ZeroFlags};
 use crate::buf::{IoBuf, IoBufMut};
@@ -68,7 +68,10 @@ pub async fn copy_for_rebase(
         .as_qcow2()
         .ok_or_else(|| Error::unsupported("Operation not supported"))?;
     let size = img.size();
-    let cs = q.cluster_size();
+    // The unit compared and copied: a subcluster where the image has them (only what
+    // differs gets allocated), a whole cluster when compressing (compressed clusters have no
+    // subclusters), as qemu-img does.
+    let cs = rebase_unit(q, compress);
     let old = img.backing();
     let old_end = old.as_ref().map_or(0, |o| o.size());
     let target = Target { img, q, compress };
@@ -111,6 +114,15 @@ pub async fn copy_for_rebase(
         off = to;
     }
     Ok(())
+}
+
+/// The granularity of a rebase's comparisons and writes.
+fn rebase_unit(q: &Qcow2, compress: bool) -> u64 {
+    if compress {
+        q.cluster_size()
+    } else {
+        q.geometry().subcluster_size()
+    }
 }
 
 /// When `new` is a file of the chain that starts at `old`: the layers from `old` down to
@@ -203,7 +215,7 @@ impl Target<'_> {
         will: &IoBuf,
         old_end: u64,
     ) -> Result<()> {
-        let cs = self.q.cluster_size() as usize;
+        let cs = rebase_unit(self.q, self.compress) as usize;
         let len = was.len();
         let mut pos = 0usize;
         while pos < len {

@@ -82,6 +82,9 @@ pub async fn run(a: Args) -> u8 {
     };
     let mut result = q.check_with(fix).await;
     let mut fixed = (0u64, 0u64);
+    // Standard output comes at the end, after every message on standard error, as from
+    // qemu-img writing to a pipe (fully buffered): scripts see the same order.
+    let mut out = String::new();
     if let Ok(first) = &result {
         if first.leaks_fixed > 0 || first.corruptions_fixed > 0 {
             for m in &first.messages {
@@ -89,8 +92,8 @@ pub async fn run(a: Args) -> u8 {
             }
             fixed = (first.leaks_fixed, first.corruptions_fixed);
             if a.output == "human" && !a.quiet {
-                println!(
-                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                out += &format!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
                     fixed.0, fixed.1
                 );
             }
@@ -110,12 +113,14 @@ pub async fn run(a: Args) -> u8 {
             for m in &report.messages {
                 eprintln!("{m}");
             }
+            print!("{out}");
             fail(format!("Check failed: {}", super::io::errno_text(&e)))
         }
         Ok(report) => {
             for m in &report.messages {
                 eprintln!("{m}");
             }
+            print!("{out}");
             if !a.quiet {
                 if a.output == "json" {
                     println!("{}", pretty(&report_json(&report, &a.filename, fixed)));

@@ -191,7 +191,10 @@ impl Subcluster {
         let zero = bitmap & (1 << (32 + sc)) != 0;
         Some(match m {
             Mapping::Compressed { .. } => Subcluster::Compressed,
-            Mapping::Data { .. } | Mapping::Zero { prealloc: Some(_), .. } => {
+            Mapping::Data { .. }
+            | Mapping::Zero {
+                prealloc: Some(_), ..
+            } => {
                 if (bitmap >> 32) & bitmap != 0 {
                     return None;
                 }
@@ -326,7 +329,11 @@ mod tests {
             Subcluster::of(data, bm, 9),
             Some(Subcluster::Unallocated { allocated: true })
         );
-        assert_eq!(Subcluster::of(data, 1 | (1 << 32), 9), None, "alloc and zero");
+        assert_eq!(
+            Subcluster::of(data, 1 | (1 << 32), 9),
+            None,
+            "alloc and zero"
+        );
         let none = Mapping::decode(0, g).unwrap();
         assert_eq!(Subcluster::of(none, 1 << 3, 0), None, "alloc without host");
         assert_eq!(

@@ -172,6 +172,13 @@ pub(crate) struct Walk<'a> {
     pub report: CheckReport,
     /// The refcount structures themselves are broken: only a rebuild repairs them.
     pub rebuild: bool,
+    /// Some table was not walked (a snapshot's L1 table the snapshot table mislocates): the
+    /// counts may miss references, so refcounts must not be rebuilt from them.
+    pub uncounted: bool,
+    /// Repair entries while walking (`-r all`): a misaligned preallocated cluster becomes a
+    /// zero entry, queued in `entry_fixes` (L2 table offset, index, first word, bitmap).
+    pub fix_errors: bool,
+    pub entry_fixes: Vec<(u64, usize, u64, u64)>,
     /// COPIED flags checked during the walk (see `CopiedScan`).
     copied: Option<CopiedScan>,
 }
@@ -208,6 +215,9 @@ impl<'a> Walk<'a> {
             last_counted_block: None,
             refcount_max: img.rc.width.max(),
             rebuild: false,
+            uncounted: false,
+            fix_errors: false,
+            entry_fixes: Vec::new(),
             copied: None,
             report: CheckReport {
                 total_clusters: img.geo.clusters_for(size_rounded),
@@ -353,13 +363,18 @@ impl<'a> Walk<'a> {
                     "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
             }
-            self.l2(table, active)?;
+            self.l2(table, l2, active)?;
         }
         Ok(())
     }
 
     /// Counts one L2 table (read by the caller) and what it references.
-    fn l2(&mut self, table: std::io::Result<IoBufMut>, active: bool) -> Result<(), Aborted> {
+    fn l2(
+        &mut self,
+        table: std::io::Result<IoBufMut>,
+        l2_offset: u64,
+        active: bool,
+    ) -> Result<(), Aborted> {
         let g = self.img.geo;
         let cs = g.cluster_size();
         let Ok(buf) = table else {
@@ -390,12 +405,12 @@ impl<'a> Walk<'a> {
                     e &= !(1 << 63);
                 }
                 if bitmap != 0 {
-                    // QEMU's check then leaves the cluster uncounted.
+                    // QEMU's check then leaves the cluster uncounted, and a rebuild would free
+                    // data still read: it is counted here.
                     self.corruption(format!(
                         "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={}",
                         c_hex(e)
                     ));
-                    continue;
                 }
                 let coffset = e & ((1u64 << shift) - 1);
                 let sectors = ((e >> shift) & ((1u64 << (g.cluster_bits - 8)) - 1)) + 1;
@@ -437,6 +452,21 @@ impl<'a> Walk<'a> {
                 self.scan_copied(e, off, |rc| {
                     format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
                 });
+            }
+            if off % cs != 0 && zero && self.fix_errors {
+                // QEMU's repair: the entry reads as zeros without a host cluster (allocated
+                // subclusters, which there are none of here, would become zero ones).
+                self.msg(format!(
+                    "Repairing offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+                ));
+                self.report.corruptions_fixed += 1;
+                let fixed = if g.extended_l2 {
+                    (0, (bitmap | (bitmap << 32)) & sub::ALL_ZERO)
+                } else {
+                    (crate::format::table::ZERO, 0)
+                };
+                self.entry_fixes.push((l2_offset, i, fixed.0, fixed.1));
+                continue;
             }
             if off % cs != 0 {
                 if zero {
@@ -483,6 +513,7 @@ impl<'a> Walk<'a> {
                     "ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster aligned; snapshot table entry corrupted",
                     sn.id, sn.name, c_hex(sn.l1_table_offset.0)
                 ));
+                self.uncounted = true;
                 continue;
             }
             if u64::from(sn.l1_size) > MAX_L1_ENTRIES {
@@ -490,6 +521,7 @@ impl<'a> Walk<'a> {
                     "ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot table entry corrupted",
                     sn.id, sn.name, c_hex(u64::from(sn.l1_size))
                 ));
+                self.uncounted = true;
                 continue;
             }
             self.l1(sn.l1_table_offset.0, u64::from(sn.l1_size), false)
@@ -636,6 +668,7 @@ impl Qcow2 {
             Ok(w) => w,
             Err(e) => return Err((CheckReport::default(), e)),
         };
+        w.fix_errors = fix.errors;
         let clusters = w.refs.len();
         w.copied = Some(CopiedScan {
             stored: std::sync::Arc::new(self.stored_refcounts(clusters).await),
@@ -644,6 +677,11 @@ impl Qcow2 {
         });
         if let Err(Aborted(e)) = w.count_data_and_tables().await {
             return Err((w.report, e));
+        }
+        for (l2, j, raw, bitmap) in std::mem::take(&mut w.entry_fixes) {
+            if let Err(e) = self.set_l2_entry_full(l2, j, raw, bitmap).await {
+                return Err((w.report, e));
+            }
         }
         w.refcount_structures().await;
         // The refcounts read before the walk serve unless it counted references past them.
@@ -660,6 +698,18 @@ impl Qcow2 {
                 if let Err(e) = self.rebuild_refcounts().await {
                     return Err((w.report, e));
                 }
+                // The references are counted again against the new structures (QEMU prints
+                // what that walk finds again): what it still finds was not repaired.
+                let remaining = match Walk::new(self).await {
+                    Ok(mut again) => {
+                        if let Err(Aborted(e)) = again.count_data_and_tables().await {
+                            return Err((w.report, e));
+                        }
+                        w.report.messages.append(&mut again.report.messages);
+                        again.report.corruptions
+                    }
+                    Err(e) => return Err((w.report, e)),
+                };
                 // QEMU's rebuild counts the old structure in the new refcounts and then frees
                 // it as leaks, saying so cluster by cluster; ours never counts it, but says the
                 // same of every old cluster that is free now.
@@ -670,9 +720,9 @@ impl Qcow2 {
                         w.msg(format!("Repairing cluster {c} refcount=1 reference=0"));
                     }
                 }
-                w.report.corruptions_fixed += w.report.corruptions;
+                w.report.corruptions_fixed += w.report.corruptions.saturating_sub(remaining);
                 w.report.leaks_fixed += w.report.leaks;
-                w.report.corruptions = 0;
+                w.report.corruptions = remaining;
                 w.report.leaks = 0;
             } else if w.rebuild {
                 w.msg("ERROR need to rebuild refcount structures".into());
@@ -930,6 +980,22 @@ impl Qcow2 {
             }
             w.report.messages.append(&mut copied_checks);
         }
+        Ok(())
+    }
+
+    /// Rewrites entry `j` of the L2 table at host offset `l2`, bitmap included, through the
+    /// L2 cache (repair).
+    async fn set_l2_entry_full(&self, l2: u64, j: usize, raw: u64, bitmap: u64) -> Result<()> {
+        let slice_bytes = self.l2.entry_size();
+        let per_slice = slice_bytes / self.geo.l2_entry_size() as usize;
+        let slice_off = l2 + (j / per_slice * slice_bytes) as u64;
+        let t = self
+            .l2
+            .get(&self.w, crate::units::HostOffset(slice_off))
+            .await?;
+        let mut st = t.lock();
+        let data = st.modify([]);
+        super::cache::put_l2_entry(data, j % per_slice, self.geo, raw, bitmap);
         Ok(())
     }
 

@@ -225,6 +225,15 @@ impl Qcow2 {
                 Err(ev) => ev.wait().await,
             }
         };
+        // The L2 tables first, as QEMU does: a new table comes before the data in the file.
+        let mut table_ready = None;
+        for (i, o) in outcomes.iter().enumerate() {
+            let c = GuestCluster(first.0 + i as u64);
+            if matches!(o, Outcome::Compressed(_)) && table_ready != Some(g.l1_index(c)) {
+                self.l2_slice_for_write(c).await?;
+                table_ready = Some(g.l1_index(c));
+            }
+        }
         let mut placed: Vec<Option<(HostOffset, u64)>> = Vec::with_capacity(outcomes.len());
         let mut deps = Vec::new();
         for o in &outcomes {

@@ -6,11 +6,11 @@
 //! when it has a current one (`l2view`), touching no shared lock at all. Callers that will use the host offsets hold an I/O epoch guard from before
 //! the lookup (see `inflight`).
 
+use super::cache::l2_entry;
 use super::Qcow2;
 use crate::block::BlockStatus;
-use crate::error::{IoContext, Result};
-use super::cache::l2_entry;
 use crate::error::Error;
+use crate::error::{IoContext, Result};
 use crate::format::table::{Mapping, Subcluster};
 use crate::units::{GuestCluster, HostOffset};
 
@@ -127,7 +127,7 @@ impl Qcow2 {
             let in_cluster = pos & (cs - 1);
             let cluster_end = (pos - in_cluster + cs).min(end);
             let (raw, bitmap) = l2_entry(entries, i, g);
-            let m = Mapping::decode(raw, g)?;
+            let m = Mapping::decode(raw, g).map_err(|e| self.bad_entry(slice, i, raw, e))?;
             if !g.extended_l2 || matches!(m, Mapping::Compressed { .. }) {
                 let kind = match m {
                     Mapping::Unallocated => RunKind::Unallocated { host: None },
@@ -137,9 +137,7 @@ impl Qcow2 {
                     Mapping::Data { host, .. } => RunKind::Data {
                         host: host.0 + in_cluster,
                     },
-                    Mapping::Compressed { host, sectors } => {
-                        RunKind::Compressed { host, sectors }
-                    }
+                    Mapping::Compressed { host, sectors } => RunKind::Compressed { host, sectors },
                 };
                 if !extend(&mut run, pos, cluster_end - pos, kind) {
                     break;
@@ -176,9 +174,7 @@ impl Qcow2 {
     /// The corruption error for an extended L2 entry whose bitmap is invalid (QEMU's words:
     /// its read path's message has two spaces where its write path's has one).
     pub(crate) fn invalid_entry(&self, slice: HostOffset, i: usize, read: bool) -> Error {
-        let slice_no = slice_index_of(self, slice);
-        let index = slice_no * self.slice_entries + i as u64;
-        let table = slice.0 - slice_no * self.slice_bytes();
+        let (table, index) = self.l2_position(slice, i);
         Error::corrupt(format!(
             "Invalid cluster entry found {}(L2 offset: {}, L2 index: {})",
             if read { " " } else { "" },
@@ -260,6 +256,29 @@ impl Qcow2 {
                 },
             },
         })
+    }
+}
+
+impl Qcow2 {
+    /// The L2 table offset and the index in it of entry `i` of the slice at `slice`.
+    fn l2_position(&self, slice: HostOffset, i: usize) -> (u64, u64) {
+        let slice_no = slice_index_of(self, slice);
+        let index = slice_no * self.slice_entries + i as u64;
+        (slice.0 - slice_no * self.slice_bytes(), index)
+    }
+
+    /// An entry that does not decode (a misaligned offset), in QEMU's words.
+    pub(crate) fn bad_entry(&self, slice: HostOffset, i: usize, raw: u64, e: Error) -> Error {
+        let off = raw & crate::format::table::OFFSET_MASK;
+        if raw & crate::format::table::COMPRESSED != 0 || self.geo.is_aligned(off) {
+            return e;
+        }
+        let (table, index) = self.l2_position(slice, i);
+        Error::corrupt(format!(
+            "Cluster allocation offset {off:#x} unaligned (L2 offset: {}, L2 index: {})",
+            super::check::c_hex(table),
+            super::check::c_hex(index)
+        ))
     }
 }
 

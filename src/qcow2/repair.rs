@@ -43,7 +43,9 @@ impl Qcow2 {
                 "cannot rebuild refcounts of a damaged image: {e}"
             )));
         }
-        if w.report.corruptions > 0 {
+        // Entries that are corrupt but counted (a misaligned data offset counts the clusters
+        // it touches, as QEMU counts them) leave nothing in use uncounted; tables not walked do.
+        if w.uncounted {
             return Err(Error::corrupt(format!(
                 "cannot rebuild refcounts: {}",
                 w.report.messages.join("; ")

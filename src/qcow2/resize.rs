@@ -410,8 +410,8 @@ impl Qcow2 {
                 Ok(c) => c,
             };
             let base = self.index_in_slice(first);
-            // Subcluster bitmaps are kept: preallocated clusters of an image with subclusters
-            // have none allocated (they read as before, as in QEMU).
+            // With subclusters, `metadata` keeps the bitmaps: its clusters have none allocated
+            // and read as before (as in QEMU).
             let (old, bitmaps): (Vec<Mapping>, Vec<u64>) = {
                 let st = slice.lock();
                 let mut old = Vec::with_capacity(n as usize);
@@ -454,7 +454,13 @@ impl Qcow2 {
                         host: HostOffset(host + k as u64 * cs),
                         copied: true,
                     };
-                    put_l2_entry(entries, base + i, g, m.encode(g), bitmaps[i]);
+                    // `falloc` and `full` clusters are zeroed: every subcluster reads them.
+                    let bitmap = if replace_all {
+                        crate::format::table::sub::ALL_ALLOC
+                    } else {
+                        bitmaps[i]
+                    };
+                    put_l2_entry(entries, base + i, g, m.encode(g), bitmap);
                 }
                 st.version()
             };

@@ -11,9 +11,10 @@
 //!   the backing file's) written around it; then the covered subclusters are marked allocated;
 //! - the cluster has no host cluster: a new one is allocated and only the covered subclusters
 //!   are written (completed as above); the others keep their state (zero or unallocated);
-//! - the cluster is shared with a snapshot, or compressed: a new cluster receives the whole
-//!   cluster's current content with the data on top, and every subcluster is allocated (QEMU
-//!   keeps the unallocated ones unallocated; the content read is the same).
+//! - the cluster is shared with a snapshot: a new cluster receives the current content of the
+//!   subclusters from the first allocated or written one to the last, with the data on top,
+//!   and those become allocated; the zero and unallocated subclusters outside that span stay
+//!   as they are (QEMU's rule). A compressed cluster is copied whole.
 //!
 //! Write-zeroes works on whole subclusters where it can, as QEMU's does: a whole cluster gets
 //! every zero bit (keeping its host cluster unless unmapping is allowed), part of a cluster the
@@ -34,8 +35,8 @@ use super::cache::{put_l2_entry, Dep, Table};
 use super::mapping::RunKind;
 use super::write::{push_write, Op};
 use super::zero::ClusterOp;
-use crate::block::ZeroFlags;
 use super::Qcow2;
+use crate::block::ZeroFlags;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::Result;
 use crate::format::table::{compressed_range, sub, Mapping};
@@ -47,7 +48,10 @@ use std::sync::Arc;
 pub(super) fn valid_bitmap(m: Mapping, bitmap: u64) -> bool {
     match m {
         Mapping::Compressed { .. } => true,
-        Mapping::Data { .. } | Mapping::Zero { prealloc: Some(_), .. } => (bitmap >> 32) & bitmap == 0,
+        Mapping::Data { .. }
+        | Mapping::Zero {
+            prealloc: Some(_), ..
+        } => (bitmap >> 32) & bitmap == 0,
         Mapping::Unallocated | Mapping::Zero { prealloc: None, .. } => bitmap & sub::ALL_ALLOC == 0,
     }
 }
@@ -87,8 +91,9 @@ enum Way {
     InPlace(HostOffset),
     /// A new cluster for the touched subclusters only.
     Fresh,
-    /// A new cluster with the whole cluster's content.
-    Whole,
+    /// A new cluster with the current content of subclusters `[a, z)` (which include the
+    /// touched ones and every allocated one).
+    Copy(u32, u32),
 }
 
 impl Qcow2 {
@@ -115,13 +120,29 @@ impl Qcow2 {
         self.enable_lazy_refcounts_if_configured().await?;
         let ways: Vec<Way> = old
             .iter()
-            .map(|m| match *m {
+            .enumerate()
+            .map(|(i, m)| match *m {
                 Mapping::Data { host, copied: true } => Way::InPlace(host),
                 Mapping::Unallocated | Mapping::Zero { prealloc: None, .. } => Way::Fresh,
-                _ => Way::Whole,
+                Mapping::Compressed { .. } => Way::Copy(0, 32),
+                _ => {
+                    let gstart = (first.0 + i as u64) << g.cluster_bits;
+                    let (a, z) = touched(g, gstart, offset.max(gstart), end.min(gstart + cs));
+                    let allocated = (bitmaps[i] & sub::ALL_ALLOC) as u32;
+                    if allocated == 0 {
+                        Way::Copy(a, z)
+                    } else {
+                        let first_alloc = allocated.trailing_zeros();
+                        let last_alloc = 31 - allocated.leading_zeros();
+                        Way::Copy(a.min(first_alloc), z.max(last_alloc + 1))
+                    }
+                }
             })
             .collect();
-        let new_count = ways.iter().filter(|w| !matches!(w, Way::InPlace(_))).count() as u64;
+        let new_count = ways
+            .iter()
+            .filter(|w| !matches!(w, Way::InPlace(_)))
+            .count() as u64;
         let alloc = if new_count > 0 {
             Some(self.rc.allocate(&self.w, &self.hdr, new_count).await?)
         } else {
@@ -162,10 +183,12 @@ impl Qcow2 {
                 let (a, z) = touched(g, gstart, offset.max(gstart), end.min(gstart + cs));
                 let (alloc_bits, zero_bits) = (sub::alloc_range(a, z), sub::zero_range(a, z));
                 let (raw, bitmap) = st.l2_at(base + i, g);
-                let new_bitmap = match w {
+                let new_bitmap = match *w {
                     Way::InPlace(_) => (bitmap | alloc_bits) & !zero_bits,
                     Way::Fresh => alloc_bits | (bitmap & sub::ALL_ZERO & !zero_bits),
-                    Way::Whole => sub::ALL_ALLOC,
+                    // A compressed cluster's bitmap means nothing (and should be zero).
+                    Way::Copy(..) if matches!(old[i], Mapping::Compressed { .. }) => sub::ALL_ALLOC,
+                    Way::Copy(a, z) => (bitmap | sub::alloc_range(a, z)) & !sub::zero_range(a, z),
                 };
                 let new_raw = Mapping::Data {
                     host: hosts[i],
@@ -186,9 +209,9 @@ impl Qcow2 {
                 Some(st.version())
             }
         };
-        // The clusters a whole copy replaced are free once the new entries are durable.
+        // The clusters a copy replaced are free once the new entries are durable.
         for (w, m) in ways.iter().zip(old) {
-            if !matches!(w, Way::Whole) {
+            if !matches!(w, Way::Copy(..)) {
                 continue;
             }
             let after = version.map(|version| Dep::Table {
@@ -235,10 +258,12 @@ impl Qcow2 {
             let part = data.slice(pos..pos + (to - from) as usize);
             pos += (to - from) as usize;
             let host = hosts[i].0;
-            if let Way::Whole = w {
-                let mut buf = self.read_guest_clamped(gstart, cs).await?;
-                buf[(from - gstart) as usize..(to - gstart) as usize].copy_from_slice(&part);
-                push_write(&mut writes, host, buf.freeze());
+            if let Way::Copy(a, z) = *w {
+                let start = gstart + u64::from(a) * unit;
+                let stop = gstart + u64::from(z) * unit;
+                let mut buf = self.read_guest_clamped(start, stop - start).await?;
+                buf[(from - start) as usize..(to - start) as usize].copy_from_slice(&part);
+                push_write(&mut writes, host + (start - gstart), buf.freeze());
                 continue;
             }
             // Complete the partly written subclusters at both ends with what they read now,
@@ -353,7 +378,12 @@ pub(super) fn new_entry(
 
 impl Qcow2 {
     /// Write-zeroes on an image with subclusters (see the module docs).
-    pub(super) async fn zero_subclusters(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub(super) async fn zero_subclusters(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size();
         let unit = g.subcluster_size();

@@ -152,7 +152,8 @@ impl Qcow2 {
         let mut bitmaps = Vec::new();
         for i in 0..n {
             let (raw, bitmap) = st.l2_at(base + i, g);
-            let m = Mapping::decode(raw, g)?;
+            let m = Mapping::decode(raw, g)
+                .map_err(|e| self.bad_entry(slice.offset(), base + i, raw, e))?;
             if g.extended_l2 {
                 if !super::subcluster::valid_bitmap(m, bitmap) {
                     return Err(self.invalid_entry(slice.offset(), base + i, false));

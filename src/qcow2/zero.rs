@@ -148,7 +148,12 @@ impl Qcow2 {
     }
 
     /// Writes zero buffers where `[offset, offset+len)` does not already read as zeros.
-    pub(super) async fn write_zero_buffers(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub(super) async fn write_zero_buffers(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<()> {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
