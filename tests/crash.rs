@@ -41,6 +41,8 @@ struct Scenario {
     small_cache: bool,
     /// A raw backing file with a pattern (copy-on-write of partial clusters from it).
     backing: bool,
+    /// Extended L2 entries (subclusters).
+    extended_l2: bool,
     ops: Vec<Op>,
 }
 
@@ -85,6 +87,7 @@ async fn fresh_image(s: &Scenario) -> MemoryStorage {
         lazy_refcounts: s.lazy,
         backing_file: s.backing.then(|| "base.raw".to_string()),
         backing_format: s.backing.then(|| "raw".to_string()),
+        extended_l2: s.extended_l2,
         ..Default::default()
     };
     create(mem.clone(), &opts).await.unwrap();
@@ -322,6 +325,7 @@ fn crash_default_geometry() {
         size: 4 << 20,
         small_cache: false,
         backing: false,
+        extended_l2: false,
         ops: mixed_ops(65536, 4 << 20, 40, 1),
     };
     rt().block_on(crash_everywhere(s, 1000));
@@ -368,6 +372,7 @@ fn crash_small_clusters_table_growth() {
         size: 3 << 20,
         small_cache: true,
         backing: false,
+        extended_l2: false,
         ops,
     };
     rt().block_on(crash_everywhere(s, 150));
@@ -384,6 +389,7 @@ fn crash_v2_narrow_refcounts_small_cache() {
         size: 2 << 20,
         small_cache: true,
         backing: false,
+        extended_l2: false,
         ops: mixed_ops(4096, 2 << 20, 60, 2),
     };
     rt().block_on(crash_everywhere(s, 120));
@@ -396,6 +402,7 @@ fn crash_v2_narrow_refcounts_small_cache() {
         size: 2 << 20,
         small_cache: true,
         backing: false,
+        extended_l2: false,
         ops: mixed_ops(4096, 2 << 20, 60, 3),
     };
     rt().block_on(crash_everywhere(s, 120));
@@ -442,6 +449,7 @@ fn crash_wide_refcounts_through_block_creation_and_table_growth() {
             size,
             small_cache: true,
             backing: false,
+            extended_l2: false,
             ops,
         };
         rt().block_on(crash_everywhere(s, 40));
@@ -459,6 +467,7 @@ fn crash_lazy_refcounts() {
         size: 4 << 20,
         small_cache: false,
         backing: false,
+        extended_l2: false,
         ops: mixed_ops(65536, 4 << 20, 30, 4),
     };
     rt().block_on(crash_everywhere(s, 60));
@@ -477,6 +486,7 @@ fn crash_cow_from_backing_file() {
         size: 2 << 20,
         small_cache: false,
         backing: true,
+        extended_l2: false,
         ops: mixed_ops(65536, 2 << 20, 30, 5)
             .into_iter()
             .map(|op| match op {
@@ -490,6 +500,76 @@ fn crash_cow_from_backing_file() {
             .collect(),
     };
     rt().block_on(crash_everywhere(s, 1000));
+}
+
+/// Writes at subcluster, sector and byte granularity on images with subclusters: a subcluster
+/// marked allocated before its data (and its copied-on-write neighbourhood) is durable would
+/// read garbage; zero and unallocated subclusters must keep reading what they did.
+#[test]
+fn crash_subclusters() {
+    for (name, bits, backing, seed) in [
+        ("subclusters 128k", 17, false, 11),
+        ("subclusters 64k over a backing file", 16, true, 12),
+        ("subclusters 64k in place over a backing file", 16, true, 13),
+    ] {
+        // The last: a small disk whose clusters get allocated early, then written in
+        // subclusters that still read the backing file (in-place allocation).
+        let size = if seed == 13 { 512 << 10 } else { 2u64 << 20 };
+        let sc = (1u64 << bits) / 32;
+        let mut r = fastrand::Rng::with_seed(seed);
+        let ops_random: Vec<Op> = mixed_ops(1 << bits, size, 30, seed)
+            .into_iter()
+            .map(|op| match op {
+                // Mostly small writes: a subcluster or two, unaligned half of the time.
+                Op::Write { off, seed, .. } => {
+                    let off = if r.bool() { off / sc * sc } else { off };
+                    Op::Write {
+                        off,
+                        len: r.u64(1..=2 * sc).min(size - off),
+                        seed,
+                    }
+                }
+                other => other,
+            })
+            .collect();
+        let ops = if seed == 13 {
+            // Deterministic too: each flush interval has only in-place allocations, whose
+            // entries must not become durable before their data.
+            let mut ops = vec![
+                Op::Write {
+                    off: 0,
+                    len: 1000,
+                    seed: 1,
+                },
+                Op::Flush,
+            ];
+            for k in 1..8u64 {
+                ops.push(Op::Write {
+                    off: k * 3 * sc + 100,
+                    len: 300,
+                    seed: 100 + k,
+                });
+                ops.push(Op::Flush);
+            }
+            ops.extend(ops_random);
+            ops
+        } else {
+            ops_random
+        };
+        let s = Scenario {
+            name,
+            cluster_bits: bits,
+            refcount_bits: 16,
+            v3: true,
+            lazy: false,
+            size,
+            small_cache: false,
+            backing,
+            extended_l2: true,
+            ops,
+        };
+        rt().block_on(crash_everywhere(s, 600));
+    }
 }
 
 /// A real process killed with SIGKILL mid-stream: the image must pass qemu-img check (leaks
