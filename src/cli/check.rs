@@ -105,6 +105,8 @@ pub async fn run(a: Args) -> u8 {
         if fix != Fix::NONE && report.corruptions == 0 && report.check_errors == 0 {
             if let Err(e) = q.mark_clean().await {
                 result = Err((report.clone(), e));
+            } else if let Err(e) = q.mark_consistent().await {
+                result = Err((report.clone(), e));
             }
         }
     }

@@ -39,8 +39,14 @@ impl L1Entry {
             return Ok(None);
         }
         if !g.is_aligned(off) {
+            // QEMU's words, and its `%#x` (no prefix for zero).
+            let index = if l1_index == 0 {
+                "0".to_string()
+            } else {
+                format!("{l1_index:#x}")
+            };
             return Err(Error::corrupt(format!(
-                "L2 table offset {off:#x} unaligned (L1 index: {l1_index:#x})"
+                "L2 table offset {off:#x} unaligned (L1 index: {index})"
             )));
         }
         Ok(Some(HostOffset(off)))

@@ -271,7 +271,8 @@ impl Qcow2 {
             .context(|| format!("Could not read the header of '{filename}'"))?;
         let h = Header::decode(&cluster)?;
         Self::refuse_unsupported(&h)?;
-        if !read_only && h.is_corrupt() {
+        // A repairing check may open a corrupt image to write to it (as QEMU's check does).
+        if !read_only && h.is_corrupt() && !opts.for_check {
             return Err(Error::invalid(
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
@@ -496,12 +497,23 @@ impl Qcow2 {
 
     /// Clears the dirty bit (after the refcounts were rebuilt, or found right), durably.
     pub async fn mark_clean(&self) -> Result<()> {
-        if !self.hdr.get().is_dirty() {
+        self.clear_incompatible(incompat::DIRTY).await
+    }
+
+    /// Clears the corrupt bit once a repair left nothing to report (QEMU's
+    /// `qcow2_mark_consistent`, after its check fixed the image).
+    pub async fn mark_consistent(&self) -> Result<()> {
+        self.clear_incompatible(incompat::CORRUPT).await
+    }
+
+    /// Clears incompatible feature `bit` (if set) after a flush, durably.
+    async fn clear_incompatible(&self, bit: u64) -> Result<()> {
+        if self.hdr.get().incompatible_features & bit == 0 {
             return Ok(());
         }
         self.flush().await?;
         self.hdr
-            .update(&self.w, |h| h.incompatible_features &= !incompat::DIRTY)
+            .update(&self.w, |h| h.incompatible_features &= !bit)
             .await?;
         self.w.barrier.sync_now().await
     }
