@@ -5,6 +5,7 @@
 //!   without compressed clusters every L2 entry has the same subcluster bitmap as QEMU's;
 //! - images QEMU wrote read back byte for byte, with the same map;
 //! - images qimg made and wrote read back by QEMU;
+//! - `qimg serve` reports the same `base:allocation` extents as qemu-nbd (subcluster sized);
 //! - invalid entries are corruption with QEMU's message, never a panic.
 
 mod common;
@@ -332,4 +333,61 @@ fn entries_l2_offset(p: &Path) -> usize {
     let d = std::fs::read(p).unwrap();
     let l1o = be64(&d, 40) as usize;
     (be64(&d, l1o) & 0x00ff_ffff_ffff_fe00) as usize
+}
+
+/// `base:allocation` of an image as a server reports it to nbdinfo: `server` is "qemu-nbd" or
+/// qimg (serve), read-only on a Unix socket.
+fn nbd_map(server: &str, img: &Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let pid = dir.path().join("pid");
+    let mut cmd = std::process::Command::new(server);
+    if server == qimg() {
+        cmd.arg("serve");
+    }
+    let o = cmd
+        .args(["-r", "-f", "qcow2", "-t", "--fork", "-k"])
+        .arg(&sock)
+        .arg("--pid-file")
+        .arg(&pid)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{server}: {}", text(&o));
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let map = run("nbdinfo", &["--map", &uri]);
+    let pid = std::fs::read_to_string(&pid).unwrap();
+    let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    let t = std::time::Instant::now();
+    while sock.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(map.status.success(), "nbdinfo: {}", text(&map));
+    String::from_utf8_lossy(&map.stdout).into_owned()
+}
+
+#[test]
+fn nbd_block_status_has_subcluster_granularity() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    qemu_create(&img, "extended_l2=on,cluster_size=128k", SIZE, &[]);
+    // Data in subclusters 1 and 5 of cluster 0, zeros in 8-9, data across clusters 2-3.
+    qemu_io(
+        &img,
+        "qcow2",
+        &[
+            "write -P 1 4k 4k".into(),
+            "write -P 2 20k 1k".into(),
+            "write -z 32k 8k".into(),
+            "write -P 3 300k 100k".into(),
+        ],
+    );
+    let ours = nbd_map(qimg(), &img);
+    assert_eq!(ours, nbd_map("qemu-nbd", &img), "qimg serve vs qemu-nbd");
+    // Not one extent per cluster: the first data extent is one subcluster.
+    assert!(
+        ours.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["4096", "4096"])),
+        "{ours}"
+    );
 }
