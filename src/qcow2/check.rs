@@ -679,7 +679,7 @@ impl Qcow2 {
             return Err((w.report, e));
         }
         for (l2, j, raw, bitmap) in std::mem::take(&mut w.entry_fixes) {
-            if let Err(e) = self.set_l2_entry_full(l2, j, raw, bitmap).await {
+            if let Err(e) = self.set_l2_entry(l2, j, raw, Some(bitmap)).await {
                 return Err((w.report, e));
             }
         }
@@ -969,7 +969,7 @@ impl Qcow2 {
                     ));
                     if repair {
                         let fixed = if rc == 1 { x | COPIED } else { x & !COPIED };
-                        self.set_l2_entry_raw(l2, j, fixed).await?;
+                        self.set_l2_entry(l2, j, fixed, None).await?;
                     }
                 }
             }
@@ -983,9 +983,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Rewrites entry `j` of the L2 table at host offset `l2`, bitmap included, through the
-    /// L2 cache (repair).
-    async fn set_l2_entry_full(&self, l2: u64, j: usize, raw: u64, bitmap: u64) -> Result<()> {
+    /// Rewrites entry `j` of the L2 table at host offset `l2` through the L2 cache (repair):
+    /// its first word, and its bitmap when given (kept otherwise).
+    async fn set_l2_entry(&self, l2: u64, j: usize, raw: u64, bitmap: Option<u64>) -> Result<()> {
         let slice_bytes = self.l2.entry_size();
         let per_slice = slice_bytes / self.geo.l2_entry_size() as usize;
         let slice_off = l2 + (j / per_slice * slice_bytes) as u64;
@@ -994,24 +994,9 @@ impl Qcow2 {
             .get(&self.w, crate::units::HostOffset(slice_off))
             .await?;
         let mut st = t.lock();
+        let bitmap = bitmap.unwrap_or_else(|| st.l2_at(j % per_slice, self.geo).1);
         let data = st.modify([]);
         super::cache::put_l2_entry(data, j % per_slice, self.geo, raw, bitmap);
-        Ok(())
-    }
-
-    /// Rewrites entry `j` of the L2 table at host offset `l2` through the L2 cache (repair).
-    async fn set_l2_entry_raw(&self, l2: u64, j: usize, value: u64) -> Result<()> {
-        let slice_bytes = self.l2.entry_size();
-        let per_slice = slice_bytes / self.geo.l2_entry_size() as usize;
-        let slice_off = l2 + (j / per_slice * slice_bytes) as u64;
-        let t = self
-            .l2
-            .get(&self.w, crate::units::HostOffset(slice_off))
-            .await?;
-        let mut st = t.lock();
-        let (_, bitmap) = st.l2_at(j % per_slice, self.geo);
-        let data = st.modify([]);
-        super::cache::put_l2_entry(data, j % per_slice, self.geo, value, bitmap);
         Ok(())
     }
 

@@ -39,7 +39,7 @@ use super::Qcow2;
 use crate::block::ZeroFlags;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::Result;
-use crate::format::table::{compressed_range, sub, Mapping};
+use crate::format::table::{sub, Mapping};
 use crate::units::{Geometry, GuestCluster, HostCluster, HostOffset};
 use std::sync::Arc;
 
@@ -218,18 +218,7 @@ impl Qcow2 {
                 table: slice.clone(),
                 version,
             });
-            match *m {
-                Mapping::Data { host, .. }
-                | Mapping::Zero {
-                    prealloc: Some(host),
-                    ..
-                } => self.rc.defer_free(host, cs, after, false),
-                Mapping::Compressed { host, sectors } => {
-                    let (start, len) = compressed_range(host, sectors);
-                    self.rc.defer_free(start, len, after, false);
-                }
-                _ => {}
-            }
+            self.free_replaced(*m, after);
         }
         Ok(())
     }

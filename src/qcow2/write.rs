@@ -210,7 +210,6 @@ impl Qcow2 {
         old: &[Mapping],
     ) -> Result<()> {
         let g = self.geo;
-        let cs = g.cluster_size();
         let end = offset + data.len() as u64;
         // The slice will be written back with new entries: refuse now, at the request, if that
         // write would land on other metadata (a hostile L1 entry), rather than at the flush.
@@ -308,20 +307,28 @@ impl Qcow2 {
                 table: slice.clone(),
                 version,
             });
-            match *m {
-                Mapping::Data { host, .. }
-                | Mapping::Zero {
-                    prealloc: Some(host),
-                    ..
-                } => self.rc.defer_free(host, cs, after, false),
-                Mapping::Compressed { host, sectors } => {
-                    let (start, len) = compressed_range(host, sectors);
-                    self.rc.defer_free(start, len, after, false);
-                }
-                _ => {}
-            }
+            self.free_replaced(*m, after);
         }
         Ok(())
+    }
+
+    /// Queues the host space of `old`, which a new cluster replaced, for freeing once `after`
+    /// (the entry that stopped using it) is durable.
+    pub(super) fn free_replaced(&self, old: Mapping, after: Option<Dep>) {
+        match old {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                prealloc: Some(host),
+                ..
+            } => self
+                .rc
+                .defer_free(host, self.geo.cluster_size(), after, false),
+            Mapping::Compressed { host, sectors } => {
+                let (start, len) = compressed_range(host, sectors);
+                self.rc.defer_free(start, len, after, false);
+            }
+            _ => {}
+        }
     }
 
     /// Issues the data writes of an allocating write (see module docs, step 3).
