@@ -162,7 +162,7 @@ pub async fn chain_status(
                 data: st.data,
                 compressed: st.compressed,
                 host_offset: st.offset,
-                filename: layer.filename().to_string(),
+                filename: layer.data_filename().to_string(),
             });
         }
         match layer.backing() {
@@ -236,6 +236,11 @@ pub trait BlockDevice: Send + Sync {
     fn size(&self) -> u64;
     /// The file name the image was opened with.
     fn filename(&self) -> &str;
+    /// The file holding the guest data, which block status host offsets refer to: the image
+    /// file, or a qcow2 image's external data file.
+    fn data_filename(&self) -> &str {
+        self.filename()
+    }
     fn read_only(&self) -> bool;
     /// Fills `buf` with the virtual disk content at `offset`.
     fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>>;
@@ -290,6 +295,9 @@ pub struct FilePolicy {
     pub allowed_formats: Option<Vec<Format>>,
     /// A backing file whose format the image does not name may be probed.
     pub probe_backing: bool,
+    /// An image may make us open the external data file its header names (a data file the
+    /// user names is always allowed). `allowed_dirs` applies to it too.
+    pub data_file: bool,
 }
 
 impl Default for FilePolicy {
@@ -300,6 +308,7 @@ impl Default for FilePolicy {
             allowed_dirs: None,
             allowed_formats: None,
             probe_backing: true,
+            data_file: true,
         }
     }
 }
@@ -325,19 +334,8 @@ impl FilePolicy {
         if depth > 0 && !self.nested_backing {
             return refuse("a backing file may not have a backing file".into());
         }
-        if let Some(dirs) = &self.allowed_dirs {
-            let canon = std::fs::canonicalize(path).map_err(|e| {
-                Error::io(
-                    format!("Could not open backing file '{}'", path.display()),
-                    e,
-                )
-            })?;
-            let inside = dirs
-                .iter()
-                .any(|d| std::fs::canonicalize(d).is_ok_and(|d| canon.starts_with(d)));
-            if !inside {
-                return refuse("it is outside the allowed directories".into());
-            }
+        if !self.inside_allowed_dirs(path, "backing file")? {
+            return refuse("it is outside the allowed directories".into());
         }
         match (format, &self.allowed_formats) {
             (None, _) if !self.probe_backing => {
@@ -348,6 +346,37 @@ impl FilePolicy {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl FilePolicy {
+    /// Whether `path` lies inside `allowed_dirs` (always, without that restriction).
+    fn inside_allowed_dirs(&self, path: &Path, what: &str) -> Result<bool> {
+        let Some(dirs) = &self.allowed_dirs else {
+            return Ok(true);
+        };
+        let canon = std::fs::canonicalize(path)
+            .map_err(|e| Error::io(format!("Could not open {what} '{}'", path.display()), e))?;
+        Ok(dirs
+            .iter()
+            .any(|d| std::fs::canonicalize(d).is_ok_and(|d| canon.starts_with(d))))
+    }
+
+    /// Checks an external data file named by `image` against the policy.
+    fn check_data_file(&self, image: &str, path: &Path) -> Result<()> {
+        let refuse = |why: &str| {
+            Err(Error::NotPermitted(format!(
+                "'{image}' names data file '{}', which the open policy does not allow: {why}",
+                path.display()
+            )))
+        };
+        if !self.data_file {
+            return refuse("data files named by images are not allowed");
+        }
+        if !self.inside_allowed_dirs(path, "data file")? {
+            return refuse("it is outside the allowed directories");
+        }
+        Ok(())
     }
 }
 
@@ -392,6 +421,9 @@ pub struct OpenOptions {
     /// The image is an export of an NBD server, not a file (`nbd://` names, `driver=nbd`): the
     /// path is only its name. Never set from a name found inside an image.
     pub nbd: Option<crate::nbd::remote::Target>,
+    /// The external data file of the image (QEMU's `data-file` runtime option), instead of
+    /// the one its header names. Not for backing files.
+    pub data_file: Option<PathBuf>,
 }
 
 impl OpenOptions {
@@ -531,14 +563,16 @@ async fn open_format(
                 Ok(Arc::new(Raw::open(storage, name, opts).await?) as Arc<dyn BlockDevice>)
             }
             Format::Qcow2 => {
-                let img = Qcow2::open(
-                    storage,
-                    name.clone(),
-                    &opts.qcow2,
-                    opts.read_only,
-                    opts.cache,
-                )
-                .await?;
+                let mut qopts = opts.qcow2.clone();
+                if opts.metadata_only {
+                    // Like QEMU's metadata-only opens (BDRV_O_NO_IO): the data file is not
+                    // even opened.
+                    qopts.without_data_file = true;
+                } else {
+                    qopts.data_file = open_data_file(&*storage, &name, opts, depth, seen).await?;
+                }
+                let img =
+                    Qcow2::open(storage, name.clone(), &qopts, opts.read_only, opts.cache).await?;
                 // A failure past this point closes the image before it is reported: a handle
                 // must not be dropped open (its locks and background work end with `close`).
                 let attached = async {
@@ -576,6 +610,7 @@ async fn open_format(
                         detect_zeroes: None,
                         // A name inside an image never makes us connect anywhere.
                         nbd: None,
+                        data_file: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)
@@ -603,6 +638,62 @@ async fn open_format(
             }
         }
     }
+}
+
+/// Opens the external data file of the qcow2 image on `storage`, if it has one: the one the
+/// user names (top image only), or the one the image names, as the policy allows. See
+/// `qcow2::data_file` for why a name from an image is treated as it is.
+async fn open_data_file(
+    storage: &dyn crate::storage::Storage,
+    name: &str,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &[PathBuf],
+) -> Result<Option<crate::qcow2::data_file::DataFile>> {
+    let explicit = opts.data_file.as_ref().filter(|_| depth == 0);
+    let path = match explicit {
+        Some(p) => p.clone(),
+        None => {
+            let Some(h) = crate::qcow2::data_file::header_if_data_file(storage).await else {
+                return Ok(None);
+            };
+            // Without a name, the open fails with QEMU's message.
+            let Some(file) = h.data_file_name() else {
+                return Ok(None);
+            };
+            // A plain path, relative to the working directory (QEMU's resolution).
+            let path = PathBuf::from(file);
+            opts.policy.check_data_file(name, &path)?;
+            path
+        }
+    };
+    if let Ok(canon) = std::fs::canonicalize(&path) {
+        if seen.contains(&canon) {
+            return Err(Error::invalid(format!(
+                "The data file '{}' of '{name}' is the image itself or one of its backing files",
+                path.display()
+            )));
+        }
+    }
+    let file_opts = FileOptions {
+        writes_on_caller: opts.batch,
+        lock: Some(LockRequest {
+            access: opts.access()?,
+            locking: opts.lock.locking,
+        }),
+        ..opts.cache.file_options(opts.read_only)
+    };
+    let file = FileStorage::open(&path, file_opts).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            Error::Locked(e.to_string())
+        } else {
+            Error::io(format!("Could not open '{}'", path.display()), e)
+        }
+    })?;
+    Ok(Some(crate::qcow2::data_file::DataFile {
+        storage: opts.aio.storage(file)?,
+        name: path.display().to_string(),
+    }))
 }
 
 /// Resolves a backing file name the way QEMU does: relative to the directory of the image that

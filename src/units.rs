@@ -68,6 +68,10 @@ pub struct Geometry {
     /// Extended L2 entries (incompatible feature bit 4): 16-byte L2 entries whose second word
     /// describes 32 subclusters.
     pub extended_l2: bool,
+    /// Guest data lives in an external data file (incompatible feature bit 2), at host offset
+    /// == guest offset. An L2 entry with offset 0 and the COPIED flag then maps guest cluster 0
+    /// (offset 0 is a valid data offset there, not "unallocated").
+    pub external_data: bool,
 }
 
 /// Subclusters per cluster with extended L2 entries.
@@ -79,6 +83,7 @@ impl Geometry {
         Self {
             cluster_bits,
             extended_l2: false,
+            external_data: false,
         }
     }
 
@@ -87,6 +92,15 @@ impl Geometry {
         Self {
             cluster_bits,
             extended_l2,
+            external_data: false,
+        }
+    }
+
+    /// The same geometry, with guest data in an external data file or not.
+    pub const fn with_external_data(self, external_data: bool) -> Self {
+        Self {
+            external_data,
+            ..self
         }
     }
 

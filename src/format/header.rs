@@ -217,6 +217,25 @@ impl Header {
             self.cluster_bits,
             self.incompatible_features & incompat::EXTL2 != 0,
         )
+        .with_external_data(self.has_data_file())
+    }
+
+    /// Guest data lives in an external data file (incompatible feature bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    /// The data file is kept a valid raw image (autoclear bit 1, `data_file_raw`).
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    /// The external data file's name, as stored in the header extension.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.extensions.iter().find_map(|e| match e {
+            Extension::DataFile(s) => Some(s.as_str()),
+            _ => None,
+        })
     }
 
     pub fn cluster_size(&self) -> u64 {

@@ -105,7 +105,11 @@ impl Mapping {
                 "Cluster allocation offset {off:#x} unaligned (L2 entry {raw:#x})"
             )));
         }
-        let host = (off != 0).then_some(HostOffset(off));
+        // Offset 0 means "no cluster", except in an external data file, where it is guest
+        // cluster 0's place: the COPIED flag (every data cluster there has refcount 1) tells
+        // the two apart, as QEMU decides it. A zero flag still wins.
+        let host =
+            (off != 0 || (g.external_data && copied && raw & ZERO == 0)).then_some(HostOffset(off));
         if raw & ZERO != 0 {
             return Ok(Mapping::Zero {
                 prealloc: host,

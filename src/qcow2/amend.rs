@@ -32,6 +32,17 @@ impl Qcow2 {
     /// Rewrites the header as version `version` (2 or 3); a downgrade expands zero clusters
     /// first. QEMU's conditions and messages.
     pub async fn set_version(&self, version: u32) -> Result<()> {
+        self.set_version_with_progress(version, &|_, _| {}).await
+    }
+
+    /// [`Qcow2::set_version`], reporting the progress of a downgrade's zero-cluster expansion
+    /// as (L1 entries done, L1 entries in all), over the active and the snapshots' tables, as
+    /// QEMU counts it.
+    pub async fn set_version_with_progress(
+        &self,
+        version: u32,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<()> {
         self.check_writable()?;
         let h = self.hdr.get();
         if version == h.version {
@@ -71,6 +82,9 @@ impl Qcow2 {
         if h.refcount_order != 4 {
             return Err(Error::arg("compat=0.10 requires refcount_bits=16"));
         }
+        if h.has_data_file() {
+            return Err(Error::arg("Cannot downgrade an image with a data file"));
+        }
         let bad = h.incompatible_features & !incompat::DIRTY;
         if bad != 0 {
             return Err(Error::arg(format!(
@@ -95,7 +109,7 @@ impl Qcow2 {
         let _x = self.resize_lock.write().await;
         let _f = self.flush_lock.lock().await;
         self.flush_locked().await?;
-        let r = self.expand_zero_clusters().await;
+        let r = self.expand_zero_clusters(progress).await;
         self.corruption_checked(r).await?;
         drop(_f);
         // Lazy refcounts end here (a version 2 image has no dirty bit): everything is flushed.
@@ -111,6 +125,49 @@ impl Qcow2 {
                 .retain(|e| !matches!(e, Extension::FeatureTable(_)));
         })
         .await
+    }
+
+    /// Changes the external data file name stored in the header (`None` removes it: the image
+    /// then opens only with the data file given explicitly). QEMU's rules and messages.
+    pub async fn set_data_file_name(&self, name: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        if !self.has_data_file() {
+            return Err(Error::arg(
+                "data-file can only be set for images that use an external data file",
+            ));
+        }
+        let name = name.map(str::to_string);
+        self.hdr_update_synced(|h| {
+            h.extensions
+                .retain(|e| !matches!(e, Extension::DataFile(_)));
+            if let Some(name) = name {
+                // After the backing format, where QEMU puts it.
+                let at = h
+                    .extensions
+                    .iter()
+                    .position(|e| !matches!(e, Extension::BackingFormat(_)))
+                    .unwrap_or(h.extensions.len());
+                h.extensions.insert(at, Extension::DataFile(name));
+            }
+        })
+        .await
+    }
+
+    /// Clears `data_file_raw` (`on` only when it is set already: whether an existing data file
+    /// reads as the guest disk cannot be known, so QEMU refuses to set it, and so do we).
+    pub async fn set_data_file_raw(&self, on: bool) -> Result<()> {
+        self.check_writable()?;
+        let raw = self.hdr.with(|h| h.data_file_raw());
+        match (on, raw) {
+            (true, true) | (false, false) => Ok(()),
+            (true, false) => Err(Error::arg("data-file-raw cannot be set on existing images")),
+            (false, true) => {
+                self.hdr_update_synced(|h| {
+                    h.autoclear_features &= !crate::format::header::autoclear::DATA_FILE_RAW
+                })
+                .await
+            }
+        }
     }
 
     async fn hdr_update_synced(&self, change: impl FnOnce(&mut Header)) -> Result<()> {
@@ -213,7 +270,7 @@ impl Qcow2 {
     }
 
     /// Expands every zero cluster of every tree (see the module docs). Quiesced.
-    async fn expand_zero_clusters(&self) -> Result<()> {
+    async fn expand_zero_clusters(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size();
         let has_backing = self.backing.get().is_some() || self.backing_filename().is_some();
@@ -221,10 +278,14 @@ impl Qcow2 {
         for sn in self.snapshots().iter() {
             l1s.push(self.read_snapshot_l1(sn).await?);
         }
+        let total: u64 = l1s.iter().map(|l1| l1.len() as u64).sum();
+        let mut base = 0u64;
         for l1 in &l1s {
             let tables = self.l2_tables(l1)?;
             let mut reads = std::pin::pin!(self.read_tables(&tables));
-            while let Some((_, off, mut d)) = reads.try_next().await? {
+            while let Some((i, off, mut d)) = reads.try_next().await? {
+                // The entries before this table had none to expand.
+                progress(base + i, total);
                 let n = d.len() / 8;
                 let zero_entries: Vec<usize> = (0..n)
                     .filter(|&k| {
@@ -234,6 +295,7 @@ impl Qcow2 {
                     })
                     .collect();
                 if zero_entries.is_empty() {
+                    progress(base + i + 1, total);
                     continue;
                 }
                 let table_refs = self.rc.get(&self.w, g.host_cluster(off)).await?;
@@ -319,7 +381,10 @@ impl Qcow2 {
                     }
                     self.release_freed(&freed).await;
                 }
+                progress(base + i + 1, total);
             }
+            base += l1.len() as u64;
+            progress(base, total);
         }
         self.w.barrier.sync_now().await
     }

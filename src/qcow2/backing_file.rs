@@ -22,6 +22,14 @@ impl Qcow2 {
         format: Option<&str>,
     ) -> Result<()> {
         self.check_writable()?;
+        if file.is_some() && self.hdr.with(|h| h.data_file_raw()) {
+            // The raw data file must read as the whole disk: nothing may show through from
+            // below (QEMU: EINVAL).
+            return Err(Error::io(
+                "an image whose data file is raw (data_file_raw) cannot have a backing file",
+                std::io::Error::from_raw_os_error(22),
+            ));
+        }
         if let Some(name) = file {
             if name.len() > MAX_BACKING_NAME as usize {
                 return Err(Error::arg(format!(

@@ -27,6 +27,9 @@ const SYNC_FAILED: u8 = 2;
 
 pub struct Barrier {
     storage: StorageRef,
+    /// An external data file, flushed before `storage`: data must be durable before the
+    /// metadata that points at it (`data_file`).
+    data: Option<StorageRef>,
     /// Number of the last fsync started.
     started: AtomicU64,
     /// Number of the last fsync completed successfully.
@@ -47,8 +50,14 @@ pub enum Unwritable {
 
 impl Barrier {
     pub fn new(storage: StorageRef) -> Self {
+        Self::with_data_file(storage, None)
+    }
+
+    /// A barrier over the image file and an external data file.
+    pub fn with_data_file(storage: StorageRef, data: Option<StorageRef>) -> Self {
         Barrier {
             storage,
+            data,
             started: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             lock: tokio::sync::Mutex::new(()),
@@ -108,11 +117,23 @@ impl Barrier {
         }
         let n = self.started.fetch_add(1, SeqCst) + 1;
         self.count.fetch_add(1, SeqCst);
-        if let Err(e) = self.storage.flush().await {
+        let data = match &self.data {
+            Some(d) => d.flush().await.map_err(|e| (e, "the data file")),
+            None => Ok(()),
+        };
+        let flushed = match data {
+            Ok(()) => self
+                .storage
+                .flush()
+                .await
+                .map_err(|e| (e, "the image file")),
+            Err(e) => Err(e),
+        };
+        if let Err((e, what)) = flushed {
             // Under the lock: no later fsync can start before the poison is visible.
             self.health.fetch_or(SYNC_FAILED, SeqCst);
-            tracing::error!("flushing the image file failed ({e}): no more writes or flushes");
-            return Err(e).context(|| "flushing the image file".to_string());
+            tracing::error!("flushing {what} failed ({e}): no more writes or flushes");
+            return Err(e).context(|| format!("flushing {what}"));
         }
         self.completed.fetch_max(n, SeqCst);
         Ok(())

@@ -16,7 +16,7 @@ use crate::buf::IoBufMut;
 use crate::error::{Error, Result};
 use crate::format::bitmap::{self, TABLE_OFFSET_MASK};
 use crate::format::table::{
-    compressed_shift, sub, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK,
+    compressed_shift, sub, COPIED, L1_RESERVED_MASK, L2_RESERVED_MASK, OFFSET_MASK,
 };
 use crate::format::{be, Extension};
 
@@ -276,13 +276,25 @@ impl<'a> Walk<'a> {
 
     /// The COPIED check of one active entry pointing to `off` (see `CopiedScan`).
     #[inline]
-    fn scan_copied(&mut self, entry: u64, off: u64, message: impl FnOnce(u64) -> String) {
+    fn scan_copied(
+        &mut self,
+        entry: u64,
+        off: u64,
+        data: bool,
+        message: impl FnOnce(u64) -> String,
+    ) {
         let img = self.img;
         let Some(scan) = &mut self.copied else {
             return;
         };
-        let Some(rc) = scan.stored.get(img, off >> img.geo.cluster_bits) else {
-            return;
+        // A data cluster in an external data file counts as referenced once (QEMU's rule).
+        let rc = if img.geo.external_data && data {
+            1
+        } else {
+            match scan.stored.get(img, off >> img.geo.cluster_bits) {
+                Some(rc) => rc,
+                None => return,
+            }
         };
         if (rc == 1) != (entry >> 63 == 1) {
             scan.messages.push(message(rc));
@@ -351,7 +363,7 @@ impl<'a> Walk<'a> {
             }
             let l2 = e & OFFSET_MASK;
             if active {
-                self.scan_copied(e, l2, |rc| {
+                self.scan_copied(e, l2, false, |rc| {
                     format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                     )
@@ -395,6 +407,13 @@ impl<'a> Walk<'a> {
             } else {
                 0
             };
+            if e & (1 << 62) != 0 && g.external_data {
+                self.corruption(format!(
+                    "ERROR compressed cluster {i} with data file, entry={}",
+                    c_hex(e)
+                ));
+                continue;
+            }
             if e & (1 << 62) != 0 {
                 // Compressed.
                 if e & (1 << 63) != 0 {
@@ -435,7 +454,9 @@ impl<'a> Walk<'a> {
             } else {
                 e & 1 != 0
             };
-            if off == 0 {
+            // In a data file, offset 0 with COPIED is guest cluster 0's place (`Mapping`).
+            let at_zero = g.external_data && e & COPIED != 0 && (g.extended_l2 || e & 1 == 0);
+            if off == 0 && !at_zero {
                 if bitmap & sub::ALL_ALLOC != 0 {
                     self.corruption(
                         "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
@@ -449,7 +470,7 @@ impl<'a> Walk<'a> {
                 ));
             }
             if active {
-                self.scan_copied(e, off, |rc| {
+                self.scan_copied(e, off, true, |rc| {
                     format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
                 });
             }
@@ -486,7 +507,10 @@ impl<'a> Walk<'a> {
                 }
                 next_contiguous = off + cs;
             }
-            self.inc(off, cs);
+            // Data in an external data file has no refcount in the image.
+            if !g.external_data {
+                self.inc(off, cs);
+            }
         }
         Ok(())
     }
@@ -500,6 +524,12 @@ impl<'a> Walk<'a> {
         self.l1(h.l1_table_offset.0, u64::from(h.l1_size), true)
             .await?;
         let snaps = img.snapshots();
+        if img.geo.external_data && !snaps.is_empty() {
+            self.corruption(format!(
+                "ERROR {} snapshots in image with data file",
+                snaps.len()
+            ));
+        }
         if h.version >= 3 {
             for (i, sn) in snaps.iter().enumerate() {
                 if sn.extra_data.len() < 16 {
@@ -960,8 +990,14 @@ impl Qcow2 {
                 if x & (1 << 62) != 0 || x & OFFSET_MASK == 0 {
                     continue; // compressed, unallocated or plain zero
                 }
-                let Some(rc) = stored.get(self, (x & OFFSET_MASK) >> self.geo.cluster_bits) else {
-                    continue;
+                // Data in an external data file counts as referenced once (QEMU's rule).
+                let rc = if self.geo.external_data {
+                    1
+                } else {
+                    match stored.get(self, (x & OFFSET_MASK) >> self.geo.cluster_bits) {
+                        Some(rc) => rc,
+                        None => continue,
+                    }
                 };
                 if (rc == 1) != (x & COPIED != 0) {
                     copied_checks.push(format!(

@@ -168,6 +168,12 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         let len = data.len() as u64;
         let checked = self.check_writable().and_then(|()| {
+            if self.has_data_file() {
+                // A compressed cluster has no place in a data file mapped 1:1 (QEMU: ENOTSUP).
+                return Err(Error::unsupported(
+                    "compressed writes are not possible with an external data file",
+                ));
+            }
             check_range(offset, len, self.virtual_size())?;
             let end = offset + len;
             if offset % cs != 0 || (end % cs != 0 && end != self.virtual_size()) {

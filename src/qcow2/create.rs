@@ -71,6 +71,11 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Extended L2 entries (32 subclusters per cluster).
     pub extended_l2: bool,
+    /// The external data file's name, as stored in the header (guest data then lives there:
+    /// see `data_file`). [`create_with_data_file`] needs the file itself.
+    pub data_file: Option<String>,
+    /// Keep the data file a valid raw image (`data_file_raw`): implies metadata preallocation.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -86,6 +91,8 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             extended_l2: false,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -133,6 +140,19 @@ impl CreateOptions {
                 ));
             }
         }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::arg("data-file-raw requires data-file"));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::arg(
+                "Backing file and data-file-raw cannot be used at the same time",
+            ));
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return Err(Error::arg(
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
+            ));
+        }
         if self.size % 512 != 0 {
             return Err(Error::arg("Image size must be a multiple of 512 bytes"));
         }
@@ -175,16 +195,18 @@ struct Layout {
     total: u64,
 }
 
+/// `prealloc`: every L2 table is allocated; with data clusters too unless the data lives in
+/// an external data file (`g.external_data`).
 fn layout(g: Geometry, width: RefcountWidth, size: u64, prealloc: bool) -> Layout {
     let cs = g.cluster_size();
     let l1_entries = g.l1_entries_for(size);
     // An empty disk has an empty L1 table: nothing allocated for it (as QEMU does).
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let guest_clusters = g.clusters_for(size);
-    let (l2_count, data_clusters) = if prealloc {
-        (l1_entries, guest_clusters)
-    } else {
-        (0, 0)
+    let (l2_count, data_clusters) = match (prealloc, g.external_data) {
+        (false, _) => (0, 0),
+        (true, false) => (l1_entries, guest_clusters),
+        (true, true) => (l1_entries, 0),
     };
     let epb = width.entries_per_block(g.cluster_bits);
     let fixed = 1 + l1_clusters + l2_count + data_clusters;
@@ -226,6 +248,9 @@ fn new_header(o: &CreateOptions, g: Geometry, l: &Layout) -> Header {
     if let Some(f) = &o.backing_format {
         extensions.push(Extension::BackingFormat(f.clone()));
     }
+    if let Some(f) = &o.data_file {
+        extensions.push(Extension::DataFile(f.clone()));
+    }
     if o.version >= 3 {
         extensions.push(Extension::FeatureTable(Header::default_feature_table()));
     }
@@ -235,6 +260,9 @@ fn new_header(o: &CreateOptions, g: Geometry, l: &Layout) -> Header {
     }
     if o.extended_l2 {
         incompatible |= incompat::EXTL2;
+    }
+    if o.data_file.is_some() {
+        incompatible |= incompat::DATA_FILE;
     }
     Header {
         version: o.version,
@@ -253,7 +281,11 @@ fn new_header(o: &CreateOptions, g: Geometry, l: &Layout) -> Header {
         } else {
             0
         },
-        autoclear_features: 0,
+        autoclear_features: if o.data_file_raw {
+            header::autoclear::DATA_FILE_RAW
+        } else {
+            0
+        },
         refcount_order: o.refcount_bits.trailing_zeros(),
         header_length: if o.version >= 3 {
             header::V3_HEADER_LEN
@@ -276,11 +308,36 @@ const CHUNK: u64 = 8 << 20;
 
 /// Creates a qcow2 image on `storage` (which should be empty).
 pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
+    create_with_data_file(storage, None, o).await
+}
+
+/// Creates a qcow2 image on `storage`, with its guest data in `data` when `o.data_file` names
+/// an external data file (`data` is then sized, and preallocated as asked).
+pub async fn create_with_data_file(
+    storage: StorageRef,
+    data: Option<StorageRef>,
+    o: &CreateOptions,
+) -> Result<()> {
     o.validate()?;
-    let g = Geometry::with_l2(o.cluster_size.trailing_zeros(), o.extended_l2);
+    let data = match (&o.data_file, data) {
+        (Some(_), Some(d)) => Some(d),
+        (None, None) => None,
+        _ => {
+            return Err(Error::arg(
+                "An external data file needs both its name and the file itself",
+            ))
+        }
+    };
+    let g = Geometry::with_l2(o.cluster_size.trailing_zeros(), o.extended_l2)
+        .with_external_data(data.is_some());
     let cs = g.cluster_size();
     let width = RefcountWidth::new(o.refcount_bits.trailing_zeros());
-    let prealloc = o.preallocation != Preallocation::Off;
+    // A raw data file is mapped 1:1 from the start (QEMU forces metadata preallocation).
+    let mode = match o.preallocation {
+        Preallocation::Off if o.data_file_raw => Preallocation::Metadata,
+        m => m,
+    };
+    let prealloc = mode != Preallocation::Off;
     let l = layout(g, width, o.size, prealloc);
     let h = new_header(o, g, &l);
     let header_bytes = h.encode()?;
@@ -314,9 +371,9 @@ pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
     )
     .await?;
 
-    // L1 table.
+    // L1 table (its exact size, as QEMU writes it).
     if l.l1_clusters > 0 {
-        let l1_len = (u64::from(h.l1_size) * 8).next_multiple_of(512);
+        let l1_len = u64::from(h.l1_size) * 8;
         let mut l1 = vec![0u8; l1_len as usize];
         if prealloc {
             for i in 0..l.l2_count {
@@ -330,21 +387,34 @@ pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
     // allocated (an empty bitmap): the cluster is reserved and reads as before (QEMU's way,
     // which is what lets preallocation go with a backing file).
     if prealloc {
-        let guest_clusters = l.data_clusters;
+        let guest_clusters = g.clusters_for(o.size);
+        // In the image: guest cluster c at data cluster `data + c`; in a data file: at c.
+        let base = if data.is_some() { 0 } else { l.data };
         let es = g.l2_entry_size();
         write_generated(&storage, l.l2 * cs, l.l2_count * cs, |chunk_off, buf| {
             let first_entry = (chunk_off - l.l2 * cs) / es;
             for (k, e) in buf.chunks_exact_mut(es as usize).enumerate() {
                 let c = first_entry + k as u64;
                 if c < guest_clusters {
-                    e[..8].copy_from_slice(&(((l.data + c) * cs) | COPIED).to_be_bytes());
+                    e[..8].copy_from_slice(&(((base + c) * cs) | COPIED).to_be_bytes());
                 }
             }
         })
         .await?;
     }
 
-    if prealloc {
+    if let Some(d) = &data {
+        size_data_file(d, mode, o.size, g).await?;
+        d.flush()
+            .await
+            .context(|| "flushing the new data file".to_string())?;
+        if prealloc {
+            storage
+                .set_len(l.total * cs)
+                .await
+                .context(|| "extending the new image".to_string())?;
+        }
+    } else if prealloc {
         let data_start = l.data * cs;
         let data_len = l.data_clusters * cs;
         match o.preallocation {
@@ -378,6 +448,29 @@ pub async fn create(storage: StorageRef, o: &CreateOptions) -> Result<()> {
         .await
         .context(|| "flushing the new image".to_string())?;
     Ok(())
+}
+
+/// Gives a new external data file its size: the virtual size, or with preallocation the
+/// whole last cluster, allocated (`falloc`) or written (`full`) as asked.
+async fn size_data_file(d: &StorageRef, mode: Preallocation, size: u64, g: Geometry) -> Result<()> {
+    let ctx = |e| Error::io("Could not resize the data file", e);
+    // QEMU's preallocation reaches the end of the last allocation unit (cluster, or
+    // subcluster with extended L2 entries).
+    let end = match mode {
+        Preallocation::Off => size,
+        _ => size.next_multiple_of(g.subcluster_size()),
+    };
+    d.set_len(0).await.map_err(ctx)?;
+    match mode {
+        Preallocation::Falloc if end > 0 => {
+            if let Err(e) = d.allocate(0, end).await {
+                return Err(Error::io("Could not preallocate data for the new file", e));
+            }
+        }
+        Preallocation::Full => write_zeros(d, 0, end).await?,
+        _ => {}
+    }
+    d.set_len(end).await.map_err(ctx)
 }
 
 async fn write_all(storage: &StorageRef, off: u64, buf: IoBuf) -> Result<()> {

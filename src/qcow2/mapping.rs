@@ -128,6 +128,9 @@ impl Qcow2 {
             let cluster_end = (pos - in_cluster + cs).min(end);
             let (raw, bitmap) = l2_entry(entries, i, g);
             let m = Mapping::decode(raw, g).map_err(|e| self.bad_entry(slice, i, raw, e))?;
+            if g.external_data {
+                self.check_external_entry(m, GuestCluster(pos >> g.cluster_bits), slice, i)?;
+            }
             if !g.extended_l2 || matches!(m, Mapping::Compressed { .. }) {
                 let kind = match m {
                     Mapping::Unallocated => RunKind::Unallocated { host: None },
@@ -212,12 +215,15 @@ impl Qcow2 {
         Ok(match r.kind {
             RunKind::Data { host } => {
                 // A data cluster over a hole in the file reads as zeros (preallocated metadata).
-                let (hole, n) = self
-                    .w
-                    .storage
-                    .hole_at(host, r.len)
-                    .await
-                    .context(|| "querying file allocation".to_string())?;
+                // QEMU does not look into an external data file for that: neither do we.
+                let (hole, n) = if self.geo.external_data {
+                    (false, r.len)
+                } else {
+                    self.data
+                        .hole_at(host, r.len)
+                        .await
+                        .context(|| "querying file allocation".to_string())?
+                };
                 BlockStatus {
                     len: n.clamp(1, r.len),
                     data: true,
@@ -261,7 +267,7 @@ impl Qcow2 {
 
 impl Qcow2 {
     /// The L2 table offset and the index in it of entry `i` of the slice at `slice`.
-    fn l2_position(&self, slice: HostOffset, i: usize) -> (u64, u64) {
+    pub(super) fn l2_position(&self, slice: HostOffset, i: usize) -> (u64, u64) {
         let slice_no = slice_index_of(self, slice);
         let index = slice_no * self.slice_entries + i as u64;
         (slice.0 - slice_no * self.slice_bytes(), index)

@@ -23,6 +23,7 @@ pub mod check;
 mod cleaner;
 mod compress;
 pub mod create;
+pub mod data_file;
 mod flush;
 mod frees;
 mod header_store;
@@ -63,7 +64,7 @@ use std::time::Duration;
 
 pub use bitmaps::BitmapInfo;
 pub use check::{CheckReport, Fix};
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_with_data_file, CreateOptions, Preallocation};
 
 /// QEMU's upper bound for the default L2 cache (Linux).
 const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
@@ -98,6 +99,13 @@ pub struct Qcow2Options {
     /// read-write open, so that `check -r` sees and reports what the crash left, and marks
     /// the image clean itself once repaired (`mark_clean`).
     pub for_check: bool,
+    /// The external data file, opened by the caller (`crate::block::open_image` opens the one
+    /// the user or the image names, as the open policy allows). Required for an image with a
+    /// data file, refused for one without.
+    pub data_file: Option<data_file::DataFile>,
+    /// Open an image with a data file without it (metadata-only uses such as `info`): guest
+    /// data reads and writes fail.
+    pub without_data_file: bool,
 }
 
 impl Qcow2Options {
@@ -193,6 +201,10 @@ pub struct Qcow2 {
     /// Entries per L2 cache entry (slice).
     pub(crate) slice_entries: u64,
     pub(crate) rc: Refcounts,
+    /// Where guest data lives: the image file itself, or the external data file (`data_file`).
+    pub(crate) data: StorageRef,
+    /// The external data file's name as opened.
+    data_name: Option<String>,
     /// Claims on guest clusters whose L2 entries a request is changing.
     pub(crate) claims: Claims,
     /// Claims on L1 indices whose L2 table is being allocated or copied.
@@ -279,7 +291,9 @@ impl Qcow2 {
         }
         let g = h.geometry();
         let cs = g.cluster_size();
-        let barrier = Arc::new(Barrier::new(storage.clone()));
+        let external = Self::data_file_for(&h, opts)?;
+        let data = external.clone().unwrap_or_else(|| storage.clone());
+        let barrier = Arc::new(Barrier::with_data_file(storage.clone(), external));
         let w = Writer {
             storage: storage.clone(),
             barrier,
@@ -333,6 +347,8 @@ impl Qcow2 {
             l1,
             l2,
             rc,
+            data,
+            data_name: opts.data_file.as_ref().map(|d| d.name.clone()),
             claims: Claims::default(),
             l2_claims: Claims::default(),
             epochs: IoEpochs::default(),
@@ -435,12 +451,41 @@ impl Qcow2 {
                 "Encrypted qcow2 images (AES or LUKS) are not supported yet",
             ));
         }
-        if h.incompatible_features & incompat::DATA_FILE != 0 {
-            return Err(Error::unsupported(
-                "qcow2 images with an external data file are not supported yet",
-            ));
-        }
         Ok(())
+    }
+
+    /// The storage of the external data file the image needs (`None`: data in the image file),
+    /// with QEMU's checks and messages.
+    fn data_file_for(h: &Header, opts: &Qcow2Options) -> Result<Option<StorageRef>> {
+        match (&opts.data_file, h.has_data_file()) {
+            (Some(d), true) => {
+                if opts.compress == Some(true) {
+                    return Err(Error::unsupported(
+                        "Compression is not supported with an external data file",
+                    ));
+                }
+                Ok(Some(d.storage.clone()))
+            }
+            (None, true) if opts.without_data_file => Ok(Some(Arc::new(data_file::NoDataFile))),
+            (None, true) => Err(Error::invalid("'data-file' is required for this image")),
+            (Some(_), false) => Err(Error::invalid(
+                "'data-file' can only be set for images with an external data file",
+            )),
+            (None, false) if h.data_file_raw() && !opts.without_data_file => {
+                Err(Error::invalid("data-file-raw requires a data file"))
+            }
+            (None, false) => Ok(None),
+        }
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.geo.external_data
+    }
+
+    /// The storage holding guest data: the image file, or its external data file.
+    pub fn data_storage(&self) -> &StorageRef {
+        &self.data
     }
 
     /// Read-write open: clear autoclear bits we do not maintain, repair a dirty image (unless
@@ -448,11 +493,11 @@ impl Qcow2 {
     async fn prepare_for_writing(&self, for_check: bool) -> Result<()> {
         use crate::format::header::{autoclear, Extension};
         let h = self.hdr.get();
-        // Bitmaps we maintain (`bitmaps`); any other autoclear feature (raw external data,
-        // unknown ones) we do not: clearing the bit tells other programs its data can no
+        // Bitmaps we maintain (`bitmaps`), and a raw external data file (`data_file`); any other
+        // autoclear feature we do not: clearing the bit tells other programs its data can no
         // longer be trusted. A bitmaps extension whose bit a program lacking bitmap support
         // cleared is stale: it is dropped.
-        let keep = autoclear::BITMAPS;
+        let keep = autoclear::BITMAPS | autoclear::DATA_FILE_RAW;
         let stale_bitmaps = h.bitmaps().is_some() && h.autoclear_features & autoclear::BITMAPS == 0;
         if h.version >= 3 && (h.autoclear_features & !keep != 0 || stale_bitmaps) {
             self.hdr
@@ -733,6 +778,9 @@ impl Qcow2 {
         }
         // Closed means others may have the image now, even while this handle lives on.
         self.w.storage.release_locks();
+        if self.has_data_file() {
+            self.data.release_locks();
+        }
         bitmaps
     }
 }
@@ -785,6 +833,10 @@ impl BlockDevice for Qcow2 {
 
     fn filename(&self) -> &str {
         &self.filename
+    }
+
+    fn data_filename(&self) -> &str {
+        self.data_name.as_deref().unwrap_or(&self.filename)
     }
 
     fn read_only(&self) -> bool {

@@ -55,8 +55,7 @@ impl Qcow2 {
     pub(crate) async fn read_run(&self, run: Run, mut buf: IoBufMut) -> Result<IoBufMut> {
         match run.kind {
             RunKind::Data { host } => self
-                .w
-                .storage
+                .data
                 .read_at(buf, host)
                 .await
                 .context(|| format!("reading data at host offset {host:#x}")),

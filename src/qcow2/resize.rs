@@ -104,6 +104,11 @@ impl Qcow2 {
 
     async fn grow_to(&self, old: u64, new_size: u64, prealloc: Preallocation) -> Result<()> {
         let g = self.geo;
+        // A raw data file stays mapped 1:1 over the new area too (QEMU's rule).
+        let prealloc = match prealloc {
+            Preallocation::Off if self.hdr.with(|h| h.data_file_raw()) => Preallocation::Metadata,
+            p => p,
+        };
         let needed = g.l1_entries_for(new_size);
         if needed * 8 > MAX_L1_BYTES {
             return Err(Error::io(
@@ -125,6 +130,10 @@ impl Qcow2 {
             self.preallocate(old, new_size, prealloc).await?;
             // Everything the new area's entries need is durable before the size covers them.
             self.flush_plain().await?;
+        } else if g.external_data && new_size > old {
+            // The data file follows the virtual size exactly (QEMU truncates it so).
+            self.size_data_file(new_size, Preallocation::Off, true)
+                .await?;
         }
         {
             let _exclusive = self.resize_lock.write().await;
@@ -292,7 +301,13 @@ impl Qcow2 {
             Err(e) => tracing::warn!("{e}"),
         }
         self.hdr.update(&self.w, |h| h.size = new_size).await?;
-        self.w.barrier.sync_now().await
+        self.w.barrier.sync_now().await?;
+        if g.external_data {
+            // Past the new end the data file holds nothing any more (QEMU truncates it too).
+            self.size_data_file(new_size, Preallocation::Off, true)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Clears the L1 entries from `keep` on (their L2 tables map nothing any more, after the
@@ -372,6 +387,12 @@ impl Qcow2 {
             file_end = file_end.max(self.corruption_checked(r).await?);
             c += n;
         }
+        if g.external_data {
+            let unit = g.subcluster_size();
+            return self
+                .size_data_file(new.next_multiple_of(unit), mode, false)
+                .await;
+        }
         // Data clusters past the end of the file read as zeros, but the file covers them, as
         // with QEMU (metadata mode leaves them sparse).
         let len = self
@@ -431,6 +452,26 @@ impl Qcow2 {
                 .filter(|&i| replace_all || !matches!(old[i], Mapping::Data { .. }))
                 .collect();
             if need.is_empty() {
+                return Ok(0);
+            }
+            if g.external_data {
+                // Each cluster at its own place in the data file, whose space and content are
+                // the data file's (`size_data_file`, after all slices): QEMU's `preallocate_co`
+                // keeps what a raw data file already holds there.
+                let mut st = slice.lock();
+                let entries = st.modify(Vec::new());
+                for &i in &need {
+                    let host = g.host_offset(crate::units::HostCluster(first.0 + i as u64));
+                    let bitmap = if replace_all {
+                        crate::format::table::sub::ALL_ALLOC
+                    } else {
+                        bitmaps[i]
+                    };
+                    let m = Mapping::Data { host, copied: true };
+                    put_l2_entry(entries, base + i, g, m.encode(g), bitmap);
+                }
+                drop(st);
+                drop(claim);
                 return Ok(0);
             }
             let alloc = self

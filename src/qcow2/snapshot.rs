@@ -101,6 +101,18 @@ fn table_len(snaps: &[Snapshot]) -> u64 {
 }
 
 impl Qcow2 {
+    /// Internal snapshots share clusters between the active disk and the snapshot; data in an
+    /// external data file has one fixed place per guest cluster and cannot be shared. QEMU
+    /// refuses them (ENOTSUP), and so do we.
+    fn refuse_snapshots_with_data_file(&self) -> Result<()> {
+        if self.has_data_file() {
+            return Err(Error::unsupported(
+                "internal snapshots are not possible with an external data file",
+            ));
+        }
+        Ok(())
+    }
+
     /// The snapshot whose ID is `id_or_name`, or else the first whose name is (QEMU's lookup
     /// for applying and reading snapshots).
     pub fn find_snapshot(&self, id_or_name: &str) -> Option<Snapshot> {
@@ -115,6 +127,7 @@ impl Qcow2 {
     /// Takes an internal snapshot of the disk as it is now. Returns the new entry.
     pub async fn snapshot_create(&self, info: &SnapshotInfo) -> Result<Snapshot> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         if info.name.len() > MAX_NAME_BYTES {
             return Err(Error::arg(format!(
                 "Snapshot names are at most {MAX_NAME_BYTES} bytes long"
@@ -307,6 +320,7 @@ impl Qcow2 {
     /// Reverts the disk to snapshot `id_or_name` (the snapshot stays).
     pub async fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         let sn = self.find_snapshot(id_or_name).ok_or_else(not_found)?;
         if self.has_bitmaps() {
             // QEMU's rule (EBUSY): no write would record the change of content, and a backup
@@ -378,6 +392,7 @@ impl Qcow2 {
     /// Deletes the snapshot with ID `id`; its clusters that nothing else uses are freed.
     pub async fn snapshot_delete(&self, id: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         let Some(sn) = self.snapshots().iter().find(|s| s.id == id).cloned() else {
             return Err(not_found());
         };

@@ -40,7 +40,7 @@ use crate::block::ZeroFlags;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::Result;
 use crate::format::table::{sub, Mapping};
-use crate::units::{Geometry, GuestCluster, HostCluster, HostOffset};
+use crate::units::{Geometry, GuestCluster, HostOffset};
 use std::sync::Arc;
 
 /// Whether an entry's bitmap is valid for its first word (the write path's check: compressed
@@ -139,25 +139,15 @@ impl Qcow2 {
                 }
             })
             .collect();
-        let new_count = ways
-            .iter()
-            .filter(|w| !matches!(w, Way::InPlace(_)))
-            .count() as u64;
-        let alloc = if new_count > 0 {
-            Some(self.rc.allocate(&self.w, &self.hdr, new_count).await?)
-        } else {
-            None
-        };
-        let mut next = alloc.as_ref().map_or(0, |a| a.start.0);
+        let need: Vec<bool> = ways.iter().map(|w| !matches!(w, Way::InPlace(_))).collect();
+        let new = self.place_new_clusters(first, &need).await?;
+        let alloc = new.alloc;
         let hosts: Vec<HostOffset> = ways
             .iter()
-            .map(|w| match w {
+            .zip(new.hosts)
+            .map(|(w, new)| match w {
                 Way::InPlace(h) => *h,
-                _ => {
-                    let h = g.host_offset(HostCluster(next));
-                    next += 1;
-                    h
-                }
+                _ => new,
             })
             .collect();
 
@@ -342,7 +332,7 @@ pub(super) fn new_entry(
             }
             (raw, (bitmap & !alloc_bits) | zero_bits)
         }
-        ClusterOp::ZeroIfZero { backing_zero } => {
+        ClusterOp::ZeroIfZero { backing_zero, .. } => {
             if compressed || bitmap & alloc_bits != 0 {
                 return None;
             }
@@ -431,7 +421,10 @@ impl Qcow2 {
                 .cluster_op(
                     sc_start,
                     sc_end - sc_start,
-                    ClusterOp::ZeroIfZero { backing_zero },
+                    ClusterOp::ZeroIfZero {
+                        backing_zero,
+                        unmap: flags.may_unmap,
+                    },
                 )
                 .await?;
             if !marked {

@@ -14,14 +14,14 @@
 //!    entries are durable.
 
 use super::cache::{put_u64, Dep, Table};
+use super::data_file::NewClusters;
 use super::inflight::{Claim, Event};
-use super::refcount::Allocation;
 use super::Qcow2;
 use crate::block::check_range;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
 use crate::format::table::{compressed_range, L1Entry, Mapping};
-use crate::units::{GuestCluster, HostCluster, HostOffset};
+use crate::units::{GuestCluster, HostOffset};
 use futures_util::future::try_join_all;
 use std::sync::Arc;
 
@@ -154,6 +154,9 @@ impl Qcow2 {
             let (raw, bitmap) = st.l2_at(base + i, g);
             let m = Mapping::decode(raw, g)
                 .map_err(|e| self.bad_entry(slice.offset(), base + i, raw, e))?;
+            if g.external_data {
+                self.check_external_entry(m, first + i as u64, slice.offset(), base + i)?;
+            }
             if g.extended_l2 {
                 if !super::subcluster::valid_bitmap(m, bitmap) {
                     return Err(self.invalid_entry(slice.offset(), base + i, false));
@@ -248,23 +251,19 @@ impl Qcow2 {
                 }
             })
             .collect();
-        let new_count = actions
+        let need: Vec<bool> = actions
             .iter()
-            .filter(|a| matches!(a, Action::New(_)))
-            .count() as u64;
-        let alloc = if new_count > 0 {
-            Some(self.rc.allocate(&self.w, &self.hdr, new_count).await?)
-        } else {
-            None
-        };
+            .map(|a| matches!(a, Action::New(_)))
+            .collect();
+        let new = self.place_new_clusters(first, &need).await?;
 
         match self
-            .write_clusters(first, offset, end, data, &actions, alloc.as_ref())
+            .write_clusters(first, offset, end, data, &actions, &new)
             .await
         {
             Ok(()) => {}
             Err(e) => {
-                if let Some(a) = alloc {
+                if let Some(a) = new.alloc {
                     self.rc.release_unlinked(&self.w, a).await?;
                 }
                 return Err(e);
@@ -274,9 +273,12 @@ impl Qcow2 {
 
         // Link the new clusters. The claim guarantees nobody changed these entries meanwhile.
         let base = self.index_in_slice(first);
-        let mut deps = alloc.as_ref().map(|a| a.deps.clone()).unwrap_or_default();
+        let mut deps = new
+            .alloc
+            .as_ref()
+            .map(|a| a.deps.clone())
+            .unwrap_or_default();
         deps.push(Dep::Sync(data_gen));
-        let mut next_new = alloc.as_ref().map_or(0, |a| a.start.0);
         let version = {
             let mut st = slice.lock();
             let entries = st.modify(deps);
@@ -284,11 +286,7 @@ impl Qcow2 {
                 let host = match a {
                     Action::InPlace(_) => continue,
                     Action::Prealloc(h) => *h,
-                    Action::New(_) => {
-                        let h = g.host_offset(HostCluster(next_new));
-                        next_new += 1;
-                        h
-                    }
+                    Action::New(_) => new.hosts[i],
                 };
                 put_u64(
                     entries,
@@ -315,6 +313,10 @@ impl Qcow2 {
     /// Queues the host space of `old`, which a new cluster replaced, for freeing once `after`
     /// (the entry that stopped using it) is durable.
     pub(super) fn free_replaced(&self, old: Mapping, after: Option<Dep>) {
+        if self.geo.external_data {
+            // A data cluster's place is fixed there: the new cluster is the old one.
+            return;
+        }
         match old {
             Mapping::Data { host, .. }
             | Mapping::Zero {
@@ -339,12 +341,11 @@ impl Qcow2 {
         end: u64,
         data: &IoBuf,
         actions: &[Action],
-        alloc: Option<&Allocation>,
+        new: &NewClusters,
     ) -> Result<()> {
         let g = self.geo;
         let cs = g.cluster_size();
-        let fresh = alloc.is_some_and(|a| a.fresh);
-        let mut next_new = alloc.map_or(0, |a| a.start.0);
+        let fresh = new.fresh();
         let mut writes: Vec<(u64, IoBuf)> = Vec::new();
         let mut ops: Vec<Op> = Vec::new();
         let mut pos = 0usize;
@@ -357,11 +358,7 @@ impl Qcow2 {
             pos += (to - from) as usize;
             let host = match a {
                 Action::InPlace(h) | Action::Prealloc(h) => h.0,
-                Action::New(_) => {
-                    let h = g.host_offset(HostCluster(next_new)).0;
-                    next_new += 1;
-                    h
-                }
+                Action::New(_) => new.hosts[i].0,
             };
             let whole = head == 0 && tail == 0;
             match a {
@@ -397,8 +394,7 @@ impl Qcow2 {
             Source::Zeros => Ok(IoBufMut::zeroed(cs)),
             Source::Backing => self.read_backing(guest, IoBufMut::for_overwrite(cs)).await,
             Source::Cluster(h) => self
-                .w
-                .storage
+                .data
                 .read_at(IoBufMut::for_overwrite(cs), h.0)
                 .await
                 .context(|| format!("reading cluster at {h} for copy-on-write")),
@@ -408,7 +404,8 @@ impl Qcow2 {
 
     pub(super) async fn run_ops(&self, ops: Vec<Op>) -> Result<()> {
         // No guest data lands on metadata (a hostile L2 entry may point anywhere): see `overlap`.
-        for op in &ops {
+        // (An external data file holds no metadata.)
+        for op in ops.iter().filter(|_| !self.geo.external_data) {
             let (h, n) = match op {
                 Op::Write(h, b) => (*h, b.len() as u64),
                 Op::Zero(h, n) => (*h, *n),
@@ -417,7 +414,7 @@ impl Qcow2 {
                 return Err(self.signal_corruption(Error::corrupt(o.message())).await);
             }
         }
-        let storage = &self.w.storage;
+        let storage = &self.data;
         let run = |op: Op| async move {
             match op {
                 Op::Write(h, b) => storage

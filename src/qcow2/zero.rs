@@ -20,7 +20,7 @@ use super::cache::{put_l2_entry, Dep};
 use super::Qcow2;
 use crate::block::{check_range, ZeroFlags};
 use crate::buf::IoBuf;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::table::{compressed_range, Mapping};
 use crate::units::GuestCluster;
 
@@ -35,6 +35,9 @@ pub(super) enum ClusterOp {
     /// backing file reads zeros in the rest, checked before: it does not change under us).
     ZeroIfZero {
         backing_zero: bool,
+        /// The request may unmap: a preallocated zero cluster loses its host cluster (QEMU
+        /// widens the request to the whole cluster and unmaps it).
+        unmap: bool,
     },
     Discard,
     /// Drops the clusters whatever the guest then reads (the backing file's data shows
@@ -54,6 +57,14 @@ impl Qcow2 {
             return Ok(());
         }
         self.mark_dirty_locked(offset, len).await;
+        if self.hdr.with(|h| h.data_file_raw()) {
+            // The raw data file reads as the guest disk: the zeros go there first (QEMU's
+            // order), whatever the entries become.
+            self.data
+                .write_zeroes(offset, len)
+                .await
+                .context(|| format!("zeroing {len} bytes at {offset:#x} in the data file"))?;
+        }
         if self.geo.extended_l2 {
             self.zero_subclusters(offset, len, flags).await?;
             if self.w.writethrough {
@@ -113,7 +124,10 @@ impl Qcow2 {
                     .cluster_op(
                         cstart,
                         cend - cstart,
-                        ClusterOp::ZeroIfZero { backing_zero },
+                        ClusterOp::ZeroIfZero {
+                            backing_zero,
+                            unmap: flags.may_unmap,
+                        },
                     )
                     .await?;
                 if !marked {
@@ -327,13 +341,25 @@ impl Qcow2 {
                     return Err(self.signal_corruption(e).await);
                 }
             };
+            let discard = match op {
+                ClusterOp::Discard | ClusterOp::Deallocate => self.pass_discard,
+                ClusterOp::Crop => true,
+                // QEMU passes an unmapping write-zeroes down to a data file as it does a
+                // discard.
+                ClusterOp::Zero { unmap } | ClusterOp::ZeroIfZero { unmap, .. } => {
+                    unmap && g.external_data && self.pass_discard
+                }
+            };
+            if g.external_data {
+                // No refcounts to drop; the space goes back under the claim (see
+                // `discard_external`).
+                if discard && version.is_some() {
+                    self.discard_external(&frees).await;
+                }
+                return Ok(!undecided);
+            }
             drop(claim);
             if let Some(version) = version {
-                let discard = match op {
-                    ClusterOp::Discard | ClusterOp::Deallocate => self.pass_discard,
-                    ClusterOp::Crop => true,
-                    ClusterOp::Zero { .. } | ClusterOp::ZeroIfZero { .. } => false,
-                };
                 for (start, len) in frees {
                     let after = Some(Dep::Table {
                         table: slice.clone(),
@@ -350,7 +376,16 @@ impl Qcow2 {
     fn new_mapping(&self, old: Mapping, op: ClusterOp, has_backing: bool) -> Option<Mapping> {
         let v3 = self.version() >= 3;
         Some(match op {
-            ClusterOp::ZeroIfZero { backing_zero } => match old {
+            ClusterOp::ZeroIfZero {
+                backing_zero,
+                unmap,
+            } => match old {
+                Mapping::Zero {
+                    prealloc: Some(_), ..
+                } if unmap => Mapping::Zero {
+                    prealloc: None,
+                    copied: false,
+                },
                 Mapping::Zero { .. } => old,
                 Mapping::Unallocated if !has_backing || backing_zero => Mapping::Zero {
                     prealloc: None,
