@@ -40,6 +40,8 @@ const HELP: &str = "Amend options for 'qcow2':
   backing_file=<str>     - File name of a base image
   backing_fmt=<str>      - Image format of the base image
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   refcount_bits=<num>    - Width of a reference count entry in bits
   size=<size>            - Virtual disk size
@@ -64,6 +66,9 @@ struct Changes {
     size: Option<u64>,
     backing_file: Option<String>,
     backing_fmt: Option<String>,
+    /// `data_file=`: the new name (`Some("")` removes it).
+    data_file: Option<String>,
+    data_file_raw: Option<bool>,
 }
 
 fn parse_changes(list: &[(String, String)]) -> Result<Changes, String> {
@@ -101,19 +106,22 @@ fn parse_changes(list: &[(String, String)]) -> Result<Changes, String> {
             }
             "backing_file" => c.backing_file = Some(v.clone()),
             "backing_fmt" => c.backing_fmt = Some(v.clone()),
-            "data_file" | "data_file_raw" => {
+            "data_file" => c.data_file = Some(v.clone()),
+            "data_file_raw" => {
+                c.data_file_raw = Some(match v.as_str() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err("Parameter 'data_file_raw' expects 'on' or 'off'".into()),
+                })
+            }
+            k if CREATE_ONLY.contains(&k) => {
                 return Err(format!(
-                    "Invalid parameter '{k}'\nExternal data files are not supported yet"
+                    "Invalid parameter '{k}'\nThis option is only supported for image creation"
                 ))
             }
             k if k.starts_with("encrypt") => {
                 return Err(format!(
                     "Invalid parameter '{k}'\nEncryption is not supported yet"
-                ))
-            }
-            k if CREATE_ONLY.contains(&k) => {
-                return Err(format!(
-                    "Invalid parameter '{k}'\nThis option is only supported for image creation"
                 ))
             }
             _ => return Err(format!("Invalid parameter '{k}'")),
@@ -170,10 +178,10 @@ pub async fn run(a: Args) -> u8 {
     };
     // qemu-img prints 0% before and 100% after the changes, failed or not, and ends the
     // progress output after any error message.
-    let progress = super::progress::Progress::new(a.progress && !a.quiet, 1);
-    let r = amend(&args, &mut img, &changes).await;
+    let progress = super::progress::Progress::new(a.progress && !a.quiet, 10000);
+    let r = amend(&args, &mut img, &changes, &progress).await;
     let closed = img.close().await;
-    progress.finish_before_message();
+    progress.finish_repeating_before_message();
     let code = match r.and(closed.map_err(|e| e.to_string())) {
         Ok(()) => 0,
         Err(msg) => fail(msg),
@@ -188,6 +196,7 @@ async fn amend(
     args: &ImageArgs<'_>,
     img: &mut Arc<dyn BlockDevice>,
     c: &Changes,
+    progress: &super::progress::Progress,
 ) -> Result<(), String> {
     let Some(q) = img.as_qcow2() else {
         return Err(format!(
@@ -236,6 +245,15 @@ async fn amend(
     let Some(q) = img.as_qcow2() else {
         return Err("the image changed format".into());
     };
+    // The raw bit, then the name (QEMU's order).
+    if let Some(on) = c.data_file_raw {
+        q.set_data_file_raw(on).await.map_err(e)?;
+    }
+    if let Some(name) = &c.data_file {
+        q.set_data_file_name(Some(name.as_str()).filter(|n| !n.is_empty()))
+            .await
+            .map_err(e)?;
+    }
     if let Some(on) = c.lazy {
         if on != q.header().lazy_refcounts() {
             q.set_lazy_refcounts(on).await.map_err(e)?;
@@ -250,7 +268,9 @@ async fn amend(
         }
     }
     if version < old_version {
-        q.set_version(version).await.map_err(e)?;
+        q.set_version_with_progress(version, &|done, total| progress.set_fraction(done, total))
+            .await
+            .map_err(e)?;
     }
     Ok(())
 }

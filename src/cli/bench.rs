@@ -210,6 +210,7 @@ async fn open_file(
         discard: None,
         detect_zeroes: None,
         nbd: qimg::nbd::remote::Target::parse(&a.filename).transpose()?,
+        data_file: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -4,7 +4,7 @@ use super::fail;
 use super::opts::parse_kv_list;
 use qimg::block::{open_image, resolve_backing, Format, OpenOptions};
 use qimg::format::CompressionType;
-use qimg::qcow2::{create, CreateOptions, Preallocation};
+use qimg::qcow2::{create_with_data_file, CreateOptions, Preallocation};
 use qimg::size::{parse_bool, parse_size};
 use qimg::storage::file::{FileOptions, FileStorage};
 use qimg::storage::{Storage, StorageRef};
@@ -57,6 +57,16 @@ pub(crate) struct Parsed {
     pub opts: CreateOptions,
     pub size: Option<u64>,
     pub compat_given: Option<&'static str>,
+    /// Options given explicitly, which qemu-img's "Formatting" line shows even at their
+    /// default values.
+    pub given: Given,
+}
+
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Given {
+    pub preallocation: bool,
+    pub data_file_raw: bool,
+    pub extent_size_hint: Option<u64>,
 }
 
 /// Parses `-o` lists for a new image of `format`.
@@ -64,11 +74,15 @@ pub(crate) fn parse_options(format: Format, lists: &[String], size: Option<u64>)
     let mut o = CreateOptions::default();
     let mut size = size;
     let mut compat_given = None;
+    let mut given = Given::default();
     for list in lists {
         for (k, v) in parse_kv_list(list) {
             match (format, k.as_str()) {
                 (_, "size") => size = Some(parse_size(&v).map_err(|_| bad_size())?),
-                (_, "preallocation") => o.preallocation = Preallocation::parse(&v)?,
+                (_, "preallocation") => {
+                    o.preallocation = Preallocation::parse(&v)?;
+                    given.preallocation = true;
+                }
                 (Format::Qcow2, "cluster_size") => {
                     o.cluster_size = parse_size(&v).map_err(|_| {
                         Error::arg(
@@ -106,15 +120,31 @@ pub(crate) fn parse_options(format: Format, lists: &[String], size: Option<u64>)
                 (Format::Qcow2, "backing_file") => o.backing_file = Some(v),
                 (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v),
                 (Format::Qcow2, "extended_l2") => o.extended_l2 = parse_bool(&k, &v)?,
-                (
-                    Format::Qcow2,
-                    "encryption" | "encrypt.format" | "data_file" | "data_file_raw",
-                ) => {
+                (Format::Qcow2, "data_file") => o.data_file = Some(v),
+                (Format::Qcow2, "data_file_raw") => {
+                    o.data_file_raw = parse_bool(&k, &v)?;
+                    given.data_file_raw = true;
+                }
+                (Format::Qcow2, "encryption" | "encrypt.format") => {
                     return Err(Error::unsupported(format!(
                         "option '{k}' is not supported yet"
                     )))
                 }
                 (Format::Qcow2, "nocow") => {}
+                // The file protocol's XFS extent size hint: 0 sets none (what qimg always does).
+                (_, "extent_size_hint") => {
+                    let hint = parse_size(&v).map_err(|_| {
+                        Error::arg(
+                            "Parameter 'extent_size_hint' expects a non-negative number below 2^64",
+                        )
+                    })?;
+                    if hint != 0 {
+                        return Err(Error::unsupported(
+                            "extent_size_hint: only 0 (no extent size hint) is supported",
+                        ));
+                    }
+                    given.extent_size_hint = Some(hint);
+                }
                 _ => return Err(Error::arg(format!("Invalid parameter '{k}'"))),
             }
         }
@@ -123,6 +153,7 @@ pub(crate) fn parse_options(format: Format, lists: &[String], size: Option<u64>)
         opts: o,
         size,
         compat_given,
+        given,
     })
 }
 
@@ -146,11 +177,26 @@ pub(crate) async fn make(path: &str, format: Format, o: &CreateOptions) -> Resul
                 ..o.clone()
             };
             o.validate()?;
+            // The data file first (QEMU's order): no image is left behind if it cannot be
+            // made. Its name is used as given (relative to the working directory, as QEMU
+            // resolves it when opening).
+            let data = match &o.data_file {
+                Some(name) => Some(Arc::new(
+                    FileStorage::create(Path::new(name), FileOptions::default()).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::WouldBlock {
+                            Error::Locked(e.to_string())
+                        } else {
+                            Error::io(format!("Could not create '{name}'"), e)
+                        }
+                    })?,
+                ) as StorageRef),
+                None => None,
+            };
             let s: StorageRef = Arc::new(
                 FileStorage::create(Path::new(path), FileOptions::default())
                     .map_err(create_error)?,
             );
-            create(s, o).await
+            create_with_data_file(s, data, o).await
         }
         Format::Raw => create_raw(path, o.size, o.preallocation).await,
     }
@@ -167,6 +213,7 @@ async fn create_image(a: &Args) -> Result<()> {
         opts: mut o,
         mut size,
         compat_given,
+        given,
     } = parse_options(format, &a.options, size)?;
     if let Some(b) = &a.backing {
         o.backing_file = Some(b.clone());
@@ -222,19 +269,27 @@ async fn create_image(a: &Args) -> Result<()> {
         println!(
             "Formatting '{}', {}",
             a.filename,
-            describe(format, &o, compat_given)
+            describe(format, &o, compat_given, given)
         );
     }
     make(&target, format, &o).await
 }
 
 /// The `key=value` summary qemu-img prints when formatting.
-pub(crate) fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) -> String {
+pub(crate) fn describe(
+    format: Format,
+    o: &CreateOptions,
+    compat: Option<&str>,
+    given: Given,
+) -> String {
     match format {
         Format::Raw => {
             let mut s = format!("fmt=raw size={}", o.size);
-            if o.preallocation != Preallocation::Off {
+            if o.preallocation != Preallocation::Off || given.preallocation {
                 s += &format!(" preallocation={}", o.preallocation.name());
+            }
+            if let Some(h) = given.extent_size_hint {
+                s += &format!(" extent_size_hint={h}");
             }
             s
         }
@@ -244,7 +299,7 @@ pub(crate) fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) 
                 o.cluster_size,
                 if o.extended_l2 { "on" } else { "off" }
             );
-            if o.preallocation != Preallocation::Off {
+            if o.preallocation != Preallocation::Off || given.preallocation {
                 s += &format!(" preallocation={}", o.preallocation.name());
             }
             s += &format!(" compression_type={} size={}", o.compression.name(), o.size);
@@ -257,11 +312,23 @@ pub(crate) fn describe(format: Format, o: &CreateOptions, compat: Option<&str>) 
             if let Some(f) = &o.backing_format {
                 s += &format!(" backing_fmt={f}");
             }
+            if let Some(f) = &o.data_file {
+                s += &format!(" data_file={f}");
+            }
+            if o.data_file_raw || given.data_file_raw {
+                s += &format!(
+                    " data_file_raw={}",
+                    if o.data_file_raw { "on" } else { "off" }
+                );
+            }
             s += &format!(
                 " lazy_refcounts={} refcount_bits={}",
                 if o.lazy_refcounts { "on" } else { "off" },
                 o.refcount_bits
             );
+            if let Some(h) = given.extent_size_hint {
+                s += &format!(" extent_size_hint={h}");
+            }
             s
         }
     }

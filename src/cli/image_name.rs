@@ -28,6 +28,8 @@ pub struct ImageSpec {
     /// An NBD export (`nbd://` and `nbd+unix://` names, QEMU's legacy `nbd:` names,
     /// `driver=nbd`): `path` is then only its name.
     pub nbd: Option<qimg::nbd::remote::Target>,
+    /// `data-file.filename=`: the qcow2 image's external data file.
+    pub data_file: Option<String>,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -268,6 +270,14 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             "read-only" => spec.read_only = qimg::size::parse_bool(&k, &v)?,
             "file.locking" | "locking" => runtime.push(format!("locking={}", v.replace(',', ",,"))),
             "backing.driver" => runtime.push(format!("backing.driver={v}")),
+            "data-file.filename" => spec.data_file = Some(v),
+            "data-file.driver" if v == "file" => {}
+            k if k.starts_with("data-file") => {
+                return Err(Error::unsupported(format!(
+                    "Option '{k}' is not supported (the data file is given as \
+                     data-file.filename=NAME)"
+                )))
+            }
             k if k.starts_with("backing") || k.starts_with("file.") => {
                 return Err(Error::unsupported(format!("Option '{k}' is not supported")))
             }

@@ -205,7 +205,7 @@ fn info_json(img: &dyn BlockDevice) -> Value {
     m.insert("children".into(), json!([file_child]));
     if let Some(q) = img.as_qcow2() {
         let snaps = q.snapshots();
-        if !snaps.is_empty() {
+        if !snaps.is_empty() && !q.has_data_file() {
             m.insert(
                 "snapshots".into(),
                 Value::Array(snaps.iter().map(snapshot_json).collect()),
@@ -246,6 +246,12 @@ fn info_json(img: &dyn BlockDevice) -> Value {
             }
         }
         data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(f) = h.data_file_name() {
+            data.insert("data-file".into(), json!(f));
+        }
+        if h.has_data_file() {
+            data.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
         if h.version >= 3 {
             data.insert("corrupt".into(), json!(h.is_corrupt()));
             data.insert(
@@ -341,7 +347,7 @@ fn info_human(img: &dyn BlockDevice) -> String {
                 s += &format!("backing file format: {f}\n");
             }
         }
-        if !q.snapshots().is_empty() {
+        if !q.snapshots().is_empty() && !q.has_data_file() {
             s += "Snapshot list:\n";
             s += &snapshot_table(&q.snapshots());
         }
@@ -369,6 +375,12 @@ fn info_human(img: &dyn BlockDevice) -> String {
             }
         }
         s += &format!("    refcount bits: {}\n", h.refcount_bits());
+        if let Some(f) = h.data_file_name() {
+            s += &format!("    data file: {f}\n");
+        }
+        if h.has_data_file() {
+            s += &format!("    data file raw: {}\n", h.data_file_raw());
+        }
         if h.version >= 3 {
             s += &format!("    corrupt: {}\n", h.is_corrupt());
             s += &format!(

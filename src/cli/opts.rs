@@ -186,6 +186,7 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         discard,
         detect_zeroes,
         nbd: spec.nbd.clone(),
+        data_file: spec.data_file.clone().map(Into::into),
         ..Default::default()
     };
     Ok((spec.path, opts))

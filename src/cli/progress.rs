@@ -87,6 +87,26 @@ impl Progress {
         }
     }
 
+    /// Moves to `done` of `total` (work measured by the caller, not in `self.total` units).
+    pub fn set_fraction(&self, done: u64, total: u64) {
+        let target = done.min(total) * self.total / total.max(1);
+        let now = self.done.load(Relaxed);
+        if target > now {
+            self.add(target - now);
+        }
+    }
+
+    /// qemu-img amend's ending: 100% once more, whatever was printed before.
+    pub fn finish_repeating_before_message(&self) {
+        if self.enabled && self.bar.is_none() && self.last_pct.load(Relaxed) >= 10000 {
+            use std::io::Write;
+            print!("    (100.00/100%)\r");
+            let _ = std::io::stdout().flush();
+            return;
+        }
+        self.finish_before_message();
+    }
+
     pub fn end_after_message(&self) {
         if self.enabled && self.bar.is_none() {
             println!();

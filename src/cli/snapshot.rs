@@ -99,7 +99,8 @@ pub async fn run(a: Args) -> u8 {
     let q = img.as_qcow2();
     let code = match &action {
         Action::List => {
-            if let Some(q) = q {
+            // QEMU lists none on an image with a data file (it cannot have any).
+            if let Some(q) = q.filter(|q| !q.has_data_file()) {
                 let snaps = q.snapshots();
                 if !snaps.is_empty() {
                     print!("Snapshot list:\n{}", super::info::snapshot_table(&snaps));
@@ -148,7 +149,9 @@ pub async fn run(a: Args) -> u8 {
         }
         Action::Delete(name) => {
             // qemu-img looks the snapshot up by name only, then deletes it by ID.
-            let found = q.and_then(|q| q.snapshots().iter().find(|s| &s.name == name).cloned());
+            let found = q
+                .filter(|q| !q.has_data_file())
+                .and_then(|q| q.snapshots().iter().find(|s| &s.name == name).cloned());
             match (q, found) {
                 (Some(q), Some(sn)) => match q.snapshot_delete(&sn.id).await {
                     Ok(()) => 0,
