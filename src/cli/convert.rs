@@ -351,6 +351,7 @@ async fn convert(a: &Args) -> Result<()> {
         )));
     }
     if dst.size() < total {
+        let _ = dst.close().await;
         return Err(Error::arg(format!(
             "Target image size {} is smaller than the source ({total})",
             dst.size()
@@ -358,6 +359,7 @@ async fn convert(a: &Args) -> Result<()> {
     }
     if a.target_is_zero && backing.is_some() {
         // (qemu-img says this too, but then exits 0 without converting.)
+        let _ = dst.close().await;
         return Err(Error::arg(
             "Cannot use --target-is-zero when the destination image has a backing file",
         ));
@@ -413,7 +415,11 @@ async fn convert(a: &Args) -> Result<()> {
         }
     }
     job.progress.finish();
-    result?;
+    if let Err(e) = result {
+        // What was written reaches the disk; the target stays consistent (QEMU leaves it too).
+        let _ = dst.close().await;
+        return Err(e);
+    }
     if a.bitmaps {
         if let Err(e) = copy_bitmaps(&*job.srcs[0].img, &*dst, a.skip_broken_bitmaps).await {
             // The data is copied: it must reach the disk even though the bitmaps failed.
