@@ -423,7 +423,25 @@ pub struct OpenOptions {
     pub nbd: Option<crate::nbd::remote::Target>,
     /// The external data file of the image (QEMU's `data-file` runtime option), instead of
     /// the one its header names. Not for backing files.
-    pub data_file: Option<PathBuf>,
+    pub data_file: Option<DataFileSpec>,
+    /// The image is QEMU's `null-co` device (discards writes, reads zeros), not a file: the
+    /// path is only its name. Never set from a name found inside an image.
+    pub null: Option<NullDevice>,
+}
+
+/// QEMU's `null-co` driver: a device of `size` bytes with nothing behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NullDevice {
+    pub size: u64,
+    /// Block status says it reads zeros (`read-zeroes`).
+    pub read_zeroes: bool,
+}
+
+/// An external data file given by the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataFileSpec {
+    Path(PathBuf),
+    Null(NullDevice),
 }
 
 impl OpenOptions {
@@ -500,6 +518,13 @@ fn open_layer<'a>(
             )));
         }
         let name = path.display().to_string();
+        if let (0, Some(null)) = (depth, opts.null) {
+            let storage: StorageRef = Arc::new(crate::storage::null::NullStorage::new(
+                null.size,
+                null.read_zeroes,
+            ));
+            return open_format(storage, path, name, opts, depth, seen).await;
+        }
         if let (0, Some(target)) = (depth, &opts.nbd) {
             let storage = crate::nbd::remote::NbdStorage::connect(target)
                 .await
@@ -611,6 +636,7 @@ async fn open_format(
                         // A name inside an image never makes us connect anywhere.
                         nbd: None,
                         data_file: None,
+                        null: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)
@@ -652,7 +678,16 @@ async fn open_data_file(
 ) -> Result<Option<crate::qcow2::data_file::DataFile>> {
     let explicit = opts.data_file.as_ref().filter(|_| depth == 0);
     let path = match explicit {
-        Some(p) => p.clone(),
+        Some(DataFileSpec::Null(null)) => {
+            return Ok(Some(crate::qcow2::data_file::DataFile {
+                storage: Arc::new(crate::storage::null::NullStorage::new(
+                    null.size,
+                    null.read_zeroes,
+                )),
+                name: "null-co://".into(),
+            }));
+        }
+        Some(DataFileSpec::Path(p)) => p.clone(),
         None => {
             let Some(h) = crate::qcow2::data_file::header_if_data_file(storage).await else {
                 return Ok(None);

@@ -467,7 +467,7 @@ fn the_data_file_is_opened_only_as_the_policy_allows() {
         assert!(matches!(e, Error::NotPermitted(_)), "{e}");
         // ... which may still give the data file itself.
         let given = OpenOptions {
-            data_file: Some(data.clone()),
+            data_file: Some(qimg::block::DataFileSpec::Path(data.clone())),
             ..strict.clone()
         };
         open_image(&img, &given)
@@ -599,4 +599,36 @@ fn hostile_entries_are_corruption_with_qemus_words() {
             assert!(text(&o).contains(msg), "{prog}: {}", text(&o));
         }
     }
+}
+
+#[test]
+fn a_null_co_data_file_takes_writes_and_reads_zeros() {
+    // QEMU's `null-co` driver as the data file (iotest 270 writes 2 GiB to one): the metadata
+    // is real, the data goes nowhere.
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = qimg_create(dir.path(), "n", "cluster_size=2M", "64M");
+    let opts = format!(
+        "driver=qcow2,file.filename={},data-file.driver=null-co,data-file.size=67108864",
+        s(&img)
+    );
+    let o = run(
+        qimg(),
+        &[
+            "io",
+            "--image-opts",
+            "-c",
+            "write -P 7 768 8M",
+            "-c",
+            "read -P 0 768 8M",
+            &opts,
+        ],
+    );
+    assert!(
+        o.status.success() && !text(&o).contains("failed"),
+        "{}",
+        text(&o)
+    );
+    qemu_check_clean(&img);
+    let map = run(qimg(), &["map", "--output=json", "--image-opts", &opts]);
+    assert!(text(&map).contains("\"data\": true"), "{}", text(&map));
 }

@@ -211,6 +211,7 @@ async fn open_file(
         detect_zeroes: None,
         nbd: qimg::nbd::remote::Target::parse(&a.filename).transpose()?,
         data_file: None,
+        null: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -10,6 +10,7 @@
 //! options) is refused with a message naming it, never dropped.
 
 use super::opts::parse_kv_list;
+use qimg::block::{DataFileSpec, NullDevice};
 use qimg::{Error, Result};
 
 /// What an image name asks to open.
@@ -28,8 +29,10 @@ pub struct ImageSpec {
     /// An NBD export (`nbd://` and `nbd+unix://` names, QEMU's legacy `nbd:` names,
     /// `driver=nbd`): `path` is then only its name.
     pub nbd: Option<qimg::nbd::remote::Target>,
-    /// `data-file.filename=`: the qcow2 image's external data file.
-    pub data_file: Option<String>,
+    /// `data-file.filename=` (or a `null-co` data file): the qcow2 image's external data file.
+    pub data_file: Option<qimg::block::DataFileSpec>,
+    /// QEMU's `null-co` device (`driver=null-co`, `null-co://`): `path` is then only its name.
+    pub null: Option<qimg::block::NullDevice>,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -47,6 +50,17 @@ pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
         let mut pairs = Vec::new();
         flatten("", &serde_json::Value::Object(map), &mut pairs)?;
         return from_options(pairs);
+    }
+    if name == "null-co://" {
+        return Ok(ImageSpec {
+            path: name.into(),
+            format: Some("raw".into()),
+            null: Some(NullDevice {
+                size: qimg::storage::null::DEFAULT_SIZE,
+                read_zeroes: false,
+            }),
+            ..Default::default()
+        });
     }
     if let Some(target) = qimg::nbd::remote::Target::parse(name) {
         let target = target?;
@@ -218,6 +232,35 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
     Ok(())
 }
 
+/// The `null-co` device of the options under `prefix` (QEMU's `size`, default 1 GiB, and
+/// `read-zeroes`).
+fn null_device(pairs: &[(String, String)], prefix: &str) -> Result<NullDevice> {
+    let mut d = NullDevice {
+        size: qimg::storage::null::DEFAULT_SIZE,
+        read_zeroes: false,
+    };
+    for (k, v) in pairs {
+        let Some(k) = k.strip_prefix(prefix) else {
+            continue;
+        };
+        match k {
+            "driver" => {}
+            "size" => {
+                d.size = qimg::size::parse_size(v)
+                    .map_err(|_| Error::arg("Parameter 'size' expects a size"))?
+            }
+            "read-zeroes" => d.read_zeroes = qimg::size::parse_bool(k, v)?,
+            "filename" if v == "null-co://" => {}
+            other => {
+                return Err(Error::unsupported(format!(
+                    "Option '{prefix}{other}' of the null-co driver is not supported"
+                )))
+            }
+        }
+    }
+    Ok(d)
+}
+
 /// Interprets flattened options.
 fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     if pairs.iter().any(|(k, v)| k == "driver" && v == "nbd") {
@@ -234,9 +277,21 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             ..Default::default()
         });
     }
+    if pairs.iter().any(|(k, v)| k == "driver" && v == "null-co") {
+        return null_device(&pairs, "").map(|null| ImageSpec {
+            path: "null-co://".into(),
+            format: Some("raw".into()),
+            null: Some(null),
+            ..Default::default()
+        });
+    }
     let mut spec = ImageSpec::default();
     let mut path = None;
     let mut runtime = Vec::new();
+    let null_pairs = pairs.clone();
+    let null_data_file = pairs
+        .iter()
+        .any(|(k, v)| k == "data-file.driver" && v == "null-co");
     for (k, v) in pairs {
         match k.as_str() {
             "driver" => match v.as_str() {
@@ -270,8 +325,12 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             "read-only" => spec.read_only = qimg::size::parse_bool(&k, &v)?,
             "file.locking" | "locking" => runtime.push(format!("locking={}", v.replace(',', ",,"))),
             "backing.driver" => runtime.push(format!("backing.driver={v}")),
-            "data-file.filename" => spec.data_file = Some(v),
+            "data-file.filename" => spec.data_file = Some(DataFileSpec::Path(v.into())),
             "data-file.driver" if v == "file" => {}
+            "data-file.driver" if v == "null-co" => {
+                spec.data_file = Some(DataFileSpec::Null(null_device(&null_pairs, "data-file.")?))
+            }
+            k if k.starts_with("data-file.") && null_data_file => {}
             k if k.starts_with("data-file") => {
                 return Err(Error::unsupported(format!(
                     "Option '{k}' is not supported (the data file is given as \

@@ -186,7 +186,8 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         discard,
         detect_zeroes,
         nbd: spec.nbd.clone(),
-        data_file: spec.data_file.clone().map(Into::into),
+        data_file: spec.data_file.clone(),
+        null: spec.null,
         ..Default::default()
     };
     Ok((spec.path, opts))

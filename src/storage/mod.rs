@@ -8,6 +8,7 @@
 //! - [`file::FileStorage`]: a real file, I/O on a pool of worker threads (`pread`/`pwrite`),
 //!   optionally `O_DIRECT`;
 //! - [`memory::MemoryStorage`]: a file held in memory (tests, benchmarks);
+//! - [`null::NullStorage`]: QEMU's `null-co`: writes discarded, reads zeros;
 //! - wrappers: [`counting::CountingStorage`] (counts operations), [`latency::LatencyStorage`]
 //!   (adds a fixed delay to every operation, for measurements without disk noise),
 //!   [`crash::CrashStorage`] (records unflushed writes and can "lose power") and
@@ -26,6 +27,7 @@ pub mod file;
 pub mod latency;
 pub mod lock;
 pub mod memory;
+pub mod null;
 mod pool;
 pub mod uring;
 
