@@ -10,25 +10,17 @@
 
 mod common;
 
+use common::workload::{self, Op, Tracker};
 use common::*;
-use qimg::block::{BlockDevice, CacheMode, ZeroFlags};
+use qimg::block::{BlockDevice, CacheMode};
 use qimg::qcow2::{create, CreateOptions, Qcow2, Qcow2Options};
 use qimg::storage::crash::{CrashPolicy, CrashStorage};
 use qimg::storage::memory::MemoryStorage;
 use qimg::storage::StorageRef;
-use qimg::{IoBuf, IoBufMut};
+use qimg::IoBufMut;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-
-#[derive(Clone, Debug)]
-enum Op {
-    Write { off: u64, len: u64, seed: u64 },
-    Zero { off: u64, len: u64, unmap: bool },
-    Discard { off: u64, len: u64 },
-    Flush,
-    Grow(u64),
-}
 
 #[derive(Clone, Debug)]
 struct Scenario {
@@ -47,34 +39,11 @@ struct Scenario {
 }
 
 fn backing_data(s: &Scenario) -> Vec<u8> {
-    if s.backing {
-        pattern(0xbacc, s.size as usize)
-    } else {
-        vec![0; s.size as usize]
-    }
+    workload::backing_data(s.backing, s.size)
 }
 
 fn backing_device(s: &Scenario) -> Arc<dyn BlockDevice> {
-    let mem: StorageRef = Arc::new(MemoryStorage::from_bytes(&backing_data(s)));
-    Arc::new(qimg::raw::Raw::with_storage(mem, s.size, true))
-}
-
-/// What the workload knows about durability when the power goes.
-struct Tracker {
-    model: Vec<u8>,
-    durable: Vec<u8>,
-    /// Bytes changed since the last successful flush (their content is undefined after a crash).
-    touched: Vec<bool>,
-}
-
-impl Tracker {
-    fn touch(&mut self, off: u64, len: u64) {
-        let end = (off + len) as usize;
-        if self.touched.len() < end {
-            self.touched.resize(end, false);
-        }
-        self.touched[off as usize..end].fill(true);
-    }
+    workload::raw_device(&backing_data(s))
 }
 
 async fn fresh_image(s: &Scenario) -> MemoryStorage {
@@ -105,83 +74,16 @@ fn runtime_opts(s: &Scenario) -> Qcow2Options {
 
 /// Runs the workload until it finishes or the storage dies.
 async fn run_workload(storage: StorageRef, s: &Scenario) -> Tracker {
-    let mut t = Tracker {
-        model: backing_data(s),
-        durable: backing_data(s),
-        touched: vec![false; s.size as usize],
-    };
-    let img = match Qcow2::open(
+    let opened = Qcow2::open(
         storage,
         "crash".into(),
         &runtime_opts(s),
         false,
         CacheMode::Writeback,
     )
-    .await
-    {
-        Ok(i) => i,
-        Err(_) => return t,
-    };
-    if s.backing {
-        img.set_backing(backing_device(s));
-    }
-    for op in &s.ops {
-        let r = match op {
-            Op::Write { off, len, seed } => {
-                let data = pattern(*seed, *len as usize);
-                t.touch(*off, *len);
-                let r = img.write_at(*off, IoBuf::copy_from(&data)).await;
-                t.model[*off as usize..(*off + *len) as usize].copy_from_slice(&data);
-                r
-            }
-            Op::Zero { off, len, unmap } => {
-                t.touch(*off, *len);
-                let flags = ZeroFlags {
-                    may_unmap: *unmap,
-                    fast_only: false,
-                };
-                let r = img.zero_range(*off, *len, flags).await;
-                t.model[*off as usize..(*off + *len) as usize].fill(0);
-                r
-            }
-            Op::Discard { off, len } => {
-                // v3 without backing: discarded clusters read as zeros.
-                let cs = 1u64 << s.cluster_bits;
-                t.touch(*off, *len);
-                let r = img.discard_range(*off, *len).await;
-                let end = off + len;
-                let a = off.next_multiple_of(cs);
-                let b = if end == img.virtual_size() {
-                    end
-                } else {
-                    end / cs * cs
-                };
-                if a < b {
-                    t.model[a as usize..b as usize].fill(0);
-                }
-                r
-            }
-            Op::Flush => {
-                let r = img.flush().await;
-                if r.is_ok() {
-                    t.durable = t.model.clone();
-                    t.touched.iter_mut().for_each(|x| *x = false);
-                }
-                r
-            }
-            Op::Grow(n) => {
-                let r = img.grow(*n).await;
-                if r.is_ok() {
-                    t.model.resize(*n as usize, 0);
-                }
-                r
-            }
-        };
-        if r.is_err() {
-            return t;
-        }
-    }
-    t
+    .await;
+    let backing = s.backing.then(|| backing_device(s));
+    Tracker::run(backing_data(s), opened, backing, &s.ops).await
 }
 
 /// Checks one crashed image. Returns a description of the failure, if any.
@@ -288,20 +190,12 @@ fn mixed_ops(cs: u64, size: u64, n: usize, seed: u64) -> Vec<Op> {
     for i in 0..n {
         let off = r.u64(0..size - 1);
         let len = r.u64(1..=(3 * cs).min(size - off));
-        ops.push(match r.u8(0..10) {
-            0..=5 => Op::Write {
-                off,
-                len,
-                seed: seed * 1000 + i as u64,
-            },
-            6 => Op::Zero {
-                off,
-                len,
-                unmap: r.bool(),
-            },
-            7 => Op::Discard { off, len },
-            _ => Op::Flush,
-        });
+        ops.push(workload::random_op(
+            &mut r,
+            off,
+            len,
+            seed * 1000 + i as u64,
+        ));
     }
     ops
 }
