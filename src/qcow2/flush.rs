@@ -1,6 +1,7 @@
 //! Flush: the point where everything written before becomes durable, in dependency order.
 //!
-//! 1. dirty refcount blocks are written (they depend on nothing);
+//! 1. dirty refcount blocks are written (they depend on nothing; not with lazy refcounts, see
+//!    `flush_plain`);
 //! 2. dirty L2 slices are written: their dependencies (refcount blocks, data) are covered by one
 //!    sync issued before the first of them;
 //! 3. dirty L1 chunks likewise, after the L2 tables they point to;
@@ -43,7 +44,12 @@ impl Qcow2 {
             return Ok(());
         }
         let _f = self.flush_lock.lock().await;
-        self.flush_locked().await
+        // With lazy refcounts the image is dirty: its refcounts need not be durable (a crash
+        // is repaired at the next open), and QEMU does not write them at a flush either. They
+        // go out when a table is evicted, and all of them before the dirty bit is cleared
+        // (`flush_for_close`, amend).
+        let refcounts = !self.rc.lazy.load(std::sync::atomic::Ordering::Relaxed);
+        self.flush_locked_with(refcounts).await
     }
 
     /// Fails once an fsync failed: no metadata is written back to such an image.
@@ -54,9 +60,17 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Flushes everything, refcount blocks included.
     pub(crate) async fn flush_locked(&self) -> Result<()> {
+        self.flush_locked_with(true).await
+    }
+
+    /// Flushes the L2 and L1 tables and the data, and the refcount blocks with `refcounts`.
+    async fn flush_locked_with(&self, refcounts: bool) -> Result<()> {
         self.check_not_failed()?;
-        self.rc.cache.write_back_all(&self.w).await?;
+        if refcounts {
+            self.rc.cache.write_back_all(&self.w).await?;
+        }
         self.l2.write_back_all(&self.w).await?;
         let l1 = self.l1.dirty_chunks();
         try_join_all(l1.iter().map(|c| self.w.write_back(c))).await?;

@@ -106,6 +106,9 @@ pub struct Qcow2Options {
     /// Open an image with a data file without it (metadata-only uses such as `info`): guest
     /// data reads and writes fail.
     pub without_data_file: bool,
+    /// QEMU's `lazy-refcounts` runtime option: use lazy refcounts in this session or not,
+    /// whatever the header's compatible bit says (default: what it says).
+    pub lazy_refcounts: Option<bool>,
 }
 
 impl Qcow2Options {
@@ -129,6 +132,7 @@ impl Qcow2Options {
                 self.pass_discard_request = Some(crate::size::parse_bool(key, value)?)
             }
             "compress" => self.compress = Some(crate::size::parse_bool(key, value)?),
+            "lazy-refcounts" => self.lazy_refcounts = Some(crate::size::parse_bool(key, value)?),
             "overlap-check" => self.overlap_check = Some(overlap::OverlapCheck::parse(value)?),
             _ => return Ok(false),
         }
@@ -219,6 +223,8 @@ pub struct Qcow2 {
     pub(crate) resize_op: tokio::sync::Mutex<()>,
     /// Serializes the switch to lazy refcounts (setting the dirty bit).
     lazy_lock: tokio::sync::Mutex<()>,
+    /// The `lazy-refcounts` runtime option, overriding the header's bit.
+    lazy_override: Option<bool>,
     /// Orders compressed cluster allocation by submission.
     pub(crate) tickets: compress::Tickets,
     pub(crate) backing: OnceLock<Arc<dyn BlockDevice>>,
@@ -289,6 +295,11 @@ impl Qcow2 {
                 "qcow2: Image is corrupt; cannot be opened read/write",
             ));
         }
+        if opts.lazy_refcounts == Some(true) && h.version < 3 {
+            return Err(Error::arg(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
         let g = h.geometry();
         let cs = g.cluster_size();
         let external = Self::data_file_for(&h, opts)?;
@@ -356,6 +367,7 @@ impl Qcow2 {
             resize_lock: tokio::sync::RwLock::new(()),
             resize_op: tokio::sync::Mutex::new(()),
             lazy_lock: tokio::sync::Mutex::new(()),
+            lazy_override: opts.lazy_refcounts,
             tickets: compress::Tickets::default(),
             backing: OnceLock::new(),
             size: AtomicU64::new(h.size),
@@ -708,7 +720,10 @@ impl Qcow2 {
     /// With lazy refcounts, the first allocation sets the dirty bit (durably): from then on
     /// pointers need not wait for refcounts, and a crash is repaired at the next open.
     pub(crate) async fn enable_lazy_refcounts_if_configured(&self) -> Result<()> {
-        if self.rc.lazy.load(Relaxed) || !self.hdr.with(|h| h.lazy_refcounts()) {
+        let configured = self
+            .lazy_override
+            .unwrap_or_else(|| self.hdr.with(|h| h.lazy_refcounts()));
+        if self.rc.lazy.load(Relaxed) || !configured {
             return Ok(());
         }
         let _l = self.lazy_lock.lock().await;

@@ -472,6 +472,11 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         self.enable_lazy_refcounts_if_configured().await?;
         let alloc = self.rc.allocate(&self.w, &self.hdr, 1).await?;
+        if self.rc.lazy.load(std::sync::atomic::Ordering::Relaxed) {
+            // Lazy refcounts leave data clusters' refcounts for later, not a new table's:
+            // like QEMU, write the refcount blocks now (whatever else they count).
+            self.rc.cache.write_back_all(&self.w).await?;
+        }
         let at = self.geo.host_offset(alloc.start);
         self.w.overlap.mark_table(alloc.start.0);
         let content = match old {
