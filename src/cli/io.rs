@@ -40,7 +40,8 @@ pub struct Args {
     /// Runtime options (l2-cache-size=..., cache-clean-interval=...)
     #[arg(short = 'o')]
     options: Vec<String>,
-    /// Host cache mode (writeback, writethrough, none, directsync, unsafe)
+    /// Host cache mode (writeback, writethrough, none, directsync, unsafe); qemu-io's default,
+    /// writethrough: every write is flushed before it completes
     #[arg(short = 't', long = "cache")]
     cache: Option<String>,
     /// Bypass the host page cache (same as -t none)
@@ -68,6 +69,9 @@ async fn open_image_args(a: &ImageArgs<'_>, snapshot: bool) -> qimg::Result<Dev>
     super::opts::open_temporary_overlay(&path, &opts).await
 }
 
+/// qemu-io's cache mode when none is given (for the command line and `open`).
+const DEFAULT_CACHE: &str = "writethrough";
+
 /// Largest single request qemu-io accepts.
 const MAX_REQUEST: u64 = 2147483136;
 
@@ -75,7 +79,7 @@ pub async fn run(a: Args) -> u8 {
     let cache = if a.nocache {
         Some("none".to_string())
     } else {
-        a.cache.clone()
+        Some(a.cache.clone().unwrap_or_else(|| DEFAULT_CACHE.to_string()))
     };
     let mut session = Session {
         img: None,
@@ -585,7 +589,8 @@ impl Session {
             return false;
         }
         let (mut read_only, mut force_share, mut snapshot) = (false, false, false);
-        let (mut cache, mut aio): (Option<String>, Option<String>) = (None, None);
+        let (mut cache, mut aio): (Option<String>, Option<String>) =
+            (Some(DEFAULT_CACHE.to_string()), None);
         let mut options = Vec::new();
         let mut paths = Vec::new();
         let mut i = 0;
@@ -637,17 +642,23 @@ impl Session {
                 }
             }
         }
-        let [path] = paths[..] else {
-            println!("{USAGE}");
-            return false;
+        // Without a path the options name the file (`-o file.filename=...`), as with
+        // --image-opts.
+        let (path, image_opts, runtime) = match paths[..] {
+            [path] => (path.to_string(), false, options),
+            [] if !options.is_empty() => (options.join(","), true, Vec::new()),
+            _ => {
+                println!("{USAGE}");
+                return false;
+            }
         };
         let params = OpenParams {
-            path: path.to_string(),
+            path,
             format: None,
-            image_opts: false,
+            image_opts,
             read_only,
             cache,
-            runtime: options,
+            runtime,
             force_share,
             aio,
             snapshot,
@@ -658,8 +669,12 @@ impl Session {
                 self.params = Some(params);
                 true
             }
+            Err(e) if image_opts => {
+                eprintln!("{}: can't open: {e}", prog());
+                false
+            }
             Err(e) => {
-                eprintln!("{}: can't open device {path}: {e}", prog());
+                eprintln!("{}: can't open device {}: {e}", prog(), params.path);
                 false
             }
         }
