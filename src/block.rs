@@ -532,21 +532,7 @@ fn open_layer<'a>(
             let storage: StorageRef = Arc::new(storage);
             return open_format(storage, path, name, opts, depth, seen).await;
         }
-        let file_opts = FileOptions {
-            writes_on_caller: opts.batch,
-            lock: Some(LockRequest {
-                access: opts.access()?,
-                locking: opts.lock.locking,
-            }),
-            ..opts.cache.file_options(opts.read_only)
-        };
-        let storage = FileStorage::open(path, file_opts).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                Error::Locked(e.to_string())
-            } else {
-                Error::io(format!("Could not open '{name}'"), e)
-            }
-        })?;
+        let storage = open_file(path, opts)?;
         if let Ok(canon) = std::fs::canonicalize(path) {
             if seen.contains(&canon) {
                 return Err(Error::BackingLoop(name));
@@ -666,6 +652,26 @@ async fn open_format(
     }
 }
 
+/// Opens a file of an image (the image itself, or its data file) with the image's cache mode
+/// and locks; a lock conflict says only QEMU's words.
+fn open_file(path: &Path, opts: &OpenOptions) -> Result<FileStorage> {
+    let file_opts = FileOptions {
+        writes_on_caller: opts.batch,
+        lock: Some(LockRequest {
+            access: opts.access()?,
+            locking: opts.lock.locking,
+        }),
+        ..opts.cache.file_options(opts.read_only)
+    };
+    FileStorage::open(path, file_opts).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            Error::Locked(e.to_string())
+        } else {
+            Error::io(format!("Could not open '{}'", path.display()), e)
+        }
+    })
+}
+
 /// Opens the external data file of the qcow2 image on `storage`, if it has one: the one the
 /// user names (top image only), or the one the image names, as the policy allows. See
 /// `qcow2::data_file` for why a name from an image is treated as it is.
@@ -710,21 +716,7 @@ async fn open_data_file(
             )));
         }
     }
-    let file_opts = FileOptions {
-        writes_on_caller: opts.batch,
-        lock: Some(LockRequest {
-            access: opts.access()?,
-            locking: opts.lock.locking,
-        }),
-        ..opts.cache.file_options(opts.read_only)
-    };
-    let file = FileStorage::open(&path, file_opts).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::WouldBlock {
-            Error::Locked(e.to_string())
-        } else {
-            Error::io(format!("Could not open '{}'", path.display()), e)
-        }
-    })?;
+    let file = open_file(&path, opts)?;
     Ok(Some(crate::qcow2::data_file::DataFile {
         storage: opts.aio.storage(file)?,
         name: path.display().to_string(),

@@ -71,28 +71,6 @@ fn commands(seed: u64, cs: u64) -> Vec<String> {
     cmds
 }
 
-fn qimg_io(p: &Path, cmds: &[String]) -> String {
-    let mut args = vec!["io".to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    args.push(p.to_str().unwrap().into());
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let o = run(qimg(), &args);
-    let t = text(&o);
-    assert!(o.status.success() && !t.contains("failed"), "qimg io: {t}");
-    t
-}
-
-fn same_content(a: &Path, b: &Path) {
-    let o = run(
-        "qemu-img",
-        &["compare", a.to_str().unwrap(), b.to_str().unwrap()],
-    );
-    assert!(o.status.success(), "images differ: {}", text(&o));
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -136,7 +114,7 @@ fn random_requests_match_qemu_io() {
             let cmds = commands(seed * 7919 + cs + ext as u64, cs);
             qemu_io(&imgs[0].0, "qcow2", &cmds);
             qimg_io(&imgs[1].0, &cmds);
-            same_content(&imgs[0].0, &imgs[1].0);
+            assert_same_disk(&imgs[0].0, &imgs[1].0);
             qemu_check_clean(&imgs[1].0);
             let (ea, eb) = (l2_entries(&imgs[0].0), l2_entries(&imgs[1].0));
             for (i, (x, y)) in ea.iter().zip(&eb).enumerate() {

@@ -80,27 +80,6 @@ fn commands(seed: u64, cs: u64, compressed: bool) -> Vec<String> {
     cmds
 }
 
-fn qimg_io(p: &Path, cmds: &[String]) {
-    let mut args = vec!["io".to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    args.push(p.to_str().unwrap().into());
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let o = run(qimg(), &args);
-    let t = text(&o);
-    assert!(o.status.success() && !t.contains("failed"), "qimg io: {t}");
-}
-
-fn same_content(a: &Path, b: &Path) {
-    let o = run(
-        "qemu-img",
-        &["compare", a.to_str().unwrap(), b.to_str().unwrap()],
-    );
-    assert!(o.status.success(), "images differ: {}", text(&o));
-}
-
 #[test]
 fn random_requests_match_qemu_io() {
     let dir = tempfile::tempdir().unwrap();
@@ -131,7 +110,7 @@ fn random_requests_match_qemu_io() {
             let cmds = commands(seed * 1000 + cs + backing as u64, cs, compressed);
             qemu_io(&a, "qcow2", &cmds);
             qimg_io(&b, &cmds);
-            same_content(&a, &b);
+            assert_same_disk(&a, &b);
             qemu_check_clean(&b);
             if !compressed {
                 // (With compressed clusters, which compress to different sizes, QEMU and qimg
@@ -250,7 +229,7 @@ fn qimg_made_images_work_in_qemu() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
-    same_content(&img, &top);
+    assert_same_disk(&img, &top);
     qemu_check_clean(&top);
     // And the options QEMU refuses are refused with its words.
     let o = run(

@@ -198,3 +198,27 @@ pub async fn open_rw(storage: qimg::storage::StorageRef) -> Option<std::sync::Ar
     .ok()
     .map(std::sync::Arc::new)
 }
+
+/// Runs `qimg io` with these commands on an image; panics on failure. Returns its output.
+pub fn qimg_io(p: &Path, cmds: &[String]) -> String {
+    let mut args = vec!["io".to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(p.to_str().unwrap().into());
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = run(env!("CARGO_BIN_EXE_qimg"), &args);
+    let t = text(&o);
+    assert!(o.status.success() && !t.contains("failed"), "qimg io: {t}");
+    t
+}
+
+/// `qemu-img compare` of two images: panics if the disks differ.
+pub fn assert_same_disk(a: &Path, b: &Path) {
+    let o = run(
+        "qemu-img",
+        &["compare", a.to_str().unwrap(), b.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "images differ: {}", text(&o));
+}
