@@ -427,6 +427,13 @@ pub struct OpenOptions {
     /// The image is QEMU's `null-co` device (discards writes, reads zeros), not a file: the
     /// path is only its name. Never set from a name found inside an image.
     pub null: Option<NullDevice>,
+    /// A `blkdebug` node between the image's format and its file (QEMU's
+    /// `blkdebug:CONFIG:NAME`, `file.driver=blkdebug`): see [`crate::storage::blkdebug`]. The
+    /// image is then named as QEMU names it, `blkdebug:CONFIG:NAME`. Not for backing files.
+    pub blkdebug: Option<crate::storage::blkdebug::Config>,
+    /// A `blkdebug` node above the image (QEMU's `driver=blkdebug,image.driver=...`): guest
+    /// requests meet its limits and rules first.
+    pub blkdebug_above: Option<crate::storage::blkdebug::Config>,
 }
 
 /// QEMU's `null-co` driver: a device of `size` bytes with nothing behind it.
@@ -442,6 +449,9 @@ pub struct NullDevice {
 pub enum DataFileSpec {
     Path(PathBuf),
     Null(NullDevice),
+    /// A file behind a `blkdebug` node (QEMU's `data-file.driver=raw`,
+    /// `data-file.file.driver=blkdebug`): failure tests of the data file's I/O.
+    Blkdebug(PathBuf, crate::storage::blkdebug::Config),
 }
 
 impl OpenOptions {
@@ -486,7 +496,10 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
         ));
     }
     let mut seen = Vec::new();
-    let img = open_layer(path, opts, 0, &mut seen).await?;
+    let mut img = open_layer(path, opts, 0, &mut seen).await?;
+    if let Some(cfg) = &opts.blkdebug_above {
+        img = crate::storage::blkdebug::BlkdebugDevice::wrap(img, cfg.clone());
+    }
     if opts.discard.is_none() && opts.detect_zeroes.is_none() {
         return Ok(img);
     }
@@ -539,7 +552,15 @@ fn open_layer<'a>(
             }
             seen.push(canon);
         }
-        let storage: StorageRef = opts.aio.storage(storage)?;
+        let mut storage: StorageRef = opts.aio.storage(storage)?;
+        let mut name = name;
+        if let (0, Some(cfg)) = (depth, &opts.blkdebug) {
+            name = cfg.image_name(opts.format.map(Format::name), &name);
+            storage = Arc::new(crate::storage::blkdebug::Blkdebug::new(
+                storage,
+                cfg.clone(),
+            ));
+        }
         open_format(storage, path, name, opts, depth, seen).await
     })
 }
@@ -623,6 +644,8 @@ async fn open_format(
                         nbd: None,
                         data_file: None,
                         null: None,
+                        blkdebug: None,
+                        blkdebug_above: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)
@@ -694,6 +717,7 @@ async fn open_data_file(
             }));
         }
         Some(DataFileSpec::Path(p)) => p.clone(),
+        Some(DataFileSpec::Blkdebug(p, _)) => p.clone(),
         None => {
             let Some(h) = crate::qcow2::data_file::header_if_data_file(storage).await else {
                 return Ok(None);
@@ -717,10 +741,16 @@ async fn open_data_file(
         }
     }
     let file = open_file(&path, opts)?;
-    Ok(Some(crate::qcow2::data_file::DataFile {
-        storage: opts.aio.storage(file)?,
-        name: path.display().to_string(),
-    }))
+    let mut storage = opts.aio.storage(file)?;
+    let mut name = path.display().to_string();
+    if let Some(DataFileSpec::Blkdebug(_, cfg)) = explicit {
+        name = cfg.image_name(Some("raw"), &name);
+        storage = Arc::new(crate::storage::blkdebug::Blkdebug::new(
+            storage,
+            cfg.clone(),
+        ));
+    }
+    Ok(Some(crate::qcow2::data_file::DataFile { storage, name }))
 }
 
 /// Resolves a backing file name the way QEMU does: relative to the directory of the image that

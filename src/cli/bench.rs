@@ -212,6 +212,8 @@ async fn open_file(
         nbd: qimg::nbd::remote::Target::parse(&a.filename).transpose()?,
         data_file: None,
         null: None,
+        blkdebug: None,
+        blkdebug_above: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -24,6 +24,7 @@ use super::barrier::Barrier;
 use super::overlap::{Fixed, MetadataMap};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
+use crate::storage::blkdebug::DebugEvent;
 use crate::storage::StorageRef;
 use crate::striped::StripedCounter;
 use crate::units::{Geometry, HostOffset};
@@ -193,6 +194,9 @@ pub struct Table {
     /// A chunk of a fixed structure (the L1 table) rather than an L2 slice or refcount block:
     /// what its writes may overlap (see `overlap`).
     fixed: Option<Fixed>,
+    /// What a write of this table announces to the storage (`blkdebug`'s `l2_update`,
+    /// `refblock_update_part`, `l1_update`).
+    write_event: DebugEvent,
 }
 
 impl Table {
@@ -211,6 +215,7 @@ impl Table {
             referenced: AtomicBool::new(true),
             fixed: None,
             discarded: AtomicBool::new(false),
+            write_event: DebugEvent::None,
         }
     }
 
@@ -225,6 +230,7 @@ impl Table {
     pub fn new_l1_chunk(offset: HostOffset, data: Box<[u8]>) -> Self {
         let mut t = Table::new_loaded(offset, data);
         t.fixed = Some(Fixed::ActiveL1);
+        t.write_event = DebugEvent::L1Update;
         t
     }
 
@@ -301,6 +307,9 @@ impl Writer {
             }
             self.check_metadata_write(t.offset.0, snapshot.len() as u64, t.fixed)?;
             self.writes.fetch_add(1, Relaxed);
+            if t.write_event != DebugEvent::None {
+                self.storage.debug_event(t.write_event);
+            }
             self.storage
                 .write_at(snapshot, t.offset.0)
                 .await
@@ -399,6 +408,9 @@ pub struct CacheStats {
 }
 
 /// A cache of same-sized tables (L2 slices or refcount blocks).
+/// The name of the L2 table cache (`MetaCache::new`'s `what`).
+pub const L2_TABLE: &str = "L2 table";
+
 pub struct MetaCache {
     what: &'static str,
     entry_size: usize,
@@ -451,6 +463,11 @@ impl MetaCache {
         let t = self.lookup_or_insert(w, offset, None).await?;
         t.loaded
             .get_or_try_init(|| async {
+                w.storage.debug_event(if self.what == L2_TABLE {
+                    DebugEvent::L2Load
+                } else {
+                    DebugEvent::RefblockLoad
+                });
                 let buf = w
                     .storage
                     .read_at(IoBufMut::for_overwrite(self.entry_size), offset.0)
@@ -541,10 +558,16 @@ impl MetaCache {
                 self.stats.evictions.incr();
             }
             let initialized = data.is_some();
-            let t = Arc::new(Table::new(
+            let mut t = Table::new(
                 offset,
                 data.unwrap_or_else(|| vec![0u8; self.entry_size].into_boxed_slice()),
-            ));
+            );
+            t.write_event = if self.what == L2_TABLE {
+                DebugEvent::L2Update
+            } else {
+                DebugEvent::RefblockUpdatePart
+            };
+            let t = Arc::new(t);
             if initialized {
                 let _ = t.loaded.set(());
             }

@@ -248,6 +248,16 @@ pub struct Qcow2 {
 }
 
 impl Qcow2 {
+    /// Announces a step of guest data I/O (`read_aio`, `write_aio`) to the storage below, for
+    /// `blkdebug` (QEMU announces it on the image file; a raw data file's own driver announces
+    /// it on the data file too).
+    pub(crate) fn data_event(&self, event: crate::storage::blkdebug::DebugEvent) {
+        self.w.storage.debug_event(event);
+        if self.geo.external_data {
+            self.data.debug_event(event);
+        }
+    }
+
     /// The image's format version (2 or 3).
     pub fn version(&self) -> u32 {
         self.version.load(Relaxed)
@@ -336,7 +346,7 @@ impl Qcow2 {
         let snapshots = read_snapshots(&*storage, &h).await?;
         let (l2_bytes, entry_bytes, rc_bytes) = opts.cache_sizes(g, h.size)?;
         let l2 = MetaCache::new(
-            "L2 table",
+            cache::L2_TABLE,
             entry_bytes as usize,
             (l2_bytes / entry_bytes) as usize,
         );

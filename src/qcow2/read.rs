@@ -9,6 +9,7 @@ use crate::buf::IoBufMut;
 use crate::error::{IoContext, Result};
 use crate::format::compression;
 use crate::format::table::compressed_range;
+use crate::storage::blkdebug::DebugEvent;
 use crate::units::HostOffset;
 use futures_util::future::try_join_all;
 
@@ -54,11 +55,13 @@ impl Qcow2 {
 
     pub(crate) async fn read_run(&self, run: Run, mut buf: IoBufMut) -> Result<IoBufMut> {
         match run.kind {
-            RunKind::Data { host } => self
-                .data
-                .read_at(buf, host)
-                .await
-                .context(|| format!("reading data at host offset {host:#x}")),
+            RunKind::Data { host } => {
+                self.data_event(DebugEvent::ReadAio);
+                self.data
+                    .read_at(buf, host)
+                    .await
+                    .context(|| format!("reading data at host offset {host:#x}"))
+            }
             RunKind::Zero { .. } => {
                 buf.fill(0);
                 Ok(buf)

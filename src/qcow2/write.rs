@@ -414,6 +414,9 @@ impl Qcow2 {
                 return Err(self.signal_corruption(Error::corrupt(o.message())).await);
             }
         }
+        if !ops.is_empty() {
+            self.data_event(crate::storage::blkdebug::DebugEvent::WriteAio);
+        }
         let storage = &self.data;
         let run = |op: Op| async move {
             match op {

@@ -11,8 +11,10 @@
 //! - [`null::NullStorage`]: QEMU's `null-co`: writes discarded, reads zeros;
 //! - wrappers: [`counting::CountingStorage`] (counts operations), [`latency::LatencyStorage`]
 //!   (adds a fixed delay to every operation, for measurements without disk noise),
-//!   [`crash::CrashStorage`] (records unflushed writes and can "lose power") and
-//!   [`fault::FaultStorage`] (fails chosen operations with `EIO` or `ENOSPC`, for failure tests).
+//!   [`crash::CrashStorage`] (records unflushed writes and can "lose power"),
+//!   [`fault::FaultStorage`] (fails chosen operations with `EIO` or `ENOSPC`, for failure tests)
+//!   and [`blkdebug::Blkdebug`] (QEMU's `blkdebug`: fails requests after chosen steps of the
+//!   format driver, imposes request limits).
 //!
 //! [`lock`] takes QEMU's image locks on a file when it is opened (`FileOptions::lock`).
 //!
@@ -20,6 +22,7 @@
 //! part; a write past the end extends the file; `flush` makes every write that completed before
 //! it was called durable.
 
+pub mod blkdebug;
 pub mod counting;
 pub mod crash;
 pub mod fault;
@@ -82,8 +85,6 @@ pub trait Storage: Send + Sync + 'static {
         Box::pin(async move { Ok((false, max)) })
     }
 
-    /// Drops the image locks taken when the file was opened (the image was closed; the handle
-    /// may live on). Storage without locks has nothing to do.
     /// What the extent at `offset` holds (at most `max` bytes): data, reads as zeros, or
     /// neither (a hole whose content this storage does not know, such as an NBD extent that
     /// is a hole without reading as zeros). The default asks [`Storage::hole_at`].
@@ -98,7 +99,15 @@ pub trait Storage: Send + Sync + 'static {
         })
     }
 
+    /// Drops the image locks taken when the file was opened (the image was closed; the handle
+    /// may live on). Storage without locks has nothing to do.
     fn release_locks(&self) {}
+
+    /// The format driver above announces a step of its work (QEMU's `BLKDBG_EVENT`): only a
+    /// [`blkdebug::Blkdebug`] node acts on it.
+    fn debug_event(&self, event: blkdebug::DebugEvent) {
+        let _ = event;
+    }
 
     /// QEMU's name of the protocol (`file`, `nbd`), for `info`.
     fn protocol(&self) -> &'static str {
@@ -157,6 +166,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn protocol(&self) -> &'static str {
         (**self).protocol()
+    }
+    fn debug_event(&self, event: blkdebug::DebugEvent) {
+        (**self).debug_event(event)
     }
 }
 

@@ -1,0 +1,1144 @@
+//! QEMU's `blkdebug` driver: a layer between a qcow2 image and its file that fails requests
+//! when told to, and that can impose a device's request limits.
+//!
+//! QEMU's test suite drives error paths with it: "once the driver has updated the L1 table,
+//! fail the next write with `EIO`", "after the first data read, every read fails". Rules are
+//! keyed on *events* the format driver announces at its steps (`l1_update`, `refblock_alloc`,
+//! `read_aio`, ...; [`DebugEvent`]), not on request counts, so one rule describes the same
+//! failure whatever the exact requests around it. qimg's qcow2 engine announces the same
+//! events at the equivalent steps (through [`Storage::debug_event`], a no-op everywhere
+//! else), which lets the same configuration files and options exercise qimg's failure
+//! handling and compare its messages with QEMU's.
+//!
+//! The semantics are QEMU's, so that its tests mean the same here:
+//! - an event activates its `inject-error` rules (for the current state) and deactivates those
+//!   of the previous event that had any; from then on every request of the rule's I/O types
+//!   (default: read, write, write-zeroes, discard, flush) that covers the rule's sector (or any
+//!   request without one) fails with the rule's errno; a `once` rule is then removed;
+//! - `set-state` rules move a state machine (starting at 1) that rules can be restricted to;
+//! - `align` pads requests to that alignment (reads read more, writes read-modify-write, the
+//!   unaligned ends of discards are dropped), `max-transfer` splits reads and writes,
+//!   `opt-write-zero` turns write-zeroes smaller than it into written zeros and
+//!   `max-write-zero`/`max-discard` split the rest, as QEMU's block layer does for a device
+//!   with these limits.
+//!
+//! QEMU's breakpoints (qemu-io's `break`/`resume`, which suspend a request at an event) are not
+//! implemented.
+
+use super::{Extent, IoFuture, Storage, StorageRef};
+use crate::block::{check_range, BlockDevice, BlockStatus, Format, ZeroFlags};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::qcow2::{Preallocation, Qcow2};
+use crate::{Error, Result};
+use parking_lot::Mutex;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
+macro_rules! events {
+    ($($variant:ident = $name:literal,)*) => {
+        /// The steps of the qcow2 driver a `blkdebug` rule can be keyed on (QEMU's
+        /// `BlkdebugEvent`, same names).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum DebugEvent {
+            $($variant,)*
+        }
+
+        impl DebugEvent {
+            const ALL: &'static [(DebugEvent, &'static str)] = &[$((DebugEvent::$variant, $name),)*];
+        }
+    };
+}
+
+events! {
+    L1Update = "l1_update",
+    L1GrowAllocTable = "l1_grow_alloc_table",
+    L1GrowWriteTable = "l1_grow_write_table",
+    L1GrowActivateTable = "l1_grow_activate_table",
+    L2Load = "l2_load",
+    L2Update = "l2_update",
+    L2UpdateCompressed = "l2_update_compressed",
+    L2AllocCowRead = "l2_alloc_cow_read",
+    L2AllocWrite = "l2_alloc_write",
+    ReadAio = "read_aio",
+    ReadBackingAio = "read_backing_aio",
+    ReadCompressed = "read_compressed",
+    WriteAio = "write_aio",
+    WriteCompressed = "write_compressed",
+    VmstateLoad = "vmstate_load",
+    VmstateSave = "vmstate_save",
+    CowRead = "cow_read",
+    CowWrite = "cow_write",
+    ReftableLoad = "reftable_load",
+    ReftableGrow = "reftable_grow",
+    ReftableUpdate = "reftable_update",
+    RefblockLoad = "refblock_load",
+    RefblockUpdate = "refblock_update",
+    RefblockUpdatePart = "refblock_update_part",
+    RefblockAlloc = "refblock_alloc",
+    RefblockAllocHookup = "refblock_alloc_hookup",
+    RefblockAllocWrite = "refblock_alloc_write",
+    RefblockAllocWriteBlocks = "refblock_alloc_write_blocks",
+    RefblockAllocWriteTable = "refblock_alloc_write_table",
+    RefblockAllocSwitchTable = "refblock_alloc_switch_table",
+    ClusterAlloc = "cluster_alloc",
+    ClusterAllocBytes = "cluster_alloc_bytes",
+    ClusterFree = "cluster_free",
+    FlushToOs = "flush_to_os",
+    FlushToDisk = "flush_to_disk",
+    PwritevRmwHead = "pwritev_rmw_head",
+    PwritevRmwAfterHead = "pwritev_rmw_after_head",
+    PwritevRmwTail = "pwritev_rmw_tail",
+    PwritevRmwAfterTail = "pwritev_rmw_after_tail",
+    Pwritev = "pwritev",
+    PwritevZero = "pwritev_zero",
+    PwritevDone = "pwritev_done",
+    EmptyImagePrepare = "empty_image_prepare",
+    L1ShrinkWriteTable = "l1_shrink_write_table",
+    L1ShrinkFreeL2Clusters = "l1_shrink_free_l2_clusters",
+    CorWrite = "cor_write",
+    ClusterAllocSpace = "cluster_alloc_space",
+    None = "none",
+}
+
+impl DebugEvent {
+    /// The event called `name` (QEMU's spelling).
+    pub fn parse(name: &str) -> Option<DebugEvent> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(e, _)| *e)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(e, _)| *e == self)
+            .map_or("none", |(_, n)| n)
+    }
+}
+
+/// The kinds of request a rule can fail (QEMU's `BlkdebugIOType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoType {
+    Read,
+    Write,
+    WriteZeroes,
+    Discard,
+    Flush,
+    BlockStatus,
+}
+
+impl IoType {
+    fn parse(s: &str) -> Option<IoType> {
+        Some(match s {
+            "read" => IoType::Read,
+            "write" => IoType::Write,
+            "write-zeroes" => IoType::WriteZeroes,
+            "discard" => IoType::Discard,
+            "flush" => IoType::Flush,
+            "block-status" => IoType::BlockStatus,
+            _ => return None,
+        })
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    /// QEMU's default: everything but block status.
+    const DEFAULT_MASK: u8 = 0b01_1111;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Action {
+    InjectError {
+        iotypes: u8,
+        errno: i32,
+        once: bool,
+        /// The byte offset (`sector` × 512) a request must cover; `None`: any request.
+        offset: Option<u64>,
+    },
+    SetState {
+        new_state: i64,
+    },
+}
+
+/// One rule: on `event`, in `state` (0: any), take `action`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    event: DebugEvent,
+    state: i64,
+    action: Action,
+}
+
+/// A `blkdebug` node's configuration: its rules (from a configuration file and from options)
+/// and its limits. Built by [`Config::from_options`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The configuration file, as named (for the node's name `blkdebug:CONFIG:IMAGE`).
+    pub config_file: Option<String>,
+    /// The other options, as given (for the node's name, which is then a `json:` one).
+    pub options: Vec<(String, String)>,
+    /// In the order QEMU keeps them (its lists insert at the head; see `Blkdebug::debug_event`).
+    rules: Vec<Rule>,
+    pub align: u64,
+    pub max_transfer: u64,
+    pub opt_write_zero: u64,
+    pub max_write_zero: u64,
+    pub opt_discard: u64,
+    pub max_discard: u64,
+}
+
+/// A rule's options, as `(key, value)` pairs in the order given.
+type Options = Vec<(String, String)>;
+
+/// The option groups a rule can come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    InjectError,
+    SetState,
+}
+
+impl Config {
+    /// The node's configuration from its options (`config`, `align`, the limits,
+    /// `inject-error.N.KEY`, `set-state.N.KEY`; keys without the node's prefix). The
+    /// configuration file named by `config` is read here. Other keys are refused.
+    pub fn from_options(pairs: &[(String, String)]) -> Result<Config> {
+        let mut cfg = Config::default();
+        // Rules in definition order, per group; file rules first, as QEMU reads them.
+        let mut inject: Vec<Vec<(String, String)>> = Vec::new();
+        let mut set_state: Vec<Vec<(String, String)>> = Vec::new();
+        let mut listed: Vec<(Group, String, Options)> = Vec::new();
+        cfg.options = pairs
+            .iter()
+            .filter(|(k, _)| k != "config")
+            .cloned()
+            .collect();
+        for (k, v) in pairs {
+            let size = |what: &str| {
+                crate::size::parse_size(v).map_err(|_| {
+                    Error::arg(format!(
+                        "Parameter '{what}' expects a non-negative number below 2^64"
+                    ))
+                })
+            };
+            match k.as_str() {
+                "config" => cfg.config_file = Some(v.clone()),
+                "align" => cfg.align = size("align")?,
+                "max-transfer" => cfg.max_transfer = size("max-transfer")?,
+                "opt-write-zero" => cfg.opt_write_zero = size("opt-write-zero")?,
+                "max-write-zero" => cfg.max_write_zero = size("max-write-zero")?,
+                "opt-discard" => cfg.opt_discard = size("opt-discard")?,
+                "max-discard" => cfg.max_discard = size("max-discard")?,
+                k => {
+                    let (group, rest) = if let Some(r) = k.strip_prefix("inject-error.") {
+                        (Group::InjectError, r)
+                    } else if let Some(r) = k.strip_prefix("set-state.") {
+                        (Group::SetState, r)
+                    } else {
+                        return Err(Error::arg(format!(
+                            "Invalid parameter '{k}' (of the blkdebug driver)"
+                        )));
+                    };
+                    let Some((index, key)) = rest.split_once('.') else {
+                        return Err(Error::arg(format!("Invalid parameter '{k}'")));
+                    };
+                    match listed
+                        .iter_mut()
+                        .find(|(g, i, _)| *g == group && i == index)
+                    {
+                        Some((_, _, kv)) => kv.push((key.to_string(), v.clone())),
+                        None => listed.push((
+                            group,
+                            index.to_string(),
+                            vec![(key.to_string(), v.clone())],
+                        )),
+                    }
+                }
+            }
+        }
+        if let Some(file) = &cfg.config_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Error::io("Could not read blkdebug config file".to_string(), e))?;
+            for (group, kv) in parse_config_file(file, &text)? {
+                match group {
+                    Group::InjectError => inject.push(kv),
+                    Group::SetState => set_state.push(kv),
+                }
+            }
+        }
+        // QEMU numbers list elements 0, 1, ...: keep their numeric order.
+        listed.sort_by_key(|(_, i, _)| i.parse::<u64>().unwrap_or(u64::MAX));
+        for (group, _, kv) in listed {
+            match group {
+                Group::InjectError => inject.push(kv),
+                Group::SetState => set_state.push(kv),
+            }
+        }
+        // QEMU adds inject-error rules, then set-state rules, each at the head of its event's
+        // list: the list holds them in reverse.
+        let mut rules = Vec::new();
+        for kv in &inject {
+            rules.push(rule(Group::InjectError, kv)?);
+        }
+        for kv in &set_state {
+            rules.push(rule(Group::SetState, kv)?);
+        }
+        rules.reverse();
+        cfg.rules = rules;
+        cfg.check_limits()?;
+        Ok(cfg)
+    }
+
+    /// QEMU's name for an image of `format` (if known) on this node over the file `image`:
+    /// `blkdebug:CONFIG:IMAGE` when the configuration file is all there is, else a `json:`
+    /// name with every option.
+    pub fn image_name(&self, format: Option<&str>, image: &str) -> String {
+        if self.options.is_empty() {
+            return format!(
+                "blkdebug:{}:{image}",
+                self.config_file.as_deref().unwrap_or("")
+            );
+        }
+        let mut node = serde_json::Map::new();
+        node.insert("driver".into(), "blkdebug".into());
+        if let Some(c) = &self.config_file {
+            node.insert("config".into(), c.as_str().into());
+        }
+        node.insert(
+            "image".into(),
+            serde_json::json!({"driver": "file", "filename": image}),
+        );
+        for (k, v) in &self.options {
+            node.insert(k.clone(), v.as_str().into());
+        }
+        let mut top = serde_json::Map::new();
+        if let Some(f) = format {
+            top.insert("driver".into(), f.into());
+        }
+        top.insert("file".into(), node.into());
+        format!("json:{}", serde_json::Value::Object(top))
+    }
+
+    /// QEMU's constraints on the limits (the underlying file's own alignment taken as 1).
+    fn check_limits(&self) -> Result<()> {
+        const INT_MAX: u64 = i32::MAX as u64;
+        let bad = |what: &str, v: u64| {
+            Err(Error::arg(format!(
+                "Cannot meet constraints with {what} {v}"
+            )))
+        };
+        if self.align != 0 && (self.align >= INT_MAX || !self.align.is_power_of_two()) {
+            return bad("align", self.align);
+        }
+        let align = self.align.max(1);
+        let aligned = |v: u64, a: u64| v % a.max(1) == 0;
+        if self.max_transfer != 0
+            && (self.max_transfer >= INT_MAX || !aligned(self.max_transfer, align))
+        {
+            return bad("max-transfer", self.max_transfer);
+        }
+        if self.opt_write_zero != 0
+            && (self.opt_write_zero >= INT_MAX || !aligned(self.opt_write_zero, align))
+        {
+            return bad("opt-write-zero", self.opt_write_zero);
+        }
+        if self.max_write_zero != 0
+            && (self.max_write_zero >= INT_MAX
+                || !aligned(self.max_write_zero, self.opt_write_zero.max(align)))
+        {
+            return bad("max-write-zero", self.max_write_zero);
+        }
+        if self.opt_discard != 0
+            && (self.opt_discard >= INT_MAX || !aligned(self.opt_discard, align))
+        {
+            return bad("opt-discard", self.opt_discard);
+        }
+        if self.max_discard != 0
+            && (self.max_discard >= INT_MAX
+                || !aligned(self.max_discard, self.opt_discard.max(align)))
+        {
+            return bad("max-discard", self.max_discard);
+        }
+        Ok(())
+    }
+}
+
+/// One rule from its options.
+fn rule(group: Group, kv: &[(String, String)]) -> Result<Rule> {
+    let get = |key: &str| {
+        kv.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let number = |key: &str, default: i64| -> Result<i64> {
+        match get(key) {
+            None => Ok(default),
+            Some(v) => parse_number(v)
+                .ok_or_else(|| Error::arg(format!("Parameter '{key}' expects a number"))),
+        }
+    };
+    let allowed: &[&str] = match group {
+        Group::InjectError => &[
+            "event",
+            "state",
+            "iotype",
+            "errno",
+            "sector",
+            "once",
+            "immediately",
+        ],
+        Group::SetState => &["event", "state", "new_state"],
+    };
+    if let Some((k, _)) = kv.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+        return Err(Error::arg(format!("Invalid parameter '{k}'")));
+    }
+    let Some(event_name) = get("event") else {
+        return Err(Error::arg("Missing event name for rule"));
+    };
+    let event = DebugEvent::parse(event_name).ok_or_else(|| {
+        Error::arg(format!(
+            "Parameter 'event' does not accept value '{event_name}'"
+        ))
+    })?;
+    let state = number("state", 0)?;
+    let action = match group {
+        Group::InjectError => {
+            let bool_opt = |key: &str| -> Result<bool> {
+                match get(key) {
+                    None => Ok(false),
+                    Some(v) => crate::size::parse_bool(key, v),
+                }
+            };
+            let iotypes = match get("iotype") {
+                None => IoType::DEFAULT_MASK,
+                Some(t) => IoType::parse(t)
+                    .ok_or_else(|| {
+                        Error::arg(format!("Parameter 'iotype' does not accept value '{t}'"))
+                    })?
+                    .bit(),
+            };
+            let sector = number("sector", -1)?;
+            // `immediately` only decides whether QEMU fails the request before or after
+            // yielding once: nothing to do here, but the value must be valid.
+            bool_opt("immediately")?;
+            Action::InjectError {
+                iotypes,
+                errno: i32::try_from(number("errno", 5)?).unwrap_or(5),
+                once: bool_opt("once")?,
+                offset: u64::try_from(sector).ok().map(|s| s * 512),
+            }
+        }
+        Group::SetState => Action::SetState {
+            new_state: number("new_state", 0)?,
+        },
+    };
+    Ok(Rule {
+        event,
+        state,
+        action,
+    })
+}
+
+/// A number as QEMU's option parser takes it (decimal, `0x` hex, a leading minus).
+fn parse_number(v: &str) -> Option<i64> {
+    let (neg, digits) = match v.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, v),
+    };
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => i64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse::<i64>().ok()?,
+    };
+    Some(if neg { -n } else { n })
+}
+
+/// QEMU's configuration file syntax: `[group]` lines, `key = "value"` lines, `#` comments.
+fn parse_config_file(file: &str, text: &str) -> Result<Vec<(Group, Options)>> {
+    let mut groups: Vec<(Group, Vec<(String, String)>)> = Vec::new();
+    for (lno, line) in text.lines().enumerate() {
+        let at = |msg: &str| Error::arg(format!("{file}:{}: {msg}", lno + 1));
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            let name = rest
+                .split(|c: char| c == ']' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            let group = match name {
+                "inject-error" => Group::InjectError,
+                "set-state" => Group::SetState,
+                other => return Err(at(&format!("There is no option group '{other}'"))),
+            };
+            groups.push((group, Vec::new()));
+            continue;
+        }
+        let parsed = line.split_once('=').and_then(|(k, v)| {
+            let key = k.trim();
+            let v = v.trim_start();
+            let value = v.strip_prefix('"')?;
+            let end = value.find('"')?;
+            (!key.is_empty() && !key.contains(char::is_whitespace))
+                .then(|| (key.to_string(), value[..end].to_string()))
+        });
+        let Some((key, value)) = parsed else {
+            return Err(at("parse error"));
+        };
+        let Some((_, kv)) = groups.last_mut() else {
+            return Err(at("no group defined"));
+        };
+        kv.push((key, value));
+    }
+    Ok(groups)
+}
+
+/// The rules' runtime state.
+struct State {
+    /// QEMU's state machine, starting at 1.
+    state: i64,
+    /// The rules still in force (`once` rules leave when they fire).
+    rules: Vec<Option<Rule>>,
+    /// Indexes into `rules`: the `inject-error` rules the last event with any activated.
+    active: Vec<usize>,
+}
+
+/// What a `blkdebug` node passes requests to: a file ([`StorageRef`], the node below a
+/// format) or an open image ([`DeviceBelow`], the node above a format).
+pub trait Below: Send + Sync + 'static {
+    fn read(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>>;
+    fn write(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>>;
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, io::Result<()>>;
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>>;
+    fn flush(&self) -> IoFuture<'_, io::Result<()>>;
+}
+
+impl Below for StorageRef {
+    fn read(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
+        self.read_at(buf, offset)
+    }
+    fn write(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
+        self.write_at(buf, offset)
+    }
+    fn zero(&self, offset: u64, len: u64, _: ZeroFlags) -> IoFuture<'_, io::Result<()>> {
+        self.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
+        Storage::discard(&**self, offset, len)
+    }
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        Storage::flush(&**self)
+    }
+}
+
+/// A `blkdebug` node: the rules and limits of a [`Config`] in front of `inner`. As storage
+/// (`Blkdebug<StorageRef>`) it sits between a format and its file; as a device
+/// ([`BlkdebugDevice`]) above an open image.
+pub struct Blkdebug<B: Below = StorageRef> {
+    inner: B,
+    cfg: Config,
+    state: Mutex<State>,
+    /// Read-modify-write cycles (for `align`) exclude each other and aligned writes.
+    rmw: tokio::sync::RwLock<()>,
+    /// Changes requested so far (QEMU's `write_gen`), and how many of them the last
+    /// successful flush covered: a flush with nothing new to make durable does not reach the
+    /// node (nor fail), as in QEMU's block layer.
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
+}
+
+impl<B: Below> Blkdebug<B> {
+    pub fn new(inner: B, cfg: Config) -> Blkdebug<B> {
+        let rules = cfg.rules.iter().cloned().map(Some).collect();
+        Blkdebug {
+            inner,
+            cfg,
+            state: Mutex::new(State {
+                state: 1,
+                rules,
+                active: Vec::new(),
+            }),
+            rmw: tokio::sync::RwLock::new(()),
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a request of `iotype` over `[offset, offset+len)` fails, as QEMU's
+    /// `rule_check`: the first active rule that matches decides.
+    fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
+        let mut st = self.state.lock();
+        let found = st.active.iter().enumerate().find_map(|(pos, &i)| {
+            let Some(Rule {
+                action:
+                    Action::InjectError {
+                        iotypes,
+                        errno,
+                        once,
+                        offset: at,
+                    },
+                ..
+            }) = &st.rules[i]
+            else {
+                return None;
+            };
+            let covers = match at {
+                None => true,
+                Some(at) => len > 0 && *at >= offset && *at < offset + len,
+            };
+            (covers && iotypes & iotype.bit() != 0).then_some((pos, i, *errno, *once))
+        });
+        let Some((pos, i, errno, once)) = found else {
+            return Ok(());
+        };
+        if errno == 0 {
+            return Ok(());
+        }
+        if once {
+            st.active.remove(pos);
+            st.rules[i] = None;
+        }
+        Err(io::Error::from_raw_os_error(errno))
+    }
+
+    /// A write-like request ran (whatever its outcome): a later flush has something to do.
+    fn wrote(&self) {
+        self.write_gen.fetch_add(1, SeqCst);
+    }
+
+    async fn write_req(&self, buf: IoBuf, offset: u64) -> io::Result<()> {
+        let r = self.write_padded(buf, offset).await;
+        self.wrote();
+        r
+    }
+
+    async fn zero_req(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let r = self.zero_range(offset, len, flags).await;
+        self.wrote();
+        r
+    }
+
+    async fn discard_req(&self, offset: u64, len: u64) -> io::Result<()> {
+        let r = self.discard_range(offset, len).await;
+        self.wrote();
+        r
+    }
+
+    async fn flush_req(&self) -> io::Result<()> {
+        let current = self.write_gen.load(SeqCst);
+        if self.flushed_gen.load(SeqCst) == current {
+            return Ok(());
+        }
+        self.check(IoType::Flush, 0, 0)?;
+        self.inner.flush().await?;
+        self.flushed_gen.fetch_max(current, SeqCst);
+        Ok(())
+    }
+
+    /// QEMU's `blkdebug_co_debug_event`: the event's rules for the current state act, in the
+    /// order QEMU keeps them; the first `inject-error` rule among them replaces the active set.
+    pub fn event(&self, event: DebugEvent) {
+        let mut st = self.state.lock();
+        let mut new_state = st.state;
+        let mut injections = 0;
+        for i in 0..st.rules.len() {
+            let Some(rule) = &st.rules[i] else { continue };
+            if rule.event != event || (rule.state != 0 && rule.state != st.state) {
+                continue;
+            }
+            match rule.action {
+                Action::InjectError { .. } => {
+                    injections += 1;
+                    if injections == 1 {
+                        st.active.clear();
+                    }
+                    st.active.insert(0, i);
+                }
+                Action::SetState { new_state: s } => new_state = s,
+            }
+        }
+        st.state = new_state;
+    }
+
+    fn align(&self) -> u64 {
+        self.cfg.align.max(1)
+    }
+
+    /// Reads `[offset, offset+len)` (aligned) in pieces of at most `max-transfer`.
+    async fn read_aligned(&self, mut buf: IoBufMut, offset: u64) -> io::Result<IoBufMut> {
+        let max = self.cfg.max_transfer;
+        if max == 0 || buf.len() as u64 <= max {
+            self.check(IoType::Read, offset, buf.len() as u64)?;
+            return self.inner.read(buf, offset).await;
+        }
+        let mut done: Option<IoBufMut> = None;
+        let mut at = offset;
+        while !buf.is_empty() {
+            let rest = buf.split_off((max as usize).min(buf.len()));
+            self.check(IoType::Read, at, buf.len() as u64)?;
+            let piece = self.inner.read(buf, at).await?;
+            at += piece.len() as u64;
+            match &mut done {
+                Some(d) => d.unsplit(piece),
+                None => done = Some(piece),
+            }
+            buf = rest;
+        }
+        Ok(done.unwrap_or(buf))
+    }
+
+    /// Writes `buf` (aligned) at `offset` in pieces of at most `max-transfer`.
+    async fn write_aligned(&self, buf: IoBuf, offset: u64) -> io::Result<()> {
+        let max = if self.cfg.max_transfer == 0 {
+            buf.len().max(1)
+        } else {
+            self.cfg.max_transfer as usize
+        };
+        let mut pos = 0;
+        while pos < buf.len() {
+            let end = (pos + max).min(buf.len());
+            let at = offset + pos as u64;
+            self.check(IoType::Write, at, (end - pos) as u64)?;
+            self.inner.write(buf.slice(pos..end), at).await?;
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// The aligned range around `[offset, offset+len)`.
+    fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = self.align();
+        let start = offset / a * a;
+        let end = (offset + len).div_ceil(a) * a;
+        (start, end)
+    }
+
+    async fn read_padded(&self, buf: IoBufMut, offset: u64) -> io::Result<IoBufMut> {
+        let (start, end) = self.widen(offset, buf.len() as u64);
+        if start == offset && end == offset + buf.len() as u64 {
+            return self.read_aligned(buf, offset).await;
+        }
+        let mut buf = buf;
+        let bounce = self
+            .read_aligned(IoBufMut::zeroed((end - start) as usize), start)
+            .await?;
+        let skip = (offset - start) as usize;
+        let n = buf.len();
+        buf.copy_from_slice(&bounce[skip..skip + n]);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`, reading the surrounding aligned blocks first if it is not
+    /// aligned (exclusively: no other write may change those blocks meanwhile).
+    async fn write_padded(&self, data: IoBuf, offset: u64) -> io::Result<()> {
+        let (start, end) = self.widen(offset, data.len() as u64);
+        if start == offset && end == offset + data.len() as u64 {
+            let _shared = self.rmw.read().await;
+            return self.write_aligned(data, offset).await;
+        }
+        let _exclusive = self.rmw.write().await;
+        let mut block = self
+            .read_aligned(IoBufMut::zeroed((end - start) as usize), start)
+            .await?;
+        let skip = (offset - start) as usize;
+        block[skip..skip + data.len()].copy_from_slice(&data);
+        self.write_aligned(block.freeze(), start).await
+    }
+
+    /// Zeroes: what the write-zeroes alignment allows as write-zeroes requests (split at
+    /// `max-write-zero`), the rest as written zeros, like QEMU's block layer.
+    async fn zero_range(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let align = self.align().max(self.cfg.opt_write_zero.max(1));
+        let end = offset + len;
+        let head_end = offset.div_ceil(align) * align;
+        let tail_start = end / align * align;
+        let whole = head_end == offset && tail_start == end && head_end < tail_start;
+        if flags.fast_only && !whole {
+            // Part of it would be written as zeros: not fast.
+            return Err(io::Error::from_raw_os_error(95)); // ENOTSUP
+        }
+        if head_end >= tail_start {
+            // No aligned block inside: all written as zeros.
+            return self.write_padded(IoBuf::zeroed(len as usize), offset).await;
+        }
+        if head_end > offset {
+            self.write_padded(IoBuf::zeroed((head_end - offset) as usize), offset)
+                .await?;
+        }
+        let max = match self.cfg.max_write_zero {
+            0 => u64::MAX,
+            m => m / align * align,
+        };
+        let mut at = head_end;
+        while at < tail_start {
+            let n = (tail_start - at).min(max.max(align));
+            self.check(IoType::WriteZeroes, at, n)?;
+            {
+                let _shared = self.rmw.read().await;
+                self.inner.zero(at, n, flags).await?;
+            }
+            at += n;
+        }
+        if end > tail_start {
+            self.write_padded(IoBuf::zeroed((end - tail_start) as usize), tail_start)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Discards the part of the range aligned to the request alignment (discards are
+    /// advisory: QEMU drops the rest), in pieces that end at `opt-discard` boundaries and are
+    /// at most `max-discard` long, as QEMU's block layer splits them.
+    async fn discard_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let align = self.align();
+        let start = offset.div_ceil(align) * align;
+        let end = (offset + len) / align * align;
+        let opt = self.cfg.opt_discard;
+        let max = match self.cfg.max_discard {
+            0 => u64::MAX,
+            m => m,
+        };
+        let mut at = start;
+        while at < end {
+            let mut n = (end - at).min(max);
+            if opt != 0 && at % opt != 0 {
+                n = n.min(opt - at % opt);
+            }
+            self.check(IoType::Discard, at, n)?;
+            self.inner.discard(at, n).await?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for Blkdebug<StorageRef> {
+    fn read_at(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
+        Box::pin(self.read_padded(buf, offset))
+    }
+
+    fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(self.write_req(buf, offset))
+    }
+
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(self.flush_req())
+    }
+
+    fn len(&self) -> IoFuture<'_, io::Result<u64>> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            let r = self.inner.set_len(len).await;
+            self.wrote();
+            r
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(self.zero_req(offset, len, ZeroFlags::default()))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(self.discard_req(offset, len))
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
+        self.inner.allocate(offset, len)
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.inner.allocated_bytes()
+    }
+
+    fn hole_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<(bool, u64)>> {
+        Box::pin(async move {
+            self.check(IoType::BlockStatus, offset, max)?;
+            self.inner.hole_at(offset, max).await
+        })
+    }
+
+    fn extent_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<Extent>> {
+        Box::pin(async move {
+            self.check(IoType::BlockStatus, offset, max)?;
+            self.inner.extent_at(offset, max).await
+        })
+    }
+
+    fn release_locks(&self) {
+        self.inner.release_locks()
+    }
+
+    fn protocol(&self) -> &'static str {
+        "blkdebug"
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        self.event(event)
+    }
+}
+
+/// An open image below a `blkdebug` node (`driver=blkdebug,image.driver=qcow2`).
+pub struct DeviceBelow(pub Arc<dyn BlockDevice>);
+
+/// The engine's error as an I/O error that [`from_io`] turns back into it.
+fn to_io(e: Error) -> io::Error {
+    match e {
+        Error::Io { source, .. } => source,
+        other => io::Error::other(other),
+    }
+}
+
+fn from_io(e: io::Error, what: &str) -> Error {
+    if e.get_ref().is_some_and(|i| i.is::<Error>()) {
+        if let Some(inner) = e.into_inner() {
+            if let Ok(err) = inner.downcast::<Error>() {
+                return *err;
+            }
+        }
+        return Error::arg(format!("{what} failed"));
+    }
+    Error::io(what.to_string(), e)
+}
+
+impl Below for DeviceBelow {
+    fn read(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
+        Box::pin(async move { self.0.read(offset, buf).await.map_err(to_io) })
+    }
+    fn write(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.0.write(offset, buf).await.map_err(to_io) })
+    }
+    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.0.write_zeroes(offset, len, flags).await.map_err(to_io) })
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.0.discard(offset, len).await.map_err(to_io) })
+    }
+    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
+        Box::pin(async move { self.0.flush().await.map_err(to_io) })
+    }
+}
+
+/// A `blkdebug` node above an open image: guest requests meet its limits (split, aligned,
+/// small write-zeroes written as zeros) and its rules before they reach the image.
+pub struct BlkdebugDevice {
+    node: Blkdebug<DeviceBelow>,
+}
+
+impl BlkdebugDevice {
+    /// The node over `image`, as the device to use in its place.
+    pub fn wrap(image: Arc<dyn BlockDevice>, cfg: Config) -> Arc<dyn BlockDevice> {
+        Arc::new(BlkdebugDevice {
+            node: Blkdebug::new(DeviceBelow(image), cfg),
+        })
+    }
+
+    fn image(&self) -> &Arc<dyn BlockDevice> {
+        &self.node.inner.0
+    }
+}
+
+impl BlockDevice for BlkdebugDevice {
+    fn format(&self) -> Format {
+        self.image().format()
+    }
+    fn size(&self) -> u64 {
+        self.image().size()
+    }
+    fn filename(&self) -> &str {
+        self.image().filename()
+    }
+    fn data_filename(&self) -> &str {
+        self.image().data_filename()
+    }
+    fn read_only(&self) -> bool {
+        self.image().read_only()
+    }
+    fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>> {
+        Box::pin(async move {
+            check_range(offset, buf.len() as u64, self.size())?;
+            self.node
+                .read_padded(buf, offset)
+                .await
+                .map_err(|e| from_io(e, "read"))
+        })
+    }
+    fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            check_range(offset, data.len() as u64, self.size())?;
+            self.node
+                .write_req(data, offset)
+                .await
+                .map_err(|e| from_io(e, "write"))
+        })
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            check_range(offset, len, self.size())?;
+            self.node
+                .zero_req(offset, len, flags)
+                .await
+                .map_err(|e| from_io(e, "write zeroes"))
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move {
+            check_range(offset, len, self.size())?;
+            self.node
+                .discard_req(offset, len)
+                .await
+                .map_err(|e| from_io(e, "discard"))
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, Result<()>> {
+        Box::pin(async move { self.node.flush_req().await.map_err(|e| from_io(e, "flush")) })
+    }
+    fn close(&self) -> IoFuture<'_, Result<()>> {
+        self.image().close()
+    }
+    fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {
+        Box::pin(async move {
+            self.node
+                .check(IoType::BlockStatus, offset, max)
+                .map_err(|e| from_io(e, "block status"))?;
+            self.image().block_status(offset, max).await
+        })
+    }
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.image().backing()
+    }
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.image().allocated_bytes()
+    }
+    fn protocol(&self) -> &'static str {
+        self.image().protocol()
+    }
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
+        self.image().resize(new_size, prealloc)
+    }
+    /// The image's metadata (snapshots, bitmaps, `info`): what the node passes through
+    /// unchanged in QEMU too.
+    fn as_qcow2(&self) -> Option<&Qcow2> {
+        self.image().as_qcow2()
+    }
+    fn request_alignment(&self) -> u32 {
+        let align = u32::try_from(self.node.align()).unwrap_or(u32::MAX);
+        align.max(self.image().request_alignment())
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryStorage;
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn node(pairs: &[(&str, &str)]) -> Blkdebug {
+        let cfg = Config::from_options(&kv(pairs)).expect("config");
+        Blkdebug::new(Arc::new(MemoryStorage::new()), cfg)
+    }
+
+    fn errno(r: io::Result<()>) -> Option<i32> {
+        r.err().and_then(|e| e.raw_os_error())
+    }
+
+    #[tokio::test]
+    async fn an_event_arms_its_rules_until_another_event_with_rules() {
+        let d = node(&[
+            ("inject-error.0.event", "l2_load"),
+            ("inject-error.1.event", "read_aio"),
+            ("inject-error.1.errno", "28"),
+            ("inject-error.1.iotype", "write"),
+        ]);
+        assert_eq!(errno(d.flush().await), None);
+        d.debug_event(DebugEvent::L1Update); // no rule: nothing changes
+        assert_eq!(errno(d.flush().await), None);
+        d.debug_event(DebugEvent::L2Load);
+        assert_eq!(
+            errno(d.flush().await),
+            None,
+            "nothing written: the flush does not reach it"
+        );
+        assert_eq!(errno(d.write_at(IoBuf::zeroed(512), 0).await), Some(5));
+        assert_eq!(errno(d.flush().await), Some(5));
+        assert_eq!(errno(d.write_at(IoBuf::zeroed(512), 0).await), Some(5));
+        d.debug_event(DebugEvent::ReadAio);
+        assert_eq!(errno(d.write_at(IoBuf::zeroed(512), 0).await), Some(28));
+        assert_eq!(errno(d.flush().await), None, "only writes fail now");
+        assert_eq!(errno(d.write_at(IoBuf::zeroed(512), 0).await), Some(28));
+    }
+
+    #[tokio::test]
+    async fn once_sector_and_state() {
+        let d = node(&[
+            ("inject-error.0.event", "write_aio"),
+            ("inject-error.0.once", "on"),
+            ("inject-error.0.sector", "8"),
+            ("inject-error.0.state", "2"),
+            ("set-state.0.event", "l1_update"),
+            ("set-state.0.new_state", "2"),
+        ]);
+        d.debug_event(DebugEvent::WriteAio);
+        assert_eq!(
+            errno(d.write_at(IoBuf::zeroed(512), 4096).await),
+            None,
+            "state 1"
+        );
+        d.debug_event(DebugEvent::L1Update);
+        d.debug_event(DebugEvent::WriteAio);
+        assert_eq!(
+            errno(d.write_at(IoBuf::zeroed(512), 0).await),
+            None,
+            "sector 8 not covered"
+        );
+        assert_eq!(errno(d.write_at(IoBuf::zeroed(512), 4096).await), Some(5));
+        assert_eq!(
+            errno(d.write_at(IoBuf::zeroed(512), 4096).await),
+            None,
+            "once"
+        );
+    }
+
+    #[tokio::test]
+    async fn config_file_and_limits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("blkdebug.conf");
+        std::fs::write(
+            &conf,
+            "# comment\n\n[inject-error]\nevent = \"cluster_free\"\nerrno = \"28\"\n",
+        )
+        .expect("write");
+        let path = conf.display().to_string();
+        let d = node(&[("config", &path), ("align", "4k"), ("max-transfer", "8k")]);
+        d.write_at(IoBuf::copy_from(&[7u8; 100]), 5000)
+            .await
+            .expect("unaligned write");
+        let back = d.read_at(IoBufMut::zeroed(20000), 0).await.expect("read");
+        assert!(back[5000..5100].iter().all(|&b| b == 7));
+        assert!(back[..5000].iter().chain(&back[5100..]).all(|&b| b == 0));
+        d.debug_event(DebugEvent::ClusterFree);
+        assert_eq!(errno(d.discard(0, 8192).await), Some(28));
+
+        let bad = |pairs: &[(&str, &str)]| {
+            Config::from_options(&kv(pairs))
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(bad(&[("align", "3")]).contains("Cannot meet constraints with align 3"));
+        assert!(bad(&[("align", "4k"), ("max-transfer", "6k")]).contains("max-transfer 6144"));
+        assert!(bad(&[("inject-error.0.errno", "5")]).contains("Missing event name"));
+        assert!(bad(&[("inject-error.0.event", "nope")]).contains("'nope'"));
+        assert!(bad(&[("config", "/nonexistent/x")]).contains("Could not read blkdebug config"));
+        std::fs::write(&conf, "event = \"x\"\n").expect("write");
+        assert!(bad(&[("config", &path)]).contains(":1: no group defined"));
+    }
+}
