@@ -6,8 +6,10 @@
 //!
 //! Each comes down to what qimg can open: a file, an optional format, runtime options of the
 //! format driver (the same keys as `-o` lists take) and of the file (`locking`), and whether to
-//! open the backing file. Anything else (other block drivers such as `blkdebug`, nested backing
-//! options) is refused with a message naming it, never dropped.
+//! open the backing file. QEMU's `blkdebug` driver is taken below the format
+//! (`blkdebug:CONFIG:NAME`, `file.driver=blkdebug`) and above it (`driver=blkdebug,image.driver=
+//! qcow2`): its options are kept for [`qimg::storage::blkdebug::Config`]. Anything else (other
+//! block drivers, nested backing options) is refused with a message naming it, never dropped.
 
 use super::opts::parse_kv_list;
 use qimg::block::{DataFileSpec, NullDevice};
@@ -33,6 +35,10 @@ pub struct ImageSpec {
     pub data_file: Option<qimg::block::DataFileSpec>,
     /// QEMU's `null-co` device (`driver=null-co`, `null-co://`): `path` is then only its name.
     pub null: Option<qimg::block::NullDevice>,
+    /// A `blkdebug` node between the format and the file: its options (without `file.`).
+    pub blkdebug: Option<Vec<(String, String)>>,
+    /// A `blkdebug` node above the format (`driver=blkdebug,image.driver=...`): its options.
+    pub blkdebug_above: Option<Vec<(String, String)>>,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -50,6 +56,9 @@ pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
         let mut pairs = Vec::new();
         flatten("", &serde_json::Value::Object(map), &mut pairs)?;
         return from_options(pairs);
+    }
+    if name.starts_with("blkdebug:") {
+        return from_options(name_pairs(name, "file.")?);
     }
     if name == "null-co://" {
         return Ok(ImageSpec {
@@ -74,6 +83,70 @@ pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
         path: strip_file_prefix(name),
         ..Default::default()
     })
+}
+
+/// Parses an image name given together with options (qemu-io's `open -o OPTIONS NAME`): the
+/// name fills in the file the options leave open, as QEMU's drivers parse it (a `blkdebug:`
+/// name gives the blkdebug node's configuration file and image).
+pub fn parse_with_options(name: &str, options: Vec<(String, String)>) -> Result<ImageSpec> {
+    let above = options
+        .iter()
+        .any(|(k, v)| k == "driver" && v == "blkdebug");
+    let mut pairs = if above {
+        name_pairs(name, "")?
+    } else if let Some(json) = name.strip_prefix("json:") {
+        let mut pairs = Vec::new();
+        let value: serde_json::Value = serde_json::from_str(&standard_json(json))
+            .map_err(|e| Error::arg(format!("Could not parse the JSON options: {e}")))?;
+        flatten("", &value, &mut pairs)?;
+        pairs
+    } else {
+        let file_driver_given = options.iter().any(|(k, _)| k == "file.driver");
+        if name.starts_with("blkdebug:") || file_driver_given {
+            name_pairs(name, "file.")?
+        } else {
+            vec![("filename".to_string(), strip_file_prefix(name))]
+        }
+    };
+    pairs.extend(options);
+    from_options(pairs)
+}
+
+/// The options a `blkdebug:CONFIG:IMAGE` name stands for, for a blkdebug node at `prefix`
+/// (`file.` below a format, `` at the top); a plain name is the node's image.
+fn name_pairs(name: &str, prefix: &str) -> Result<Vec<(String, String)>> {
+    let mut pairs = vec![(format!("{prefix}driver"), "blkdebug".to_string())];
+    let image = match name.strip_prefix("blkdebug:") {
+        Some(rest) => {
+            let Some((config, image)) = rest.split_once(':') else {
+                return Err(Error::arg(
+                    "blkdebug requires both config file and image path",
+                ));
+            };
+            if !config.is_empty() {
+                pairs.push((format!("{prefix}config"), config.to_string()));
+            }
+            image
+        }
+        None => name,
+    };
+    pairs.push((format!("{prefix}image.filename"), strip_file_prefix(image)));
+    Ok(pairs)
+}
+
+/// The options of QEMU's `blkdebug` driver that belong to the node itself (not its image).
+fn blkdebug_option(key: &str) -> bool {
+    matches!(
+        key,
+        "config"
+            | "align"
+            | "max-transfer"
+            | "opt-write-zero"
+            | "max-write-zero"
+            | "opt-discard"
+            | "max-discard"
+    ) || key.starts_with("inject-error.")
+        || key.starts_with("set-state.")
 }
 
 /// The options of QEMU's `nbd` driver: `server.type=unix|inet` with `server.path` or
@@ -223,10 +296,11 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
                 "Option '{prefix}': null is only taken for 'backing'"
             )))
         }
-        Value::Array(_) => {
-            return Err(Error::unsupported(format!(
-                "Option '{prefix}': lists are not supported"
-            )))
+        // QEMU's flattening: list elements are numbered keys.
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten(&key(&i.to_string()), v, out)?;
+            }
         }
     }
     Ok(())
@@ -277,6 +351,31 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             ..Default::default()
         });
     }
+    if pairs.iter().any(|(k, v)| k == "driver" && v == "blkdebug") {
+        let mut image = Vec::new();
+        let mut node = Vec::new();
+        for (k, v) in pairs {
+            if let Some(k) = k.strip_prefix("image.") {
+                image.push((k.to_string(), v));
+            } else if k == "x-image" {
+                image.push(("filename".to_string(), v));
+            } else if blkdebug_option(&k) {
+                node.push((k, v));
+            } else if k != "driver" {
+                return Err(Error::arg(format!(
+                    "Invalid parameter '{k}' (of the blkdebug driver)"
+                )));
+            }
+        }
+        let mut spec = from_options(image)?;
+        if spec.blkdebug_above.is_some() {
+            return Err(Error::unsupported(
+                "Nested blkdebug nodes are not supported",
+            ));
+        }
+        spec.blkdebug_above = Some(node);
+        return Ok(spec);
+    }
     if pairs.iter().any(|(k, v)| k == "driver" && v == "null-co") {
         return null_device(&pairs, "").map(|null| ImageSpec {
             path: "null-co://".into(),
@@ -292,7 +391,66 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     let null_data_file = pairs
         .iter()
         .any(|(k, v)| k == "data-file.driver" && v == "null-co");
+    let blkdebug_file = pairs
+        .iter()
+        .any(|(k, v)| k == "file.driver" && v == "blkdebug");
+    // A data file given as a raw node over a file or a blkdebug node: read as an image of its
+    // own.
+    let mut pairs = pairs;
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "data-file.driver" && v == "raw")
+    {
+        let (sub, rest): (Vec<_>, Vec<_>) = pairs
+            .into_iter()
+            .partition(|(k, _)| k.starts_with("data-file."));
+        pairs = rest;
+        let sub: Vec<(String, String)> = sub
+            .into_iter()
+            .map(|(k, v)| (k["data-file.".len()..].to_string(), v))
+            .collect();
+        let d = from_options(sub)?;
+        if d.format.as_deref() != Some("raw") || !d.runtime.is_empty() || d.blkdebug_above.is_some()
+        {
+            return Err(Error::unsupported(
+                "A data file node other than raw over a file (or over blkdebug) is not supported",
+            ));
+        }
+        spec.data_file = Some(match d.blkdebug {
+            Some(b) => DataFileSpec::Blkdebug(
+                d.path.into(),
+                qimg::storage::blkdebug::Config::from_options(&b)?,
+            ),
+            None => DataFileSpec::Path(d.path.into()),
+        });
+    }
+    let mut blkdebug = Vec::new();
     for (k, v) in pairs {
+        if blkdebug_file {
+            if let Some(key) = k.strip_prefix("file.") {
+                match key {
+                    "driver" => {}
+                    "image.filename" | "x-image" | "image.file.filename" => path = Some(v),
+                    "image.driver" | "image.file.driver" if v == "file" => {}
+                    key if blkdebug_option(key) => blkdebug.push((key.to_string(), v)),
+                    key if key.starts_with("image.") => {
+                        return Err(Error::unsupported(format!(
+                            "Option '{k}' is not supported (blkdebug's image is a file: \
+                             file.image.filename=NAME)"
+                        )))
+                    }
+                    _ => {
+                        return Err(Error::arg(format!(
+                            "Invalid parameter '{key}' (of the blkdebug driver)"
+                        )))
+                    }
+                }
+                continue;
+            }
+        }
+        if k == "file.driver" && v == "blkdebug" {
+            continue;
+        }
         match k.as_str() {
             "driver" => match v.as_str() {
                 "qcow2" | "raw" => spec.format = Some(v),
@@ -350,6 +508,7 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     };
     spec.path = path;
     spec.runtime = runtime;
+    spec.blkdebug = blkdebug_file.then_some(blkdebug);
     Ok(spec)
 }
 
@@ -408,19 +567,80 @@ mod tests {
     #[test]
     fn refusals() {
         for (s, io) in [
-            ("driver=blkdebug,image.filename=x", true),
+            ("driver=blkdebug,image.filename=x,bogus=1", true),
             (
-                "driver=qcow2,file.driver=blkdebug,file.image.filename=x",
+                "driver=qcow2,file.driver=blkdebug,file.image.driver=qcow2,file.image.filename=x",
                 true,
             ),
+            ("blkdebug:x", false),
             ("driver=qcow2", true),
             ("driver=qcow2,file.filename=x,backing.file.filename=y", true),
             ("json:{'driver':'qcow2'", false),
             ("json:[1]", false),
             ("json:{'driver':'qcow2','file':'node0'}", false),
-            ("json:{'file.filename':'x','l':[1]}", false),
         ] {
             assert!(parse(s, io).is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn blkdebug_below_and_above() {
+        let kv = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let s = parse("blkdebug:/c.conf:/t/a.qcow2", false).unwrap();
+        assert_eq!(s.path, "/t/a.qcow2");
+        assert_eq!(s.blkdebug, Some(kv(&[("config", "/c.conf")])));
+        let s = parse(
+            "json:{'driver':'qcow2','file':{'driver':'blkdebug','image.filename':'a',\
+             'set-state':[{'event':'write_aio','new_state':2}],\
+             'inject-error':[{'event':'write_aio','state':2}]}}",
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.path, "a");
+        assert_eq!(s.format.as_deref(), Some("qcow2"));
+        assert_eq!(
+            s.blkdebug,
+            Some(kv(&[
+                ("set-state.0.event", "write_aio"),
+                ("set-state.0.new_state", "2"),
+                ("inject-error.0.event", "write_aio"),
+                ("inject-error.0.state", "2"),
+            ]))
+        );
+        let s = parse_with_options(
+            "blkdebug::/t/a.qcow2",
+            kv(&[("driver", "qcow2"), ("file.align", "4k")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.path.as_str(), s.format.as_deref()),
+            ("/t/a.qcow2", Some("qcow2"))
+        );
+        assert_eq!(s.blkdebug, Some(kv(&[("align", "4k")])));
+        let s = parse_with_options(
+            "blkdebug::/t/a.qcow2",
+            kv(&[
+                ("driver", "blkdebug"),
+                ("image.driver", "qcow2"),
+                ("align", "512"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.path.as_str(), s.format.as_deref()),
+            ("/t/a.qcow2", Some("qcow2"))
+        );
+        assert_eq!(s.blkdebug, None);
+        assert_eq!(s.blkdebug_above, Some(kv(&[("align", "512")])));
+        let s = parse_with_options("/t/a.qcow2", kv(&[("driver", "qcow2")])).unwrap();
+        assert_eq!(
+            (s.path.as_str(), s.blkdebug.is_none()),
+            ("/t/a.qcow2", true)
+        );
     }
 }

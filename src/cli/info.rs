@@ -161,7 +161,11 @@ fn file_length(img: &dyn BlockDevice) -> u64 {
 }
 
 fn full_backing(img: &dyn BlockDevice, name: &str) -> String {
-    qimg::block::resolve_backing(std::path::Path::new(img.filename()), name)
+    // The image's name may be a `blkdebug:` or `json:` one: the file is what counts.
+    let file = super::image_name::parse(img.filename(), false)
+        .map(|spec| spec.path)
+        .unwrap_or_else(|_| img.filename().to_string());
+    qimg::block::resolve_backing(std::path::Path::new(&file), name)
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| name.to_string())
 }

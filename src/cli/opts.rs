@@ -142,7 +142,25 @@ pub async fn open(a: &ImageArgs<'_>) -> Result<Arc<dyn BlockDevice>> {
 /// The file to open and the library's open options for the command line's flags and the
 /// image name (`json:`, `file:`, `--image-opts`: see [`super::image_name`]).
 pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
-    let spec = super::image_name::parse(a.path, a.image_opts)?;
+    // Options that say which drivers to open (qemu-io's `open -o driver=qcow2,file.align=4k
+    // NAME`) are read together with the name; the others are runtime options of the format.
+    let pairs: Vec<(String, String)> = a
+        .runtime_opts
+        .iter()
+        .flat_map(|l| parse_kv_list(l))
+        .collect();
+    let structural = |k: &str| {
+        k == "driver" || k.starts_with("image.") || (k.starts_with("file.") && k != "file.locking")
+    };
+    let (spec, extra) = if !a.image_opts && pairs.iter().any(|(k, _)| structural(k)) {
+        let spec = super::image_name::parse_with_options(a.path, pairs)?;
+        (spec, Vec::new())
+    } else {
+        (
+            super::image_name::parse(a.path, a.image_opts)?,
+            a.runtime_opts.to_vec(),
+        )
+    };
     if a.image_opts && a.format.is_some() {
         return Err(qimg::Error::arg(
             "--image-opts and --format are mutually exclusive",
@@ -160,7 +178,7 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         .transpose()?
         .unwrap_or_default();
     let mut lists = spec.runtime.clone();
-    lists.extend(a.runtime_opts.iter().cloned());
+    lists.extend(extra);
     let Runtime {
         qcow2,
         locking,
@@ -188,6 +206,16 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
         nbd: spec.nbd.clone(),
         data_file: spec.data_file.clone(),
         null: spec.null,
+        blkdebug: spec
+            .blkdebug
+            .as_deref()
+            .map(qimg::storage::blkdebug::Config::from_options)
+            .transpose()?,
+        blkdebug_above: spec
+            .blkdebug_above
+            .as_deref()
+            .map(qimg::storage::blkdebug::Config::from_options)
+            .transpose()?,
         ..Default::default()
     };
     Ok((spec.path, opts))
