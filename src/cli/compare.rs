@@ -1,9 +1,10 @@
-//! `qimg compare`: content equality of two images (exit 0 identical, 1 different, 2 error).
+//! `qimg compare`: content equality of two images (exit 0 identical, 1 different, 2 error
+//! opening, 3 error reading block status, 4 error reading data: qemu-img's codes).
 
 use super::opts::{open, ImageArgs};
 use super::progress::Progress;
 use qimg::block::BlockDevice;
-use qimg::{IoBufMut, Result};
+use qimg::IoBufMut;
 use std::sync::Arc;
 
 #[derive(clap::Args)]
@@ -77,31 +78,70 @@ pub async fn run(a: Args) -> u8 {
         }
     };
     let progress = Progress::new(a.progress && !a.quiet, a1.size().min(a2.size()));
-    let r = compare(&a1, &a2, a.strict, a.quiet, &progress).await;
+    let names = [a.filename1.as_str(), a.filename2.as_str()];
+    // What qemu-img prints on standard output comes out at its exit when that is a pipe (its
+    // stdout is fully buffered there), after any error: collected here, printed at the end.
+    let mut out = String::new();
+    let r = compare(&a1, &a2, names, a.strict, a.quiet, &mut out, &progress).await;
     if matches!(r, Ok(Outcome::Identical)) {
         progress.finish_before_message();
     }
     let _ = a1.close().await;
     let _ = a2.close().await;
+    let flush_out = |out: &str| {
+        if !out.is_empty() {
+            print!("{out}");
+        }
+    };
+    let r = match r {
+        Ok(outcome) => outcome,
+        Err(failure) => {
+            eprintln!("{}: {}", super::prog(), failure.message);
+            flush_out(&out);
+            return failure.exit;
+        }
+    };
+    flush_out(&out);
     match r {
-        Ok(Outcome::Identical) => {
+        Outcome::Identical => {
             if !a.quiet {
                 println!("Images are identical.");
             }
             progress.end_after_message();
             0
         }
-        Ok(Outcome::Mismatch(msg)) => {
+        Outcome::Mismatch(msg) => {
             if !a.quiet {
                 println!("{msg}");
             }
             progress.end_after_message();
             1
         }
-        Err(e) => {
-            eprintln!("{}: Error while reading: {e}", super::prog());
-            2
-        }
+    }
+}
+
+/// A comparison that could not finish: qemu-img's message and exit code (3: block status
+/// failed, 4: a read failed).
+struct Failure {
+    exit: u8,
+    message: String,
+}
+
+fn read_failure(off: u64, name: &str, e: qimg::Error) -> Failure {
+    let why = match &e {
+        qimg::Error::Io { source, .. } => qimg::error::strerror(source),
+        other => other.to_string(),
+    };
+    Failure {
+        exit: 4,
+        message: format!("Error while reading offset {off} of {name}: {why}"),
+    }
+}
+
+fn status_failure(name: &str) -> Failure {
+    Failure {
+        exit: 3,
+        message: format!("Sector allocation test failed for {name}"),
     }
 }
 
@@ -123,10 +163,12 @@ fn strict_status(e: &super::map::MapEntry, size: u64) -> (bool, bool, bool, bool
 async fn compare(
     a: &Arc<dyn BlockDevice>,
     b: &Arc<dyn BlockDevice>,
+    names: [&str; 2],
     strict: bool,
     quiet: bool,
+    out: &mut String,
     progress: &Progress,
-) -> Result<Outcome> {
+) -> std::result::Result<Outcome, Failure> {
     let (sa, sb) = (a.size(), b.size());
     if strict && sa != sb {
         return Ok(Outcome::Mismatch(
@@ -136,10 +178,12 @@ async fn compare(
     let common = sa.min(sb);
     let mut off = 0;
     while off < common {
-        let (ea, eb) = tokio::try_join!(
-            super::map::entry_at(a, off, sa - off),
-            super::map::entry_at(b, off, sb - off)
-        )?;
+        let ea = super::map::entry_at(a, off, sa - off)
+            .await
+            .map_err(|_| status_failure(names[0]))?;
+        let eb = super::map::entry_at(b, off, sb - off)
+            .await
+            .map_err(|_| status_failure(names[1]))?;
         let extent = ea.length.min(eb.length).min(common - off).max(1);
         if strict && strict_status(&ea, sa) != strict_status(&eb, sb) {
             return Ok(Outcome::Mismatch(format!(
@@ -154,10 +198,14 @@ async fn compare(
         let end = off + extent;
         while off < end {
             let n = CHUNK.min(end - off);
-            let (x, y) = tokio::try_join!(
-                a.read(off, IoBufMut::zeroed(n as usize)),
-                b.read(off, IoBufMut::zeroed(n as usize))
-            )?;
+            let x = a
+                .read(off, IoBufMut::zeroed(n as usize))
+                .await
+                .map_err(|e| read_failure(off, names[0], e))?;
+            let y = b
+                .read(off, IoBufMut::zeroed(n as usize))
+                .await
+                .map_err(|e| read_failure(off, names[1], e))?;
             if let Some(i) = x.iter().zip(y.iter()).position(|(p, q)| p != q) {
                 return Ok(Outcome::Mismatch(format!(
                     "Content mismatch at offset {}!",
@@ -169,13 +217,20 @@ async fn compare(
     }
     // The longer image must read as zeros past the shorter one.
     if sa != sb && !quiet {
-        println!("Warning: Image size mismatch!");
+        out.push_str("Warning: Image size mismatch!\n");
     }
-    let (longer, len) = if sa > sb { (a, sa) } else { (b, sb) };
+    let (longer, len, name) = if sa > sb {
+        (a, sa, names[0])
+    } else {
+        (b, sb, names[1])
+    };
     let mut off = common;
     while off < len {
         let n = CHUNK.min(len - off);
-        let x = longer.read(off, IoBufMut::zeroed(n as usize)).await?;
+        let x = longer
+            .read(off, IoBufMut::zeroed(n as usize))
+            .await
+            .map_err(|e| read_failure(off, name, e))?;
         if let Some(i) = x.iter().position(|&p| p != 0) {
             return Ok(Outcome::Mismatch(format!(
                 "Content mismatch at offset {}!",
