@@ -1,0 +1,259 @@
+//! QEMU's `blkdebug` driver in qimg, against QEMU's: the same configuration (rules keyed on the
+//! qcow2 driver's steps, request limits) and the same commands through `qemu-io` and `qimg io`
+//! on two copies of one image must print the same (errors included) and leave images that
+//! read the same, map the same and get the same `qemu-img check` verdict.
+
+mod common;
+
+use common::{qemu_create, run, text};
+use std::path::Path;
+
+const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
+
+/// qemu-io's output without its timing lines.
+fn normalized(out: &str) -> String {
+    out.lines()
+        .filter(|l| !l.contains("ops/sec"))
+        .map(|l| l.replace("qemu-io: ", "PROG: ").replace("qimg: ", "PROG: "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs the commands through one qemu-io-like process (`qemu-io` or `qimg io`).
+fn io(tool: &str, open: &[&str], cmds: &[&str]) -> String {
+    let mut args: Vec<String> = Vec::new();
+    let prog = if tool == "qemu-io" {
+        "qemu-io"
+    } else {
+        args.push("io".into());
+        QIMG
+    };
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.to_string());
+    }
+    args.extend(open.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    normalized(&text(&run(prog, &args)))
+}
+
+fn check(p: &Path) -> String {
+    let o = run("qemu-img", &["check", p.to_str().unwrap()]);
+    format!("{}\nexit {:?}", text(&o), o.status.code())
+}
+
+fn map(p: &Path) -> String {
+    text(&run(
+        "qemu-img",
+        &["map", "--output=json", p.to_str().unwrap()],
+    ))
+}
+
+/// Two copies of an image prepared by `setup` (qemu-io commands), for QEMU and for qimg.
+fn pair(dir: &Path, create_opts: &str, setup: &[&str]) -> [std::path::PathBuf; 2] {
+    let q = dir.join("qemu.qcow2");
+    let m = dir.join("qimg.qcow2");
+    qemu_create(&q, create_opts, 4 << 20, &[]);
+    if !setup.is_empty() {
+        let out = io("qemu-io", &["-f", "qcow2", q.to_str().unwrap()], setup);
+        assert!(!out.contains("failed"), "setup: {out}");
+    }
+    std::fs::copy(&q, &m).unwrap();
+    [q, m]
+}
+
+/// The same rules and commands through both tools; everything observable must agree.
+fn same_behaviour(name: &str, config: &str, create_opts: &str, setup: &[&str], cmds: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("blkdebug.conf");
+    std::fs::write(&conf, config).unwrap();
+    let [q, m] = pair(dir.path(), create_opts, setup);
+    let name_of = |p: &Path| format!("blkdebug:{}:{}", conf.display(), p.display());
+    let want = io("qemu-io", &["-f", "qcow2", &name_of(&q)], cmds);
+    let got = io("qimg", &["-f", "qcow2", &name_of(&m)], cmds);
+    let strip = |s: &str, p: &Path| s.replace(&p.display().to_string(), "IMG");
+    assert_eq!(strip(&got, &m), strip(&want, &q), "{name}: output");
+    assert_eq!(
+        strip(&check(&m), &m),
+        strip(&check(&q), &q),
+        "{name}: qemu-img check"
+    );
+    assert_eq!(map(&m), map(&q), "{name}: map");
+    let cmp = run(
+        "qemu-img",
+        &["compare", q.to_str().unwrap(), m.to_str().unwrap()],
+    );
+    assert!(cmp.status.success(), "{name}: content: {}", text(&cmp));
+}
+
+#[test]
+fn injected_errors_behave_as_in_qemu() {
+    let data = ["write -P 0x11 0 128k", "write -P 0x22 1M 64k"];
+    same_behaviour(
+        "every read fails after the first data read",
+        "[inject-error]\nevent = \"read_aio\"\n",
+        "",
+        &data,
+        &["read -P 0x11 0 64k", "read -P 0x22 1M 4k"],
+    );
+    same_behaviour(
+        "loading an L2 table fails",
+        "[inject-error]\nevent = \"l2_load\"\n",
+        "",
+        &data,
+        &["read -P 0x11 0 4k"],
+    );
+    same_behaviour(
+        "the first data write fails once with ENOSPC",
+        "[inject-error]\nevent = \"write_aio\"\nerrno = \"28\"\nonce = \"on\"\n",
+        "",
+        &data,
+        &[
+            "write -P 0x33 64k 4k",
+            "write -P 0x44 2M 64k",
+            "read -P 0x44 2M 64k",
+        ],
+    );
+    same_behaviour(
+        "a state machine: the second data write fails",
+        "[set-state]\nevent = \"write_aio\"\nnew_state = \"2\"\n\n\
+         [inject-error]\nevent = \"write_aio\"\nstate = \"2\"\nonce = \"on\"\n",
+        "",
+        &data,
+        &["write -P 0x55 0 4k", "write -P 0x66 1M 4k"],
+    );
+    same_behaviour(
+        "a sector filter",
+        "[inject-error]\nevent = \"read_aio\"\nsector = \"0\"\n",
+        "",
+        &["write -P 0x11 0 4k"],
+        &["read -P 0x11 0 4k", "read -P 0 1M 4k"],
+    );
+}
+
+/// An error that stays armed also fails what closing the image writes: both tools say so (in
+/// their own words: QEMU names its caches, qimg the flush that failed) and leave an image
+/// `qemu-img check` accepts with the same verdict.
+#[test]
+fn an_armed_error_fails_the_close_in_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[set-state]\nevent = \"write_aio\"\nnew_state = \"2\"\n\n\
+         [inject-error]\nevent = \"write_aio\"\nstate = \"2\"\n",
+    )
+    .unwrap();
+    let [q, m] = pair(dir.path(), "", &["write -P 0x11 0 128k"]);
+    let cmds = ["write -P 0x55 0 4k", "write -P 0x66 1M 4k"];
+    let mut verdicts = Vec::new();
+    for (tool, p) in [("qemu-io", &q), ("qimg", &m)] {
+        let name = format!("blkdebug:{}:{}", conf.display(), p.display());
+        let out = io(tool, &["-f", "qcow2", &name], &cmds);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[..2],
+            [
+                "wrote 4096/4096 bytes at offset 0",
+                "write failed: Input/output error"
+            ],
+            "{tool}: {out}"
+        );
+        assert!(
+            lines[2..].iter().any(|l| l.contains("Input/output error")),
+            "{tool} reports no error at close: {out}"
+        );
+        verdicts.push(check(p).replace(&p.display().to_string(), "IMG"));
+    }
+    assert_eq!(verdicts[1], verdicts[0]);
+}
+
+#[test]
+fn limits_above_the_format_split_zero_writes_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let [q, m] = pair(dir.path(), "", &["write -P 0x11 0 4M"]);
+    for (opts, cmd) in [
+        ("align=512,opt-write-zero=1M", "write -z 300k 2M"),
+        (
+            "align=4k,opt-write-zero=512k,max-write-zero=1M",
+            "write -z -u 8k 3M",
+        ),
+        ("align=512,opt-discard=1M,max-discard=1M", "discard 100k 3M"),
+        ("align=4k,max-transfer=64k", "write -P 0x22 1000 300k"),
+    ] {
+        let open = |p: &Path| {
+            format!(
+                "open -o driver=blkdebug,image.driver=qcow2,{opts} {}",
+                p.display()
+            )
+        };
+        let want = io("qemu-io", &[], &[&open(&q), cmd]);
+        let got = io("qimg", &[], &[&open(&m), cmd]);
+        assert_eq!(got, want, "{opts} {cmd}");
+        assert_eq!(map(&m), map(&q), "{opts} {cmd}: map");
+    }
+    common::assert_same_disk(&q, &m);
+    common::qemu_check_clean(&m);
+}
+
+#[test]
+fn alignment_below_the_format_keeps_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let [q, m] = pair(dir.path(), "cluster_size=4k", &[]);
+    let cmds = [
+        "write -P 0x11 0x200 0x400",
+        "write -z 0x400 0x20000",
+        "write -P 0x22 0x20200 0x600",
+        "discard 0x1000 0x3000",
+        "read -P 0x11 0x200 0x200",
+    ];
+    for p in [&q, &m] {
+        let tool = if p == &q { "qemu-io" } else { "qimg" };
+        let open = format!(
+            "open -o driver=qcow2,file.align=4k blkdebug::{}",
+            p.display()
+        );
+        let mut all = vec![open.as_str()];
+        all.extend(cmds);
+        let out = io(tool, &[], &all);
+        assert!(!out.contains("failed"), "{tool}: {out}");
+    }
+    common::assert_same_disk(&q, &m);
+    common::qemu_check_clean(&m);
+}
+
+#[test]
+fn bad_configurations_are_refused_as_qemu_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let [q, _] = pair(dir.path(), "", &[]);
+    let img = q.display();
+    for (name, want) in [
+        (
+            format!("blkdebug:{}/none.conf:{img}", dir.path().display()),
+            "Could not read blkdebug config file",
+        ),
+        (
+            format!("blkdebug:{img}"),
+            "blkdebug requires both config file and image path",
+        ),
+    ] {
+        let o = run(QIMG, &["io", "-f", "qcow2", "-c", "read 0 512", &name]);
+        let t = text(&o);
+        assert!(t.contains(want), "{name}: {t}");
+        let o = run("qemu-io", &["-f", "qcow2", "-c", "read 0 512", &name]);
+        assert!(text(&o).contains(want), "QEMU says otherwise: {}", text(&o));
+    }
+    let o = run(
+        QIMG,
+        &[
+            "io",
+            "-c",
+            &format!("open -o driver=blkdebug,image.driver=qcow2,align=3 {img}"),
+        ],
+    );
+    assert!(
+        text(&o).contains("Cannot meet constraints with align 3"),
+        "{}",
+        text(&o)
+    );
+}
