@@ -257,3 +257,68 @@ fn bad_configurations_are_refused_as_qemu_refuses_them() {
         text(&o)
     );
 }
+
+/// `convert --salvage` through a source whose reads and block status fail at chosen sectors:
+/// the same warnings in the same order as qemu-img, and the same target (zeros where nothing
+/// could be read).
+#[test]
+fn convert_salvage_reports_and_skips_what_qemu_img_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    qemu_create(&src, "", 8 << 20, &[]);
+    let out = io(
+        "qemu-io",
+        &["-f", "qcow2", src.to_str().unwrap()],
+        &["write -P 42 0 8M"],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let mut rules = Vec::new();
+    for (kind, off) in [
+        ("block-status", (2 << 20) + 8192),
+        ("block-status", (5 << 20) + 512),
+        ("read", (4 << 20) - 65536),
+        ("read", (5 << 20) + 512),
+        ("read", 6 << 20),
+        ("read", (6 << 20) + 1536),
+    ] {
+        rules.push(format!(
+            "{{'event':'none','iotype':'{kind}','errno':5,'sector':{}}}",
+            off / 512
+        ));
+    }
+    let source = format!(
+        "json:{{'driver':'blkdebug','image':{{'driver':'qcow2','file':{{'driver':'file',\
+         'filename':'{}'}}}},'inject-error':[{}]}}",
+        src.display(),
+        rules.join(",")
+    );
+    let mut outputs = Vec::new();
+    for (prog, target) in [("qemu-img", "want.qcow2"), (QIMG, "got.qcow2")] {
+        let target = dir.path().join(target);
+        let o = run(
+            prog,
+            &[
+                "convert",
+                "--salvage",
+                "-O",
+                "qcow2",
+                &source,
+                target.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{prog}: {}", text(&o));
+        let warnings: Vec<String> = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .map(|l| l.split_once(": ").map_or(l, |(_, rest)| rest).to_string())
+            .collect();
+        outputs.push((warnings, target));
+    }
+    assert!(
+        outputs[0].0.len() >= 6,
+        "qemu-img warned: {:?}",
+        outputs[0].0
+    );
+    assert_eq!(outputs[1].0, outputs[0].0, "warnings");
+    common::assert_same_disk(&outputs[0].1, &outputs[1].1);
+    common::qemu_check_clean(&outputs[1].1);
+}

@@ -129,7 +129,7 @@ fn other_block_drivers_are_refused() {
     let (_, top) = setup(dir.path());
     for name in [
         format!(
-            r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{top}"}}}}}}"#
+            r#"json:{{"driver":"qcow2","file":{{"driver":"ssh","path":"{top}","server":{{"host":"localhost"}}}}}}"#
         ),
         format!(
             r#"json:{{"driver":"qcow2","file":{{"filename":"{top}"}},"backing":{{"driver":"qcow2","file":{{"filename":"{top}"}}}}}}"#
@@ -145,12 +145,12 @@ fn other_block_drivers_are_refused() {
         &[
             "info",
             "--image-opts",
-            &format!("driver=blkdebug,image.filename={top}"),
+            &format!("driver=quorum,children.0.file.filename={top}"),
         ],
     );
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("'blkdebug' is not supported"),
+        text(&o).contains("'quorum' is not supported"),
         "{}",
         text(&o)
     );

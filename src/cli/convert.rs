@@ -93,6 +93,10 @@ pub struct Args {
     /// With --bitmaps: leave out inconsistent bitmaps (with a warning) instead of failing
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
+    /// Go on past read errors of the source: what cannot be read is written as zeros, with a
+    /// warning for each sector (block status errors: the sector is read as data)
+    #[arg(long = "salvage")]
+    salvage: bool,
     /// Source file(s) and the target file (last)
     files: Vec<String>,
 }
@@ -380,6 +384,12 @@ async fn convert(a: &Args) -> Result<()> {
         sparse
     };
     let progress = Progress::new(a.progress && !a.quiet, total);
+    let salvage = a.salvage.then_some(Salvage { quiet: a.quiet });
+    if let Some(salvage) = &salvage {
+        // qemu-img walks the source's allocation once before copying (to size its progress)
+        // and once while copying: a failed status query is reported in both walks.
+        salvage.walk(&srcs).await;
+    }
     let job = Arc::new(Job {
         srcs,
         dst: dst.clone(),
@@ -389,7 +399,9 @@ async fn convert(a: &Args) -> Result<()> {
         zero_init,
         top_only: backing.is_some(),
         compress: a.compress,
-        in_order: !a.oob,
+        // Salvaging reports what it skips in the order of the disk.
+        in_order: !a.oob || salvage.is_some(),
+        salvage,
         next: AtomicU64::new(0),
         turn: tokio::sync::watch::channel(0).0,
         progress,
@@ -444,6 +456,8 @@ struct Job {
     top_only: bool,
     compress: bool,
     in_order: bool,
+    /// `--salvage`: read errors become zeros and warnings.
+    salvage: Option<Salvage>,
     next: AtomicU64,
     /// Index of the chunk whose writes may be issued (in-order mode).
     turn: tokio::sync::watch::Sender<u64>,
@@ -475,11 +489,15 @@ impl Job {
                 return Ok(());
             }
             let len = self.chunk.min(self.total - off);
-            let pieces = self.read_chunk(off, len).await?;
+            let mut warnings = Vec::new();
+            let pieces = self.read_chunk(off, len, &mut warnings).await?;
             self.pace(&pieces).await;
             if self.in_order {
                 let mut rx = self.turn.subscribe();
                 let _ = rx.wait_for(|&t| t >= i).await;
+            }
+            for w in warnings {
+                eprintln!("{}: warning: {w}", super::prog());
             }
             // Writes are issued in order; compressed clusters only take their place in the
             // layout here and are compressed and written after the turn has passed on.
@@ -519,15 +537,24 @@ impl Job {
         (&self.srcs[i], off - self.srcs[i].start)
     }
 
-    async fn read_chunk(&self, off: u64, len: u64) -> Result<Vec<Piece>> {
+    /// Reads what the chunk needs; with `--salvage`, what could not be read is in `warnings`.
+    async fn read_chunk(
+        &self,
+        off: u64,
+        len: u64,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<Piece>> {
         let mut pieces = Vec::new();
         let mut pos = off;
         while pos < off + len {
             let (src, local) = self.source_at(pos);
             let max = (off + len - pos).min(src.img.size() - local);
-            let st = chain_status(&src.img, local, max)
-                .await
-                .map_err(|e| read_err(pos, e))?;
+            let st = match &self.salvage {
+                None => chain_status(&src.img, local, max)
+                    .await
+                    .map_err(|e| read_err(pos, e))?,
+                Some(s) => s.status(&src.img, local, max, warnings).await,
+            };
             let n = st.len.clamp(1, max);
             if self.top_only && st.depth > 0 {
                 pieces.push(Piece::Backing);
@@ -535,11 +562,15 @@ impl Job {
                 pieces.push(Piece::Zeros { off: pos, len: n });
             } else {
                 // Data, or (`-S 0`: the target is fully allocated) zeros written as data.
-                let buf = src
+                let read = src
                     .img
                     .read(local, IoBufMut::for_overwrite(n as usize))
-                    .await
-                    .map_err(|e| read_err(pos, e))?;
+                    .await;
+                let buf = match (read, &self.salvage) {
+                    (Ok(buf), _) => buf,
+                    (Err(e), None) => return Err(read_err(pos, e)),
+                    (Err(_), Some(s)) => s.read_by_sector(&src.img, local, n, warnings).await,
+                };
                 pieces.push(Piece::Data { off: pos, buf });
             }
             pos += n;
@@ -683,6 +714,111 @@ impl Job {
             pos = end;
         }
         Ok(futs)
+    }
+}
+
+/// `convert --salvage`: qemu-img's way through a source that cannot be read everywhere.
+struct Salvage {
+    quiet: bool,
+}
+
+const SECTOR: u64 = 512;
+
+impl Salvage {
+    /// The chain's status at `off` (at most `max` bytes). A failed query is retried on a
+    /// quarter of the range until it covers one sector; that sector is then reported and
+    /// taken as data (to be read), as qemu-img does.
+    async fn status(
+        &self,
+        img: &Arc<dyn BlockDevice>,
+        off: u64,
+        max: u64,
+        warnings: &mut Vec<String>,
+    ) -> qimg::block::ChainStatus {
+        let mut sectors = max.div_ceil(SECTOR);
+        loop {
+            let len = (sectors * SECTOR).min(max);
+            match chain_status(img, off, len).await {
+                Ok(st) => return st,
+                Err(e) if sectors <= 1 => {
+                    if !self.quiet {
+                        warnings.push(format!(
+                            "error while reading block status at offset {off}: {}",
+                            strerror(&e)
+                        ));
+                    }
+                    return qimg::block::ChainStatus {
+                        offset: off,
+                        len: SECTOR.min(max),
+                        depth: 0,
+                        present: true,
+                        zero: false,
+                        data: true,
+                        compressed: false,
+                        host_offset: None,
+                        filename: String::new(),
+                    };
+                }
+                Err(_) => sectors = sectors.div_ceil(4),
+            }
+        }
+    }
+
+    /// Reads `[off, off+len)` sector by sector after a failed read: sectors that fail read as
+    /// zeros, each with a warning.
+    async fn read_by_sector(
+        &self,
+        img: &Arc<dyn BlockDevice>,
+        off: u64,
+        len: u64,
+        warnings: &mut Vec<String>,
+    ) -> IoBufMut {
+        let mut out = IoBufMut::zeroed(len as usize);
+        let mut at = 0;
+        while at < len {
+            let n = SECTOR.min(len - at);
+            match img
+                .read(off + at, IoBufMut::for_overwrite(n as usize))
+                .await
+            {
+                Ok(b) => out[at as usize..(at + n) as usize].copy_from_slice(&b),
+                Err(e) => {
+                    if !self.quiet {
+                        warnings.push(format!(
+                            "error while reading offset {}: {}",
+                            off + at,
+                            strerror(&e)
+                        ));
+                    }
+                }
+            }
+            at += n;
+        }
+        out
+    }
+
+    /// qemu-img's first walk over the sources' allocation: only its warnings remain.
+    async fn walk(&self, srcs: &[Source]) {
+        for src in srcs {
+            let size = src.img.size();
+            let mut off = 0;
+            while off < size {
+                let mut warnings = Vec::new();
+                let st = self.status(&src.img, off, size - off, &mut warnings).await;
+                for w in warnings {
+                    eprintln!("{}: warning: {w}", super::prog());
+                }
+                off += st.len.clamp(1, size - off);
+            }
+        }
+    }
+}
+
+/// The C library's text for an error from the storage, as qemu-img prints it.
+fn strerror(e: &Error) -> String {
+    match e {
+        Error::Io { source, .. } => qimg::error::strerror(source),
+        other => other.to_string(),
     }
 }
 

@@ -550,9 +550,11 @@ pub struct Blkdebug<B: Below = StorageRef> {
 }
 
 impl<B: Below> Blkdebug<B> {
+    /// The node over `inner`. As in QEMU, opening it is the event `none`: rules on it are
+    /// armed from the start.
     pub fn new(inner: B, cfg: Config) -> Blkdebug<B> {
         let rules = cfg.rules.iter().cloned().map(Some).collect();
-        Blkdebug {
+        let node = Blkdebug {
             inner,
             cfg,
             state: Mutex::new(State {
@@ -563,7 +565,9 @@ impl<B: Below> Blkdebug<B> {
             rmw: tokio::sync::RwLock::new(()),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
-        }
+        };
+        node.event(DebugEvent::None);
+        node
     }
 
     /// Whether a request of `iotype` over `[offset, offset+len)` fails, as QEMU's
