@@ -276,6 +276,11 @@ pub trait BlockDevice: Send + Sync {
     fn request_alignment(&self) -> u32 {
         1
     }
+    /// A step of the block layer above announced to the device (QEMU's `BLKDBG_EVENT` on a
+    /// node: copy-on-read's `cor_write`): only a `blkdebug` node above a format acts on it.
+    fn debug_event(&self, event: crate::storage::blkdebug::DebugEvent) {
+        let _ = event;
+    }
 }
 
 /// Which other files an image may make qimg open. An image is untrusted input: its header can

@@ -6,7 +6,7 @@
 //! the block node and not to the driver: the format code never sees them.
 
 use crate::block::{BlockDevice, BlockStatus, Format, ZeroFlags};
-use crate::buf::{IoBuf, IoBufMut};
+use crate::buf::{is_zero, IoBuf, IoBufMut};
 use crate::error::{Error, Result};
 use crate::qcow2::Preallocation;
 use crate::qcow2::Qcow2;
@@ -83,17 +83,6 @@ impl WithOptions {
     }
 }
 
-/// Whether every byte is zero.
-fn all_zero(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(64);
-    for c in &mut chunks {
-        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&x| x == 0)
-}
-
 impl BlockDevice for WithOptions {
     fn format(&self) -> Format {
         self.inner.format()
@@ -111,7 +100,7 @@ impl BlockDevice for WithOptions {
         self.inner.read(offset, buf)
     }
     fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>> {
-        if self.detect_zeroes != DetectZeroes::Off && !data.is_empty() && all_zero(&data) {
+        if self.detect_zeroes != DetectZeroes::Off && !data.is_empty() && is_zero(&data) {
             let flags = ZeroFlags {
                 may_unmap: self.detect_zeroes == DetectZeroes::Unmap,
                 fast_only: false,
@@ -166,6 +155,12 @@ impl BlockDevice for WithOptions {
     fn request_alignment(&self) -> u32 {
         self.inner.request_alignment()
     }
+    fn data_filename(&self) -> &str {
+        self.inner.data_filename()
+    }
+    fn debug_event(&self, event: crate::storage::blkdebug::DebugEvent) {
+        self.inner.debug_event(event)
+    }
 }
 
 #[cfg(test)]
@@ -179,9 +174,9 @@ mod tests {
         assert!(Discard::parse("x").is_err());
         assert_eq!(DetectZeroes::parse("unmap").unwrap(), DetectZeroes::Unmap);
         assert!(DetectZeroes::parse("yes").is_err());
-        assert!(all_zero(&[0u8; 200]));
+        assert!(is_zero(&[0u8; 200]));
         let mut b = [0u8; 200];
         b[199] = 1;
-        assert!(!all_zero(&b));
+        assert!(!is_zero(&b));
     }
 }

@@ -107,6 +107,17 @@ fn pool_class(len: usize) -> Option<usize> {
     (class < POOL_CLASSES).then_some(class)
 }
 
+/// Whether every byte is zero (64 bytes at a time; stops at the first non-zero block).
+pub fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&x| x == 0)
+}
+
 /// A mutable, uniquely owned view of (part of) an aligned allocation.
 pub struct IoBufMut {
     alloc: Arc<Allocation>,

@@ -10,6 +10,7 @@ pub mod block;
 pub mod block_options;
 pub mod buf;
 pub mod chain;
+pub mod copy_on_read;
 pub mod cpu;
 pub mod dirty_bitmap;
 pub mod error;

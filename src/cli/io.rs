@@ -53,6 +53,9 @@ pub struct Args {
     /// Snapshot mode: writes go to a temporary overlay, dropped at exit; the image is untouched
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
+    /// Copy-on-read: what reads fetch from the backing chain is also written into the image
+    #[arg(short = 'C', long = "copy-on-read")]
+    copy_on_read: bool,
     /// Command to run (repeatable)
     #[arg(short = 'c', long = "cmd")]
     cmds: Vec<String>,
@@ -102,6 +105,7 @@ pub async fn run(a: Args) -> u8 {
             force_share: a.force_share,
             aio: a.aio.clone(),
             snapshot: a.snapshot,
+            copy_on_read: a.copy_on_read,
         };
         match params.open().await {
             Ok(i) => {
@@ -153,11 +157,13 @@ struct OpenParams {
     force_share: bool,
     aio: Option<String>,
     snapshot: bool,
+    /// `-C`: see `qimg::copy_on_read`.
+    copy_on_read: bool,
 }
 
 impl OpenParams {
     async fn open(&self) -> qimg::Result<Dev> {
-        open_image_args(
+        let img = open_image_args(
             &ImageArgs {
                 image_opts: self.image_opts,
                 path: &self.path,
@@ -173,7 +179,17 @@ impl OpenParams {
             },
             self.snapshot,
         )
-        .await
+        .await?;
+        if !self.copy_on_read {
+            return Ok(img);
+        }
+        match qimg::copy_on_read::CopyOnRead::wrap(img.clone()) {
+            Ok(cor) => Ok(cor),
+            Err(e) => {
+                let _ = img.close().await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -575,9 +591,9 @@ impl Session {
         }
     }
 
-    /// `open [-rnU] [-i AIO] [-t CACHE] [-o OPTIONS] PATH`, as qemu-io's. Its `-s` (temporary
-    /// `-C` (copy-on-read), `-k` (Linux AIO) and `-d` (discard mode) are not implemented and are
-    /// refused.
+    /// `open [-rsCnU] [-i AIO] [-t CACHE] [-o OPTIONS] PATH`, as qemu-io's (`-s`: a temporary
+    /// overlay, `-C`: copy-on-read). `-k` (Linux AIO) and `-d` (discard mode) are not
+    /// implemented and are refused.
     async fn open(&mut self, args: &[&str]) -> bool {
         const USAGE: &str = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
         if args.is_empty() {
@@ -589,6 +605,7 @@ impl Session {
             return false;
         }
         let (mut read_only, mut force_share, mut snapshot) = (false, false, false);
+        let mut copy_on_read = false;
         let (mut cache, mut aio): (Option<String>, Option<String>) =
             (Some(DEFAULT_CACHE.to_string()), None);
         let mut options = Vec::new();
@@ -608,9 +625,9 @@ impl Session {
                     'U' => force_share = true,
                     'n' => cache = Some("none".into()),
                     's' => snapshot = true,
-                    'C' | 'k' | 'd' => {
+                    'C' => copy_on_read = true,
+                    'k' | 'd' => {
                         let what = match c {
-                            'C' => "-C (copy-on-read)",
                             'k' => "-k (Linux AIO)",
                             _ => "-d (discard modes)",
                         };
@@ -662,6 +679,7 @@ impl Session {
             force_share,
             aio,
             snapshot,
+            copy_on_read,
         };
         match params.open().await {
             Ok(img) => {

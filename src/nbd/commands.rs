@@ -15,6 +15,7 @@ use super::handshake::Negotiated;
 use super::proto::*;
 use super::status::{self, Context};
 use crate::block::ZeroFlags;
+use crate::buf::is_zero;
 use crate::buf::IoBufMut;
 use crate::error::Error;
 use std::sync::Arc;
@@ -519,17 +520,6 @@ fn zero_runs(offset: u64, data: &[u8]) -> Vec<Run> {
         start = end;
     }
     runs
-}
-
-/// Whether every byte is zero (word at a time; stops at the first non-zero block).
-fn is_zero(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(64);
-    for c in &mut chunks {
-        if c.iter().fold(0u8, |a, &x| a | x) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&x| x == 0)
 }
 
 #[cfg(test)]

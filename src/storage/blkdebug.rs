@@ -1033,6 +1033,9 @@ impl BlockDevice for BlkdebugDevice {
         let align = u32::try_from(self.node.align()).unwrap_or(u32::MAX);
         align.max(self.image().request_alignment())
     }
+    fn debug_event(&self, event: DebugEvent) {
+        self.node.event(event)
+    }
 }
 #[cfg(test)]
 mod tests {
