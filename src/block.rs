@@ -439,6 +439,8 @@ pub struct OpenOptions {
     /// A `blkdebug` node above the image (QEMU's `driver=blkdebug,image.driver=...`): guest
     /// requests meet its limits and rules first.
     pub blkdebug_above: Option<crate::storage::blkdebug::Config>,
+    /// QEMU's `copy-on-read` filter over the image (see [`crate::copy_on_read`]).
+    pub copy_on_read: bool,
 }
 
 /// QEMU's `null-co` driver: a device of `size` bytes with nothing behind it.
@@ -504,6 +506,13 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
     let mut img = open_layer(path, opts, 0, &mut seen).await?;
     if let Some(cfg) = &opts.blkdebug_above {
         img = crate::storage::blkdebug::BlkdebugDevice::wrap(img, cfg.clone());
+    }
+    if opts.copy_on_read {
+        if opts.read_only {
+            let _ = img.close().await;
+            return Err(Error::arg("Block node is read-only"));
+        }
+        img = crate::copy_on_read::CopyOnRead::wrap(img)?;
     }
     if opts.discard.is_none() && opts.detect_zeroes.is_none() {
         return Ok(img);
@@ -651,6 +660,7 @@ async fn open_format(
                         null: None,
                         blkdebug: None,
                         blkdebug_above: None,
+                        copy_on_read: false,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

@@ -22,7 +22,9 @@ fn io(prog: &str, extra: &[&str], img: &Path, cmds: &[&str]) -> String {
         args.push("-c".into());
         args.push(c.to_string());
     }
-    args.push(img.to_str().unwrap().into());
+    if !img.as_os_str().is_empty() {
+        args.push(img.to_str().unwrap().into());
+    }
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     text(&run(bin, &args))
         .lines()
@@ -112,4 +114,44 @@ fn copy_on_read_needs_a_writable_image() {
         got.contains("Can't use copy-on-read on read-only device"),
         "{got}"
     );
+}
+
+/// QEMU's `copy-on-read` filter driver (`open -o driver=copy-on-read,file.driver=qcow2`) does
+/// what `-C` does; opened read-only it is refused with QEMU's message.
+#[test]
+fn the_copy_on_read_driver_copies_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_create(&base, "", 2 << 20, &[]);
+    let out = io("qemu-io", &["-f", "qcow2"], &base, &["write -P 0x11 0 2M"]);
+    assert!(!out.contains("failed"), "{out}");
+    let mut tops = Vec::new();
+    for (prog, name) in [("qemu-io", "qemu.qcow2"), ("qimg", "qimg.qcow2")] {
+        let top = dir.path().join(name);
+        qemu_create(
+            &top,
+            "backing_fmt=qcow2",
+            2 << 20,
+            &["-b", base.to_str().unwrap()],
+        );
+        let open = format!(
+            "open -o driver=copy-on-read,file.driver=qcow2 {}",
+            top.display()
+        );
+        let ro = format!(
+            "open -r -o driver=copy-on-read,file.driver=qcow2 {}",
+            top.display()
+        );
+        let out = io(prog, &[], Path::new(""), &[&ro])
+            + &io(prog, &[], Path::new(""), &[&open, "read -P 0x11 70k 100k"]);
+        tops.push((top, out.replace(name, "IMG")));
+    }
+    assert_eq!(tops[1].1, tops[0].1);
+    assert!(
+        tops[0].1.contains("Block node is read-only"),
+        "{}",
+        tops[0].1
+    );
+    assert_eq!(top_map(&tops[1].0), top_map(&tops[0].0));
+    common::assert_same_disk(&tops[0].0, &tops[1].0);
 }

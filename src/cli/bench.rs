@@ -214,6 +214,7 @@ async fn open_file(
         null: None,
         blkdebug: None,
         blkdebug_above: None,
+        copy_on_read: false,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -39,6 +39,8 @@ pub struct ImageSpec {
     pub blkdebug: Option<Vec<(String, String)>>,
     /// A `blkdebug` node above the format (`driver=blkdebug,image.driver=...`): its options.
     pub blkdebug_above: Option<Vec<(String, String)>>,
+    /// QEMU's `copy-on-read` filter on top (`driver=copy-on-read,file.driver=...`).
+    pub copy_on_read: bool,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -89,10 +91,11 @@ pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
 /// name fills in the file the options leave open, as QEMU's drivers parse it (a `blkdebug:`
 /// name gives the blkdebug node's configuration file and image).
 pub fn parse_with_options(name: &str, options: Vec<(String, String)>) -> Result<ImageSpec> {
-    let above = options
-        .iter()
-        .any(|(k, v)| k == "driver" && v == "blkdebug");
-    let mut pairs = if above {
+    let driver = |d: &str| options.iter().any(|(k, v)| k == "driver" && v == d);
+    let above = driver("blkdebug");
+    let mut pairs = if driver("copy-on-read") {
+        vec![("file.filename".to_string(), strip_file_prefix(name))]
+    } else if above {
         name_pairs(name, "")?
     } else if let Some(json) = name.strip_prefix("json:") {
         let mut pairs = Vec::new();
@@ -357,7 +360,7 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
         for (k, v) in pairs {
             if let Some(k) = k.strip_prefix("image.") {
                 image.push((k.to_string(), v));
-            } else if k == "x-image" {
+            } else if k == "x-image" || k == "filename" {
                 image.push(("filename".to_string(), v));
             } else if blkdebug_option(&k) {
                 node.push((k, v));
@@ -374,6 +377,29 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             ));
         }
         spec.blkdebug_above = Some(node);
+        return Ok(spec);
+    }
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "driver" && v == "copy-on-read")
+    {
+        let mut child = Vec::new();
+        for (k, v) in pairs {
+            if let Some(k) = k.strip_prefix("file.") {
+                child.push((k.to_string(), v));
+            } else if k != "driver" {
+                return Err(Error::arg(format!(
+                    "Invalid parameter '{k}' (of the copy-on-read driver)"
+                )));
+            }
+        }
+        let mut spec = from_options(child)?;
+        if spec.copy_on_read {
+            return Err(Error::unsupported(
+                "Nested copy-on-read nodes are not supported",
+            ));
+        }
+        spec.copy_on_read = true;
         return Ok(spec);
     }
     if pairs.iter().any(|(k, v)| k == "driver" && v == "null-co") {
@@ -637,6 +663,18 @@ mod tests {
         );
         assert_eq!(s.blkdebug, None);
         assert_eq!(s.blkdebug_above, Some(kv(&[("align", "512")])));
+        let s = parse_with_options(
+            "/t/a.qcow2",
+            kv(&[
+                ("driver", "copy-on-read"),
+                ("file.driver", "blkdebug"),
+                ("file.config", "/c"),
+                ("file.image.driver", "qcow2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((s.path.as_str(), s.copy_on_read), ("/t/a.qcow2", true));
+        assert_eq!(s.blkdebug_above, Some(kv(&[("config", "/c")])));
         let s = parse_with_options("/t/a.qcow2", kv(&[("driver", "qcow2")])).unwrap();
         assert_eq!(
             (s.path.as_str(), s.blkdebug.is_none()),

@@ -211,6 +211,7 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
             .as_deref()
             .map(qimg::storage::blkdebug::Config::from_options)
             .transpose()?,
+        copy_on_read: spec.copy_on_read,
         blkdebug_above: spec
             .blkdebug_above
             .as_deref()
