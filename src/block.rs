@@ -278,8 +278,17 @@ pub trait BlockDevice: Send + Sync {
     }
     /// A step of the block layer above announced to the device (QEMU's `BLKDBG_EVENT` on a
     /// node: copy-on-read's `cor_write`): only a `blkdebug` node above a format acts on it.
-    fn debug_event(&self, event: crate::storage::blkdebug::DebugEvent) {
+    fn debug_event(
+        &self,
+        event: crate::storage::blkdebug::DebugEvent,
+    ) -> crate::storage::blkdebug::Suspension {
         let _ = event;
+        None
+    }
+    /// The breakpoint control of the first `blkdebug` node from the top (qemu-io's `break`
+    /// and `resume` act on it, as QEMU's `bdrv_find_debug_node`).
+    fn debug_handle(&self) -> Option<crate::storage::blkdebug::DebugHandle> {
+        None
     }
 }
 

@@ -158,8 +158,14 @@ impl BlockDevice for WithOptions {
     fn data_filename(&self) -> &str {
         self.inner.data_filename()
     }
-    fn debug_event(&self, event: crate::storage::blkdebug::DebugEvent) {
+    fn debug_event(
+        &self,
+        event: crate::storage::blkdebug::DebugEvent,
+    ) -> crate::storage::blkdebug::Suspension {
         self.inner.debug_event(event)
+    }
+    fn debug_handle(&self) -> Option<crate::storage::blkdebug::DebugHandle> {
+        self.inner.debug_handle()
     }
 }
 

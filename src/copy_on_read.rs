@@ -72,7 +72,9 @@ impl CopyOnRead {
                     .inner
                     .read(pos, IoBufMut::for_overwrite(n as usize))
                     .await?;
-                self.inner.debug_event(DebugEvent::CorWrite);
+                if let Some(suspended) = self.inner.debug_event(DebugEvent::CorWrite) {
+                    suspended.await;
+                }
                 if crate::buf::is_zero(&data) {
                     let flags = ZeroFlags {
                         may_unmap: false,
@@ -153,7 +155,10 @@ impl BlockDevice for CopyOnRead {
     fn request_alignment(&self) -> u32 {
         self.inner.request_alignment()
     }
-    fn debug_event(&self, event: DebugEvent) {
+    fn debug_event(&self, event: DebugEvent) -> crate::storage::blkdebug::Suspension {
         self.inner.debug_event(event)
+    }
+    fn debug_handle(&self) -> Option<crate::storage::blkdebug::DebugHandle> {
+        self.inner.debug_handle()
     }
 }

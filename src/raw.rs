@@ -5,6 +5,7 @@ use crate::block::{check_range, BlockDevice, BlockStatus, Format, OpenOptions, Z
 use crate::buf::{IoBuf, IoBufMut};
 use crate::error::{Error, IoContext, Result};
 use crate::qcow2::Preallocation;
+use crate::storage::blkdebug::DebugEvent;
 use crate::storage::{IoFuture, StorageRef};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -195,6 +196,10 @@ impl BlockDevice for Raw {
     fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>> {
         Box::pin(async move {
             check_range(offset, buf.len() as u64, self.size())?;
+            // QEMU's raw driver announces its requests to a blkdebug node below it.
+            if let Some(suspended) = self.storage.debug_event(DebugEvent::ReadAio) {
+                suspended.await;
+            }
             self.storage
                 .read_at(buf, offset)
                 .await
@@ -212,6 +217,9 @@ impl BlockDevice for Raw {
             } else {
                 None
             };
+            if let Some(suspended) = self.storage.debug_event(DebugEvent::WriteAio) {
+                suspended.await;
+            }
             self.storage
                 .write_at(data, offset)
                 .await
@@ -288,6 +296,9 @@ impl BlockDevice for Raw {
 
     fn protocol(&self) -> &'static str {
         self.storage.protocol()
+    }
+    fn debug_handle(&self) -> Option<crate::storage::blkdebug::DebugHandle> {
+        self.storage.debug_handle()
     }
 
     fn protocol_node(&self) -> bool {

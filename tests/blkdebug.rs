@@ -10,10 +10,21 @@ use std::path::Path;
 
 const QIMG: &str = env!("CARGO_BIN_EXE_qimg");
 
-/// qemu-io's output without its timing lines.
+/// qemu-io's output without its timing lines and interactive prompts.
 fn normalized(out: &str) -> String {
     out.lines()
         .filter(|l| !l.contains("ops/sec"))
+        .map(|l| {
+            let mut l = l;
+            while let Some(rest) = l
+                .strip_prefix("qemu-io> ")
+                .or_else(|| l.strip_prefix("qimg> "))
+            {
+                l = rest;
+            }
+            l
+        })
+        .filter(|l| !l.is_empty())
         .map(|l| l.replace("qemu-io: ", "PROG: ").replace("qimg: ", "PROG: "))
         .collect::<Vec<_>>()
         .join("\n")
@@ -321,4 +332,78 @@ fn convert_salvage_reports_and_skips_what_qemu_img_does() {
     assert_eq!(outputs[1].0, outputs[0].0, "warnings");
     common::assert_same_disk(&outputs[0].1, &outputs[1].1);
     common::qemu_check_clean(&outputs[1].1);
+}
+
+/// qemu-io's breakpoints (`break`, `wait_break`, `resume`): a write held at `write_aio` holds
+/// back the writes that touch its cluster until it is resumed, in qimg as in QEMU; the
+/// messages come in the same order and the image ends the same.
+#[test]
+fn breakpoints_hold_a_request_until_resumed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let [q, m] = pair(dir.path(), "", &["write -P 1 0 128k"]);
+    let script = "break write_aio A\n\
+                  aio_write -P 10 0x18000 0x2000\n\
+                  wait_break A\n\
+                  aio_write -P 11 0x12000 0x2000\n\
+                  aio_write -P 12 0x1a000 0x2000\n\
+                  resume A\n\
+                  aio_flush\n\
+                  resume B\n\
+                  break no_such_event C\n\
+                  read -P 10 0x18000 0x2000\n\
+                  read -P 11 0x12000 0x2000\n\
+                  read -P 12 0x1a000 0x2000\n";
+    let mut outs = Vec::new();
+    for (prog, img) in [("qemu-io", &q), ("qimg", &m)] {
+        let name = format!("blkdebug::{}", img.display());
+        let mut cmd = if prog == "qemu-io" {
+            std::process::Command::new("qemu-io")
+        } else {
+            let mut c = std::process::Command::new(QIMG);
+            c.arg("io");
+            c
+        };
+        let mut child = cmd
+            .args(["-f", "qcow2", &name])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        let out = normalized(&text(&o));
+        let lines: Vec<String> = out.lines().map(|l| l.to_string()).collect();
+        let at = |s: &str| {
+            lines
+                .iter()
+                .position(|l| l == s)
+                .unwrap_or_else(|| panic!("{prog}: no {s:?} in {out}"))
+        };
+        let (suspended, resuming) = (
+            at("blkdebug: Suspended request 'A'"),
+            at("blkdebug: Resuming request 'A'"),
+        );
+        assert!(suspended < resuming, "{prog}: {out}");
+        let wrote: Vec<usize> = (0..lines.len())
+            .filter(|&i| lines[i].starts_with("wrote "))
+            .collect();
+        assert_eq!(wrote.len(), 3, "{prog}: {out}");
+        assert!(
+            wrote.iter().all(|&i| i > resuming),
+            "{prog}: a write completed before the held one was resumed: {out}"
+        );
+        let mut sorted = lines.clone();
+        sorted.sort();
+        outs.push(sorted);
+    }
+    assert_eq!(outs[1], outs[0], "the same messages");
+    common::assert_same_disk(&q, &m);
+    common::qemu_check_clean(&m);
 }

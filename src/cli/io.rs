@@ -220,7 +220,63 @@ fn is_image_command(name: &str) -> bool {
             | "truncate"
             | "reopen"
             | "t"
+            | "break"
+            | "remove_break"
+            | "resume"
+            | "wait_break"
     )
+}
+
+/// qemu-io's breakpoint commands on the image's `blkdebug` node: `break EVENT TAG`,
+/// `remove_break TAG`, `resume TAG`, `wait_break TAG`, with qemu-io's messages.
+async fn breakpoint(img: &Dev, name: &str, args: &[&str]) -> bool {
+    let want = if name == "break" { 2 } else { 1 };
+    if args.len() != want {
+        eprintln!(
+            "bad argument count {} to {name}, expected {want} arguments",
+            args.len()
+        );
+        return false;
+    }
+    let handle = img.debug_handle();
+    let failed = |what: String, e: std::io::Error| {
+        println!("{what}: {}", qimg::error::strerror(&e));
+        false
+    };
+    let enotsup = || std::io::Error::from_raw_os_error(95);
+    match (name, handle) {
+        ("break", Some(h)) => {
+            // QEMU prints the node's messages on standard output, in order with ours.
+            h.set_reporter(|m| {
+                println!("{m}");
+                let _ = std::io::stdout().flush();
+            });
+            match h.break_at(args[0], args[1]) {
+                Ok(()) => true,
+                Err(e) => failed("Could not set breakpoint".into(), e),
+            }
+        }
+        ("break", None) => failed("Could not set breakpoint".into(), enotsup()),
+        ("remove_break", h) => {
+            match h.map_or_else(|| Err(enotsup()), |h| h.remove_break(args[0])) {
+                Ok(()) => true,
+                Err(e) => failed(format!("Could not remove breakpoint {}", args[0]), e),
+            }
+        }
+        ("resume", h) => match h.map_or_else(|| Err(enotsup()), |h| h.resume(args[0])) {
+            Ok(()) => true,
+            Err(e) => failed("Could not resume request".into(), e),
+        },
+        (_, Some(h)) => {
+            h.wait_suspended(args[0]).await;
+            true
+        }
+        // Nothing can ever be suspended (qemu-io would wait forever): refused.
+        (_, None) => {
+            println!("Could not wait for a breakpoint: the image has no blkdebug node");
+            false
+        }
+    }
 }
 
 /// `truncate [-m PREALLOC] SIZE`: changes the image's size, either way (qemu-io passes no
@@ -564,6 +620,7 @@ impl Session {
                 println!("{}", cvtstr(img.size() as f64));
                 true
             }
+            "break" | "remove_break" | "resume" | "wait_break" => breakpoint(img, name, args).await,
             other => {
                 eprintln!("command \"{other}\" not found");
                 false

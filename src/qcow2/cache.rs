@@ -308,7 +308,9 @@ impl Writer {
             self.check_metadata_write(t.offset.0, snapshot.len() as u64, t.fixed)?;
             self.writes.fetch_add(1, Relaxed);
             if t.write_event != DebugEvent::None {
-                self.storage.debug_event(t.write_event);
+                if let Some(suspended) = self.storage.debug_event(t.write_event) {
+                    suspended.await;
+                }
             }
             self.storage
                 .write_at(snapshot, t.offset.0)
@@ -463,11 +465,14 @@ impl MetaCache {
         let t = self.lookup_or_insert(w, offset, None).await?;
         t.loaded
             .get_or_try_init(|| async {
-                w.storage.debug_event(if self.what == L2_TABLE {
+                let event = if self.what == L2_TABLE {
                     DebugEvent::L2Load
                 } else {
                     DebugEvent::RefblockLoad
-                });
+                };
+                if let Some(suspended) = w.storage.debug_event(event) {
+                    suspended.await;
+                }
                 let buf = w
                     .storage
                     .read_at(IoBufMut::for_overwrite(self.entry_size), offset.0)

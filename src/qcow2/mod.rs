@@ -251,10 +251,14 @@ impl Qcow2 {
     /// Announces a step of guest data I/O (`read_aio`, `write_aio`) to the storage below, for
     /// `blkdebug` (QEMU announces it on the image file; a raw data file's own driver announces
     /// it on the data file too).
-    pub(crate) fn data_event(&self, event: crate::storage::blkdebug::DebugEvent) {
-        self.w.storage.debug_event(event);
+    pub(crate) async fn data_event(&self, event: crate::storage::blkdebug::DebugEvent) {
+        if let Some(suspended) = self.w.storage.debug_event(event) {
+            suspended.await;
+        }
         if self.geo.external_data {
-            self.data.debug_event(event);
+            if let Some(suspended) = self.data.debug_event(event) {
+                suspended.await;
+            }
         }
     }
 
@@ -906,6 +910,9 @@ impl BlockDevice for Qcow2 {
 
     fn protocol(&self) -> &'static str {
         self.w.storage.protocol()
+    }
+    fn debug_handle(&self) -> Option<crate::storage::blkdebug::DebugHandle> {
+        self.w.storage.debug_handle()
     }
 
     fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {

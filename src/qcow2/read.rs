@@ -56,7 +56,7 @@ impl Qcow2 {
     pub(crate) async fn read_run(&self, run: Run, mut buf: IoBufMut) -> Result<IoBufMut> {
         match run.kind {
             RunKind::Data { host } => {
-                self.data_event(DebugEvent::ReadAio);
+                self.data_event(DebugEvent::ReadAio).await;
                 self.data
                     .read_at(buf, host)
                     .await

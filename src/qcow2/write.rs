@@ -415,7 +415,8 @@ impl Qcow2 {
             }
         }
         if !ops.is_empty() {
-            self.data_event(crate::storage::blkdebug::DebugEvent::WriteAio);
+            self.data_event(crate::storage::blkdebug::DebugEvent::WriteAio)
+                .await;
         }
         let storage = &self.data;
         let run = |op: Op| async move {

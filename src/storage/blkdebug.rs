@@ -22,8 +22,12 @@
 //!   `max-write-zero`/`max-discard` split the rest, as QEMU's block layer does for a device
 //!   with these limits.
 //!
-//! QEMU's breakpoints (qemu-io's `break`/`resume`, which suspend a request at an event) are not
-//! implemented.
+//! Breakpoints (qemu-io's `break EVENT TAG`, `wait_break`, `resume`, `remove_break`; through a
+//! [`DebugHandle`]) hold the request that meets the event until it is resumed: the events are
+//! announced from async code, and an event that hits a breakpoint returns a [`Suspension`] the
+//! caller awaits (no event costs more than a lock when no rule names it). The concurrency
+//! tests use them to freeze a request at a chosen step, e.g. a write that has allocated its
+//! cluster but not written its data, and check what other requests do meanwhile.
 
 use super::{Extent, IoFuture, Storage, StorageRef};
 use crate::block::{check_range, BlockDevice, BlockStatus, Format, ZeroFlags};
@@ -158,6 +162,11 @@ enum Action {
     },
     SetState {
         new_state: i64,
+    },
+    /// A breakpoint (qemu-io's `break EVENT TAG`): the request that meets the event waits
+    /// until it is resumed.
+    Suspend {
+        tag: String,
     },
 }
 
@@ -499,10 +508,119 @@ fn parse_config_file(file: &str, text: &str) -> Result<Vec<(Group, Options)>> {
 struct State {
     /// QEMU's state machine, starting at 1.
     state: i64,
-    /// The rules still in force (`once` rules leave when they fire).
+    /// Every rule ever added, by id (`once` rules and hit breakpoints leave: `None`).
     rules: Vec<Option<Rule>>,
-    /// Indexes into `rules`: the `inject-error` rules the last event with any activated.
+    /// Rule ids in the order QEMU keeps its list (newest first).
+    order: Vec<usize>,
+    /// Rule ids: the `inject-error` rules the last event with any activated.
     active: Vec<usize>,
+    /// Requests held at a breakpoint (newest first), with what releases each.
+    suspended: Vec<(String, tokio::sync::oneshot::Sender<()>)>,
+}
+
+/// What prints the breakpoints' messages (`blkdebug: Suspended request 'A'`).
+type Reporter = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The state a node shares with its [`DebugHandle`]s.
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when a request is suspended (for `wait_break`).
+    changed: tokio::sync::Notify,
+    reporter: Mutex<Option<Reporter>>,
+}
+
+impl Shared {
+    fn report(&self, msg: &str) {
+        let reporter = self.reporter.lock().clone();
+        if let Some(r) = reporter {
+            r(msg);
+        }
+    }
+}
+
+/// What waits for a breakpoint's request to be resumed, if the event suspended it.
+pub type Suspension = Option<IoFuture<'static, ()>>;
+
+/// Control of a `blkdebug` node's breakpoints from outside (qemu-io's `break`, `resume`,
+/// `wait_break`, `remove_break`), as QEMU's `bdrv_debug_*` calls.
+#[derive(Clone)]
+pub struct DebugHandle(Arc<Shared>);
+
+impl DebugHandle {
+    /// Prints the node's breakpoint messages with `f` (QEMU prints them on standard output).
+    pub fn set_reporter(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        *self.0.reporter.lock() = Some(Arc::new(f));
+    }
+
+    /// `break EVENT TAG`: the next request that meets `event` is suspended as `tag`.
+    /// `Err(ENOENT)` for an unknown event, as QEMU.
+    pub fn break_at(&self, event: &str, tag: &str) -> io::Result<()> {
+        let event = DebugEvent::parse(event).ok_or_else(|| io::Error::from_raw_os_error(2))?;
+        let mut st = self.0.state.lock();
+        let id = st.rules.len();
+        st.rules.push(Some(Rule {
+            event,
+            state: 0,
+            action: Action::Suspend { tag: tag.into() },
+        }));
+        st.order.insert(0, id);
+        Ok(())
+    }
+
+    /// `resume TAG`: releases the request suspended as `tag` (the most recent one).
+    pub fn resume(&self, tag: &str) -> io::Result<()> {
+        let waker = {
+            let mut st = self.0.state.lock();
+            let Some(pos) = st.suspended.iter().position(|(t, _)| t == tag) else {
+                return Err(io::Error::from_raw_os_error(2));
+            };
+            st.suspended.remove(pos).1
+        };
+        self.0
+            .report(&format!("blkdebug: Resuming request '{tag}'"));
+        let _ = waker.send(());
+        Ok(())
+    }
+
+    /// `remove_break TAG`: drops the breakpoints tagged `tag` and resumes every request
+    /// suspended as `tag`.
+    pub fn remove_break(&self, tag: &str) -> io::Result<()> {
+        let removed = {
+            let mut st = self.0.state.lock();
+            let mut removed = false;
+            for r in st.rules.iter_mut() {
+                if matches!(r, Some(Rule { action: Action::Suspend { tag: t }, .. }) if t == tag) {
+                    *r = None;
+                    removed = true;
+                }
+            }
+            removed
+        };
+        let mut resumed = false;
+        while self.resume(tag).is_ok() {
+            resumed = true;
+        }
+        if removed || resumed {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(2))
+        }
+    }
+
+    pub fn is_suspended(&self, tag: &str) -> bool {
+        self.0.state.lock().suspended.iter().any(|(t, _)| t == tag)
+    }
+
+    /// `wait_break TAG`: returns once a request is suspended as `tag` (never, if none is).
+    pub async fn wait_suspended(&self, tag: &str) {
+        loop {
+            let changed = self.0.changed.notified();
+            if self.is_suspended(tag) {
+                return;
+            }
+            changed.await;
+        }
+    }
 }
 
 /// What a `blkdebug` node passes requests to: a file ([`StorageRef`], the node below a
@@ -539,7 +657,7 @@ impl Below for StorageRef {
 pub struct Blkdebug<B: Below = StorageRef> {
     inner: B,
     cfg: Config,
-    state: Mutex<State>,
+    shared: Arc<Shared>,
     /// Read-modify-write cycles (for `align`) exclude each other and aligned writes.
     rmw: tokio::sync::RwLock<()>,
     /// Changes requested so far (QEMU's `write_gen`), and how many of them the last
@@ -553,27 +671,40 @@ impl<B: Below> Blkdebug<B> {
     /// The node over `inner`. As in QEMU, opening it is the event `none`: rules on it are
     /// armed from the start.
     pub fn new(inner: B, cfg: Config) -> Blkdebug<B> {
-        let rules = cfg.rules.iter().cloned().map(Some).collect();
+        let rules: Vec<Option<Rule>> = cfg.rules.iter().cloned().map(Some).collect();
+        let order = (0..rules.len()).collect();
         let node = Blkdebug {
             inner,
             cfg,
-            state: Mutex::new(State {
-                state: 1,
-                rules,
-                active: Vec::new(),
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    state: 1,
+                    rules,
+                    order,
+                    active: Vec::new(),
+                    suspended: Vec::new(),
+                }),
+                changed: tokio::sync::Notify::new(),
+                reporter: Mutex::new(None),
             }),
             rmw: tokio::sync::RwLock::new(()),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
         };
-        node.event(DebugEvent::None);
+        // No breakpoint exists yet: nothing can be suspended.
+        let _ = node.event(DebugEvent::None);
         node
+    }
+
+    /// Control of the node's breakpoints.
+    pub fn handle(&self) -> DebugHandle {
+        DebugHandle(self.shared.clone())
     }
 
     /// Whether a request of `iotype` over `[offset, offset+len)` fails, as QEMU's
     /// `rule_check`: the first active rule that matches decides.
     fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
-        let mut st = self.state.lock();
+        let mut st = self.shared.state.lock();
         let found = st.active.iter().enumerate().find_map(|(pos, &i)| {
             let Some(Rule {
                 action:
@@ -642,28 +773,54 @@ impl<B: Below> Blkdebug<B> {
     }
 
     /// QEMU's `blkdebug_co_debug_event`: the event's rules for the current state act, in the
-    /// order QEMU keeps them; the first `inject-error` rule among them replaces the active set.
-    pub fn event(&self, event: DebugEvent) {
-        let mut st = self.state.lock();
-        let mut new_state = st.state;
-        let mut injections = 0;
-        for i in 0..st.rules.len() {
-            let Some(rule) = &st.rules[i] else { continue };
-            if rule.event != event || (rule.state != 0 && rule.state != st.state) {
-                continue;
-            }
-            match rule.action {
-                Action::InjectError { .. } => {
-                    injections += 1;
-                    if injections == 1 {
-                        st.active.clear();
-                    }
-                    st.active.insert(0, i);
+    /// order QEMU keeps them; the first `inject-error` rule among them replaces the active set;
+    /// a breakpoint suspends the request (the caller awaits the returned suspension).
+    pub fn event(&self, event: DebugEvent) -> Suspension {
+        let mut waits = Vec::new();
+        let mut messages = Vec::new();
+        {
+            let mut st = self.shared.state.lock();
+            let mut new_state = st.state;
+            let mut injections = 0;
+            let order = st.order.clone();
+            for id in order {
+                let Some(rule) = &st.rules[id] else { continue };
+                if rule.event != event || (rule.state != 0 && rule.state != st.state) {
+                    continue;
                 }
-                Action::SetState { new_state: s } => new_state = s,
+                match &rule.action {
+                    Action::InjectError { .. } => {
+                        injections += 1;
+                        if injections == 1 {
+                            st.active.clear();
+                        }
+                        st.active.insert(0, id);
+                    }
+                    Action::SetState { new_state: s } => new_state = *s,
+                    Action::Suspend { tag } => {
+                        let tag = tag.clone();
+                        st.rules[id] = None;
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        messages.push(format!("blkdebug: Suspended request '{tag}'"));
+                        st.suspended.insert(0, (tag, tx));
+                        waits.push(rx);
+                    }
+                }
             }
+            st.state = new_state;
         }
-        st.state = new_state;
+        if waits.is_empty() {
+            return None;
+        }
+        for m in &messages {
+            self.shared.report(m);
+        }
+        self.shared.changed.notify_waiters();
+        Some(Box::pin(async move {
+            for rx in waits {
+                let _ = rx.await;
+            }
+        }))
     }
 
     fn align(&self) -> u64 {
@@ -881,8 +1038,12 @@ impl Storage for Blkdebug<StorageRef> {
         "blkdebug"
     }
 
-    fn debug_event(&self, event: DebugEvent) {
+    fn debug_event(&self, event: DebugEvent) -> Suspension {
         self.event(event)
+    }
+
+    fn debug_handle(&self) -> Option<DebugHandle> {
+        Some(self.handle())
     }
 }
 
@@ -1033,8 +1194,11 @@ impl BlockDevice for BlkdebugDevice {
         let align = u32::try_from(self.node.align()).unwrap_or(u32::MAX);
         align.max(self.image().request_alignment())
     }
-    fn debug_event(&self, event: DebugEvent) {
+    fn debug_event(&self, event: DebugEvent) -> Suspension {
         self.node.event(event)
+    }
+    fn debug_handle(&self) -> Option<DebugHandle> {
+        Some(self.node.handle())
     }
 }
 #[cfg(test)]

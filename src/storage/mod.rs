@@ -105,8 +105,14 @@ pub trait Storage: Send + Sync + 'static {
 
     /// The format driver above announces a step of its work (QEMU's `BLKDBG_EVENT`): only a
     /// [`blkdebug::Blkdebug`] node acts on it.
-    fn debug_event(&self, event: blkdebug::DebugEvent) {
+    fn debug_event(&self, event: blkdebug::DebugEvent) -> blkdebug::Suspension {
         let _ = event;
+        None
+    }
+
+    /// The `blkdebug` node's breakpoint control, if this storage is one.
+    fn debug_handle(&self) -> Option<blkdebug::DebugHandle> {
+        None
     }
 
     /// QEMU's name of the protocol (`file`, `nbd`), for `info`.
@@ -167,8 +173,11 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn protocol(&self) -> &'static str {
         (**self).protocol()
     }
-    fn debug_event(&self, event: blkdebug::DebugEvent) {
+    fn debug_event(&self, event: blkdebug::DebugEvent) -> blkdebug::Suspension {
         (**self).debug_event(event)
+    }
+    fn debug_handle(&self) -> Option<blkdebug::DebugHandle> {
+        (**self).debug_handle()
     }
 }
 
