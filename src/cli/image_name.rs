@@ -379,6 +379,36 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
         spec.blkdebug_above = Some(node);
         return Ok(spec);
     }
+    if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
+        // QEMU's `compress` filter: every write of the qcow2 image below is stored
+        // compressed, which is what qcow2's `compress=on` runtime option does here.
+        let mut child = Vec::new();
+        for (k, v) in pairs {
+            if let Some(k) = k.strip_prefix("file.") {
+                child.push((k.to_string(), v));
+            } else if k != "driver" {
+                return Err(Error::arg(format!(
+                    "Invalid parameter '{k}' (of the compress driver)"
+                )));
+            }
+        }
+        let mut spec = from_options(child)?;
+        match spec.format.as_deref() {
+            Some("qcow2") => {}
+            Some(other) => {
+                return Err(Error::unsupported(format!(
+                    "Compression is not supported for underlying format: {other}"
+                )))
+            }
+            None => {
+                return Err(Error::arg(
+                    "The compress driver needs its format below (file.driver=qcow2)",
+                ))
+            }
+        }
+        spec.runtime.push("compress=on".into());
+        return Ok(spec);
+    }
     if pairs
         .iter()
         .any(|(k, v)| k == "driver" && v == "copy-on-read")
