@@ -1222,3 +1222,49 @@ fn guest_map(p: &Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// qemu-io's `info`: format, cluster size, VM state offset and the format specific
+/// information, the same as qemu-io's for qcow2 images of several kinds and for raw.
+#[test]
+fn io_info_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("a.qcow2", "qcow2", "", 64u64 << 20),
+        (
+            "b.qcow2",
+            "qcow2",
+            "cluster_size=16k,extended_l2=on,lazy_refcounts=on",
+            3 << 30,
+        ),
+        (
+            "c.qcow2",
+            "qcow2",
+            "compat=0.10,refcount_bits=16",
+            100 << 20,
+        ),
+        ("d.raw", "raw", "", 1 << 20),
+    ];
+    for (name, fmt, opts, size) in cases {
+        let p = dir.path().join(name);
+        let mut args = vec!["create".to_string(), "-q".into(), "-f".into(), fmt.into()];
+        if !opts.is_empty() {
+            args.extend(["-o".into(), opts.into()]);
+        }
+        args.extend([p.to_str().unwrap().into(), size.to_string()]);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        assert!(run("qemu-img", &args).status.success());
+        if name == "b.qcow2" {
+            assert!(
+                run("qemu-img", &["bitmap", "--add", p.to_str().unwrap(), "b0"])
+                    .status
+                    .success()
+            );
+        }
+        let args = ["-f", fmt, "-c", "info", "-c", "i", p.to_str().unwrap()];
+        let ours = run_named(QIMG, "qemu-io", &[&["io"][..], &args].concat(), "");
+        let theirs = run_named("qemu-io", "qemu-io", &args, "");
+        assert_eq!(stdout(&ours), stdout(&theirs), "{name}");
+        assert!(stdout(&ours).contains("vm state offset"), "{name}");
+        assert_eq!(ours.status.code(), theirs.status.code(), "{name}");
+    }
+}

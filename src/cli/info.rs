@@ -355,43 +355,7 @@ fn info_human(img: &dyn BlockDevice) -> String {
             s += "Snapshot list:\n";
             s += &snapshot_table(&q.snapshots());
         }
-        s += "Format specific information:\n";
-        s += &format!(
-            "    compat: {}\n",
-            if h.version >= 3 { "1.1" } else { "0.10" }
-        );
-        s += &format!("    compression type: {}\n", h.compression_type.name());
-        if h.version >= 3 {
-            s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
-            let bitmaps = q.bitmap_list();
-            if !bitmaps.is_empty() {
-                s += "    bitmaps:\n";
-                for (i, b) in bitmaps.iter().enumerate() {
-                    s += &format!("        [{i}]:\n            flags:\n");
-                    for (k, f) in bitmap_flags(b).iter().enumerate() {
-                        s += &format!("                [{k}]: {f}\n");
-                    }
-                    s += &format!(
-                        "            name: {}\n            granularity: {}\n",
-                        b.name, b.granularity
-                    );
-                }
-            }
-        }
-        s += &format!("    refcount bits: {}\n", h.refcount_bits());
-        if let Some(f) = h.data_file_name() {
-            s += &format!("    data file: {f}\n");
-        }
-        if h.has_data_file() {
-            s += &format!("    data file raw: {}\n", h.data_file_raw());
-        }
-        if h.version >= 3 {
-            s += &format!("    corrupt: {}\n", h.is_corrupt());
-            s += &format!(
-                "    extended l2: {}\n",
-                h.incompatible_features & incompat::EXTL2 != 0
-            );
-        }
+        s += &format_specific(q);
     }
     let flen = file_length(img);
     s += "Child node '/file':\n";
@@ -456,4 +420,48 @@ fn format_date(secs: u32) -> String {
         (rem / 60) % 60,
         rem % 60
     )
+}
+
+/// The "Format specific information" section of a qcow2 image (`info`, qemu-io's `info`).
+pub fn format_specific(q: &qimg::qcow2::Qcow2) -> String {
+    let h = q.header();
+    let mut s = String::new();
+    s += "Format specific information:\n";
+    s += &format!(
+        "    compat: {}\n",
+        if h.version >= 3 { "1.1" } else { "0.10" }
+    );
+    s += &format!("    compression type: {}\n", h.compression_type.name());
+    if h.version >= 3 {
+        s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
+        let bitmaps = q.bitmap_list();
+        if !bitmaps.is_empty() {
+            s += "    bitmaps:\n";
+            for (i, b) in bitmaps.iter().enumerate() {
+                s += &format!("        [{i}]:\n            flags:\n");
+                for (k, f) in bitmap_flags(b).iter().enumerate() {
+                    s += &format!("                [{k}]: {f}\n");
+                }
+                s += &format!(
+                    "            name: {}\n            granularity: {}\n",
+                    b.name, b.granularity
+                );
+            }
+        }
+    }
+    s += &format!("    refcount bits: {}\n", h.refcount_bits());
+    if let Some(f) = h.data_file_name() {
+        s += &format!("    data file: {f}\n");
+    }
+    if h.has_data_file() {
+        s += &format!("    data file raw: {}\n", h.data_file_raw());
+    }
+    if h.version >= 3 {
+        s += &format!("    corrupt: {}\n", h.is_corrupt());
+        s += &format!(
+            "    extended l2: {}\n",
+            h.incompatible_features & incompat::EXTL2 != 0
+        );
+    }
+    s
 }

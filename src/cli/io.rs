@@ -220,11 +220,41 @@ fn is_image_command(name: &str) -> bool {
             | "truncate"
             | "reopen"
             | "t"
+            | "info"
+            | "i"
             | "break"
             | "remove_break"
             | "resume"
             | "wait_break"
     )
+}
+
+/// qemu-io's `info`: the format, its cluster size and where the VM state would start, and
+/// the format specific information, as qemu-io prints them.
+fn info(img: &Dev, args: &[&str]) -> bool {
+    if !args.is_empty() {
+        eprintln!(
+            "bad argument count {} to info, expected 0 arguments",
+            args.len()
+        );
+        return false;
+    }
+    println!("format name: {}", img.format().name());
+    let (cluster, vm_state) = match img.as_qcow2() {
+        Some(q) => {
+            let g = q.geometry();
+            // The VM state lives right after the guest disk's last L2 table's range.
+            let per_l2 = g.cluster_size() * g.l2_entries();
+            (g.cluster_size(), q.virtual_size().div_ceil(per_l2) * per_l2)
+        }
+        None => (0, 0),
+    };
+    println!("cluster size: {}", cvtstr(cluster as f64));
+    println!("vm state offset: {}", cvtstr(vm_state as f64));
+    if let Some(q) = img.as_qcow2() {
+        print!("{}", super::info::format_specific(q));
+    }
+    true
 }
 
 /// qemu-io's breakpoint commands on the image's `blkdebug` node: `break EVENT TAG`,
@@ -621,6 +651,7 @@ impl Session {
                 true
             }
             "break" | "remove_break" | "resume" | "wait_break" => breakpoint(img, name, args).await,
+            "info" | "i" => info(img, args),
             other => {
                 eprintln!("command \"{other}\" not found");
                 false
