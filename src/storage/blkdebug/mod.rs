@@ -25,15 +25,24 @@
 //! Breakpoints (qemu-io's `break EVENT TAG`, `wait_break`, `resume`, `remove_break`; through a
 //! [`DebugHandle`]) hold the request that meets the event until it is resumed: the events are
 //! announced from async code, and an event that hits a breakpoint returns a [`Suspension`] the
-//! caller awaits (no event costs more than a lock when no rule names it). The concurrency
-//! tests use them to freeze a request at a chosen step, e.g. a write that has allocated its
+//! caller awaits (an event no rule names costs one lock). QEMU's concurrency tests (iotest
+//! 046) use them to freeze a request at a chosen step, e.g. a write that has allocated its
 //! cluster but not written its data, and check what other requests do meanwhile.
+//!
+//! Parts: `config` (rules and limits from files and options), this module (the node: events,
+//! rules, limits, breakpoints; as storage below a format), `device` (the node above a
+//! format).
+
+mod config;
+mod device;
+
+pub use config::Config;
+pub use device::{BlkdebugDevice, DeviceBelow};
 
 use super::{Extent, IoFuture, Storage, StorageRef};
-use crate::block::{check_range, BlockDevice, BlockStatus, Format, ZeroFlags};
+use crate::block::ZeroFlags;
 use crate::buf::{IoBuf, IoBufMut};
-use crate::qcow2::{Preallocation, Qcow2};
-use crate::{Error, Result};
+use config::{Action, Rule};
 use parking_lot::Mutex;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -149,359 +158,6 @@ impl IoType {
 
     /// QEMU's default: everything but block status.
     const DEFAULT_MASK: u8 = 0b01_1111;
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Action {
-    InjectError {
-        iotypes: u8,
-        errno: i32,
-        once: bool,
-        /// The byte offset (`sector` × 512) a request must cover; `None`: any request.
-        offset: Option<u64>,
-    },
-    SetState {
-        new_state: i64,
-    },
-    /// A breakpoint (qemu-io's `break EVENT TAG`): the request that meets the event waits
-    /// until it is resumed.
-    Suspend {
-        tag: String,
-    },
-}
-
-/// One rule: on `event`, in `state` (0: any), take `action`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Rule {
-    event: DebugEvent,
-    state: i64,
-    action: Action,
-}
-
-/// A `blkdebug` node's configuration: its rules (from a configuration file and from options)
-/// and its limits. Built by [`Config::from_options`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Config {
-    /// The configuration file, as named (for the node's name `blkdebug:CONFIG:IMAGE`).
-    pub config_file: Option<String>,
-    /// The other options, as given (for the node's name, which is then a `json:` one).
-    pub options: Vec<(String, String)>,
-    /// In the order QEMU keeps them (its lists insert at the head; see `Blkdebug::debug_event`).
-    rules: Vec<Rule>,
-    pub align: u64,
-    pub max_transfer: u64,
-    pub opt_write_zero: u64,
-    pub max_write_zero: u64,
-    pub opt_discard: u64,
-    pub max_discard: u64,
-}
-
-/// A rule's options, as `(key, value)` pairs in the order given.
-type Options = Vec<(String, String)>;
-
-/// The option groups a rule can come from.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Group {
-    InjectError,
-    SetState,
-}
-
-impl Config {
-    /// The node's configuration from its options (`config`, `align`, the limits,
-    /// `inject-error.N.KEY`, `set-state.N.KEY`; keys without the node's prefix). The
-    /// configuration file named by `config` is read here. Other keys are refused.
-    pub fn from_options(pairs: &[(String, String)]) -> Result<Config> {
-        let mut cfg = Config::default();
-        // Rules in definition order, per group; file rules first, as QEMU reads them.
-        let mut inject: Vec<Vec<(String, String)>> = Vec::new();
-        let mut set_state: Vec<Vec<(String, String)>> = Vec::new();
-        let mut listed: Vec<(Group, String, Options)> = Vec::new();
-        cfg.options = pairs
-            .iter()
-            .filter(|(k, _)| k != "config")
-            .cloned()
-            .collect();
-        for (k, v) in pairs {
-            let size = |what: &str| {
-                crate::size::parse_size(v).map_err(|_| {
-                    Error::arg(format!(
-                        "Parameter '{what}' expects a non-negative number below 2^64"
-                    ))
-                })
-            };
-            match k.as_str() {
-                "config" => cfg.config_file = Some(v.clone()),
-                "align" => cfg.align = size("align")?,
-                "max-transfer" => cfg.max_transfer = size("max-transfer")?,
-                "opt-write-zero" => cfg.opt_write_zero = size("opt-write-zero")?,
-                "max-write-zero" => cfg.max_write_zero = size("max-write-zero")?,
-                "opt-discard" => cfg.opt_discard = size("opt-discard")?,
-                "max-discard" => cfg.max_discard = size("max-discard")?,
-                k => {
-                    let (group, rest) = if let Some(r) = k.strip_prefix("inject-error.") {
-                        (Group::InjectError, r)
-                    } else if let Some(r) = k.strip_prefix("set-state.") {
-                        (Group::SetState, r)
-                    } else {
-                        return Err(Error::arg(format!(
-                            "Invalid parameter '{k}' (of the blkdebug driver)"
-                        )));
-                    };
-                    let Some((index, key)) = rest.split_once('.') else {
-                        return Err(Error::arg(format!("Invalid parameter '{k}'")));
-                    };
-                    match listed
-                        .iter_mut()
-                        .find(|(g, i, _)| *g == group && i == index)
-                    {
-                        Some((_, _, kv)) => kv.push((key.to_string(), v.clone())),
-                        None => listed.push((
-                            group,
-                            index.to_string(),
-                            vec![(key.to_string(), v.clone())],
-                        )),
-                    }
-                }
-            }
-        }
-        if let Some(file) = &cfg.config_file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| Error::io("Could not read blkdebug config file".to_string(), e))?;
-            for (group, kv) in parse_config_file(file, &text)? {
-                match group {
-                    Group::InjectError => inject.push(kv),
-                    Group::SetState => set_state.push(kv),
-                }
-            }
-        }
-        // QEMU numbers list elements 0, 1, ...: keep their numeric order.
-        listed.sort_by_key(|(_, i, _)| i.parse::<u64>().unwrap_or(u64::MAX));
-        for (group, _, kv) in listed {
-            match group {
-                Group::InjectError => inject.push(kv),
-                Group::SetState => set_state.push(kv),
-            }
-        }
-        // QEMU adds inject-error rules, then set-state rules, each at the head of its event's
-        // list: the list holds them in reverse.
-        let mut rules = Vec::new();
-        for kv in &inject {
-            rules.push(rule(Group::InjectError, kv)?);
-        }
-        for kv in &set_state {
-            rules.push(rule(Group::SetState, kv)?);
-        }
-        rules.reverse();
-        cfg.rules = rules;
-        cfg.check_limits()?;
-        Ok(cfg)
-    }
-
-    /// QEMU's name for an image of `format` (if known) on this node over the file `image`:
-    /// `blkdebug:CONFIG:IMAGE` when the configuration file is all there is, else a `json:`
-    /// name with every option.
-    pub fn image_name(&self, format: Option<&str>, image: &str) -> String {
-        if self.options.is_empty() {
-            return format!(
-                "blkdebug:{}:{image}",
-                self.config_file.as_deref().unwrap_or("")
-            );
-        }
-        let mut node = serde_json::Map::new();
-        node.insert("driver".into(), "blkdebug".into());
-        if let Some(c) = &self.config_file {
-            node.insert("config".into(), c.as_str().into());
-        }
-        node.insert(
-            "image".into(),
-            serde_json::json!({"driver": "file", "filename": image}),
-        );
-        for (k, v) in &self.options {
-            node.insert(k.clone(), v.as_str().into());
-        }
-        let mut top = serde_json::Map::new();
-        if let Some(f) = format {
-            top.insert("driver".into(), f.into());
-        }
-        top.insert("file".into(), node.into());
-        format!("json:{}", serde_json::Value::Object(top))
-    }
-
-    /// QEMU's constraints on the limits (the underlying file's own alignment taken as 1).
-    fn check_limits(&self) -> Result<()> {
-        const INT_MAX: u64 = i32::MAX as u64;
-        let bad = |what: &str, v: u64| {
-            Err(Error::arg(format!(
-                "Cannot meet constraints with {what} {v}"
-            )))
-        };
-        if self.align != 0 && (self.align >= INT_MAX || !self.align.is_power_of_two()) {
-            return bad("align", self.align);
-        }
-        let align = self.align.max(1);
-        let aligned = |v: u64, a: u64| v % a.max(1) == 0;
-        if self.max_transfer != 0
-            && (self.max_transfer >= INT_MAX || !aligned(self.max_transfer, align))
-        {
-            return bad("max-transfer", self.max_transfer);
-        }
-        if self.opt_write_zero != 0
-            && (self.opt_write_zero >= INT_MAX || !aligned(self.opt_write_zero, align))
-        {
-            return bad("opt-write-zero", self.opt_write_zero);
-        }
-        if self.max_write_zero != 0
-            && (self.max_write_zero >= INT_MAX
-                || !aligned(self.max_write_zero, self.opt_write_zero.max(align)))
-        {
-            return bad("max-write-zero", self.max_write_zero);
-        }
-        if self.opt_discard != 0
-            && (self.opt_discard >= INT_MAX || !aligned(self.opt_discard, align))
-        {
-            return bad("opt-discard", self.opt_discard);
-        }
-        if self.max_discard != 0
-            && (self.max_discard >= INT_MAX
-                || !aligned(self.max_discard, self.opt_discard.max(align)))
-        {
-            return bad("max-discard", self.max_discard);
-        }
-        Ok(())
-    }
-}
-
-/// One rule from its options.
-fn rule(group: Group, kv: &[(String, String)]) -> Result<Rule> {
-    let get = |key: &str| {
-        kv.iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    };
-    let number = |key: &str, default: i64| -> Result<i64> {
-        match get(key) {
-            None => Ok(default),
-            Some(v) => parse_number(v)
-                .ok_or_else(|| Error::arg(format!("Parameter '{key}' expects a number"))),
-        }
-    };
-    let allowed: &[&str] = match group {
-        Group::InjectError => &[
-            "event",
-            "state",
-            "iotype",
-            "errno",
-            "sector",
-            "once",
-            "immediately",
-        ],
-        Group::SetState => &["event", "state", "new_state"],
-    };
-    if let Some((k, _)) = kv.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
-        return Err(Error::arg(format!("Invalid parameter '{k}'")));
-    }
-    let Some(event_name) = get("event") else {
-        return Err(Error::arg("Missing event name for rule"));
-    };
-    let event = DebugEvent::parse(event_name).ok_or_else(|| {
-        Error::arg(format!(
-            "Parameter 'event' does not accept value '{event_name}'"
-        ))
-    })?;
-    let state = number("state", 0)?;
-    let action = match group {
-        Group::InjectError => {
-            let bool_opt = |key: &str| -> Result<bool> {
-                match get(key) {
-                    None => Ok(false),
-                    Some(v) => crate::size::parse_bool(key, v),
-                }
-            };
-            let iotypes = match get("iotype") {
-                None => IoType::DEFAULT_MASK,
-                Some(t) => IoType::parse(t)
-                    .ok_or_else(|| {
-                        Error::arg(format!("Parameter 'iotype' does not accept value '{t}'"))
-                    })?
-                    .bit(),
-            };
-            let sector = number("sector", -1)?;
-            // `immediately` only decides whether QEMU fails the request before or after
-            // yielding once: nothing to do here, but the value must be valid.
-            bool_opt("immediately")?;
-            Action::InjectError {
-                iotypes,
-                errno: i32::try_from(number("errno", 5)?).unwrap_or(5),
-                once: bool_opt("once")?,
-                offset: u64::try_from(sector).ok().map(|s| s * 512),
-            }
-        }
-        Group::SetState => Action::SetState {
-            new_state: number("new_state", 0)?,
-        },
-    };
-    Ok(Rule {
-        event,
-        state,
-        action,
-    })
-}
-
-/// A number as QEMU's option parser takes it (decimal, `0x` hex, a leading minus).
-fn parse_number(v: &str) -> Option<i64> {
-    let (neg, digits) = match v.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, v),
-    };
-    let n = match digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        Some(hex) => i64::from_str_radix(hex, 16).ok()?,
-        None => digits.parse::<i64>().ok()?,
-    };
-    Some(if neg { -n } else { n })
-}
-
-/// QEMU's configuration file syntax: `[group]` lines, `key = "value"` lines, `#` comments.
-fn parse_config_file(file: &str, text: &str) -> Result<Vec<(Group, Options)>> {
-    let mut groups: Vec<(Group, Vec<(String, String)>)> = Vec::new();
-    for (lno, line) in text.lines().enumerate() {
-        let at = |msg: &str| Error::arg(format!("{file}:{}: {msg}", lno + 1));
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('[') {
-            let name = rest
-                .split(|c: char| c == ']' || c.is_whitespace())
-                .next()
-                .unwrap_or("");
-            let group = match name {
-                "inject-error" => Group::InjectError,
-                "set-state" => Group::SetState,
-                other => return Err(at(&format!("There is no option group '{other}'"))),
-            };
-            groups.push((group, Vec::new()));
-            continue;
-        }
-        let parsed = line.split_once('=').and_then(|(k, v)| {
-            let key = k.trim();
-            let v = v.trim_start();
-            let value = v.strip_prefix('"')?;
-            let end = value.find('"')?;
-            (!key.is_empty() && !key.contains(char::is_whitespace))
-                .then(|| (key.to_string(), value[..end].to_string()))
-        });
-        let Some((key, value)) = parsed else {
-            return Err(at("parse error"));
-        };
-        let Some((_, kv)) = groups.last_mut() else {
-            return Err(at("no group defined"));
-        };
-        kv.push((key, value));
-    }
-    Ok(groups)
 }
 
 /// The rules' runtime state.
@@ -655,7 +311,7 @@ impl Below for StorageRef {
 /// (`Blkdebug<StorageRef>`) it sits between a format and its file; as a device
 /// ([`BlkdebugDevice`]) above an open image.
 pub struct Blkdebug<B: Below = StorageRef> {
-    inner: B,
+    pub(super) inner: B,
     cfg: Config,
     shared: Arc<Shared>,
     /// Read-modify-write cycles (for `align`) exclude each other and aligned writes.
@@ -703,7 +359,7 @@ impl<B: Below> Blkdebug<B> {
 
     /// Whether a request of `iotype` over `[offset, offset+len)` fails, as QEMU's
     /// `rule_check`: the first active rule that matches decides.
-    fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn check(&self, iotype: IoType, offset: u64, len: u64) -> io::Result<()> {
         let mut st = self.shared.state.lock();
         let found = st.active.iter().enumerate().find_map(|(pos, &i)| {
             let Some(Rule {
@@ -743,25 +399,25 @@ impl<B: Below> Blkdebug<B> {
         self.write_gen.fetch_add(1, SeqCst);
     }
 
-    async fn write_req(&self, buf: IoBuf, offset: u64) -> io::Result<()> {
+    pub(super) async fn write_req(&self, buf: IoBuf, offset: u64) -> io::Result<()> {
         let r = self.write_padded(buf, offset).await;
         self.wrote();
         r
     }
 
-    async fn zero_req(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+    pub(super) async fn zero_req(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         let r = self.zero_range(offset, len, flags).await;
         self.wrote();
         r
     }
 
-    async fn discard_req(&self, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) async fn discard_req(&self, offset: u64, len: u64) -> io::Result<()> {
         let r = self.discard_range(offset, len).await;
         self.wrote();
         r
     }
 
-    async fn flush_req(&self) -> io::Result<()> {
+    pub(super) async fn flush_req(&self) -> io::Result<()> {
         let current = self.write_gen.load(SeqCst);
         if self.flushed_gen.load(SeqCst) == current {
             return Ok(());
@@ -823,7 +479,7 @@ impl<B: Below> Blkdebug<B> {
         }))
     }
 
-    fn align(&self) -> u64 {
+    pub(super) fn align(&self) -> u64 {
         self.cfg.align.max(1)
     }
 
@@ -876,7 +532,7 @@ impl<B: Below> Blkdebug<B> {
         (start, end)
     }
 
-    async fn read_padded(&self, buf: IoBufMut, offset: u64) -> io::Result<IoBufMut> {
+    pub(super) async fn read_padded(&self, buf: IoBufMut, offset: u64) -> io::Result<IoBufMut> {
         let (start, end) = self.widen(offset, buf.len() as u64);
         if start == offset && end == offset + buf.len() as u64 {
             return self.read_aligned(buf, offset).await;
@@ -1047,160 +703,6 @@ impl Storage for Blkdebug<StorageRef> {
     }
 }
 
-/// An open image below a `blkdebug` node (`driver=blkdebug,image.driver=qcow2`).
-pub struct DeviceBelow(pub Arc<dyn BlockDevice>);
-
-/// The engine's error as an I/O error that [`from_io`] turns back into it.
-fn to_io(e: Error) -> io::Error {
-    match e {
-        Error::Io { source, .. } => source,
-        other => io::Error::other(other),
-    }
-}
-
-fn from_io(e: io::Error, what: &str) -> Error {
-    if e.get_ref().is_some_and(|i| i.is::<Error>()) {
-        if let Some(inner) = e.into_inner() {
-            if let Ok(err) = inner.downcast::<Error>() {
-                return *err;
-            }
-        }
-        return Error::arg(format!("{what} failed"));
-    }
-    Error::io(what.to_string(), e)
-}
-
-impl Below for DeviceBelow {
-    fn read(&self, buf: IoBufMut, offset: u64) -> IoFuture<'_, io::Result<IoBufMut>> {
-        Box::pin(async move { self.0.read(offset, buf).await.map_err(to_io) })
-    }
-    fn write(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, io::Result<()>> {
-        Box::pin(async move { self.0.write(offset, buf).await.map_err(to_io) })
-    }
-    fn zero(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, io::Result<()>> {
-        Box::pin(async move { self.0.write_zeroes(offset, len, flags).await.map_err(to_io) })
-    }
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, io::Result<()>> {
-        Box::pin(async move { self.0.discard(offset, len).await.map_err(to_io) })
-    }
-    fn flush(&self) -> IoFuture<'_, io::Result<()>> {
-        Box::pin(async move { self.0.flush().await.map_err(to_io) })
-    }
-}
-
-/// A `blkdebug` node above an open image: guest requests meet its limits (split, aligned,
-/// small write-zeroes written as zeros) and its rules before they reach the image.
-pub struct BlkdebugDevice {
-    node: Blkdebug<DeviceBelow>,
-}
-
-impl BlkdebugDevice {
-    /// The node over `image`, as the device to use in its place.
-    pub fn wrap(image: Arc<dyn BlockDevice>, cfg: Config) -> Arc<dyn BlockDevice> {
-        Arc::new(BlkdebugDevice {
-            node: Blkdebug::new(DeviceBelow(image), cfg),
-        })
-    }
-
-    fn image(&self) -> &Arc<dyn BlockDevice> {
-        &self.node.inner.0
-    }
-}
-
-impl BlockDevice for BlkdebugDevice {
-    fn format(&self) -> Format {
-        self.image().format()
-    }
-    fn size(&self) -> u64 {
-        self.image().size()
-    }
-    fn filename(&self) -> &str {
-        self.image().filename()
-    }
-    fn data_filename(&self) -> &str {
-        self.image().data_filename()
-    }
-    fn read_only(&self) -> bool {
-        self.image().read_only()
-    }
-    fn read(&self, offset: u64, buf: IoBufMut) -> IoFuture<'_, Result<IoBufMut>> {
-        Box::pin(async move {
-            check_range(offset, buf.len() as u64, self.size())?;
-            self.node
-                .read_padded(buf, offset)
-                .await
-                .map_err(|e| from_io(e, "read"))
-        })
-    }
-    fn write(&self, offset: u64, data: IoBuf) -> IoFuture<'_, Result<()>> {
-        Box::pin(async move {
-            check_range(offset, data.len() as u64, self.size())?;
-            self.node
-                .write_req(data, offset)
-                .await
-                .map_err(|e| from_io(e, "write"))
-        })
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, Result<()>> {
-        Box::pin(async move {
-            check_range(offset, len, self.size())?;
-            self.node
-                .zero_req(offset, len, flags)
-                .await
-                .map_err(|e| from_io(e, "write zeroes"))
-        })
-    }
-    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, Result<()>> {
-        Box::pin(async move {
-            check_range(offset, len, self.size())?;
-            self.node
-                .discard_req(offset, len)
-                .await
-                .map_err(|e| from_io(e, "discard"))
-        })
-    }
-    fn flush(&self) -> IoFuture<'_, Result<()>> {
-        Box::pin(async move { self.node.flush_req().await.map_err(|e| from_io(e, "flush")) })
-    }
-    fn close(&self) -> IoFuture<'_, Result<()>> {
-        self.image().close()
-    }
-    fn block_status(&self, offset: u64, max: u64) -> IoFuture<'_, Result<BlockStatus>> {
-        Box::pin(async move {
-            self.node
-                .check(IoType::BlockStatus, offset, max)
-                .map_err(|e| from_io(e, "block status"))?;
-            self.image().block_status(offset, max).await
-        })
-    }
-    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
-        self.image().backing()
-    }
-    fn allocated_bytes(&self) -> Option<u64> {
-        self.image().allocated_bytes()
-    }
-    fn protocol(&self) -> &'static str {
-        self.image().protocol()
-    }
-    fn resize(&self, new_size: u64, prealloc: Preallocation) -> IoFuture<'_, Result<()>> {
-        self.image().resize(new_size, prealloc)
-    }
-    /// The image's metadata (snapshots, bitmaps, `info`): what the node passes through
-    /// unchanged in QEMU too.
-    fn as_qcow2(&self) -> Option<&Qcow2> {
-        self.image().as_qcow2()
-    }
-    fn request_alignment(&self) -> u32 {
-        let align = u32::try_from(self.node.align()).unwrap_or(u32::MAX);
-        align.max(self.image().request_alignment())
-    }
-    fn debug_event(&self, event: DebugEvent) -> Suspension {
-        self.node.event(event)
-    }
-    fn debug_handle(&self) -> Option<DebugHandle> {
-        Some(self.node.handle())
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::*;
