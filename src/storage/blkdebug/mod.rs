@@ -186,6 +186,7 @@ struct Shared {
 }
 
 impl Shared {
+    /// Prints a breakpoint message. May be called with `state` locked (never the other way).
     fn report(&self, msg: &str) {
         let reporter = self.reporter.lock().clone();
         if let Some(r) = reporter {
@@ -433,7 +434,6 @@ impl<B: Below> Blkdebug<B> {
     /// a breakpoint suspends the request (the caller awaits the returned suspension).
     pub fn event(&self, event: DebugEvent) -> Suspension {
         let mut waits = Vec::new();
-        let mut messages = Vec::new();
         {
             let mut st = self.shared.state.lock();
             let mut new_state = st.state;
@@ -457,7 +457,10 @@ impl<B: Below> Blkdebug<B> {
                         let tag = tag.clone();
                         st.rules[id] = None;
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        messages.push(format!("blkdebug: Suspended request '{tag}'"));
+                        // Said before the request can be seen as suspended: whoever waits for
+                        // it (`wait_break`) and resumes it prints after this.
+                        self.shared
+                            .report(&format!("blkdebug: Suspended request '{tag}'"));
                         st.suspended.insert(0, (tag, tx));
                         waits.push(rx);
                     }
@@ -467,9 +470,6 @@ impl<B: Below> Blkdebug<B> {
         }
         if waits.is_empty() {
             return None;
-        }
-        for m in &messages {
-            self.shared.report(m);
         }
         self.shared.changed.notify_waiters();
         Some(Box::pin(async move {
