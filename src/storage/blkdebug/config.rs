@@ -280,15 +280,32 @@ fn rule(group: Group, kv: &[(String, String)]) -> Result<Rule> {
                     })?
                     .bit(),
             };
+            // Any negative sector means "any request" (QEMU takes -1); one past what a byte
+            // offset can hold is refused rather than wrapped.
             let sector = number("sector", -1)?;
+            let offset = match u64::try_from(sector) {
+                Err(_) => None,
+                Ok(s) => Some(s.checked_mul(512).ok_or_else(|| {
+                    Error::arg(format!("Parameter 'sector' is too large: {sector}"))
+                })?),
+            };
+            let errno = number("errno", 5)?;
+            let errno = i32::try_from(errno)
+                .ok()
+                .filter(|e| (0..4096).contains(e))
+                .ok_or_else(|| {
+                    Error::arg(format!(
+                        "Parameter 'errno' must be between 0 and 4095: {errno}"
+                    ))
+                })?;
             // `immediately` only decides whether QEMU fails the request before or after
             // yielding once: nothing to do here, but the value must be valid.
             bool_opt("immediately")?;
             Action::InjectError {
                 iotypes,
-                errno: i32::try_from(number("errno", 5)?).unwrap_or(5),
+                errno,
                 once: bool_opt("once")?,
-                offset: u64::try_from(sector).ok().map(|s| s * 512),
+                offset,
             }
         }
         Group::SetState => Action::SetState {

@@ -809,6 +809,17 @@ mod tests {
         assert!(bad(&[("align", "3")]).contains("Cannot meet constraints with align 3"));
         assert!(bad(&[("align", "4k"), ("max-transfer", "6k")]).contains("max-transfer 6144"));
         assert!(bad(&[("inject-error.0.errno", "5")]).contains("Missing event name"));
+        let huge = i64::MAX.to_string();
+        assert!(bad(&[
+            ("inject-error.0.event", "none"),
+            ("inject-error.0.sector", &huge)
+        ])
+        .contains("too large"));
+        assert!(bad(&[
+            ("inject-error.0.event", "none"),
+            ("inject-error.0.errno", "-5")
+        ])
+        .contains("between 0 and 4095"));
         assert!(bad(&[("inject-error.0.event", "nope")]).contains("'nope'"));
         assert!(bad(&[("config", "/nonexistent/x")]).contains("Could not read blkdebug config"));
         std::fs::write(&conf, "event = \"x\"\n").expect("write");
