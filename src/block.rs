@@ -450,6 +450,16 @@ pub struct OpenOptions {
     pub blkdebug_above: Option<crate::storage::blkdebug::Config>,
     /// QEMU's `copy-on-read` filter over the image (see [`crate::copy_on_read`]).
     pub copy_on_read: bool,
+    /// The image's file is itself an image (QEMU's `file.driver=qcow2`): opened first, its
+    /// guest disk holds this image (see [`crate::storage::device`]).
+    pub file_image: Option<Box<NestedImage>>,
+}
+
+/// An image that is another image's file: where it is and how to open it.
+#[derive(Clone, Debug)]
+pub struct NestedImage {
+    pub path: String,
+    pub opts: OpenOptions,
 }
 
 /// QEMU's `null-co` driver: a device of `size` bytes with nothing behind it.
@@ -512,7 +522,10 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
         ));
     }
     let mut seen = Vec::new();
-    let mut img = open_layer(path, opts, 0, &mut seen).await?;
+    let mut img = match &opts.file_image {
+        None => open_layer(path, opts, 0, &mut seen).await?,
+        Some(nested) => open_nested(path, opts, nested).await?,
+    };
     if let Some(cfg) = &opts.blkdebug_above {
         img = crate::storage::blkdebug::BlkdebugDevice::wrap(img, cfg.clone());
     }
@@ -536,6 +549,26 @@ pub async fn open_image(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Block
         Ok(w) => Ok(w),
         Err(e) => {
             let _ = img.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// Opens the image whose file is the image `nested`: the inner one first, then this one on its
+/// disk; a failure closes the inner one again.
+async fn open_nested(
+    path: &Path,
+    opts: &OpenOptions,
+    nested: &NestedImage,
+) -> Result<Arc<dyn BlockDevice>> {
+    let inner = Box::pin(open_image(Path::new(&nested.path), &nested.opts)).await?;
+    let storage: StorageRef = Arc::new(crate::storage::device::DeviceStorage(inner.clone()));
+    let mut seen = Vec::new();
+    let name = inner.filename().to_string();
+    match open_format(storage, path, name, opts, 0, &mut seen).await {
+        Ok(outer) => Ok(Arc::new(crate::storage::device::Nested { outer, inner })),
+        Err(e) => {
+            let _ = inner.close().await;
             Err(e)
         }
     }
@@ -670,6 +703,7 @@ async fn open_format(
                         blkdebug: None,
                         blkdebug_above: None,
                         copy_on_read: false,
+                        file_image: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

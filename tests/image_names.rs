@@ -240,3 +240,104 @@ fn the_compress_filter_stores_every_written_cluster_compressed() {
         text(&o)
     );
 }
+
+/// A format over a format (`driver=qcow2,file.driver=qcow2`): a qcow2 image stored in the guest
+/// disk of another reads as qemu-io reads it, takes writes to its allocated clusters, and a
+/// write that needs more room than the inner disk has fails (`ENOSPC`: qimg does not grow an
+/// image past its size; QEMU maps the write past the inner image's end and leaves its header's
+/// size behind). Both images pass `qemu-img check` afterwards.
+#[test]
+fn a_format_over_a_format_reads_as_qemu_io_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("payload.qcow2");
+    qemu_create(&payload, "", 4 << 20, &[]);
+    qemu_io(
+        &payload,
+        "qcow2",
+        &["write -P 7 0 64k".into(), "write -P 8 1M 4k".into()],
+    );
+    let container = dir.path().join("container.qcow2");
+    let o = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            payload.to_str().unwrap(),
+            container.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&container, &copy).unwrap();
+    let open = |p: &Path| {
+        format!(
+            "open -o driver=qcow2,file.driver=qcow2,file.file.filename={}",
+            p.display()
+        )
+    };
+    let reads = [
+        "read -P 7 0 64k",
+        "read -P 8 1M 4k",
+        "read -P 0 2M 64k",
+        "map",
+    ];
+    let strip = |o: &std::process::Output| -> String {
+        text(o)
+            .lines()
+            .filter(|l| !l.contains("ops/sec"))
+            .map(|l| l.replace("qemu-io: ", "").replace("qimg: ", ""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mut outs = Vec::new();
+    for (prog, p) in [("qemu-io", &container), (QIMG, &copy)] {
+        let mut args: Vec<String> = if prog == QIMG {
+            vec!["io".into()]
+        } else {
+            vec![]
+        };
+        for c in std::iter::once(open(p)).chain(reads.iter().map(|s| s.to_string())) {
+            args.push("-c".into());
+            args.push(c);
+        }
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        outs.push(strip(&run(prog, &args)));
+    }
+    assert_eq!(outs[1], outs[0]);
+    assert!(!outs[0].contains("failed"), "{}", outs[0]);
+    // In place: the payload's cluster at 0 exists; a new cluster needs room the disk lacks.
+    let o = run(
+        QIMG,
+        &[
+            "io",
+            "-c",
+            &open(&copy),
+            "-c",
+            "write -P 9 0 4k",
+            "-c",
+            "write -P 9 2M 64k",
+            "-c",
+            "read -P 9 0 4k",
+        ],
+    );
+    let t = strip(&o);
+    assert!(t.contains("wrote 4096/4096 bytes at offset 0"), "{t}");
+    assert!(t.contains("write failed: No space left on device"), "{t}");
+    assert!(t.contains("read 4096/4096 bytes at offset 0"), "{t}");
+    qemu_check_clean(&copy);
+    let o = run(
+        "qemu-io",
+        &[
+            "-c",
+            &open(&copy),
+            "-c",
+            "read -P 9 0 4k",
+            "-c",
+            "read -P 8 1M 4k",
+        ],
+    );
+    assert!(!text(&o).contains("failed"), "{}", text(&o));
+}

@@ -215,6 +215,7 @@ async fn open_file(
         blkdebug: None,
         blkdebug_above: None,
         copy_on_read: false,
+        file_image: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

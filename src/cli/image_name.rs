@@ -41,6 +41,9 @@ pub struct ImageSpec {
     pub blkdebug_above: Option<Vec<(String, String)>>,
     /// QEMU's `copy-on-read` filter on top (`driver=copy-on-read,file.driver=...`).
     pub copy_on_read: bool,
+    /// The file is itself an image (`file.driver=qcow2|raw`): its name; `path` is then its
+    /// path too.
+    pub inner: Option<Box<ImageSpec>>,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -104,11 +107,17 @@ pub fn parse_with_options(name: &str, options: Vec<(String, String)>) -> Result<
         flatten("", &value, &mut pairs)?;
         pairs
     } else {
-        let file_driver_given = options.iter().any(|(k, _)| k == "file.driver");
-        if name.starts_with("blkdebug:") || file_driver_given {
-            name_pairs(name, "file.")?
-        } else {
-            vec![("filename".to_string(), strip_file_prefix(name))]
+        let file_driver = options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "file.driver")
+            .map(|(_, v)| v.as_str());
+        match file_driver {
+            _ if name.starts_with("blkdebug:") => name_pairs(name, "file.")?,
+            Some("blkdebug") => name_pairs(name, "file.")?,
+            // The name is the inner image's file.
+            Some("qcow2" | "raw") => vec![("file.file.filename".into(), strip_file_prefix(name))],
+            _ => vec![("filename".to_string(), strip_file_prefix(name))],
         }
     };
     pairs.extend(options);
@@ -377,6 +386,29 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             ));
         }
         spec.blkdebug_above = Some(node);
+        return Ok(spec);
+    }
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "file.driver" && matches!(v.as_str(), "qcow2" | "raw"))
+    {
+        // A format over a format: the file child is an image of its own.
+        let (child, outer): (Vec<_>, Vec<_>) =
+            pairs.into_iter().partition(|(k, _)| k.starts_with("file."));
+        let child: Vec<(String, String)> = child
+            .into_iter()
+            .map(|(k, v)| (k["file.".len()..].to_string(), v))
+            .collect();
+        let inner = from_options(child)?;
+        if inner.copy_on_read || inner.blkdebug_above.is_some() {
+            return Err(Error::unsupported(
+                "Only a format over a file (or over blkdebug) is supported below another format",
+            ));
+        }
+        let mut outer = outer;
+        outer.push(("file.filename".into(), inner.path.clone()));
+        let mut spec = from_options(outer)?;
+        spec.inner = Some(Box::new(inner));
         return Ok(spec);
     }
     if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
@@ -705,6 +737,20 @@ mod tests {
         .unwrap();
         assert_eq!((s.path.as_str(), s.copy_on_read), ("/t/a.qcow2", true));
         assert_eq!(s.blkdebug_above, Some(kv(&[("config", "/c")])));
+        let s = parse_with_options(
+            "/t/a.qcow2",
+            kv(&[("driver", "qcow2"), ("file.driver", "qcow2")]),
+        )
+        .unwrap();
+        let inner = s.inner.as_deref().expect("nested");
+        assert_eq!(
+            (inner.path.as_str(), inner.format.as_deref()),
+            ("/t/a.qcow2", Some("qcow2"))
+        );
+        assert_eq!(
+            (s.path.as_str(), s.format.as_deref()),
+            ("/t/a.qcow2", Some("qcow2"))
+        );
         let s = parse_with_options("/t/a.qcow2", kv(&[("driver", "qcow2")])).unwrap();
         assert_eq!(
             (s.path.as_str(), s.blkdebug.is_none()),

@@ -166,9 +166,28 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
             "--image-opts and --format are mutually exclusive",
         ));
     }
+    let opts = spec_options(&spec, a, a.format, extra)?;
+    Ok((spec.path, opts))
+}
+
+/// The library's open options for one image of a name (`format`: the command line's `-f`,
+/// `extra`: runtime option lists of the command line); an image that is another image's file
+/// (`file.driver=qcow2`) gets its own, with the same flags.
+fn spec_options(
+    spec: &super::image_name::ImageSpec,
+    a: &ImageArgs<'_>,
+    format: Option<&str>,
+    extra: Vec<String>,
+) -> Result<OpenOptions> {
+    let file_image = match &spec.inner {
+        None => None,
+        Some(inner) => Some(Box::new(qimg::block::NestedImage {
+            path: inner.path.clone(),
+            opts: spec_options(inner, a, None, Vec::new())?,
+        })),
+    };
     // An explicit -f wins over the name's driver, as with QEMU.
-    let format = a
-        .format
+    let format = format
         .or(spec.format.as_deref())
         .map(Format::parse)
         .transpose()?;
@@ -217,9 +236,10 @@ pub fn open_options(a: &ImageArgs<'_>) -> Result<(String, OpenOptions)> {
             .as_deref()
             .map(qimg::storage::blkdebug::Config::from_options)
             .transpose()?,
+        file_image,
         ..Default::default()
     };
-    Ok((spec.path, opts))
+    Ok(opts)
 }
 
 /// Opens an image with options from [`open_options`] (possibly adjusted).

@@ -25,6 +25,7 @@
 pub mod blkdebug;
 pub mod counting;
 pub mod crash;
+pub mod device;
 pub mod fault;
 pub mod file;
 pub mod latency;
