@@ -388,29 +388,6 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
         spec.blkdebug_above = Some(node);
         return Ok(spec);
     }
-    if pairs
-        .iter()
-        .any(|(k, v)| k == "file.driver" && matches!(v.as_str(), "qcow2" | "raw"))
-    {
-        // A format over a format: the file child is an image of its own.
-        let (child, outer): (Vec<_>, Vec<_>) =
-            pairs.into_iter().partition(|(k, _)| k.starts_with("file."));
-        let child: Vec<(String, String)> = child
-            .into_iter()
-            .map(|(k, v)| (k["file.".len()..].to_string(), v))
-            .collect();
-        let inner = from_options(child)?;
-        if inner.copy_on_read || inner.blkdebug_above.is_some() {
-            return Err(Error::unsupported(
-                "Only a format over a file (or over blkdebug) is supported below another format",
-            ));
-        }
-        let mut outer = outer;
-        outer.push(("file.filename".into(), inner.path.clone()));
-        let mut spec = from_options(outer)?;
-        spec.inner = Some(Box::new(inner));
-        return Ok(spec);
-    }
     if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
         // QEMU's `compress` filter: every write of the qcow2 image below is stored
         // compressed, which is what qcow2's `compress=on` runtime option does here.
@@ -462,6 +439,29 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             ));
         }
         spec.copy_on_read = true;
+        return Ok(spec);
+    }
+    if pairs
+        .iter()
+        .any(|(k, v)| k == "file.driver" && matches!(v.as_str(), "qcow2" | "raw"))
+    {
+        // A format over a format: the file child is an image of its own.
+        let (child, outer): (Vec<_>, Vec<_>) =
+            pairs.into_iter().partition(|(k, _)| k.starts_with("file."));
+        let child: Vec<(String, String)> = child
+            .into_iter()
+            .map(|(k, v)| (k["file.".len()..].to_string(), v))
+            .collect();
+        let inner = from_options(child)?;
+        if inner.copy_on_read || inner.blkdebug_above.is_some() {
+            return Err(Error::unsupported(
+                "Only a format over a file (or over blkdebug) is supported below another format",
+            ));
+        }
+        let mut outer = outer;
+        outer.push(("file.filename".into(), inner.path.clone()));
+        let mut spec = from_options(outer)?;
+        spec.inner = Some(Box::new(inner));
         return Ok(spec);
     }
     if pairs.iter().any(|(k, v)| k == "driver" && v == "null-co") {
