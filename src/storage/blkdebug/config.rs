@@ -263,6 +263,12 @@ fn rule(group: Group, kv: &[(String, String)]) -> Result<Rule> {
             "Parameter 'event' does not accept value '{event_name}'"
         ))
     })?;
+    if !event.announced() {
+        return Err(Error::unsupported(format!(
+            "blkdebug event '{event_name}' is not announced by qimg's drivers: a rule on it \
+             would never fire"
+        )));
+    }
     let state = number("state", 0)?;
     let action = match group {
         Group::InjectError => {

@@ -22,6 +22,10 @@
 //!   `max-write-zero`/`max-discard` split the rest, as QEMU's block layer does for a device
 //!   with these limits.
 //!
+//! Rules and breakpoints on events qimg's drivers do not announce (yet: `refblock_alloc`,
+//! `cluster_alloc`, `cluster_free`, `empty_image_prepare`, `reftable_update`, the block layer's
+//! `pwritev*`, ...) are refused: they would never fire ([`DebugEvent::announced`]).
+//!
 //! Breakpoints (qemu-io's `break EVENT TAG`, `wait_break`, `resume`, `remove_break`; through a
 //! [`DebugHandle`]) hold the request that meets the event until it is resumed: the events are
 //! announced from async code, and an event that hits a breakpoint returns a [`Suspension`] the
@@ -120,6 +124,23 @@ impl DebugEvent {
         Self::ALL.iter().find(|(_, n)| *n == name).map(|(e, _)| *e)
     }
 
+    /// Whether qimg's drivers announce this event. A rule on one they never announce would
+    /// silently never fire: such rules are refused instead.
+    pub fn announced(self) -> bool {
+        matches!(
+            self,
+            DebugEvent::None
+                | DebugEvent::ReadAio
+                | DebugEvent::WriteAio
+                | DebugEvent::L2Load
+                | DebugEvent::L2Update
+                | DebugEvent::L1Update
+                | DebugEvent::RefblockLoad
+                | DebugEvent::RefblockUpdatePart
+                | DebugEvent::CorWrite
+        )
+    }
+
     pub fn name(self) -> &'static str {
         Self::ALL
             .iter()
@@ -213,6 +234,10 @@ impl DebugHandle {
     /// `Err(ENOENT)` for an unknown event, as QEMU.
     pub fn break_at(&self, event: &str, tag: &str) -> io::Result<()> {
         let event = DebugEvent::parse(event).ok_or_else(|| io::Error::from_raw_os_error(2))?;
+        if !event.announced() {
+            // ENOTSUP: the request it would hold never comes.
+            return Err(io::Error::from_raw_os_error(95));
+        }
         let mut st = self.0.state.lock();
         let id = st.rules.len();
         st.rules.push(Some(Rule {
@@ -787,7 +812,7 @@ mod tests {
         let conf = dir.path().join("blkdebug.conf");
         std::fs::write(
             &conf,
-            "# comment\n\n[inject-error]\nevent = \"cluster_free\"\nerrno = \"28\"\n",
+            "# comment\n\n[inject-error]\nevent = \"l2_update\"\nerrno = \"28\"\n",
         )
         .expect("write");
         let path = conf.display().to_string();
@@ -798,7 +823,7 @@ mod tests {
         let back = d.read_at(IoBufMut::zeroed(20000), 0).await.expect("read");
         assert!(back[5000..5100].iter().all(|&b| b == 7));
         assert!(back[..5000].iter().chain(&back[5100..]).all(|&b| b == 0));
-        d.debug_event(DebugEvent::ClusterFree);
+        let _ = d.debug_event(DebugEvent::L2Update);
         assert_eq!(errno(d.discard(0, 8192).await), Some(28));
 
         let bad = |pairs: &[(&str, &str)]| {
@@ -821,6 +846,7 @@ mod tests {
         ])
         .contains("between 0 and 4095"));
         assert!(bad(&[("inject-error.0.event", "nope")]).contains("'nope'"));
+        assert!(bad(&[("inject-error.0.event", "cluster_free")]).contains("not announced"));
         assert!(bad(&[("config", "/nonexistent/x")]).contains("Could not read blkdebug config"));
         std::fs::write(&conf, "event = \"x\"\n").expect("write");
         assert!(bad(&[("config", &path)]).contains(":1: no group defined"));
