@@ -347,6 +347,21 @@ fn null_device(pairs: &[(String, String)], prefix: &str) -> Result<NullDevice> {
     Ok(d)
 }
 
+/// The options of a filter driver's `file` child (its only other option is `driver`).
+fn filter_child(pairs: Vec<(String, String)>, driver: &str) -> Result<Vec<(String, String)>> {
+    let mut child = Vec::new();
+    for (k, v) in pairs {
+        if let Some(k) = k.strip_prefix("file.") {
+            child.push((k.to_string(), v));
+        } else if k != "driver" {
+            return Err(Error::arg(format!(
+                "Invalid parameter '{k}' (of the {driver} driver)"
+            )));
+        }
+    }
+    Ok(child)
+}
+
 /// Interprets flattened options.
 fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     if pairs.iter().any(|(k, v)| k == "driver" && v == "nbd") {
@@ -391,17 +406,7 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
         // QEMU's `compress` filter: every write of the qcow2 image below is stored
         // compressed, which is what qcow2's `compress=on` runtime option does here.
-        let mut child = Vec::new();
-        for (k, v) in pairs {
-            if let Some(k) = k.strip_prefix("file.") {
-                child.push((k.to_string(), v));
-            } else if k != "driver" {
-                return Err(Error::arg(format!(
-                    "Invalid parameter '{k}' (of the compress driver)"
-                )));
-            }
-        }
-        let mut spec = from_options(child)?;
+        let mut spec = from_options(filter_child(pairs, "compress")?)?;
         match spec.format.as_deref() {
             Some("qcow2") => {}
             Some(other) => {
@@ -422,17 +427,7 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
         .iter()
         .any(|(k, v)| k == "driver" && v == "copy-on-read")
     {
-        let mut child = Vec::new();
-        for (k, v) in pairs {
-            if let Some(k) = k.strip_prefix("file.") {
-                child.push((k.to_string(), v));
-            } else if k != "driver" {
-                return Err(Error::arg(format!(
-                    "Invalid parameter '{k}' (of the copy-on-read driver)"
-                )));
-            }
-        }
-        let mut spec = from_options(child)?;
+        let mut spec = from_options(filter_child(pairs, "copy-on-read")?)?;
         if spec.copy_on_read {
             return Err(Error::unsupported(
                 "Nested copy-on-read nodes are not supported",
