@@ -25,9 +25,20 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until the server on `port` greets a client. A listening socket is not enough: qemu-nbd
+/// listens before it opens its image, and the kernel accepts connections into the backlog
+/// meanwhile; the NBD greeting comes only once the image is open (and locked).
 fn wait_listening(port: u16, what: &str, child: &mut Child) {
+    use std::io::Read;
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut magic = [0u8; 8];
+            if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
+                return;
+            }
+        }
         if let Some(s) = child.try_wait().unwrap() {
             panic!("{what} exited ({s}) instead of serving");
         }
