@@ -1,0 +1,228 @@
+//! qemu-io's `open` and `reopen`: their flags, and opening again with changed options.
+
+use super::{OpenParams, Session, DEFAULT_CACHE};
+use crate::cli::opts::ImageArgs;
+use crate::cli::prog;
+
+impl Session {
+    /// `open [-rsCnU] [-i AIO] [-t CACHE] [-o OPTIONS] PATH`, as qemu-io's (`-s`: a temporary
+    /// overlay, `-C`: copy-on-read). `-k` (Linux AIO) and `-d` (discard mode) are not
+    /// implemented and are refused.
+    pub(super) async fn open(&mut self, args: &[&str]) -> bool {
+        const USAGE: &str = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
+        if args.is_empty() {
+            eprintln!("bad argument count 0 to open, expected at least 1 arguments");
+            return false;
+        }
+        if self.img.is_some() {
+            eprintln!("{}: file open already, try 'help close'", prog());
+            return false;
+        }
+        let (mut read_only, mut force_share, mut snapshot) = (false, false, false);
+        let mut copy_on_read = false;
+        let (mut cache, mut aio): (Option<String>, Option<String>) =
+            (Some(DEFAULT_CACHE.to_string()), None);
+        let mut options = Vec::new();
+        let mut paths = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i];
+            i += 1;
+            if a.len() < 2 || !a.starts_with('-') {
+                paths.push(a);
+                continue;
+            }
+            let mut chars = a[1..].chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    'r' => read_only = true,
+                    'U' => force_share = true,
+                    'n' => cache = Some("none".into()),
+                    's' => snapshot = true,
+                    'C' => copy_on_read = true,
+                    'k' | 'd' => {
+                        let what = match c {
+                            'k' => "-k (Linux AIO)",
+                            _ => "-d (discard modes)",
+                        };
+                        eprintln!("open: {what} is not supported");
+                        return false;
+                    }
+                    't' | 'i' | 'o' => {
+                        let rest: String = chars.by_ref().collect();
+                        let value = if !rest.is_empty() {
+                            rest
+                        } else if i < args.len() {
+                            i += 1;
+                            args[i - 1].to_string()
+                        } else {
+                            println!("{USAGE}");
+                            return false;
+                        };
+                        match c {
+                            't' => cache = Some(value),
+                            'i' => aio = Some(value),
+                            _ => options.push(value),
+                        }
+                    }
+                    other => {
+                        eprintln!("open: invalid option -- '{other}'");
+                        println!("{USAGE}");
+                        return false;
+                    }
+                }
+            }
+        }
+        // Without a path the options name the file (`-o file.filename=...`), as with
+        // --image-opts.
+        let (path, image_opts, runtime) = match paths[..] {
+            [path] => (path.to_string(), false, options),
+            [] if !options.is_empty() => (options.join(","), true, Vec::new()),
+            _ => {
+                println!("{USAGE}");
+                return false;
+            }
+        };
+        let params = OpenParams {
+            path,
+            format: None,
+            image_opts,
+            read_only,
+            cache,
+            runtime,
+            force_share,
+            aio,
+            snapshot,
+            copy_on_read,
+        };
+        match params.open().await {
+            Ok(img) => {
+                self.img = Some(img);
+                self.params = Some(params);
+                true
+            }
+            Err(e) if image_opts => {
+                eprintln!("{}: can't open: {e}", prog());
+                false
+            }
+            Err(e) => {
+                eprintln!("{}: can't open device {}: {e}", prog(), params.path);
+                false
+            }
+        }
+    }
+
+    /// `reopen [(-r|-w)] [-c cache] [-o options]`: closes the image and opens it again with the
+    /// changed options. Options are checked before the image is closed; if opening with them
+    /// fails anyway, the image is opened again as it was.
+    pub(super) async fn reopen(&mut self, args: &[&str]) -> bool {
+        const USAGE: &str =
+            "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options";
+        let Some(old) = self.params.clone() else {
+            eprintln!("no file open, try 'help open'");
+            return false;
+        };
+        let (mut ro, mut rw) = (false, false);
+        let mut cache = None;
+        let mut options = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let a = args[i];
+            i += 1;
+            if a.len() < 2 || !a.starts_with('-') {
+                println!("{USAGE}");
+                return false;
+            }
+            let mut chars = a[1..].chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    'r' => ro = true,
+                    'w' => rw = true,
+                    'c' | 'o' => {
+                        let rest: String = chars.by_ref().collect();
+                        let value = if !rest.is_empty() {
+                            rest
+                        } else if i < args.len() {
+                            i += 1;
+                            args[i - 1].to_string()
+                        } else {
+                            println!("{USAGE}");
+                            return false;
+                        };
+                        if c == 'c' {
+                            cache = Some(value);
+                        } else {
+                            options.push(value);
+                        }
+                    }
+                    other => {
+                        eprintln!("reopen: invalid option -- '{other}'");
+                        println!("{USAGE}");
+                        return false;
+                    }
+                }
+            }
+        }
+        if ro && rw {
+            eprintln!("{}: Only one -r/-w option may be given", prog());
+            return false;
+        }
+        if old.snapshot {
+            eprintln!(
+                "{}: Cannot reopen a temporary snapshot overlay (-s): its writes would be lost",
+                prog()
+            );
+            return false;
+        }
+        if let Some(c) = &cache {
+            if qimg::block::CacheMode::parse(c).is_err() {
+                eprintln!("{}: Invalid cache option: {c}", prog());
+                return false;
+            }
+        }
+        let mut new = old.clone();
+        if ro || rw {
+            new.read_only = ro;
+        }
+        if cache.is_some() {
+            new.cache = cache;
+        }
+        new.runtime.extend(options);
+        // Refuse bad options while the image is still open.
+        let check = ImageArgs {
+            image_opts: new.image_opts,
+            path: &new.path,
+            format: new.format.as_deref(),
+            read_only: new.read_only,
+            cache: new.cache.as_deref(),
+            runtime_opts: &new.runtime,
+            no_backing: false,
+            batch: false,
+            force_share: new.force_share,
+            metadata_only: false,
+            aio: new.aio.as_deref(),
+        };
+        if let Err(e) = crate::cli::opts::open_options(&check) {
+            eprintln!("{}: {e}", prog());
+            return false;
+        }
+        if !self.close().await {
+            return false;
+        }
+        match new.open().await {
+            Ok(img) => {
+                self.img = Some(img);
+                self.params = Some(new);
+                true
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", prog());
+                if let Ok(img) = old.open().await {
+                    self.img = Some(img);
+                    self.params = Some(old);
+                }
+                false
+            }
+        }
+    }
+}
