@@ -1206,6 +1206,63 @@ fn discard_and_detect_zeroes_options_like_qemu_io() {
     }
 }
 
+/// `-d MODE` (and `open -d MODE`): with `ignore`, discards change nothing and zero writes keep
+/// their clusters even with `-u`; with `unmap` (qemu-io's default) both deallocate. Maps and
+/// messages are qemu-io's.
+#[test]
+fn discard_mode_flag_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["ignore", "off", "unmap", "on"] {
+        for open_cmd in [false, true] {
+            let mut seen = Vec::new();
+            for tool in ["qemu-io", QIMG] {
+                let p = dir.path().join(format!("m{}.qcow2", seen.len()));
+                qemu_create(&p, "", 4 << 20, &[]);
+                let path = p.to_str().unwrap();
+                assert!(run("qemu-io", &["-c", "write 0 256k", path])
+                    .status
+                    .success());
+                let open = format!("open -d {mode} {path}");
+                let mut args: Vec<&str> = if tool == QIMG { vec!["io"] } else { vec![] };
+                if open_cmd {
+                    args.extend_from_slice(&["-c", &open]);
+                } else {
+                    args.extend_from_slice(&["-d", mode, path]);
+                }
+                args.extend_from_slice(&[
+                    "-c",
+                    "discard 0 64k",
+                    "-c",
+                    "write -z -u 64k 64k",
+                    "-c",
+                    "aio_write -z -u 128k 64k",
+                    "-c",
+                    "aio_flush",
+                ]);
+                let o = run(tool, &args);
+                assert!(o.status.success(), "{tool} {mode}: {}", text(&o));
+                qemu_check_clean(&p);
+                seen.push(guest_map(&p));
+            }
+            assert_eq!(seen[0], seen[1], "-d {mode} (open: {open_cmd})");
+        }
+    }
+    let p = dir.path().join("e.qcow2");
+    qemu_create(&p, "", 1 << 20, &[]);
+    let path = p.to_str().unwrap();
+    let open = format!("open -d bad {path}");
+    for args in [&["-d", "bad", path][..], &["-c", &open][..]] {
+        let theirs = run("qemu-io", args);
+        let ours = qimg(&[&["io"][..], args].concat());
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(
+            stderr(&ours),
+            String::from_utf8_lossy(&theirs.stderr).replace("qemu-io:", "PROG:"),
+            "{args:?}"
+        );
+    }
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

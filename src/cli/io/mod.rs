@@ -48,6 +48,10 @@ pub struct Args {
     /// Runtime options (l2-cache-size=..., cache-clean-interval=...)
     #[arg(short = 'o')]
     options: Vec<String>,
+    /// Discard mode: `unmap` (on, qemu-io's default: discards reach the image, zero writes may
+    /// deallocate) or `ignore` (off: discards succeed and change nothing)
+    #[arg(short = 'd', long = "discard")]
+    discard: Option<String>,
     /// Host cache mode (writeback, writethrough, none, directsync, unsafe); qemu-io's default,
     /// writethrough: every write is flushed before it completes
     #[arg(short = 't', long = "cache")]
@@ -80,6 +84,18 @@ async fn open_image_args(a: &ImageArgs<'_>, snapshot: bool) -> qimg::Result<Dev>
     super::opts::open_temporary_overlay(&path, &opts).await
 }
 
+/// The runtime option `-d MODE` stands for (`open -d` too), or `None` after qemu-io's message
+/// for a mode it does not know.
+fn discard_option(mode: &str) -> Option<String> {
+    match qimg::block_options::Discard::parse(mode) {
+        Ok(_) => Some(format!("discard={mode}")),
+        Err(_) => {
+            eprintln!("{}: Invalid discard option: {mode}", prog());
+            None
+        }
+    }
+}
+
 /// qemu-io's cache mode when none is given (for the command line and `open`).
 const DEFAULT_CACHE: &str = "writethrough";
 
@@ -102,6 +118,15 @@ pub async fn run(a: Args) -> u8 {
         eprintln!("{}: --image-opts and -f are mutually exclusive", prog());
         return 1;
     }
+    // `-d MODE` is the image's `discard=` option; one given with `-o` wins.
+    let mut runtime = Vec::new();
+    if let Some(mode) = &a.discard {
+        match discard_option(mode) {
+            Some(o) => runtime.push(o),
+            None => return 1,
+        }
+    }
+    runtime.extend(a.options.iter().cloned());
     if let Some(filename) = &a.filename {
         let params = OpenParams {
             path: filename.clone(),
@@ -109,7 +134,7 @@ pub async fn run(a: Args) -> u8 {
             image_opts: a.image_opts,
             read_only: a.read_only,
             cache: cache.clone(),
-            runtime: a.options.clone(),
+            runtime,
             force_share: a.force_share,
             aio: a.aio.clone(),
             snapshot: a.snapshot,

@@ -1,13 +1,13 @@
 //! qemu-io's `open` and `reopen`: their flags, and opening again with changed options.
 
-use super::{OpenParams, Session, DEFAULT_CACHE};
+use super::{discard_option, OpenParams, Session, DEFAULT_CACHE};
 use crate::cli::opts::ImageArgs;
 use crate::cli::prog;
 
 impl Session {
-    /// `open [-rsCnU] [-i AIO] [-t CACHE] [-o OPTIONS] PATH`, as qemu-io's (`-s`: a temporary
-    /// overlay, `-C`: copy-on-read). `-k` (Linux AIO) and `-d` (discard mode) are not
-    /// implemented and are refused.
+    /// `open [-rsCnU] [-i AIO] [-t CACHE] [-d DISCARD] [-o OPTIONS] PATH`, as qemu-io's (`-s`: a
+    /// temporary overlay, `-C`: copy-on-read). `-k` (Linux AIO) is not implemented and is
+    /// refused.
     pub(super) async fn open(&mut self, args: &[&str]) -> bool {
         const USAGE: &str = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
         if args.is_empty() {
@@ -23,6 +23,7 @@ impl Session {
         let (mut cache, mut aio): (Option<String>, Option<String>) =
             (Some(DEFAULT_CACHE.to_string()), None);
         let mut options = Vec::new();
+        let mut discard = None;
         let mut paths = Vec::new();
         let mut i = 0;
         while i < args.len() {
@@ -40,15 +41,11 @@ impl Session {
                     'n' => cache = Some("none".into()),
                     's' => snapshot = true,
                     'C' => copy_on_read = true,
-                    'k' | 'd' => {
-                        let what = match c {
-                            'k' => "-k (Linux AIO)",
-                            _ => "-d (discard modes)",
-                        };
-                        eprintln!("open: {what} is not supported");
+                    'k' => {
+                        eprintln!("open: -k (Linux AIO) is not supported");
                         return false;
                     }
-                    't' | 'i' | 'o' => {
+                    't' | 'i' | 'o' | 'd' => {
                         let rest: String = chars.by_ref().collect();
                         let value = if !rest.is_empty() {
                             rest
@@ -62,6 +59,10 @@ impl Session {
                         match c {
                             't' => cache = Some(value),
                             'i' => aio = Some(value),
+                            'd' => match discard_option(&value) {
+                                Some(o) => discard = Some(o),
+                                None => return false,
+                            },
                             _ => options.push(value),
                         }
                     }
@@ -83,6 +84,8 @@ impl Session {
                 return false;
             }
         };
+        // The `-d` mode comes first: a `discard=` among the options wins, as in QEMU.
+        let runtime = discard.into_iter().chain(runtime).collect();
         let params = OpenParams {
             path,
             format: None,
