@@ -1263,6 +1263,80 @@ fn discard_mode_flag_like_qemu_io() {
     }
 }
 
+/// `write -s FILE`: the file's bytes, repeated to the request's length (also compressed), and
+/// qemu-io's messages for an empty or missing file and for conflicting data flags.
+#[test]
+fn io_write_from_file_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short");
+    std::fs::write(&short, b"hello, world!").unwrap();
+    let long = dir.path().join("long");
+    std::fs::write(
+        &long,
+        (0..100_000u32)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let (short, long, empty) = (
+        short.to_str().unwrap(),
+        long.to_str().unwrap(),
+        empty.to_str().unwrap(),
+    );
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().unwrap();
+    let cmds = [
+        format!("write -s {short} 0 1000"),
+        format!("write -s {long} 4k 64k"),
+        format!("write -c -s {long} 128k 64k"),
+        format!("write -s {empty} 0 1"),
+        format!("write -s {missing} 0 1"),
+        format!("write -s {short} -P 1 0 1"),
+        format!("write -z -s {short} 0 1"),
+    ];
+    let mut seen = Vec::new();
+    for tool in ["qemu-io", QIMG] {
+        let p = dir.path().join(format!("w{}.qcow2", seen.len()));
+        qemu_create(&p, "", 1 << 20, &[]);
+        let mut args: Vec<&str> = if tool == QIMG { vec!["io"] } else { vec![] };
+        for c in &cmds {
+            args.extend_from_slice(&["-c", c]);
+        }
+        args.push(p.to_str().unwrap());
+        let o = run(tool, &args);
+        qemu_check_clean(&p);
+        let raw = dir.path().join(format!("w{}.raw", seen.len()));
+        let c = run(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                p.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
+        assert!(c.status.success());
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        seen.push((
+            o.status.code(),
+            stdout(&o).replace(|c: char| c.is_ascii_digit(), ""),
+            err,
+            std::fs::read(&raw).unwrap(),
+        ));
+    }
+    // Report lines carry timings: compared without digits, and the offsets checked apart.
+    assert_eq!(seen[0].0, seen[1].0);
+    assert_eq!(seen[0].1, seen[1].1);
+    assert_eq!(seen[0].2, seen[1].2);
+    assert!(seen[1].2.contains("file is empty"), "{}", seen[1].2);
+    assert!(seen[0].3 == seen[1].3, "the images' contents differ");
+    assert_eq!(&seen[1].3[..13], b"hello, world!");
+    assert_eq!(&seen[1].3[13..26], b"hello, world!");
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

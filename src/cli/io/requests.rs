@@ -4,7 +4,7 @@
 use super::report::{cvtnum, dump_buffer, errno_text, parse_pattern, print_report};
 use super::{Dev, Session, MAX_REQUEST};
 use qimg::block::ZeroFlags;
-use qimg::IoBufMut;
+use qimg::{IoBuf, IoBufMut};
 use std::io::Write as _;
 use std::time::Instant;
 
@@ -25,6 +25,8 @@ struct Flags {
     fua: bool,
     /// `-i` (aio): account the request as invalid instead of doing it.
     invalid: bool,
+    /// `write -s FILE`: the data comes from FILE, repeated to the request's length.
+    source: Option<String>,
 }
 
 impl Session {
@@ -69,6 +71,7 @@ impl Session {
                             return None;
                         }
                     },
+                    ('s', Some(v)) if matches!(cmd, "write" | "w") => f.source = Some(v),
                     ('s', Some(v)) => f.pattern_off = Some(cvtnum(&v)?),
                     ('l', Some(v)) => f.pattern_len = Some(cvtnum(&v)?),
                     ('C', _) => f.machine = true,
@@ -110,7 +113,7 @@ impl Session {
         let allowed = match (write, vectored) {
             (false, false) => "CqvPslpb",
             (false, true) => "CqvPr",
-            (true, false) => "CqzuPcnfpbr",
+            (true, false) => "CqzuPcnfpbrs",
             (true, true) => "CqPfr",
         };
         let Some((f, pos)) = Self::parse(cmd, args, allowed) else {
@@ -136,7 +139,11 @@ impl Session {
             len += n;
         }
         if write {
-            if f.zero && f.pattern.is_some() {
+            if usize::from(f.zero)
+                + usize::from(f.pattern.is_some())
+                + usize::from(f.source.is_some())
+                > 1
+            {
                 println!("Only one of -z, -P, and -s can be specified at the same time");
                 return false;
             }
@@ -168,9 +175,20 @@ impl Session {
             println!("{v} is not a sector-aligned value for '{what}'");
             return false;
         }
+        // The data is ready before the clock starts, as in qemu-io.
+        let data = if write && !f.zero {
+            let Some(buf) = write_buffer(len, &f) else {
+                return false;
+            };
+            Some(buf)
+        } else {
+            None
+        };
         let start = Instant::now();
         let result = if write {
-            Self::do_write(img, offset, len, &f).await.map(|_| None)
+            Self::do_write(img, offset, len, &f, data)
+                .await
+                .map(|_| None)
         } else {
             img.read(offset, IoBufMut::zeroed(len as usize))
                 .await
@@ -204,8 +222,15 @@ impl Session {
         }
     }
 
-    async fn do_write(img: &Dev, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
-        Self::write_once(img, offset, len, f).await?;
+    /// Writes `data` (zeros with `-z`, where there is none), then flushes for `-f`.
+    async fn do_write(
+        img: &Dev,
+        offset: u64,
+        len: u64,
+        f: &Flags,
+        data: Option<IoBuf>,
+    ) -> qimg::Result<()> {
+        Self::write_once(img, offset, len, f, data).await?;
         if f.fua {
             // FUA: durable before the write is reported complete.
             img.flush().await?;
@@ -213,28 +238,29 @@ impl Session {
         Ok(())
     }
 
-    async fn write_once(img: &Dev, offset: u64, len: u64, f: &Flags) -> qimg::Result<()> {
-        if f.compress {
-            let mut buf = IoBufMut::zeroed(len as usize);
-            buf.fill(f.pattern.unwrap_or(0xcd));
-            return match img.as_qcow2() {
-                Some(q) => q.write_compressed(offset, buf.freeze()).await,
-                None => Err(qimg::Error::unsupported(
-                    "compressed writes need a qcow2 image",
-                )),
-            };
-        }
-        if f.zero {
+    async fn write_once(
+        img: &Dev,
+        offset: u64,
+        len: u64,
+        f: &Flags,
+        data: Option<IoBuf>,
+    ) -> qimg::Result<()> {
+        let Some(buf) = data.filter(|_| !f.zero) else {
             let flags = ZeroFlags {
                 may_unmap: f.unmap,
                 fast_only: f.no_fallback,
             };
             return img.write_zeroes(offset, len, flags).await;
+        };
+        if f.compress {
+            return match img.as_qcow2() {
+                Some(q) => q.write_compressed(offset, buf).await,
+                None => Err(qimg::Error::unsupported(
+                    "compressed writes need a qcow2 image",
+                )),
+            };
         }
-        let byte = f.pattern.unwrap_or(0xcd);
-        let mut buf = IoBufMut::zeroed(len as usize);
-        buf.fill(byte);
-        img.write(offset, buf.freeze()).await
+        img.write(offset, buf).await
     }
 
     pub(super) async fn discard(&mut self, img: &Dev, cmd: &str, args: &[&str]) -> bool {
@@ -364,6 +390,49 @@ impl Session {
         });
         true
     }
+}
+
+/// A write's data: the `-P` byte (qemu-io's 0xcd without one), or with `-s FILE` the file's
+/// first `len` bytes, repeated if it is shorter. `None` after qemu-io's message when the file
+/// cannot be read or is empty.
+fn write_buffer(len: u64, f: &Flags) -> Option<IoBuf> {
+    let mut buf = IoBufMut::zeroed(len as usize);
+    let Some(path) = &f.source else {
+        buf.fill(f.pattern.unwrap_or(0xcd));
+        return Some(buf.freeze());
+    };
+    let read = std::fs::File::open(path).and_then(|file| {
+        use std::io::Read as _;
+        // Only what the request needs, however large the file.
+        let mut n = 0;
+        let mut file = file.take(len);
+        loop {
+            match file.read(&mut buf[n..]) {
+                Ok(0) => return Ok(n),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let n = match read {
+        Ok(0) => {
+            eprintln!("{path}: file is empty");
+            return None;
+        }
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("{path}: {}", qimg::error::strerror(&e));
+            return None;
+        }
+    };
+    let mut filled = n;
+    while n > 0 && filled < buf.len() {
+        let k = n.min(buf.len() - filled);
+        buf.copy_within(..k, filled);
+        filled += k;
+    }
+    Some(buf.freeze())
 }
 
 /// `read -P` verification; prints qemu-io's message and returns false on mismatch.
