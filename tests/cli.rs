@@ -1337,6 +1337,51 @@ fn io_write_from_file_like_qemu_io() {
     assert_eq!(&seen[1].3[13..26], b"hello, world!");
 }
 
+/// `help`: qemu-io's list with the commands qimg has (qemu-io's zoned-device commands are not
+/// among them), and for each command, by name and short name, qemu-io's usage line; an unknown
+/// command or too many arguments fail as in qemu-io.
+#[test]
+fn io_help_like_qemu_io() {
+    let theirs = run("qemu-io", &["-c", "help"]);
+    let ours = qimg(&["io", "-c", "help"]);
+    assert!(ours.status.success());
+    let keep = |l: &&str| !l.starts_with("zone_");
+    let theirs_list: Vec<&str> = std::str::from_utf8(&theirs.stdout)
+        .unwrap()
+        .lines()
+        .filter(keep)
+        .collect();
+    let ours_text = stdout(&ours);
+    let ours_list: Vec<&str> = ours_text.lines().collect();
+    assert_eq!(ours_list, theirs_list);
+    let names: Vec<&str> = ours_list
+        .iter()
+        .filter_map(|l| l.split_once(' ').map(|(n, _)| n))
+        .filter(|n| !n.is_empty() && *n != "Use")
+        .collect();
+    assert!(names.len() > 20, "{names:?}");
+    for name in names.iter().copied().chain([
+        "r", "w", "o", "c", "a", "d", "f", "l", "i", "t", "q", "?", "nosuch",
+    ]) {
+        let c = format!("help {name}");
+        let theirs = run("qemu-io", &["-c", &c]);
+        let ours = qimg(&["io", "-c", &c]);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{c}");
+        let first = |o: &Output| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(first(&ours), first(&theirs), "{c}");
+    }
+    let theirs = run("qemu-io", &["-c", "help a b"]);
+    let ours = qimg(&["io", "-c", "help a b"]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(ours.stderr, theirs.stderr);
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

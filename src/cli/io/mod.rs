@@ -2,7 +2,8 @@
 //!
 //! Commands: `read`/`r`, `write`/`w`, `readv`, `writev`, `discard`/`d`, `flush`/`f`,
 //! `aio_read`, `aio_write`, `aio_flush`, `length`/`l`, `alloc`/`a`, `map`, `truncate`/`t`,
-//! `open`/`o`, `close`/`c`, `sleep`, `sigraise`, `abort`, `quit`/`q`.
+//! `open`/`o`, `close`/`c`, `reopen`, `info`/`i`, breakpoints, `sleep`, `sigraise`, `abort`,
+//! `help`/`?`, `quit`/`q` (the table, with usage and help, is in `help`).
 //! Output lines, number parsing, error messages and the exit status (1 if any synchronous
 //! command failed) follow qemu-io 10. Asynchronous requests run concurrently and report when
 //! they complete. The image on the command line is optional, as in qemu-io: `open` opens one
@@ -13,6 +14,7 @@
 //! filter it out), until `quit` or the end of the input.
 
 mod control;
+mod help;
 mod open;
 mod report;
 mod requests;
@@ -228,40 +230,6 @@ impl OpenParams {
 
 type Dev = Arc<dyn BlockDevice>;
 
-/// Commands that work on the open image (qemu-io answers "no file open" for them without one).
-fn is_image_command(name: &str) -> bool {
-    matches!(
-        name,
-        "read"
-            | "r"
-            | "readv"
-            | "write"
-            | "w"
-            | "writev"
-            | "aio_read"
-            | "aio_write"
-            | "aio_flush"
-            | "discard"
-            | "d"
-            | "flush"
-            | "f"
-            | "length"
-            | "l"
-            | "alloc"
-            | "a"
-            | "map"
-            | "truncate"
-            | "reopen"
-            | "t"
-            | "info"
-            | "i"
-            | "break"
-            | "remove_break"
-            | "resume"
-            | "wait_break"
-    )
-}
-
 impl Session {
     /// Reads commands from standard input until `quit` or its end.
     async fn interactive(&mut self) {
@@ -298,6 +266,7 @@ impl Session {
         };
         let ok = match name {
             "quit" | "q" => return false,
+            "help" | "?" => help::help(args),
             "open" | "o" => self.open(args).await,
             "sleep" => sleep(args).await,
             "sigraise" => sigraise(args),
@@ -312,7 +281,7 @@ impl Session {
             "reopen" if self.img.is_some() => self.reopen(args).await,
             _ => match self.img.clone() {
                 Some(img) => self.image_command(&img, name, args).await,
-                None if is_image_command(name) => {
+                None if help::find(name).is_some_and(|c| c.needs_image) => {
                     eprintln!("no file open, try 'help open'");
                     false
                 }

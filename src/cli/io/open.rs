@@ -1,5 +1,6 @@
 //! qemu-io's `open` and `reopen`: their flags, and opening again with changed options.
 
+use super::help::usage;
 use super::{discard_option, OpenParams, Session, DEFAULT_CACHE};
 use crate::cli::opts::ImageArgs;
 use crate::cli::prog;
@@ -9,7 +10,6 @@ impl Session {
     /// temporary overlay, `-C`: copy-on-read). `-k` (Linux AIO) is not implemented and is
     /// refused.
     pub(super) async fn open(&mut self, args: &[&str]) -> bool {
-        const USAGE: &str = "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path";
         if args.is_empty() {
             eprintln!("bad argument count 0 to open, expected at least 1 arguments");
             return false;
@@ -53,7 +53,7 @@ impl Session {
                             i += 1;
                             args[i - 1].to_string()
                         } else {
-                            println!("{USAGE}");
+                            usage("open");
                             return false;
                         };
                         match c {
@@ -68,7 +68,7 @@ impl Session {
                     }
                     other => {
                         eprintln!("open: invalid option -- '{other}'");
-                        println!("{USAGE}");
+                        usage("open");
                         return false;
                     }
                 }
@@ -80,7 +80,7 @@ impl Session {
             [path] => (path.to_string(), false, options),
             [] if !options.is_empty() => (options.join(","), true, Vec::new()),
             _ => {
-                println!("{USAGE}");
+                usage("open");
                 return false;
             }
         };
@@ -119,8 +119,6 @@ impl Session {
     /// changed options. Options are checked before the image is closed; if opening with them
     /// fails anyway, the image is opened again as it was.
     pub(super) async fn reopen(&mut self, args: &[&str]) -> bool {
-        const USAGE: &str =
-            "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options";
         let Some(old) = self.params.clone() else {
             eprintln!("no file open, try 'help open'");
             return false;
@@ -133,7 +131,7 @@ impl Session {
             let a = args[i];
             i += 1;
             if a.len() < 2 || !a.starts_with('-') {
-                println!("{USAGE}");
+                usage("reopen");
                 return false;
             }
             let mut chars = a[1..].chars();
@@ -149,7 +147,7 @@ impl Session {
                             i += 1;
                             args[i - 1].to_string()
                         } else {
-                            println!("{USAGE}");
+                            usage("reopen");
                             return false;
                         };
                         if c == 'c' {
@@ -160,7 +158,7 @@ impl Session {
                     }
                     other => {
                         eprintln!("reopen: invalid option -- '{other}'");
-                        println!("{USAGE}");
+                        usage("reopen");
                         return false;
                     }
                 }
