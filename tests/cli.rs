@@ -1382,6 +1382,86 @@ fn io_help_like_qemu_io() {
     assert_eq!(ours.stderr, theirs.stderr);
 }
 
+/// On a terminal, `qimg io` edits lines: Tab completes a command name, the up arrow brings back
+/// the previous line, Ctrl-D ends the session (exit 0, the image closed cleanly). Run on a
+/// pseudo-terminal.
+#[test]
+fn io_edits_lines_on_a_terminal() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.qcow2");
+    qemu_create(&p, "", 1 << 20, &[]);
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the given integers; the null pointers
+    // ask for no name and default terminal settings.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = std::process::Command::new(QIMG)
+        .args(["io", p.to_str().unwrap()])
+        .env("TERM", "xterm")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut input = std::fs::File::from(master);
+    let mut reader = input.try_clone().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    // Waits until the output holds `n` occurrences of `what`.
+    let wait_for = |what: &str, n: usize| {
+        let start = std::time::Instant::now();
+        loop {
+            let text = String::from_utf8_lossy(&seen.lock().unwrap()).to_string();
+            if text.matches(what).count() >= n {
+                return text;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "waiting for {n} x {what:?} in {text:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for("qimg> ", 1);
+    input.write_all(b"leng\t\r").unwrap();
+    wait_for("1 MiB", 1);
+    input.write_all(b"\x1b[A\r").unwrap();
+    wait_for("1 MiB", 2);
+    input.write_all(b"write -P 7 0 4k\r").unwrap();
+    wait_for("wrote 4096/4096 bytes at offset 0", 1);
+    wait_for("qimg> ", 4);
+    input.write_all(b"\x04").unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let out = String::from_utf8_lossy(&seen.lock().unwrap()).to_string();
+    assert!(out.contains("length"), "{out:?}");
+    qemu_check_clean(&p);
+    let r = run("qemu-io", &["-c", "read -P 7 0 4k", p.to_str().unwrap()]);
+    assert!(stdout(&r).contains("read 4096/4096"), "{}", text(&r));
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

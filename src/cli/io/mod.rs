@@ -11,7 +11,8 @@
 //!
 //! Without `-c`, commands are read from standard input, one per line, each preceded by qemu-io's
 //! prompt (`<prog>> `, printed whether or not the input is a terminal, as qemu-io does: scripts
-//! filter it out), until `quit` or the end of the input.
+//! filter it out), until `quit` or the end of the input; on a terminal with line editing,
+//! history and completion of command names (`terminal`).
 
 mod control;
 mod help;
@@ -19,6 +20,7 @@ mod open;
 mod report;
 mod requests;
 mod status;
+mod terminal;
 
 use super::opts::{open, ImageArgs};
 use super::prog;
@@ -84,6 +86,21 @@ async fn open_image_args(a: &ImageArgs<'_>, snapshot: bool) -> qimg::Result<Dev>
     }
     let (path, opts) = super::opts::open_options(a)?;
     super::opts::open_temporary_overlay(&path, &opts).await
+}
+
+/// Prints the prompt and reads a line from standard input that is not a terminal (`None` at
+/// its end). The read blocks on its own thread: asynchronous requests keep completing.
+async fn read_plain_line(prompt: String) -> std::io::Result<Option<String>> {
+    print!("{prompt}");
+    let _ = std::io::stdout().flush();
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map(|n| (n > 0).then_some(line))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// The runtime option `-d MODE` stands for (`open -d` too), or `None` after qemu-io's message
@@ -231,21 +248,19 @@ impl OpenParams {
 type Dev = Arc<dyn BlockDevice>;
 
 impl Session {
-    /// Reads commands from standard input until `quit` or its end.
+    /// Reads commands from standard input until `quit` or its end: with line editing on a
+    /// terminal, plainly otherwise.
     async fn interactive(&mut self) {
+        let mut terminal = terminal::Terminal::open();
         loop {
-            print!("{}> ", prog());
-            let _ = std::io::stdout().flush();
-            // A blocking read on its own thread: asynchronous requests keep completing meanwhile.
-            let read = tokio::task::spawn_blocking(|| {
-                let mut line = String::new();
-                std::io::stdin().read_line(&mut line).map(|n| (n, line))
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let prompt = format!("{}> ", prog());
+            let read = match &mut terminal {
+                Some(t) => t.read_line(prompt).await,
+                None => read_plain_line(prompt).await,
+            };
             let line = match read {
-                Ok((0, _)) => break,
-                Ok((_, line)) => line,
+                Ok(None) => break,
+                Ok(Some(line)) => line,
                 Err(e) => {
                     eprintln!("{}: reading commands: {e}", prog());
                     self.failed = true;
