@@ -355,24 +355,6 @@ fn io_lines_match_qemu_io() {
     assert_eq!(strip(stdout(&oa)), strip(stdout(&ob)));
 }
 
-/// qemu-io's -b addresses the VM-state area, which qimg does not implement: it must be refused,
-/// never ignored (ignoring it wrote guest sector 0).
-#[test]
-fn io_refuses_vmstate_flag() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.qcow2");
-    qemu_create(&img, "", 4 << 20, &[]);
-    let p = img.to_str().unwrap();
-    for cmd in ["write -b -P 5 0 4k", "read -b 0 4k"] {
-        let o = qimg(&["io", "-c", cmd, p]);
-        assert!(stderr(&o).contains("-b"), "{cmd}: {}", stderr(&o));
-        assert!(!stdout(&o).contains("bytes"), "{cmd} ran: {}", stdout(&o));
-    }
-    // Guest sector 0 is untouched.
-    let out = qemu_io(&img, "qcow2", &["read -P 0 0 4k".into()]);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-}
-
 /// Output into a pipe whose reader went away ends the command quietly (SIGPIPE, as for
 /// qemu-img), never with a panic.
 #[test]

@@ -40,6 +40,7 @@ mod seqcache;
 pub mod snapshot;
 mod snapshot_refs;
 mod subcluster;
+mod vm_state;
 mod write;
 mod zero;
 

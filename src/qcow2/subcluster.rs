@@ -286,12 +286,16 @@ impl Qcow2 {
     }
 
     /// What the guest reads at `[offset, offset+len)` now, zeros past the disk's end (the last
-    /// cluster may reach past it).
+    /// cluster may reach past it). The VM state area, further on, has no such end.
     async fn read_guest_clamped(&self, offset: u64, len: u64) -> Result<IoBufMut> {
-        let size = self.virtual_size();
+        let size = if offset >= self.vm_state_offset() {
+            u64::MAX
+        } else {
+            self.virtual_size()
+        };
         let inside = size.saturating_sub(offset).min(len);
         let mut buf = if inside > 0 {
-            self.read_plain(offset, IoBufMut::for_overwrite(inside as usize))
+            self.read_unchecked(offset, IoBufMut::for_overwrite(inside as usize))
                 .await?
         } else {
             IoBufMut::zeroed(0)

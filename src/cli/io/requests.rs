@@ -27,6 +27,10 @@ struct Flags {
     invalid: bool,
     /// `write -s FILE`: the data comes from FILE, repeated to the request's length.
     source: Option<String>,
+    /// `-b`: the request is on the VM state area, not the disk.
+    vm_state: bool,
+    /// `-r`: qemu-io registers the buffer (no effect here but on its checks).
+    registered: bool,
 }
 
 impl Session {
@@ -81,18 +85,14 @@ impl Session {
                     ('u', _) => f.unmap = true,
                     ('c', _) => f.compress = true,
                     ('n', _) => f.no_fallback = true,
-                    ('b', _) => {
-                        // The VM-state area is not implemented: ignoring -b
-                        // would touch guest data instead.
-                        eprintln!("{cmd}: -b (VM-state area) is not supported");
-                        return None;
-                    }
+                    ('b', _) => f.vm_state = true,
                     ('f', _) => f.fua = true,
                     ('i', _) => f.invalid = true,
                     // qemu-io: `-p` is "ignored for backwards compatibility"; `-r` registers the
                     // buffer with the block layer, a performance hint with no effect on what is
                     // read or written (our buffers need no registration).
-                    ('p' | 'r', _) => {}
+                    ('r', _) => f.registered = true,
+                    ('p', _) => {}
                     _ => {}
                 }
             }
@@ -111,7 +111,7 @@ impl Session {
     ) -> bool {
         let write = kind.starts_with('w');
         let allowed = match (write, vectored) {
-            (false, false) => "CqvPslpb",
+            (false, false) => "CqvPslpbr",
             (false, true) => "CqvPr",
             (true, false) => "CqzuPcnfpbrs",
             (true, true) => "CqPfr",
@@ -139,6 +139,14 @@ impl Session {
             len += n;
         }
         if write {
+            if f.vm_state && f.zero {
+                println!("-b and -z cannot be specified at the same time");
+                return false;
+            }
+            if f.fua && (f.vm_state || f.compress) {
+                println!("-f and -b or -c cannot be specified at the same time");
+                return false;
+            }
             if usize::from(f.zero)
                 + usize::from(f.pattern.is_some())
                 + usize::from(f.source.is_some())
@@ -166,13 +174,17 @@ impl Session {
             println!("length cannot exceed {MAX_REQUEST}, given {}", pos[1]);
             return false;
         }
-        if f.compress && (offset % 512 != 0 || len % 512 != 0) {
+        if (f.compress || f.vm_state) && (offset % 512 != 0 || len % 512 != 0) {
             let (what, v) = if offset % 512 != 0 {
                 ("offset", offset)
             } else {
                 ("count", len)
             };
             println!("{v} is not a sector-aligned value for '{what}'");
+            return false;
+        }
+        if f.vm_state && !write && f.registered {
+            println!("I/O buffer registration is not supported when reading from vmstate");
             return false;
         }
         // The data is ready before the clock starts, as in qemu-io.
@@ -185,14 +197,28 @@ impl Session {
             None
         };
         let start = Instant::now();
-        let result = if write {
-            Self::do_write(img, offset, len, &f, data)
+        let result = match (write, f.vm_state) {
+            (true, false) => Self::do_write(img, offset, len, &f, data)
                 .await
-                .map(|_| None)
-        } else {
-            img.read(offset, IoBufMut::zeroed(len as usize))
+                .map(|_| None),
+            (false, false) => img
+                .read(offset, IoBufMut::zeroed(len as usize))
                 .await
-                .map(Some)
+                .map(Some),
+            (true, true) => match vm_state(img, len) {
+                Ok(q) => q
+                    .write_vm_state(offset, data.unwrap_or_else(|| IoBuf::zeroed(0)))
+                    .await
+                    .map(|_| None),
+                Err(e) => Err(e),
+            },
+            (false, true) => match vm_state(img, len) {
+                Ok(q) => q
+                    .read_vm_state(offset, IoBufMut::zeroed(len as usize))
+                    .await
+                    .map(Some),
+                Err(e) => Err(e),
+            },
         };
         let elapsed = start.elapsed();
         match result {
@@ -390,6 +416,19 @@ impl Session {
         });
         true
     }
+}
+
+/// The qcow2 image whose VM state `-b` reads or writes: other formats have none (QEMU's
+/// ENOTSUP), and qemu-io moves at most `INT_MAX` bytes of it at once (ERANGE).
+fn vm_state(img: &Dev, len: u64) -> qimg::Result<&qimg::qcow2::Qcow2> {
+    if len > i32::MAX as u64 {
+        return Err(qimg::Error::Io {
+            context: "VM state request".into(),
+            source: std::io::Error::from_raw_os_error(libc::ERANGE),
+        });
+    }
+    img.as_qcow2()
+        .ok_or_else(|| qimg::Error::unsupported("the image has no VM state area"))
 }
 
 /// A write's data: the `-P` byte (qemu-io's 0xcd without one), or with `-s FILE` the file's
