@@ -153,3 +153,267 @@ fn tls_clients_are_served_and_plain_ones_refused() {
         );
     }
 }
+
+/// Makes a client certificate with `subject` (openssl's `-subj` syntax) signed by the test CA in
+/// `dir`, in a new directory `dir/name` with the CA certificate (QEMU's client layout).
+fn client_cert(dir: &Path, name: &str, subject: &str, extra: &[&str]) -> std::path::PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir(&out).unwrap();
+    let key = out.join("client-key.pem");
+    let csr = dir.join(format!("{name}.csr"));
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            s(&key),
+            "-out",
+            s(&csr),
+        ])
+        .args(["-subj", subject])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = Command::new("openssl")
+        .args([
+            "x509",
+            "-req",
+            "-in",
+            s(&csr),
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+        ])
+        .args([
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "cli.ext",
+            "-out",
+        ])
+        .arg(out.join("client-cert.pem"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::copy(dir.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
+    out
+}
+
+/// Starts `program` (qimg serve or qemu-nbd) in the background with TLS and `authz` (an
+/// `--object` of an authorization type with id a0), runs `qemu-img info` as a TLS client with
+/// the credentials in `cli`, stops the server; returns whether the client got in.
+fn authz_admits(dir: &Path, program: &str, authz: &str, cli: &Path) -> bool {
+    let img = dir.join("a.qcow2");
+    if !img.exists() {
+        qemu_create(&img, "", 1 << 20, &[]);
+    }
+    let port = free_port().to_string();
+    let pid = dir.join("authz.pid");
+    let _ = std::fs::remove_file(&pid);
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        dir.join("srv").display()
+    );
+    let mut args: Vec<&str> = if program == QIMG {
+        vec!["serve"]
+    } else {
+        vec![]
+    };
+    args.extend_from_slice(&[
+        "-t",
+        "-f",
+        "qcow2",
+        "--object",
+        &creds,
+        "--object",
+        authz,
+        "--tls-creds",
+        "tls0",
+        "--tls-authz",
+        "a0",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "--fork",
+        "--pid-file",
+        s(&pid),
+        s(&img),
+    ]);
+    let o = run(program, &args);
+    assert!(o.status.success(), "{program}: {}", text(&o));
+    let client = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        cli.display()
+    );
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0"
+    );
+    let o = run(
+        "qemu-img",
+        &["info", "--object", &client, "--image-opts", &opts],
+    );
+    let p = std::fs::read_to_string(&pid).unwrap();
+    let _ = Command::new("kill").arg(p.trim()).status();
+    // Gone, or a zombie waiting for init to reap it (it holds no lock any more).
+    let stat = format!("/proc/{}/stat", p.trim());
+    for _ in 0..250 {
+        match std::fs::read_to_string(&stat) {
+            Ok(st)
+                if !st
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z')) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => break,
+        }
+    }
+    o.status.success()
+}
+
+/// `--tls-authz`: the identities qimg computes from client certificates are the ones qemu-nbd
+/// computes (each expected name is checked against qemu-nbd first), and qimg admits and refuses
+/// exactly as qemu-nbd does with `authz-simple`, `authz-list` (exact and glob rules) and
+/// `authz-listfile`.
+#[test]
+fn tls_authz_admits_whom_qemu_nbd_admits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/make-tls-certs.sh");
+    std::fs::create_dir(d.join("srv")).unwrap();
+    std::fs::create_dir(d.join("cli")).unwrap();
+    let o = Command::new("bash")
+        .arg(script)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "/C=GB/ST=London/O=Example Org, Ltd/CN=client one",
+            &[],
+            "C=GB,ST=London,O=Example Org\\, Ltd,CN=client one",
+        ),
+        (
+            "/CN= lead /OU=#hash/emailAddress=a@b.c/DC=example/UID=u1",
+            &[],
+            "CN=\\ lead\\ ,OU=\\#hash,EMAIL=a@b.c,DC=example,UID=u1",
+        ),
+        (
+            "/O=X+CN=y/OU=a;b<c>d\"e\\\\f=g",
+            &["-multivalue-rdn"],
+            "CN=y+O=X,OU=a\\;b\\<c\\>d\\\"e\\\\f=g",
+        ),
+        (
+            "/CN=Zoë/title=T/GN=G/SN=S/serialNumber=7",
+            &["-utf8"],
+            "CN=Zoë,title=T,givenName=G,surName=S,serialNumber=7",
+        ),
+    ];
+    // QEMU's option syntax doubles commas inside a value.
+    let simple = |id: &str| format!("authz-simple,id=a0,identity={}", id.replace(',', ",,"));
+    for (i, (subject, extra, name)) in cases.iter().enumerate() {
+        let cli = client_cert(d, &format!("c{i}"), subject, extra);
+        for program in ["qemu-nbd", QIMG] {
+            assert!(
+                authz_admits(d, program, &simple(name), &cli),
+                "{program} refused {name}"
+            );
+            let other = simple(&format!("{name}x"));
+            assert!(
+                !authz_admits(d, program, &other, &cli),
+                "{program} admitted {name}x"
+            );
+        }
+    }
+    let cli = d.join("cli"); // CN=client
+    let list_file = d.join("authz.json");
+    std::fs::write(
+        &list_file,
+        r#"{"policy": "deny", "rules": [{"match": "CN=cl*", "policy": "allow", "format": "glob"}]}"#,
+    )
+    .unwrap();
+    let objects = [
+        ("authz-list,id=a0,policy=deny,rules.0.match=CN=cl*,rules.0.policy=allow,rules.0.format=glob", true),
+        ("authz-list,id=a0,policy=allow,rules.0.match=CN=client,rules.0.policy=deny", false),
+        ("authz-list,id=a0,policy=deny,rules.0.match=CN=cl*,rules.0.policy=allow", false),
+    ];
+    for (object, admitted) in &objects {
+        for program in ["qemu-nbd", QIMG] {
+            assert_eq!(
+                authz_admits(d, program, object, &cli),
+                *admitted,
+                "{program} {object}"
+            );
+        }
+    }
+    // authz-listfile (QEMU's build here has none): the file is read again for each client
+    // unless refresh=off.
+    for refresh in ["on", "off"] {
+        let allow = r#"{"policy": "deny", "rules": [{"match": "CN=cl*", "policy": "allow", "format": "glob"}]}"#;
+        std::fs::write(&list_file, allow).unwrap();
+        let object = format!(
+            "authz-listfile,id=a0,filename={},refresh={refresh}",
+            list_file.display()
+        );
+        assert!(authz_admits(d, QIMG, &object, &cli), "{object}");
+    }
+    // Refusals at start, with qemu-nbd's words where it has them.
+    let img = d.join("a.qcow2");
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        d.join("srv").display()
+    );
+    let nopeer = format!("{creds},verify-peer=off");
+    for (args, msg) in [
+        (
+            vec!["--tls-authz", "a0"],
+            "--tls-authz is not permitted without --tls-creds",
+        ),
+        (
+            vec![
+                "--object",
+                &creds,
+                "--tls-creds",
+                "tls0",
+                "--tls-authz",
+                "a0",
+            ],
+            "No authorization object with id 'a0'",
+        ),
+        (
+            vec![
+                "--object",
+                &nopeer,
+                "--object",
+                "authz-simple,id=a0,identity=x",
+                "--tls-creds",
+                "tls0",
+                "--tls-authz",
+                "a0",
+            ],
+            "verify-peer",
+        ),
+        (
+            vec!["--object", "authz-pam,id=a0,service=x"],
+            "not supported",
+        ),
+    ] {
+        let mut a = vec!["serve", "-f", "qcow2"];
+        a.extend(args);
+        a.push(s(&img));
+        let o = run(QIMG, &a);
+        assert!(
+            !o.status.success() && text(&o).contains(msg),
+            "{a:?}: {}",
+            text(&o)
+        );
+    }
+}

@@ -104,14 +104,16 @@ pub struct Args {
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmap: Vec<String>,
     /// QEMU objects: tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]
-    /// (credentials for --tls-creds); other object types are refused
+    /// (credentials for --tls-creds); authz-simple,id=ID,identity=DN, authz-list,id=ID,...,
+    /// authz-listfile,id=ID,filename=FILE (for --tls-authz); other object types are refused
     #[arg(long = "object", value_name = "OBJECT")]
     object: Vec<String>,
     /// Require TLS with the credentials of object ID (clients must start TLS first)
     #[arg(long = "tls-creds", value_name = "ID")]
     tls_creds: Option<String>,
-    /// TLS client authorization objects: not supported yet (refused)
-    #[arg(long = "tls-authz", hide = true)]
+    /// Only TLS clients whose certificate's distinguished name the authorization object ID
+    /// allows may connect (needs --tls-creds with verify-peer)
+    #[arg(long = "tls-authz", value_name = "ID")]
     tls_authz: Option<String>,
     #[arg(long = "tls-hostname", hide = true)]
     tls_hostname: Option<String>,
@@ -195,9 +197,6 @@ fn refuse_unsupported(a: &Args) -> Result<()> {
     if a.offset.is_some() || a.options.iter().any(|o| is_offset(o)) {
         return refuse("-o/--offset (exporting part of an image) is not supported");
     }
-    if a.tls_authz.is_some() {
-        return refuse("--tls-authz (authorizing TLS clients by name) is not supported yet");
-    }
     if a.tls_hostname.is_some() && !a.list {
         return Err(Error::arg("--tls-hostname is only permitted with --list"));
     }
@@ -239,6 +238,7 @@ fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
         verify_peer: bool,
     }
     let mut creds = Vec::new();
+    let mut authz = Vec::new();
     for o in &a.object {
         let mut pairs = super::opts::parse_kv_list(o);
         let kind = match pairs.iter().position(|(k, _)| k == "qom-type") {
@@ -250,9 +250,18 @@ fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
                 )))
             }
         };
+        if kind.starts_with("authz-") {
+            let id = match pairs.iter().position(|(k, _)| k == "id") {
+                Some(i) => pairs.remove(i).1,
+                None => return Err(Error::arg("Parameter 'id' is missing")),
+            };
+            authz.push((id, qimg::nbd::authz::Authz::from_object(&kind, &pairs)?));
+            continue;
+        }
         if kind != "tls-creds-x509" {
             return Err(Error::unsupported(format!(
-                "--object {kind} is not supported by qimg serve (only tls-creds-x509)"
+                "--object {kind} is not supported by qimg serve (only tls-creds-x509 and \
+                 authz-simple, authz-list, authz-listfile)"
             )));
         }
         let mut c = Creds {
@@ -280,6 +289,11 @@ fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
         creds.push(c);
     }
     let Some(id) = &a.tls_creds else {
+        if a.tls_authz.is_some() {
+            return Err(Error::arg(
+                "--tls-authz is not permitted without --tls-creds",
+            ));
+        }
         return Ok(None);
     };
     let Some(c) = creds.iter().find(|c| &c.id == id) else {
@@ -293,7 +307,18 @@ fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
     let Some(dir) = &c.dir else {
         return Err(Error::arg("tls-creds-x509 needs dir=DIR"));
     };
-    qimg::nbd::tls::TlsServer::from_x509_dir(Path::new(dir), c.verify_peer).map(Some)
+    let server = qimg::nbd::tls::TlsServer::from_x509_dir(Path::new(dir), c.verify_peer)?;
+    let Some(authz_id) = &a.tls_authz else {
+        return Ok(Some(server));
+    };
+    // qemu-nbd looks the object up for each client (and refuses them all when it is missing);
+    // a name that matches no object is refused here at once instead.
+    let Some((_, object)) = authz.into_iter().find(|(i, _)| i == authz_id) else {
+        return Err(Error::arg(format!(
+            "No authorization object with id '{authz_id}'"
+        )));
+    };
+    server.with_authz(object).map(Some)
 }
 
 async fn serve(a: Args) -> Result<u8> {

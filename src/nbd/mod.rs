@@ -23,6 +23,7 @@
 //! number of connections is capped); a FLUSH reply means every write answered before the FLUSH
 //! arrived, on any connection, is durable.
 
+pub mod authz;
 pub mod client;
 pub mod commands;
 pub mod export;

@@ -393,6 +393,11 @@ where
     let accepted = tokio::select! {
         res = tokio::time::timeout(ctx.cfg.handshake_timeout, tls.accept(s)) => match res {
             Ok(Ok(a)) => a,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // Said as qemu-nbd says it: a refused client is worth the operator's attention.
+                tracing::warn!("nbd: connection {id}: option negotiation failed: {e}");
+                return;
+            }
             Ok(Err(e)) => {
                 tracing::info!("nbd: connection {id}: TLS: {e}");
                 return;

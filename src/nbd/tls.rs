@@ -7,6 +7,9 @@
 //! After the TLS handshake the option haggling starts again over the encrypted stream, as the
 //! protocol prescribes (no new greeting).
 //!
+//! With an authorization object (`--tls-authz`, [`super::authz`]), a client whose certificate's
+//! name it does not allow is dropped right after the TLS handshake, before any option.
+//!
 //! Credentials (`dir`): `ca-cert.pem` (the authority client certificates must chain to),
 //! `server-cert.pem` (the server's certificate, optionally followed by its chain) and
 //! `server-key.pem`. With `verify-peer` (QEMU's default) clients must present a certificate
@@ -25,6 +28,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 #[derive(Clone)]
 pub struct TlsServer {
     acceptor: tokio_rustls::TlsAcceptor,
+    /// Which verified clients may go on (`--tls-authz`): see [`super::authz`].
+    authz: Option<Arc<super::authz::Authz>>,
+    verify_peer: bool,
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -83,7 +89,22 @@ impl TlsServer {
             .map_err(|e| Error::arg(format!("TLS credentials in '{}': {e}", dir.display())))?;
         Ok(TlsServer {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            authz: None,
+            verify_peer,
         })
+    }
+
+    /// Lets only clients whose certificate names an identity `authz` allows go past the TLS
+    /// handshake. Needs verified client certificates: refused without `verify-peer` (QEMU then
+    /// skips the check silently; an authorization that is never checked is refused here).
+    pub fn with_authz(mut self, authz: super::authz::Authz) -> Result<TlsServer> {
+        if !self.verify_peer {
+            return Err(Error::arg(
+                "--tls-authz needs client certificates: the TLS credentials have verify-peer=off",
+            ));
+        }
+        self.authz = Some(Arc::new(authz));
+        Ok(self)
     }
 
     /// Runs the handshake up to `NBD_OPT_STARTTLS` on a raw connection, then TLS. Returns the
@@ -98,6 +119,22 @@ impl TlsServer {
     {
         let no_zeroes = before_tls(&mut s).await?;
         let tls = self.acceptor.accept(s).await?;
+        if let Some(authz) = &self.authz {
+            let denied = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, why);
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or_else(|| denied("TLS client sent no certificate".into()))?;
+            let name = super::authz::subject_name(cert).map_err(|e| denied(e.to_string()))?;
+            let allowed = authz
+                .allows(&name)
+                .map_err(|e| denied(format!("TLS x509 authz check for {name}: {e}")))?;
+            if !allowed {
+                return Err(denied(format!("TLS x509 authz check for {name} is denied")));
+            }
+        }
         Ok((tls, no_zeroes))
     }
 }
