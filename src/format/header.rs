@@ -25,6 +25,8 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU's cap on the refcount table (bytes).
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// The fixed part of a snapshot table entry (what QEMU's bound on the table's offset counts).
+const SNAPSHOT_HEADER_BYTES: u64 = 40;
 pub const MAX_BACKING_NAME: u32 = 1023;
 /// Largest host offset an L1/L2 entry can hold (bits 9..55).
 pub const MAX_HOST_OFFSET: u64 = (1 << 56) - 1;
@@ -388,6 +390,10 @@ impl Header {
             _ => {}
         }
 
+        // QEMU's order of checks, so that a damaged header gets QEMU's message.
+        if backing_file_offset > cluster_size {
+            return Err(Error::invalid("Invalid backing file offset"));
+        }
         // Extensions run from the end of the header to the backing file name (or the cluster end).
         let ext_start = u64::from(h.header_length);
         let ext_end = if backing_file_offset != 0 {
@@ -408,11 +414,12 @@ impl Header {
         }
 
         if backing_file_offset != 0 {
-            if backing_file_size > MAX_BACKING_NAME
-                || backing_file_offset
-                    .checked_add(u64::from(backing_file_size))
-                    .is_none_or(|end| end > cluster_size || end > buf.len() as u64)
+            if u64::from(backing_file_size)
+                > u64::from(MAX_BACKING_NAME).min(cluster_size - backing_file_offset)
             {
+                return Err(Error::invalid("Backing file name too long"));
+            }
+            if backing_file_offset + u64::from(backing_file_size) > buf.len() as u64 {
                 return Err(Error::invalid("Invalid backing file offset"));
             }
             let start = backing_file_offset as usize;
@@ -430,23 +437,7 @@ impl Header {
             )));
         }
 
-        // Tables: alignment, sizes and QEMU's caps.
-        let l1_needed = g.l1_entries_for(h.size);
-        if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::invalid("Active L1 table too large"));
-        }
-        if l1_needed > i32::MAX as u64 {
-            return Err(Error::invalid("Image is too big"));
-        }
-        if u64::from(h.l1_size) < l1_needed {
-            return Err(Error::invalid("L1 table is too small"));
-        }
-        validate_table(
-            g,
-            h.l1_table_offset,
-            u64::from(h.l1_size) * 8,
-            "Active L1 table",
-        )?;
+        // Tables, in QEMU's order: the refcount table, the snapshot table, the L1 table.
         if h.refcount_table_clusters == 0 {
             return Err(Error::invalid(
                 "Image does not contain a reference count table",
@@ -463,11 +454,32 @@ impl Header {
             u64::from(h.refcount_table_clusters) * cluster_size,
             "Reference count table",
         )?;
+        // Only the count and the offset here (an entry's size varies); even an empty table's
+        // offset must be aligned, as QEMU requires.
         if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::invalid("Too many snapshots"));
+            return Err(Error::invalid("Snapshot table too large"));
         }
-        if h.nb_snapshots > 0 {
-            validate_table(g, h.snapshots_offset, 0, "Snapshot table")?;
+        validate_table(
+            g,
+            h.snapshots_offset,
+            u64::from(h.nb_snapshots) * SNAPSHOT_HEADER_BYTES,
+            "Snapshot table",
+        )?;
+        let l1_needed = g.l1_entries_for(h.size);
+        if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(Error::invalid("Active L1 table too large"));
+        }
+        validate_table(
+            g,
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            "Active L1 table",
+        )?;
+        if l1_needed > i32::MAX as u64 {
+            return Err(Error::invalid("Image is too big"));
+        }
+        if u64::from(h.l1_size) < l1_needed {
+            return Err(Error::invalid("L1 table is too small"));
         }
         if h.size > i64::MAX as u64 {
             return Err(Error::invalid("Image is too big"));
@@ -589,16 +601,20 @@ fn decode_extensions(buf: &[u8], start: u64, end: u64) -> Result<Vec<Extension>>
     let mut exts = Vec::new();
     let mut off = start;
     let mut seen = Vec::new();
-    while off + 8 <= end {
+    while off < end {
+        // An extension's own header reaching past the end is too large too (QEMU's rule).
+        if off + 8 > end {
+            return Err(Error::invalid("Header extension too large"));
+        }
         let o = off as usize;
         let magic = be::u32(buf, o);
         let len = u64::from(be::u32(buf, o + 4));
         off += 8;
-        if magic == ext::END {
-            return Ok(exts);
-        }
         if len > end - off {
             return Err(Error::invalid("Header extension too large"));
+        }
+        if magic == ext::END {
+            return Ok(exts);
         }
         let data = &buf[off as usize..(off + len) as usize];
         // QEMU reads a repeated backing format extension as the last one wins (older tools
@@ -812,13 +828,18 @@ mod tests {
         check(&|b| be::put_u64(b, 72, 1 << 3), "compression type is zlib");
         check(&|b| b[104] = 1, "must be set for non-zlib");
         check(&|b| b[104] = 9, "Unknown compression type");
-        check(&|b| be::put_u32(b, 16, 5000), "Invalid backing file offset");
+        check(&|b| be::put_u32(b, 16, 5000), "Backing file name too long");
+        check(
+            &|b| be::put_u64(b, 8, u64::MAX),
+            "Invalid backing file offset",
+        );
+        check(&|b| be::put_u64(b, 64, 0x1234), "Snapshot table offset invalid");
         check(&|b| be::put_u32(b, 100, 100), "header too short");
         check(
             &|b| be::put_u32(b, 0x74, 0xffff),
             "Header extension too large",
         );
-        check(&|b| be::put_u32(b, 60, 70000), "Too many snapshots");
+        check(&|b| be::put_u32(b, 60, 70000), "Snapshot table too large");
     }
 
     #[test]
