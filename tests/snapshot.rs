@@ -379,3 +379,47 @@ fn convert_reads_snapshots_like_qemu() {
         );
     }
 }
+
+/// `pass-discard-snapshot` (default on): the clusters a snapshot deletion frees are punched out
+/// of the file, or with `off` left allocated — with `qimg snapshot -d` as with `qemu-img
+/// snapshot -d`, both through `--image-opts`.
+#[test]
+fn pass_discard_snapshot_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    for opt in ["on", "off"] {
+        let mut sizes = Vec::new();
+        for tool in [QIMG, "qemu-img"] {
+            let p = dir.path().join(format!("pd-{opt}.qcow2"));
+            let _ = std::fs::remove_file(&p);
+            qemu_create(&p, "", 64 << 20, &[]);
+            qemu_io(&p, "qcow2", &["write -P 1 0 8M".into()]);
+            ok(
+                &run("qemu-img", &["snapshot", "-c", "s", p.to_str().unwrap()]),
+                "snapshot -c",
+            );
+            // Every cluster copied on write: the old ones are the snapshot's alone.
+            qemu_io(&p, "qcow2", &["write -P 2 0 8M".into()]);
+            let before = blocks(&p);
+            let spec = format!(
+                "driver=qcow2,pass-discard-snapshot={opt},file.filename={}",
+                p.display()
+            );
+            ok(
+                &run(tool, &["snapshot", "-d", "s", "--image-opts", &spec]),
+                "snapshot -d",
+            );
+            check_no_leaks(&p, "after snapshot -d");
+            sizes.push(before.saturating_sub(blocks(&p)));
+        }
+        let freed_mib = |b: u64| b >> 20;
+        if opt == "on" {
+            assert!(sizes.iter().all(|&b| freed_mib(b) >= 7), "{opt}: {sizes:?}");
+        } else {
+            assert!(sizes.iter().all(|&b| freed_mib(b) < 1), "{opt}: {sizes:?}");
+        }
+    }
+}

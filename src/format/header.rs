@@ -833,7 +833,10 @@ mod tests {
             &|b| be::put_u64(b, 8, u64::MAX),
             "Invalid backing file offset",
         );
-        check(&|b| be::put_u64(b, 64, 0x1234), "Snapshot table offset invalid");
+        check(
+            &|b| be::put_u64(b, 64, 0x1234),
+            "Snapshot table offset invalid",
+        );
         check(&|b| be::put_u32(b, 100, 100), "header too short");
         check(
             &|b| be::put_u32(b, 0x74, 0xffff),

@@ -379,7 +379,7 @@ impl Qcow2 {
                             )
                             .await?;
                     }
-                    self.release_freed(&freed).await;
+                    self.release_freed(&freed, self.pass_discard_other).await;
                 }
                 progress(base + i + 1, total);
             }

@@ -662,7 +662,7 @@ mod tests {
             storage: s,
             writethrough: false,
             writes: AtomicU64::new(0),
-            overlap: MetadataMap::new(super::super::overlap::OverlapCheck::Cached, 16),
+            overlap: MetadataMap::new(super::super::overlap::OverlapCheck::CACHED, 16),
         }
     }
 

@@ -377,10 +377,12 @@ impl Qcow2 {
             | Mapping::Zero {
                 prealloc: Some(host),
                 ..
-            } => self.rc.defer_free(host, g.cluster_size(), after, false),
+            } => self
+                .rc
+                .defer_free(host, g.cluster_size(), after, self.pass_discard_other),
             Mapping::Compressed { host, sectors } => {
                 let (start, n) = compressed_range(host, sectors);
-                self.rc.defer_free(start, n, after, false);
+                self.rc.defer_free(start, n, after, self.pass_discard_other);
             }
             _ => {}
         }

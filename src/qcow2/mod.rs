@@ -93,9 +93,15 @@ pub struct Qcow2Options {
     /// Compressed target: every write is stored compressed, small sequential writes are
     /// gathered into whole clusters first.
     pub compress: Option<bool>,
-    /// QEMU's `overlap-check`: which writes are checked against the metadata (default: all of
-    /// them, against every structure `overlap` knows).
-    pub overlap_check: Option<overlap::OverlapCheck>,
+    /// QEMU's `overlap-check` options: which structures writes are checked against (default:
+    /// `cached`, every structure but the snapshots' L2 tables).
+    pub overlap: overlap::OverlapOptions,
+    /// QEMU's `pass-discard-snapshot` (default on): clusters freed by deleting a snapshot are
+    /// discarded in the file.
+    pub pass_discard_snapshot: Option<bool>,
+    /// QEMU's `pass-discard-other` (default off): clusters freed otherwise (copied on write,
+    /// old tables) are discarded in the file too.
+    pub pass_discard_other: Option<bool>,
     /// Opened to be checked (QEMU's `BDRV_O_CHECK`): a dirty image is not repaired by a
     /// read-write open, so that `check -r` sees and reports what the crash left, and marks
     /// the image clean itself once repaired (`mark_clean`).
@@ -125,17 +131,31 @@ impl Qcow2Options {
             "refcount-cache-size" => self.refcount_cache_size = Some(size()?),
             "cache-size" => self.cache_size = Some(size()?),
             "cache-clean-interval" => {
-                self.cache_clean_interval = Some(value.parse().map_err(|_| {
+                // QEMU reads it as an unsigned number the C way: "-1" is the largest one.
+                let n = match value.strip_prefix('-') {
+                    Some(neg) => neg.parse::<u64>().map(|n| n.wrapping_neg()),
+                    None => value.parse::<u64>(),
+                }
+                .map_err(|_| {
                     Error::arg("Parameter 'cache-clean-interval' expects a number of seconds")
-                })?)
+                })?;
+                if n > u64::from(u32::MAX) {
+                    return Err(Error::arg("Cache clean interval too big"));
+                }
+                self.cache_clean_interval = Some(n)
             }
             "pass-discard-request" => {
                 self.pass_discard_request = Some(crate::size::parse_bool(key, value)?)
             }
             "compress" => self.compress = Some(crate::size::parse_bool(key, value)?),
             "lazy-refcounts" => self.lazy_refcounts = Some(crate::size::parse_bool(key, value)?),
-            "overlap-check" => self.overlap_check = Some(overlap::OverlapCheck::parse(value)?),
-            _ => return Ok(false),
+            "pass-discard-snapshot" => {
+                self.pass_discard_snapshot = Some(crate::size::parse_bool(key, value)?)
+            }
+            "pass-discard-other" => {
+                self.pass_discard_other = Some(crate::size::parse_bool(key, value)?)
+            }
+            _ => return self.overlap.set(key, value),
         }
         Ok(true)
     }
@@ -178,7 +198,15 @@ impl Qcow2Options {
                 rc.unwrap_or(DEFAULT_REFCOUNT_CACHE_MIN),
             ),
         };
-        Ok((l2.max(min_l2), entry, rc.max(min_rc)))
+        let (l2, rc) = (l2.max(min_l2), rc.max(min_rc));
+        // QEMU counts cache entries in an int.
+        if l2 / entry > i32::MAX as u64 {
+            return Err(Error::arg("L2 cache size too big"));
+        }
+        if rc / cs > i32::MAX as u64 {
+            return Err(Error::arg("Refcount cache size too big"));
+        }
+        Ok((l2, entry, rc))
     }
 }
 
@@ -232,6 +260,10 @@ pub struct Qcow2 {
     pub(crate) size: AtomicU64,
     pub(crate) read_only: bool,
     pub(crate) pass_discard: bool,
+    /// Discard clusters freed by deleting a snapshot (`pass-discard-snapshot`).
+    pub(crate) pass_discard_snapshot: bool,
+    /// Discard clusters freed otherwise: copy on write, replaced tables (`pass-discard-other`).
+    pub(crate) pass_discard_other: bool,
     /// The corrupt bit was written to the header in this session (see `signal_corruption`).
     corrupt_bit_written: AtomicBool,
     /// The snapshot table (replaced whole when a snapshot is taken or deleted).
@@ -325,10 +357,7 @@ impl Qcow2 {
             barrier,
             writethrough: cache.writethrough(),
             writes: AtomicU64::new(0),
-            overlap: overlap::MetadataMap::new(
-                opts.overlap_check.unwrap_or_default(),
-                g.cluster_bits,
-            ),
+            overlap: overlap::MetadataMap::new(opts.overlap.resolve()?, g.cluster_bits),
         };
 
         let l1_bytes = u64::from(h.l1_size) * 8;
@@ -388,6 +417,8 @@ impl Qcow2 {
             size: AtomicU64::new(h.size),
             read_only,
             pass_discard: opts.pass_discard_request.unwrap_or(true),
+            pass_discard_snapshot: opts.pass_discard_snapshot.unwrap_or(true),
+            pass_discard_other: opts.pass_discard_other.unwrap_or(false),
             snapshots: parking_lot::RwLock::new(Arc::new(snapshots)),
             seq: (opts.compress == Some(true) && !read_only)
                 .then(|| seqcache::SeqCache::new(g.cluster_size())),
@@ -402,6 +433,13 @@ impl Qcow2 {
 
         if !read_only {
             img.map_metadata(&img.hdr.with(|h| h.clone()));
+            if img.w.overlap.checks_inactive_l2() {
+                if let Err(e) = img.map_snapshot_tables().await {
+                    // Nothing was changed on disk: the handle goes away.
+                    img.closed.store(true, Relaxed);
+                    return Err(e);
+                }
+            }
             img.prepare_for_writing(opts.for_check).await?;
         }
         if opts.for_check {
@@ -417,13 +455,36 @@ impl Qcow2 {
         Ok(img)
     }
 
+    /// Marks the L2 tables of every snapshot for the overlap checks that cover them (QEMU's
+    /// `overlap-check=all`, `overlap-check.inactive-l2=on`). QEMU reads the snapshots' L1 tables
+    /// on every write it checks; here they are read once. A snapshot L1 table that cannot be
+    /// read fails the open: its L2 tables could not be protected.
+    async fn map_snapshot_tables(&self) -> Result<()> {
+        for sn in self.snapshots().iter() {
+            self.mark_inactive_l2_tables(&self.read_snapshot_l1(sn).await?);
+        }
+        Ok(())
+    }
+
+    /// Marks the L2 tables an L1 table (a snapshot's) names as inactive L2 tables.
+    pub(crate) fn mark_inactive_l2_tables(&self, l1: &[u64]) {
+        for e in l1 {
+            let off = e & crate::format::table::OFFSET_MASK;
+            if off != 0 {
+                self.w
+                    .overlap
+                    .mark_inactive_l2(off >> self.geo.cluster_bits);
+            }
+        }
+    }
+
     /// Records where the metadata lives (`overlap`), from the tables already in memory.
     /// Clusters that two structures claim are logged and remembered as conflicts.
     fn map_metadata(&self, h: &Header) {
         use overlap::Fixed;
         let m = &self.w.overlap;
         let cs = self.geo.cluster_size();
-        m.set_fixed(Fixed::Header, 0, cs);
+        m.set_fixed(Fixed::MainHeader, 0, cs);
         m.set_fixed(
             Fixed::ActiveL1,
             h.l1_table_offset.0,
@@ -454,13 +515,18 @@ impl Qcow2 {
         let mut clashes = 0u64;
         for e in self.l1.entries() {
             let off = e & crate::format::table::OFFSET_MASK;
-            if off != 0 && !m.mark_table(off >> self.geo.cluster_bits) {
+            if off != 0 && !m.mark_table(off >> self.geo.cluster_bits, overlap::TableKind::L2) {
                 clashes += 1;
             }
         }
         for e in self.rc.table().entries {
             let off = e & !refcount::REFTABLE_RESERVED;
-            if off != 0 && !m.mark_table(off >> self.geo.cluster_bits) {
+            if off != 0
+                && !m.mark_table(
+                    off >> self.geo.cluster_bits,
+                    overlap::TableKind::RefcountBlock,
+                )
+            {
                 clashes += 1;
             }
         }

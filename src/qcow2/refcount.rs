@@ -32,6 +32,11 @@ use parking_lot::{Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+/// The corruption an allocation meets when the refcounts call the header's cluster free (QEMU
+/// allocates it and then refuses the write; callers that know what they allocate say so in
+/// QEMU's words).
+pub const HEADER_CLUSTER_FREE: &str = "Preventing invalid allocation at offset 0";
+
 /// Reserved bits of a refcount table entry.
 pub(crate) const REFTABLE_RESERVED: u64 = 0x1ff;
 
@@ -330,10 +335,14 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Finds `count` consecutive clusters with refcount 0 at or after the hint.
+    /// Finds `count` consecutive clusters with refcount 0 at or after the hint. The header's
+    /// cluster is never one of them: if the refcounts say it is free, the image is corrupt
+    /// ([`HEADER_CLUSTER_FREE`]).
     async fn find_free_run(&self, w: &Writer, st: &AllocState, count: u64) -> Result<u64> {
         let epb = self.entries_per_block;
-        let mut start = st.free_hint.max(1); // cluster 0 is always the header
+        // Cluster 0 is the header: it is looked at like any other, so that damaged refcounts
+        // that call it free are noticed (below) rather than skipped.
+        let mut start = st.free_hint;
         let mut c = start;
         while c < start + count {
             if (c + count) << self.geo.cluster_bits > MAX_HOST_OFFSET {
@@ -359,6 +368,10 @@ impl Refcounts {
                     }
                 }
             }
+        }
+        if start == 0 {
+            // Never handed out: QEMU would allocate it and catch the write afterwards.
+            return Err(Error::Corrupt(HEADER_CLUSTER_FREE.into()));
         }
         Ok(start)
     }
@@ -432,7 +445,10 @@ impl Refcounts {
             touched.push(t);
         }
         for (_, off, data) in &blocks {
-            w.overlap.mark_table(self.geo.host_cluster(*off).0);
+            w.overlap.mark_table(
+                self.geo.host_cluster(*off).0,
+                super::overlap::TableKind::RefcountBlock,
+            );
             w.storage
                 .write_at(IoBuf::copy_from(data), off.0)
                 .await
@@ -512,7 +528,8 @@ impl Refcounts {
                 self.width.set(&mut data, (c % epb) as usize, 1)?;
             }
             let off = self.geo.host_offset(HostCluster(at));
-            w.overlap.mark_table(at);
+            w.overlap
+                .mark_table(at, super::overlap::TableKind::RefcountBlock);
             w.storage
                 .write_at(IoBuf::copy_from(&data), off.0)
                 .await

@@ -142,12 +142,16 @@ impl Qcow2 {
             .overlap
             .set_fixed(super::overlap::Fixed::RefcountTable, table_off.0, nt * cs);
         for bi in 0..nb {
-            self.w.overlap.mark_table(start + bi);
+            self.w
+                .overlap
+                .mark_table(start + bi, super::overlap::TableKind::RefcountBlock);
         }
         for e in self.l1.entries() {
             let off = e & crate::format::table::OFFSET_MASK;
             if off != 0 {
-                self.w.overlap.mark_table(off >> g.cluster_bits);
+                self.w
+                    .overlap
+                    .mark_table(off >> g.cluster_bits, super::overlap::TableKind::L2);
             }
         }
         tracing::info!(

@@ -196,7 +196,8 @@ impl Qcow2 {
             .set_fixed(super::overlap::Fixed::ActiveL1, new_offset.0, entries * 8);
         let old_bytes = (old_size * 8).div_ceil(cs) * cs;
         if old_size > 0 {
-            self.rc.defer_free(old_offset, old_bytes, None, false);
+            self.rc
+                .defer_free(old_offset, old_bytes, None, self.pass_discard_other);
         }
         Ok(())
     }
@@ -515,7 +516,8 @@ impl Qcow2 {
                         table: slice.clone(),
                         version,
                     });
-                    self.rc.defer_free(start, flen, after, false);
+                    self.rc
+                        .defer_free(start, flen, after, self.pass_discard_other);
                 }
             }
             drop(claim);

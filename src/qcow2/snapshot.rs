@@ -158,6 +158,9 @@ impl Qcow2 {
 
         // The copy of the active L1 table (COPIED flags mean nothing in an inactive table).
         let entries: Vec<u64> = self.l1.entries().iter().map(|e| e & !COPIED).collect();
+        if self.w.overlap.checks_inactive_l2() {
+            self.mark_inactive_l2_tables(&entries);
+        }
         let l1_size = entries.len() as u64;
         let l1_offset = if l1_size == 0 {
             HostOffset(0)
@@ -240,7 +243,7 @@ impl Qcow2 {
             )
             .await
         {
-            Ok(()) => self.release_freed(&freed).await,
+            Ok(()) => self.release_freed(&freed, self.pass_discard_snapshot).await,
             Err(e) => tracing::warn!("{}: could not free clusters at {off}: {e}", self.filename),
         }
     }
@@ -294,7 +297,7 @@ impl Qcow2 {
                     &mut freed,
                 )
                 .await?;
-            self.release_freed(&freed).await;
+            self.release_freed(&freed, self.pass_discard_snapshot).await;
         }
         Ok(())
     }
@@ -383,7 +386,7 @@ impl Qcow2 {
         }
 
         self.add_tree_refs(&old_l1, -1, &mut freed).await?;
-        self.release_freed(&freed).await;
+        self.release_freed(&freed, self.pass_discard_snapshot).await;
         self.fix_copied_flags().await?;
         self.rc.cache.write_back_all(&self.w).await?;
         self.w.barrier.sync_now().await
@@ -435,7 +438,7 @@ impl Qcow2 {
                 )
                 .await?;
         }
-        self.release_freed(&freed).await;
+        self.release_freed(&freed, self.pass_discard_snapshot).await;
         self.fix_copied_flags().await?;
         self.rc.cache.write_back_all(&self.w).await?;
         self.w.barrier.sync_now().await

@@ -337,8 +337,9 @@ impl Qcow2 {
     }
 
     /// After references were dropped: forgets cached tables in the clusters that became free and,
-    /// unless discards are not passed down, punches them out of the file.
-    pub(crate) async fn release_freed(&self, freed: &FreedRuns) {
+    /// with `discard` (the `pass-discard-*` option for why they were freed), punches them out
+    /// of the file.
+    pub(crate) async fn release_freed(&self, freed: &FreedRuns, discard: bool) {
         let g = self.geo;
         for &(first, count) in freed {
             for c in first..first + count {
@@ -346,7 +347,7 @@ impl Qcow2 {
                 self.forget_cached_table(base);
                 self.rc.cache.discard(base);
             }
-            if self.pass_discard {
+            if discard {
                 let off = g.host_offset(HostCluster(first)).0;
                 let len = count * g.cluster_size();
                 if let Err(e) = self.w.storage.discard(off, len).await {

@@ -322,12 +322,16 @@ impl Qcow2 {
             | Mapping::Zero {
                 prealloc: Some(host),
                 ..
-            } => self
-                .rc
-                .defer_free(host, self.geo.cluster_size(), after, false),
+            } => self.rc.defer_free(
+                host,
+                self.geo.cluster_size(),
+                after,
+                self.pass_discard_other,
+            ),
             Mapping::Compressed { host, sectors } => {
                 let (start, len) = compressed_range(host, sectors);
-                self.rc.defer_free(start, len, after, false);
+                self.rc
+                    .defer_free(start, len, after, self.pass_discard_other);
             }
             _ => {}
         }
@@ -475,14 +479,23 @@ impl Qcow2 {
     async fn new_l2_table(&self, l1i: u64, old: Option<HostOffset>) -> Result<()> {
         let cs = self.geo.cluster_size();
         self.enable_lazy_refcounts_if_configured().await?;
-        let alloc = self.rc.allocate(&self.w, &self.hdr, 1).await?;
+        let alloc = match self.rc.allocate(&self.w, &self.hdr, 1).await {
+            Err(Error::Corrupt(m)) if m == super::refcount::HEADER_CLUSTER_FREE => {
+                return Err(Error::Corrupt(
+                    "Preventing invalid allocation of L2 table at offset 0".into(),
+                ))
+            }
+            r => r?,
+        };
         if self.rc.lazy.load(std::sync::atomic::Ordering::Relaxed) {
             // Lazy refcounts leave data clusters' refcounts for later, not a new table's:
             // like QEMU, write the refcount blocks now (whatever else they count).
             self.rc.cache.write_back_all(&self.w).await?;
         }
         let at = self.geo.host_offset(alloc.start);
-        self.w.overlap.mark_table(alloc.start.0);
+        self.w
+            .overlap
+            .mark_table(alloc.start.0, super::overlap::TableKind::L2);
         let content = match old {
             None => vec![0u8; cs as usize],
             Some(off) => self
@@ -520,7 +533,7 @@ impl Qcow2 {
         self.l1.set(l1i, L1Entry::new(at, true), deps);
         if let Some(old) = old {
             let after = Some(self.l1.dep_on_entry(l1i));
-            self.rc.defer_free(old, cs, after, false);
+            self.rc.defer_free(old, cs, after, self.pass_discard_other);
         }
         Ok(())
     }

@@ -188,7 +188,7 @@ impl Session {
         if cache.is_some() {
             new.cache = cache;
         }
-        new.runtime.extend(options);
+        new.runtime = join_runtime(&old.runtime, &options);
         // Refuse bad options while the image is still open.
         let check = ImageArgs {
             image_opts: new.image_opts,
@@ -225,5 +225,73 @@ impl Session {
                 false
             }
         }
+    }
+}
+
+/// The options a reopen opens with: the new ones, and the old ones they do not name, with
+/// QEMU's qcow2 rules: a new overlap template replaces every old overlap option, a new
+/// `cache-size` the old `l2-cache-size` and `refcount-cache-size`, and an old `cache-size` does
+/// not survive next to cache options unless it is given again.
+fn join_runtime(old: &[String], new: &[String]) -> Vec<String> {
+    use crate::cli::opts::parse_kv_list;
+    let new: Vec<(String, String)> = new.iter().flat_map(|l| parse_kv_list(l)).collect();
+    let has = |list: &[(String, String)], k: &str| list.iter().any(|(x, _)| x == k);
+    let new_template = has(&new, "overlap-check") || has(&new, "overlap-check.template");
+    let new_total = has(&new, "cache-size");
+    let mut joined = new.clone();
+    for (k, v) in old.iter().flat_map(|l| parse_kv_list(l)) {
+        let replaced = has(&new, &k)
+            || (new_template && k.starts_with("overlap-check"))
+            || (new_total && (k == "l2-cache-size" || k == "refcount-cache-size"));
+        if !replaced {
+            joined.push((k, v));
+        }
+    }
+    let any_cache = ["cache-size", "l2-cache-size", "refcount-cache-size"]
+        .iter()
+        .any(|k| has(&joined, k));
+    if any_cache && !new_total {
+        joined.retain(|(k, _)| k != "cache-size");
+    }
+    joined
+        .into_iter()
+        .map(|(k, v)| format!("{k}={}", v.replace(',', ",,")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::join_runtime;
+
+    #[test]
+    fn reopen_joins_options_like_qemu() {
+        let j = |old: &[&str], new: &[&str]| {
+            let o: Vec<String> = old.iter().map(|s| s.to_string()).collect();
+            let n: Vec<String> = new.iter().map(|s| s.to_string()).collect();
+            join_runtime(&o, &n).join(",")
+        };
+        assert_eq!(j(&["a=1,b=2"], &["b=3"]), "b=3,a=1");
+        assert_eq!(
+            j(
+                &["overlap-check.main-header=off,x=1"],
+                &["overlap-check=all"]
+            ),
+            "overlap-check=all,x=1"
+        );
+        assert_eq!(
+            j(
+                &["l2-cache-size=1M,refcount-cache-size=1M"],
+                &["cache-size=4M"]
+            ),
+            "cache-size=4M"
+        );
+        assert_eq!(
+            j(
+                &["cache-size=1M,l2-cache-size=512k"],
+                &["refcount-cache-size=128k"]
+            ),
+            "refcount-cache-size=128k,l2-cache-size=512k"
+        );
+        assert_eq!(j(&["file.filename=a,,b"], &[]), "file.filename=a,,b");
     }
 }
