@@ -453,6 +453,10 @@ pub struct OpenOptions {
     /// The image's file is itself an image (QEMU's `file.driver=qcow2`): opened first, its
     /// guest disk holds this image (see [`crate::storage::device`]).
     pub file_image: Option<Box<NestedImage>>,
+    /// The image is a protocol node opened without a format (QEMU's `driver=file`,
+    /// `host_device`, `host_cdrom`): read and written as raw, named by this driver, and the
+    /// file's type checked as that driver checks it.
+    pub protocol_driver: Option<&'static str>,
 }
 
 /// An image that is another image's file: where it is and how to open it.
@@ -704,6 +708,7 @@ async fn open_format(
                         blkdebug_above: None,
                         copy_on_read: false,
                         file_image: None,
+                        protocol_driver: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)
@@ -744,13 +749,44 @@ fn open_file(path: &Path, opts: &OpenOptions) -> Result<FileStorage> {
         }),
         ..opts.cache.file_options(opts.read_only)
     };
-    FileStorage::open(path, file_opts).map_err(|e| {
+    let file = FileStorage::open(path, file_opts).map_err(|e| {
         if e.kind() == std::io::ErrorKind::WouldBlock {
             Error::Locked(e.to_string())
         } else {
             Error::io(format!("Could not open '{}'", path.display()), e)
         }
-    })
+    })?;
+    check_file_type(path, opts.protocol_driver)?;
+    Ok(file)
+}
+
+/// QEMU's protocol drivers accept only their kind of file: `file` a regular file,
+/// `host_device` and `host_cdrom` a character or block device. Without a driver named, a device
+/// is opened as `host_device` (QEMU picks it for device paths) and anything else as `file`, so a
+/// directory, a FIFO or a socket is refused, as QEMU refuses it.
+fn check_file_type(path: &Path, driver: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?
+        .file_type();
+    let device = t.is_char_device() || t.is_block_device();
+    let driver = driver.unwrap_or(if device { "host_device" } else { "file" });
+    let ok = match driver {
+        "file" => t.is_file(),
+        _ => device,
+    };
+    if ok {
+        return Ok(());
+    }
+    let what = if driver == "file" {
+        "a regular file"
+    } else {
+        "either a character or block device"
+    };
+    Err(Error::InvalidImage(format!(
+        "'{driver}' driver requires '{}' to be {what}",
+        path.display()
+    )))
 }
 
 /// Opens the external data file of the qcow2 image on `storage`, if it has one: the one the

@@ -25,10 +25,17 @@ pub struct Raw {
     first_sector: tokio::sync::Mutex<()>,
     /// QEMU's `driver=nbd` node itself: a protocol, no format (see `BlockDevice::protocol_node`).
     protocol_node: bool,
+    /// The protocol driver named for a format-less open (`driver=file`, `host_device`).
+    protocol_driver: Option<&'static str>,
     /// An fsync failed: as for qcow2 (see `qcow2::barrier`), writes made before it may be lost
     /// although a later fsync would succeed, so every later write and flush fails with `EIO`
     /// until the image is reopened.
     sync_failed: AtomicBool,
+    /// Changes completed so far, and how many of them the last successful fsync covered: a
+    /// flush with nothing new to cover does not reach the file (QEMU's rule; some files, such
+    /// as character devices, refuse fsync altogether).
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
 }
 
 /// The bytes format probing looks at.
@@ -54,7 +61,11 @@ impl Raw {
             probed: opts.format.is_none(),
             first_sector: tokio::sync::Mutex::new(()),
             sync_failed: AtomicBool::new(false),
-            protocol_node: opts.nbd.as_ref().is_some_and(|t| t.bare),
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
+            protocol_node: opts.nbd.as_ref().is_some_and(|t| t.bare)
+                || opts.protocol_driver.is_some(),
+            protocol_driver: opts.protocol_driver,
         })
     }
 
@@ -98,7 +109,10 @@ impl Raw {
             probed: false,
             first_sector: tokio::sync::Mutex::new(()),
             sync_failed: AtomicBool::new(false),
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
             protocol_node: false,
+            protocol_driver: None,
         }
     }
 
@@ -113,6 +127,7 @@ impl Raw {
     }
 
     async fn after_write(&self) -> Result<()> {
+        self.write_gen.fetch_add(1, Relaxed);
         if self.writethrough {
             self.sync().await?;
         }
@@ -156,13 +171,19 @@ impl Raw {
         };
         resized?;
         self.size.store(new_size, Relaxed);
+        self.write_gen.fetch_add(1, Relaxed);
         self.sync().await
     }
 
-    /// One fsync; a failure poisons the image (`sync_failed`).
+    /// One fsync, unless every change is covered by one already; a failure poisons the image
+    /// (`sync_failed`).
     async fn sync(&self) -> Result<()> {
         if self.sync_failed.load(Relaxed) {
             return Err(Error::sync_failed());
+        }
+        let gen = self.write_gen.load(Relaxed);
+        if gen == self.flushed_gen.load(Relaxed) {
+            return Ok(());
         }
         if let Err(e) = self.storage.flush().await {
             self.sync_failed.store(true, Relaxed);
@@ -172,6 +193,7 @@ impl Raw {
             );
             return Err(e).context(|| format!("flushing '{}'", self.filename));
         }
+        self.flushed_gen.fetch_max(gen, Relaxed);
         Ok(())
     }
 }
@@ -246,7 +268,9 @@ impl BlockDevice for Raw {
             self.storage
                 .discard(offset, len)
                 .await
-                .context(|| format!("discarding in '{}' at {offset}", self.filename))
+                .context(|| format!("discarding in '{}' at {offset}", self.filename))?;
+            self.write_gen.fetch_add(1, Relaxed);
+            Ok(())
         })
     }
 
@@ -295,7 +319,8 @@ impl BlockDevice for Raw {
     }
 
     fn protocol(&self) -> &'static str {
-        self.storage.protocol()
+        self.protocol_driver
+            .unwrap_or_else(|| self.storage.protocol())
     }
     fn debug_handle(&self) -> Option<crate::storage::blkdebug::DebugHandle> {
         self.storage.debug_handle()
@@ -344,5 +369,21 @@ mod tests {
         );
         let r = raw.read(0, IoBufMut::zeroed(512)).await.unwrap();
         assert_eq!(&r[..], &[1u8; 512][..], "reads still work");
+    }
+
+    #[tokio::test]
+    async fn flushes_reach_the_file_only_with_something_to_cover() {
+        let s = Arc::new(FaultStorage::new(MemoryStorage::from_bytes(&[0u8; 8192])));
+        let faults = s.handle();
+        let raw = Raw::with_storage(s.clone(), 8192, false);
+        raw.flush().await.unwrap();
+        assert_eq!(faults.count(OpKind::Flush), 0);
+        raw.write(0, IoBuf::copy_from(&[1u8; 512])).await.unwrap();
+        raw.flush().await.unwrap();
+        raw.flush().await.unwrap();
+        assert_eq!(faults.count(OpKind::Flush), 1);
+        raw.discard(0, 512).await.unwrap();
+        raw.close().await.unwrap();
+        assert_eq!(faults.count(OpKind::Flush), 2);
     }
 }

@@ -1448,6 +1448,88 @@ fn io_edits_lines_on_a_terminal() {
     assert!(stdout(&r).contains("read 4096/4096"), "{}", text(&r));
 }
 
+/// Format-less protocol nodes (`driver=file`, `host_device`, `host_cdrom`) and the file types
+/// QEMU's protocol drivers accept: a directory is refused (read-only: by type; read-write: by
+/// the open), a device is a `host_device`; `info` names the protocol as QEMU does.
+#[test]
+fn protocol_drivers_and_file_types_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    qemu_create(&img, "", 1 << 20, &[]);
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let (img, sub) = (img.to_str().unwrap(), sub.to_str().unwrap());
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "-c".into(),
+            format!("open -r -o driver=file,filename={img}"),
+            "-c".into(),
+            "info".into(),
+            "-c".into(),
+            "length".into(),
+        ],
+        vec![
+            "-c".into(),
+            format!("open -r -o driver=file,filename={sub}"),
+        ],
+        vec!["-c".into(), format!("open -o driver=file,filename={sub}")],
+        vec![
+            "-c".into(),
+            "open -r -o driver=file,filename=/dev/null".into(),
+        ],
+        vec![
+            "-c".into(),
+            format!("open -r -o driver=host_device,filename={sub}"),
+        ],
+        vec![
+            "-c".into(),
+            format!("open -r -o driver=host_cdrom,filename={img}"),
+        ],
+        vec![
+            "-c".into(),
+            "open -o driver=host_device,filename=/dev/null,locking=off".into(),
+            "-c".into(),
+            "info".into(),
+        ],
+        vec![
+            "-f".into(),
+            "raw".into(),
+            "-c".into(),
+            "length".into(),
+            "/dev/null".into(),
+        ],
+        vec![
+            "-r".into(),
+            "-f".into(),
+            "raw".into(),
+            "-c".into(),
+            "length".into(),
+            sub.into(),
+        ],
+    ];
+    for args in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let theirs = run("qemu-io", &args);
+        let ours = qimg(&[&["io"][..], &args].concat());
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{args:?}: {}",
+            text(&ours)
+        );
+        assert_eq!(stdout(&ours), stdout(&theirs), "{args:?}");
+        assert_eq!(
+            stderr(&ours),
+            String::from_utf8_lossy(&theirs.stderr).replace("qemu-io:", "PROG:"),
+            "{args:?}"
+        );
+    }
+    let theirs = run("qemu-img", &["info", sub]);
+    let ours = qimg(&["info", sub]);
+    assert_eq!(ours.status.code(), theirs.status.code());
+    assert_eq!(stderr(&ours), stderr(&theirs));
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

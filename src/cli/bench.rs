@@ -216,6 +216,7 @@ async fn open_file(
         blkdebug_above: None,
         copy_on_read: false,
         file_image: None,
+        protocol_driver: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

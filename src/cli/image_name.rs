@@ -44,6 +44,8 @@ pub struct ImageSpec {
     /// The file is itself an image (`file.driver=qcow2|raw`): its name; `path` is then its
     /// path too.
     pub inner: Option<Box<ImageSpec>>,
+    /// `driver=file`, `host_device` or `host_cdrom`: the protocol node itself, no format.
+    pub protocol_driver: Option<&'static str>,
 }
 
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
@@ -537,11 +539,13 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
         match k.as_str() {
             "driver" => match v.as_str() {
                 "qcow2" | "raw" => spec.format = Some(v),
-                "file" => {
-                    return Err(Error::unsupported(
-                        "Opening the file protocol without a format driver is not supported; \
-                         use driver=raw",
-                    ))
+                "file" | "host_device" | "host_cdrom" => {
+                    spec.format = Some("raw".into());
+                    spec.protocol_driver = Some(match v.as_str() {
+                        "file" => "file",
+                        "host_device" => "host_device",
+                        _ => "host_cdrom",
+                    });
                 }
                 other => {
                     return Err(Error::unsupported(format!(

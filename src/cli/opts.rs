@@ -237,6 +237,7 @@ fn spec_options(
             .map(qimg::storage::blkdebug::Config::from_options)
             .transpose()?,
         file_image,
+        protocol_driver: spec.protocol_driver,
         ..Default::default()
     };
     Ok(opts)

@@ -14,7 +14,15 @@ pub(super) fn info(img: &Dev, args: &[&str]) -> bool {
         );
         return false;
     }
-    println!("format name: {}", img.format().name());
+    // A protocol opened without a format is named by its driver (`file`, `nbd`), and twice:
+    // QEMU prints a driver's format name and then its protocol name, which such drivers both
+    // have.
+    if img.protocol_node() {
+        println!("format name: {}", img.protocol());
+        println!("format name: {}", img.protocol());
+    } else {
+        println!("format name: {}", img.format().name());
+    }
     let (cluster, vm_state) = match img.as_qcow2() {
         Some(q) => {
             let g = q.geometry();
