@@ -1530,6 +1530,92 @@ fn protocol_drivers_and_file_types_like_qemu() {
     assert_eq!(stderr(&ours), stderr(&theirs));
 }
 
+/// `reopen` with the node's own options, as qemu-io: node names and drivers may be repeated but
+/// not changed, `read-only` not beside `-r`/`-w`, `cache.*` not beside `-c`, flags must be
+/// on/off; `read-only=on` and `cache.direct=on` take effect (a write then fails / still works).
+#[test]
+fn reopen_node_options_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("b.qcow2");
+    let img = dir.path().join("t.qcow2");
+    qemu_create(&base, "", 1 << 20, &[]);
+    qemu_create(
+        &img,
+        "",
+        1 << 20,
+        &["-b", base.to_str().unwrap(), "-F", "qcow2"],
+    );
+    let p = img.to_str().unwrap();
+    let open_named = format!("open -o node-name=foo,file.node-name=bar {p}");
+    let cases: Vec<Vec<String>> = vec![
+        vec!["reopen -o node-name=foo".into()],
+        vec!["reopen -o file.node-name=foo".into()],
+        vec!["reopen -o backing.node-name=foo".into()],
+        vec!["reopen -o driver=raw".into()],
+        vec!["reopen -o file.driver=qcow2".into()],
+        vec!["reopen -o backing.driver=file".into()],
+        vec!["reopen -o driver=qcow2,file.driver=file,backing.driver=qcow2".into()],
+        vec!["reopen -r -o read-only=on".into()],
+        vec!["reopen -c none -o cache.direct=on".into()],
+        vec!["reopen -o read-only=foo".into()],
+        vec!["reopen -o cache.no-flush=bar".into()],
+        vec!["reopen -o auto-read-only=qux".into()],
+        vec!["reopen -o node-name=0bad".into()],
+        vec!["reopen -o read-only=on".into(), "write 0 512".into()],
+        vec![
+            "reopen -o cache.direct=on".into(),
+            "write -P 3 0 4k".into(),
+            "read -P 3 0 4k".into(),
+        ],
+    ];
+    for cmds in cases {
+        for with_names in [false, true] {
+            let mut args: Vec<String> = Vec::new();
+            if with_names {
+                args.extend(["-c".into(), open_named.clone()]);
+                args.extend([
+                    "-c".into(),
+                    "reopen -o node-name=foo,file.node-name=bar".into(),
+                ]);
+                args.extend(["-c".into(), "reopen".into()]);
+            }
+            for c in &cmds {
+                args.extend(["-c".into(), c.clone()]);
+            }
+            if !with_names {
+                args.push(p.into());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let theirs = run("qemu-io", &args);
+            let ours = qimg(&[&["io"][..], &args].concat());
+            let lines = |o: &Output| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| !l.contains("ops;"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert_eq!(
+                ours.status.code(),
+                theirs.status.code(),
+                "{args:?}: {}",
+                text(&ours)
+            );
+            assert_eq!(lines(&ours), lines(&theirs), "{args:?}");
+            // QEMU names an unnamed node '#blockNNN'.
+            let node = |t: String| match t.split_once("node '") {
+                Some((a, b)) => format!("{a}node '...'{}", b.split_once('\'').map_or("", |x| x.1)),
+                None => t,
+            };
+            assert_eq!(
+                node(stderr(&ours)),
+                node(String::from_utf8_lossy(&theirs.stderr).replace("qemu-io:", "PROG:")),
+                "{args:?}"
+            );
+        }
+    }
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

@@ -48,6 +48,23 @@ pub struct ImageSpec {
     pub protocol_driver: Option<&'static str>,
 }
 
+/// QEMU's rule for node names (`node-name=`): a letter, then letters, digits, `-`, `.`, `_`,
+/// at most 31 characters. qimg accepts them (scripts name their nodes) but has no node graph
+/// that refers to them; `reopen` refuses to change them, as QEMU does.
+pub fn check_node_name(name: &str) -> Result<()> {
+    let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !ok {
+        return Err(Error::arg(format!("Invalid node-name: '{name}'")));
+    }
+    if name.len() > 31 {
+        return Err(Error::arg("Node name too long"));
+    }
+    Ok(())
+}
+
 /// Parses an image name: an option list with `--image-opts`, else `json:{...}`, `file:NAME`
 /// or a plain name.
 pub fn parse(name: &str, image_opts: bool) -> Result<ImageSpec> {
@@ -462,10 +479,12 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
         return Ok(spec);
     }
     if pairs.iter().any(|(k, v)| k == "driver" && v == "null-co") {
+        // The null-co node itself, no format above it (as `driver=file` is the file's).
         return null_device(&pairs, "").map(|null| ImageSpec {
             path: "null-co://".into(),
             format: Some("raw".into()),
             null: Some(null),
+            protocol_driver: Some("null-co"),
             ..Default::default()
         });
     }
@@ -568,6 +587,7 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
             }
             "backing" if v.is_empty() => spec.no_backing = true,
             "read-only" => spec.read_only = qimg::size::parse_bool(&k, &v)?,
+            k if k == "node-name" || k.ends_with(".node-name") => check_node_name(&v)?,
             "file.locking" | "locking" => runtime.push(format!("locking={}", v.replace(',', ",,"))),
             "backing.driver" => runtime.push(format!("backing.driver={v}")),
             "data-file.filename" => spec.data_file = Some(DataFileSpec::Path(v.into())),

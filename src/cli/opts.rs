@@ -89,6 +89,8 @@ pub fn runtime_options_with_backing(lists: &[String]) -> Result<Runtime> {
                 );
             } else if k == "locking" || k == "file.locking" {
                 r.locking = Locking::parse(&v)?;
+            } else if k == "node-name" || k.ends_with(".node-name") {
+                super::image_name::check_node_name(&v)?;
             } else if k == "discard" {
                 r.discard = Some(Discard::parse(&v)?);
             } else if k == "detect-zeroes" {
@@ -186,8 +188,10 @@ fn spec_options(
             opts: spec_options(inner, a, None, Vec::new())?,
         })),
     };
-    // An explicit -f wins over the name's driver, as with QEMU.
+    // An explicit -f wins over the name's driver, as with QEMU; `-f null-co` names the null
+    // device the name describes (it has no format of its own).
     let format = format
+        .filter(|f| !(*f == "null-co" && spec.null.is_some()))
         .or(spec.format.as_deref())
         .map(Format::parse)
         .transpose()?;

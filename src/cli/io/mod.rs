@@ -158,6 +158,7 @@ pub async fn run(a: Args) -> u8 {
             aio: a.aio.clone(),
             snapshot: a.snapshot,
             copy_on_read: a.copy_on_read,
+            auto_read_only: false,
         };
         match params.open().await {
             Ok(i) => {
@@ -211,10 +212,25 @@ struct OpenParams {
     snapshot: bool,
     /// `-C`: see `qimg::copy_on_read`.
     copy_on_read: bool,
+    /// QEMU's `auto-read-only`: a read-write open the file's permissions refuse opens read-only.
+    auto_read_only: bool,
 }
 
 impl OpenParams {
     async fn open(&self) -> qimg::Result<Dev> {
+        match self.open_as_given().await {
+            Err(e) if self.auto_read_only && !self.read_only && refused_writing(&e) => {
+                let ro = OpenParams {
+                    read_only: true,
+                    ..self.clone()
+                };
+                ro.open_as_given().await
+            }
+            r => r,
+        }
+    }
+
+    async fn open_as_given(&self) -> qimg::Result<Dev> {
         let img = open_image_args(
             &ImageArgs {
                 image_opts: self.image_opts,
@@ -246,6 +262,12 @@ impl OpenParams {
 }
 
 type Dev = Arc<dyn BlockDevice>;
+
+/// The file system or the file's permissions refused to open it for writing.
+fn refused_writing(e: &qimg::Error) -> bool {
+    matches!(e, qimg::Error::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS)))
+}
 
 impl Session {
     /// Reads commands from standard input until `quit` or its end: with line editing on a

@@ -97,6 +97,7 @@ impl Session {
             aio,
             snapshot,
             copy_on_read,
+            auto_read_only: false,
         };
         match params.open().await {
             Ok(img) => {
@@ -181,14 +182,35 @@ impl Session {
                 return false;
             }
         }
+        let node = match self.node_options(&old, &options, ro || rw, cache.is_some()) {
+            Ok(n) => n,
+            Err(msg) => {
+                eprintln!("{}: {msg}", prog());
+                return false;
+            }
+        };
         let mut new = old.clone();
         if ro || rw {
             new.read_only = ro;
         }
+        if let Some(r) = node.read_only {
+            new.read_only = r;
+        }
+        if let Some(a) = node.auto_read_only {
+            new.auto_read_only = a;
+        }
         if cache.is_some() {
             new.cache = cache;
+        } else if node.direct.is_some() || node.no_flush.is_some() {
+            match cache_with(new.cache.as_deref(), node.direct, node.no_flush) {
+                Ok(c) => new.cache = Some(c.to_string()),
+                Err(msg) => {
+                    eprintln!("{}: {msg}", prog());
+                    return false;
+                }
+            }
         }
-        new.runtime = join_runtime(&old.runtime, &options);
+        new.runtime = join_runtime(&old.runtime, &node.rest);
         // Refuse bad options while the image is still open.
         let check = ImageArgs {
             image_opts: new.image_opts,
@@ -226,6 +248,128 @@ impl Session {
             }
         }
     }
+}
+
+/// What a reopen's `-o` options say about the node itself (rather than its driver).
+struct NodeOptions {
+    read_only: Option<bool>,
+    auto_read_only: Option<bool>,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+    /// The driver's options, to be joined with the old ones.
+    rest: Vec<String>,
+}
+
+impl Session {
+    /// Takes the node's own options out of a reopen's `-o` lists, with QEMU's rules: `read-only`
+    /// not beside `-r`/`-w`, the `cache.*` switches not beside `-c`, node names and drivers
+    /// unchanged (repeating them is fine).
+    fn node_options(
+        &self,
+        old: &OpenParams,
+        options: &[String],
+        rw_flag: bool,
+        cache_flag: bool,
+    ) -> Result<NodeOptions, String> {
+        use crate::cli::opts::parse_kv_list;
+        let mut n = NodeOptions {
+            read_only: None,
+            auto_read_only: None,
+            direct: None,
+            no_flush: None,
+            rest: Vec::new(),
+        };
+        // What the image was opened with: its option lists, and its name with --image-opts.
+        let mut before: Vec<(String, String)> =
+            old.runtime.iter().flat_map(|l| parse_kv_list(l)).collect();
+        if old.image_opts {
+            before.extend(parse_kv_list(&old.path));
+        }
+        let was = |k: &str| {
+            before
+                .iter()
+                .rev()
+                .find(|(x, _)| x == k)
+                .map(|(_, v)| v.clone())
+        };
+        let img = self.img.as_ref();
+        for (k, v) in options.iter().flat_map(|l| parse_kv_list(l)) {
+            let flag = || qimg::size::parse_bool(&k, &v).map_err(|e| e.to_string());
+            match k.as_str() {
+                "read-only" => {
+                    let b = flag()?;
+                    if rw_flag {
+                        return Err("Cannot set both -r/-w and 'read-only'".into());
+                    }
+                    // qemu-io keeps its write permission over such a reopen: QEMU refuses it.
+                    if b && !old.read_only {
+                        let name = was("node-name").unwrap_or_else(|| old.path.clone());
+                        return Err(format!(
+                            "Read-only block node '{name}' cannot support read-write users"
+                        ));
+                    }
+                    n.read_only = Some(b);
+                }
+                "auto-read-only" => n.auto_read_only = Some(flag()?),
+                "cache.direct" | "cache.no-flush" => {
+                    let b = flag()?;
+                    if cache_flag {
+                        return Err("Cannot set both -c and the cache options".into());
+                    }
+                    if k == "cache.direct" {
+                        n.direct = Some(b);
+                    } else {
+                        n.no_flush = Some(b);
+                    }
+                }
+                "node-name" | "file.node-name" | "backing.node-name" => {
+                    if was(&k).as_deref() != Some(v.as_str()) {
+                        return Err("Cannot change the option 'node-name'".into());
+                    }
+                }
+                "driver" | "file.driver" | "backing.driver" => {
+                    let now = img.and_then(|i| match k.as_str() {
+                        "driver" if i.protocol_node() => Some(i.protocol().to_string()),
+                        "driver" => Some(i.format().name().to_string()),
+                        "file.driver" => Some(i.protocol().to_string()),
+                        _ => i.backing().map(|b| b.format().name().to_string()),
+                    });
+                    if now.as_deref() != Some(v.as_str()) {
+                        return Err("Cannot change the option 'driver'".into());
+                    }
+                }
+                _ => n.rest.push(format!("{k}={}", v.replace(',', ",,"))),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The cache mode `mode` (qemu-io's default when none) with QEMU's `cache.direct` and
+/// `cache.no-flush` switched as given; whether writes are durable on completion stays.
+fn cache_with(
+    mode: Option<&str>,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+) -> Result<&'static str, String> {
+    let m =
+        qimg::block::CacheMode::parse(mode.unwrap_or(DEFAULT_CACHE)).map_err(|e| e.to_string())?;
+    let direct = direct.unwrap_or(m.direct());
+    let no_flush = no_flush.unwrap_or(m.no_flush());
+    Ok(match (m.writethrough(), direct, no_flush) {
+        (_, true, true) => {
+            return Err(
+                "cache.direct=on with cache.no-flush=on is not supported (no cache mode of \
+                 qimg bypasses the page cache without flushing)"
+                    .into(),
+            )
+        }
+        (_, false, true) => "unsafe",
+        (true, true, false) => "directsync",
+        (false, true, false) => "none",
+        (true, false, false) => "writethrough",
+        (false, false, false) => "writeback",
+    })
 }
 
 /// The options a reopen opens with: the new ones, and the old ones they do not name, with
