@@ -1616,6 +1616,70 @@ fn reopen_node_options_like_qemu_io() {
     }
 }
 
+/// qemu-io's `-m` (no effect on output), `--object secret,...` (defined, unused, as in QEMU) and
+/// its refusals; `-k` and `-T` are refused with a message (they are not implemented).
+#[test]
+fn io_misalign_and_secret_objects_like_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.qcow2");
+    qemu_create(&img, "", 1 << 20, &[]);
+    let secret_file = dir.path().join("key");
+    std::fs::write(&secret_file, "hunter2").unwrap();
+    let p = img.to_str().unwrap();
+    let with_file = format!("secret,id=s1,file={}", secret_file.display());
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-m", "-c", "write -P 5 0 4k", "-c", "read -P 5 0 4k", p],
+        vec!["--object", "secret,id=s0,data=abc", "-c", "length", p],
+        vec![
+            "--object",
+            &with_file,
+            "--object",
+            "secret,id=s2,data=YQ==,format=base64",
+            "-c",
+            "length",
+            p,
+        ],
+        vec!["--object", "secret,id=s0", "-c", "length", p],
+        vec!["--object", "secret,data=abc", "-c", "length", p],
+    ];
+    for args in cases {
+        let theirs = run("qemu-io", &args);
+        let ours = qimg(&[&["io"][..], &args].concat());
+        let lines = |o: &Output| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| !l.contains("ops;"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{args:?}: {}",
+            text(&ours)
+        );
+        assert_eq!(lines(&ours), lines(&theirs), "{args:?}");
+        assert_eq!(
+            stderr(&ours),
+            String::from_utf8_lossy(&theirs.stderr).replace("qemu-io:", "PROG:"),
+            "{args:?}"
+        );
+    }
+    for args in [
+        vec!["-k", "-c", "length", p],
+        vec!["-T", "qcow2_*", "-c", "length", p],
+        vec!["--object", "iothread,id=t0", "-c", "length", p],
+    ] {
+        let ours = qimg(&[&["io"][..], &args].concat());
+        assert_eq!(ours.status.code(), Some(1), "{args:?}");
+        assert!(
+            stdout(&ours).is_empty() && stderr(&ours).contains("not supported"),
+            "{args:?}: {}",
+            text(&ours)
+        );
+    }
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

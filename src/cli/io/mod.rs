@@ -72,6 +72,21 @@ pub struct Args {
     /// Copy-on-read: what reads fetch from the backing chain is also written into the image
     #[arg(short = 'C', long = "copy-on-read")]
     copy_on_read: bool,
+    /// Misalign qemu-io's buffers in memory (for O_DIRECT tests): accepted, without effect on
+    /// what is read or written or printed (qimg's own buffers are aligned as needed)
+    #[arg(short = 'm', long = "misalign")]
+    misalign: bool,
+    /// Linux AIO (qemu-io -k): not implemented, refused (-i io_uring is)
+    #[arg(short = 'k', long = "native-aio", hide = true)]
+    native_aio: bool,
+    /// QEMU trace events (qemu-io -T): refused (they would change the output; QIMG_LOG=debug
+    /// logs)
+    #[arg(short = 'T', long = "trace", hide = true)]
+    trace: Option<String>,
+    /// QEMU objects: secret,id=ID,data=TEXT|file=FILE[,format=raw|base64] (for encrypted
+    /// images, which qimg cannot open yet); other object types are refused
+    #[arg(long = "object", value_name = "OBJECT")]
+    object: Vec<String>,
     /// Command to run (repeatable)
     #[arg(short = 'c', long = "cmd")]
     cmds: Vec<String>,
@@ -135,6 +150,20 @@ pub async fn run(a: Args) -> u8 {
     };
     if a.image_opts && a.format.is_some() {
         eprintln!("{}: --image-opts and -f are mutually exclusive", prog());
+        return 1;
+    }
+    let _ = a.misalign;
+    let refused = if a.native_aio {
+        Some("-k (Linux AIO) is not supported; use -i io_uring or -i threads".to_string())
+    } else if a.trace.is_some() {
+        Some("-T/--trace: QEMU's trace events are not supported (QIMG_LOG=debug logs)".into())
+    } else {
+        super::opts::check_secret_objects(&a.object)
+            .err()
+            .map(|e| e.to_string())
+    };
+    if let Some(msg) = refused {
+        eprintln!("{}: {msg}", prog());
         return 1;
     }
     // `-d MODE` is the image's `discard=` option; one given with `-o` wins.
