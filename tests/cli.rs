@@ -1680,6 +1680,67 @@ fn io_misalign_and_secret_objects_like_qemu_io() {
     }
 }
 
+/// Every image command takes `--object secret,...` as qemu-img does (a secret nothing uses
+/// changes nothing), and refuses other object types and malformed secrets.
+#[test]
+fn image_commands_take_secret_objects_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a.qcow2"),
+        dir.path().join("b.qcow2"),
+        dir.path().join("c.qcow2"),
+    );
+    let (a, b, c) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        c.to_str().unwrap(),
+    );
+    let o = "--object";
+    let sec = "secret,id=s0,data=x";
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["info", o, sec, a],
+        vec!["check", o, sec, a],
+        vec!["map", o, sec, a],
+        vec!["compare", o, sec, a, b],
+        vec!["measure", o, sec, "--size", "1G"],
+        vec!["snapshot", o, sec, "-l", a],
+        vec!["resize", o, sec, a, "2M"],
+        vec!["amend", o, sec, "-o", "lazy_refcounts=on", a],
+        vec!["bitmap", o, sec, "--add", a, "b0"],
+        vec!["create", o, sec, "-q", "-f", "qcow2", c, "1M"],
+        vec!["convert", o, sec, "-O", "qcow2", a, c],
+        vec!["info", o, "secret,id=s0", a],
+        vec!["info", o, "iothread,id=t0", a],
+    ];
+    // Each run on fresh images: some commands change them.
+    let fresh = || {
+        for p in [a, b, c] {
+            let _ = std::fs::remove_file(p);
+        }
+        qemu_create(Path::new(a), "", 1 << 20, &[]);
+        qemu_create(Path::new(b), "", 1 << 20, &[]);
+    };
+    for args in commands {
+        fresh();
+        let theirs = run("qemu-img", &args);
+        fresh();
+        let ours = qimg(&args);
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{args:?}: {}",
+            text(&ours)
+        );
+        if theirs.status.success() {
+            assert_eq!(
+                stdout(&ours),
+                String::from_utf8_lossy(&theirs.stdout),
+                "{args:?}"
+            );
+        }
+    }
+}
+
 /// An image's map as the guest sees it (`qemu-img map`, host offsets left out: the engines'
 /// allocators place clusters differently).
 fn guest_map(p: &Path) -> Vec<String> {

@@ -506,15 +506,9 @@ fn unsupported_options_are_refused() {
     qemu_create(&d.join("a.qcow2"), "", 1 << 20, &[]);
     let cases: &[&[&str]] = &[
         &["measure", "-O", "qcow2", "-l", "snap", "a.qcow2"],
-        &["measure", "--object", "secret,id=s0,data=x", "--size", "1G"],
+        &["measure", "--object", "iothread,id=t0", "--size", "1G"],
         &["measure", "-O", "luks", "--size", "1G"],
-        &[
-            "dd",
-            "--object",
-            "secret,id=s0,data=x",
-            "if=a.qcow2",
-            "of=b.img",
-        ],
+        &["dd", "--object", "iothread,id=t0", "if=a.qcow2", "of=b.img"],
         &["dd", "-O", "vmdk", "if=a.qcow2", "of=b.img"],
     ];
     for args in cases {

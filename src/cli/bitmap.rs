@@ -43,7 +43,8 @@ pub struct Args {
     /// Treat FILE as an option list (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// QEMU objects (secrets): not supported yet
+    /// QEMU objects: secret,id=ID,data=TEXT|file=FILE[,format=raw|base64] (nothing uses a
+    /// secret until encrypted images are supported); other object types are refused
     #[arg(long = "object")]
     object: Vec<String>,
     /// FILE BITMAP
@@ -111,8 +112,8 @@ fn usage(msg: &str) -> u8 {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if !a.object.is_empty() {
-        return fail("--object is not supported by bitmap yet");
+    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+        return fail(e.to_string());
     }
     let any = a.add || a.remove || a.clear || a.enable || a.disable || a.merge.is_some();
     if !any {

@@ -29,7 +29,8 @@ pub struct Args {
     /// Quiet
     #[arg(short = 'q')]
     quiet: bool,
-    /// QEMU objects (secrets): not supported yet
+    /// QEMU objects: secret,id=ID,data=TEXT|file=FILE[,format=raw|base64] (nothing uses a
+    /// secret until encrypted images are supported); other object types are refused
     #[arg(long = "object")]
     object: Vec<String>,
     /// Treat the file name as an option string: not supported yet
@@ -39,8 +40,8 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if !a.object.is_empty() {
-        return super::fail("--object is not supported by commit yet");
+    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+        return super::fail(e.to_string());
     }
     let [filename] = a.filenames.as_slice() else {
         eprintln!("{}: Expecting one image file name", super::prog());

@@ -8,6 +8,10 @@ use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// QEMU objects: secret,id=ID,data=TEXT|file=FILE[,format=raw|base64] (nothing uses a
+    /// secret until encrypted images are supported); other object types are refused
+    #[arg(long = "object", value_name = "OBJECT")]
+    object: Vec<String>,
     #[arg(short = 'f')]
     format: Option<String>,
     /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
@@ -102,6 +106,9 @@ pub async fn map(img: &Arc<dyn BlockDevice>, start: u64, end: u64) -> Result<Vec
 }
 
 pub async fn run(a: Args) -> u8 {
+    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+        return super::fail(e.to_string());
+    }
     if a.output != "human" && a.output != "json" {
         return fail(format!(
             "--output expects 'human' or 'json' not '{}'",

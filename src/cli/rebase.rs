@@ -39,7 +39,8 @@ pub struct Args {
     /// Open the backing files without taking QEMU's locks against writers
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// QEMU objects (secrets): not supported yet
+    /// QEMU objects: secret,id=ID,data=TEXT|file=FILE[,format=raw|base64] (nothing uses a
+    /// secret until encrypted images are supported); other object types are refused
     #[arg(long = "object")]
     object: Vec<String>,
     /// Treat the file name as an option string: not supported yet
@@ -102,8 +103,8 @@ fn usage_error(msg: &str) -> u8 {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if !a.object.is_empty() {
-        return super::fail("--object is not supported by rebase yet");
+    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+        return super::fail(e.to_string());
     }
     let [filename] = a.filenames.as_slice() else {
         return usage_error("Expecting one image file name");

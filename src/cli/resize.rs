@@ -13,6 +13,10 @@ const BDRV_MAX_LENGTH: i64 = i64::MAX - ((1 << 30) - 1);
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// QEMU objects: secret,id=ID,data=TEXT|file=FILE[,format=raw|base64] (nothing uses a
+    /// secret until encrypted images are supported); other object types are refused
+    #[arg(long = "object", value_name = "OBJECT")]
+    object: Vec<String>,
     #[arg(short = 'f')]
     format: Option<String>,
     /// The image name is an option list (driver=qcow2,file.filename=NAME,...)
@@ -34,6 +38,9 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> u8 {
+    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+        return super::fail(e.to_string());
+    }
     let prealloc = match a.preallocation.as_deref() {
         None => Preallocation::Off,
         Some(m) => match Preallocation::parse(m) {
