@@ -417,3 +417,110 @@ fn tls_authz_admits_whom_qemu_nbd_admits() {
         );
     }
 }
+
+/// `serve --list` over TLS, as `qemu-nbd --list`: the same listing from a TLS server (qemu-nbd or
+/// qimg), client credentials in QEMU's layout; QEMU's refusals of server credentials and of
+/// `--tls-authz` in list mode.
+#[test]
+fn list_over_tls_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/make-tls-certs.sh");
+    std::fs::create_dir(d.join("srv")).unwrap();
+    std::fs::create_dir(d.join("cli")).unwrap();
+    let o = Command::new("bash")
+        .arg(script)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let img = d.join("l.qcow2");
+    qemu_create(&img, "", 3 << 20, &[]);
+    let server_creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        d.join("srv").display()
+    );
+    let client_creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        d.join("cli").display()
+    );
+    for server in ["qemu-nbd", QIMG] {
+        let port = free_port().to_string();
+        let pid = d.join("l.pid");
+        let _ = std::fs::remove_file(&pid);
+        let mut args: Vec<&str> = if server == QIMG {
+            vec!["serve"]
+        } else {
+            vec![]
+        };
+        args.extend_from_slice(&[
+            "-t",
+            "-f",
+            "qcow2",
+            "-x",
+            "disk",
+            "-D",
+            "a disk",
+            "--object",
+            &server_creds,
+            "--tls-creds",
+            "tls0",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--fork",
+            "--pid-file",
+            s(&pid),
+            s(&img),
+        ]);
+        let o = run(server, &args);
+        assert!(o.status.success(), "{server}: {}", text(&o));
+        let list = |tool: &str, tls: bool| {
+            let mut args: Vec<&str> = if tool == QIMG { vec!["serve"] } else { vec![] };
+            args.extend_from_slice(&["-L", "-b", "127.0.0.1", "-p", &port]);
+            if tls {
+                args.extend_from_slice(&["--object", &client_creds, "--tls-creds", "tls0"]);
+            }
+            run(tool, &args)
+        };
+        let theirs = list("qemu-nbd", true);
+        let ours = list(QIMG, true);
+        assert!(theirs.status.success(), "{}", text(&theirs));
+        assert!(ours.status.success(), "{}", text(&ours));
+        assert_eq!(ours.stdout, theirs.stdout, "server {server}");
+        assert!(String::from_utf8_lossy(&ours.stdout).contains("export: 'disk'"));
+        // Without TLS the server says nothing about its exports.
+        let plain = list(QIMG, false);
+        assert!(!plain.status.success(), "{}", text(&plain));
+        let p = std::fs::read_to_string(&pid).unwrap();
+        let _ = Command::new("kill").arg(p.trim()).status();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for (extra, msg) in [
+        (
+            vec!["--object", &server_creds, "--tls-creds", "tls0"],
+            "Expecting TLS credentials with a client endpoint",
+        ),
+        (
+            vec![
+                "--object",
+                &client_creds,
+                "--tls-creds",
+                "tls0",
+                "--tls-authz",
+                "a0",
+            ],
+            "TLS authorization is incompatible with export list",
+        ),
+    ] {
+        let mut args = vec!["serve", "-L", "-b", "127.0.0.1", "-p", "1"];
+        args.extend(extra);
+        let o = run(QIMG, &args);
+        assert!(
+            !o.status.success() && text(&o).contains(msg),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+}

@@ -200,8 +200,10 @@ fn refuse_unsupported(a: &Args) -> Result<()> {
     if a.tls_hostname.is_some() && !a.list {
         return Err(Error::arg("--tls-hostname is only permitted with --list"));
     }
-    if a.list && (a.tls_creds.is_some() || a.tls_hostname.is_some()) {
-        return refuse("--list over TLS is not supported yet");
+    if a.list && a.tls_authz.is_some() {
+        return Err(Error::arg(
+            "TLS authorization is incompatible with export list",
+        ));
     }
     if a.connect.is_some() || a.disconnect {
         return refuse(
@@ -230,7 +232,15 @@ fn is_offset(o: &str) -> bool {
 
 /// The TLS setup `--object tls-creds-x509,...` and `--tls-creds ID` ask for (QEMU's rules and
 /// messages).
-fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
+/// What `--tls-creds` asks for: nothing, a server's TLS, or (with `--list`) a client's, from
+/// credentials in this directory.
+enum TlsSetup {
+    Plain,
+    Server(qimg::nbd::tls::TlsServer),
+    Client(std::path::PathBuf),
+}
+
+fn tls_setup(a: &Args) -> Result<TlsSetup> {
     struct Creds {
         id: String,
         endpoint: String,
@@ -294,22 +304,26 @@ fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
                 "--tls-authz is not permitted without --tls-creds",
             ));
         }
-        return Ok(None);
+        return Ok(TlsSetup::Plain);
     };
     let Some(c) = creds.iter().find(|c| &c.id == id) else {
         return Err(Error::arg(format!("No TLS credentials with id '{id}'")));
     };
-    if c.endpoint != "server" {
-        return Err(Error::arg(
-            "Expecting TLS credentials with a server endpoint",
-        ));
+    let want = if a.list { "client" } else { "server" };
+    if c.endpoint != want {
+        return Err(Error::arg(format!(
+            "Expecting TLS credentials with a {want} endpoint"
+        )));
     }
     let Some(dir) = &c.dir else {
         return Err(Error::arg("tls-creds-x509 needs dir=DIR"));
     };
+    if a.list {
+        return Ok(TlsSetup::Client(dir.into()));
+    }
     let server = qimg::nbd::tls::TlsServer::from_x509_dir(Path::new(dir), c.verify_peer)?;
     let Some(authz_id) = &a.tls_authz else {
-        return Ok(Some(server));
+        return Ok(TlsSetup::Server(server));
     };
     // qemu-nbd looks the object up for each client (and refuses them all when it is missing);
     // a name that matches no object is refused here at once instead.
@@ -318,7 +332,7 @@ fn tls_setup(a: &Args) -> Result<Option<qimg::nbd::tls::TlsServer>> {
             "No authorization object with id '{authz_id}'"
         )));
     };
-    server.with_authz(object).map(Some)
+    server.with_authz(object).map(TlsSetup::Server)
 }
 
 async fn serve(a: Args) -> Result<u8> {
@@ -328,8 +342,15 @@ async fn serve(a: Args) -> Result<u8> {
         if a.filename.is_some() {
             return Err(Error::arg("List mode is incompatible with a file name"));
         }
-        return list(&a).await;
+        let TlsSetup::Client(dir) = tls else {
+            return list(&a, None).await;
+        };
+        return list(&a, Some(dir)).await;
     }
+    let tls = match tls {
+        TlsSetup::Server(s) => Some(s),
+        _ => None,
+    };
     let Some(filename) = a.filename.clone() else {
         return Err(Error::arg(format!(
             "Invalid number of arguments\nTry `{} --help' for more information.",
@@ -519,21 +540,44 @@ async fn serve(a: Args) -> Result<u8> {
 }
 
 /// `--list`: what the server at `-k` or `-b`/`-p` exports, printed as `qemu-nbd --list` does.
-async fn list(a: &Args) -> Result<u8> {
-    use qimg::nbd::client::{flag_names, list_exports};
+/// With `tls` (a client credentials directory), over TLS: the server's certificate must name
+/// `--tls-hostname`, or else the host connected to (a unix socket needs `--tls-hostname`).
+async fn list(a: &Args, tls: Option<std::path::PathBuf>) -> Result<u8> {
+    use qimg::nbd::client::{flag_names, list_exports, list_exports_tls};
+    let client = |host: Option<String>| -> Result<Option<qimg::nbd::tls::TlsClient>> {
+        let Some(dir) = &tls else { return Ok(None) };
+        let Some(name) = a.tls_hostname.clone().or(host) else {
+            return Err(Error::arg(
+                "--tls-hostname is needed to list the exports of a unix socket over TLS",
+            ));
+        };
+        qimg::nbd::tls::TlsClient::from_x509_dir(dir, &name).map(Some)
+    };
     let (listing, target) = match &a.socket {
         Some(p) => {
+            let tls = client(None)?;
             let mut s = tokio::net::UnixStream::connect(p)
                 .await
                 .map_err(|e| Error::io(format!("Failed to connect to '{}'", p.display()), e))?;
-            (list_exports(&mut s).await, p.display().to_string())
+            let l = match &tls {
+                Some(t) => list_exports_tls(s, t).await,
+                None => list_exports(&mut s).await,
+            };
+            (l, p.display().to_string())
         }
         None => {
             let addr = parse_bind(a.bind.as_deref(), a.port).await?;
+            let tls = client(Some(
+                a.bind.clone().unwrap_or_else(|| addr.ip().to_string()),
+            ))?;
             let mut s = tokio::net::TcpStream::connect(addr)
                 .await
                 .map_err(|e| Error::io(format!("Failed to connect to '{addr}'"), e))?;
-            (list_exports(&mut s).await, addr.to_string())
+            let l = match &tls {
+                Some(t) => list_exports_tls(s, t).await,
+                None => list_exports(&mut s).await,
+            };
+            (l, addr.to_string())
         }
     };
     let listing =

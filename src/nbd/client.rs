@@ -136,7 +136,22 @@ pub(super) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::R
 /// then `NBD_OPT_INFO` and `NBD_OPT_LIST_META_CONTEXT` for each export, and `NBD_OPT_ABORT`.
 pub async fn list_exports<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Listing> {
     greet(s).await?;
+    list_greeted(s).await
+}
 
+/// [`list_exports`] over TLS: the greeting in clear, `NBD_OPT_STARTTLS`, then the listing over
+/// the encrypted stream.
+pub async fn list_exports_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    tls: &super::tls::TlsClient,
+) -> io::Result<Listing> {
+    greet(&mut s).await?;
+    let mut t = tls.start(s).await?;
+    list_greeted(&mut t).await
+}
+
+/// The listing after the greeting (and TLS, if any).
+async fn list_greeted<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<Listing> {
     let mut listing = Listing::default();
     if simple_option(s, OPT_EXTENDED_HEADERS).await? {
         listing.extended = true;

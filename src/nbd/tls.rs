@@ -200,3 +200,68 @@ async fn before_tls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<
     }
     Err(violation("too many options before TLS"))
 }
+
+/// A client's TLS setup (`qemu-nbd --list` with `--tls-creds`): QEMU's client layout in `dir`,
+/// `ca-cert.pem` (the authority the server's certificate must chain to) and, when present,
+/// `client-cert.pem` with `client-key.pem` (for servers that verify their clients).
+#[derive(Clone)]
+pub struct TlsClient {
+    connector: tokio_rustls::TlsConnector,
+    server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl TlsClient {
+    /// `server_name` is the name the server's certificate must carry (a DNS name or an IP
+    /// address).
+    pub fn from_x509_dir(dir: &Path, server_name: &str) -> Result<TlsClient> {
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_path = dir.join("ca-cert.pem");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&ca_path).map_err(|e| load_err(&ca_path, e))? {
+            roots
+                .add(c.map_err(|e| load_err(&ca_path, e))?)
+                .map_err(|e| load_err(&ca_path, e))?;
+        }
+        if roots.is_empty() {
+            return Err(load_err(&ca_path, "no certificate in the file"));
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::arg(format!("TLS setup: {e}")))?
+            .with_root_certificates(roots);
+        let (cert_path, key_path) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+        let config = if cert_path.exists() {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+                .map_err(|e| load_err(&cert_path, e))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| load_err(&cert_path, e))?;
+            let key =
+                PrivateKeyDer::from_pem_file(&key_path).map_err(|e| load_err(&key_path, e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::arg(format!("TLS credentials in '{}': {e}", dir.display())))?
+        } else {
+            builder.with_no_client_auth()
+        };
+        let server_name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|_| Error::arg(format!("Invalid TLS hostname '{server_name}'")))?;
+        Ok(TlsClient {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+
+    /// Asks the server at the other end of `s` (greeted already) for TLS and starts it.
+    pub async fn start<S>(&self, mut s: S) -> io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if !super::client::simple_option(&mut s, OPT_STARTTLS).await? {
+            return Err(violation(
+                "the server does not support TLS (NBD_OPT_STARTTLS)",
+            ));
+        }
+        self.connector.connect(self.server_name.clone(), s).await
+    }
+}
