@@ -43,6 +43,21 @@ fn load_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::arg(format!("Unable to read '{}': {e}", path.display()))
 }
 
+/// The certificate authorities of `dir/ca-cert.pem` (QEMU's layout), at least one.
+fn load_roots(dir: &Path) -> Result<rustls::RootCertStore> {
+    let ca_path = dir.join("ca-cert.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca_path).map_err(|e| load_err(&ca_path, e))? {
+        roots
+            .add(c.map_err(|e| load_err(&ca_path, e))?)
+            .map_err(|e| load_err(&ca_path, e))?;
+    }
+    if roots.is_empty() {
+        return Err(load_err(&ca_path, "no certificate in the file"));
+    }
+    Ok(roots)
+}
+
 impl TlsServer {
     /// Loads X.509 credentials from `dir` (QEMU's `tls-creds-x509` layout).
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<TlsServer> {
@@ -64,16 +79,7 @@ impl TlsServer {
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::arg(format!("TLS setup: {e}")))?;
         let builder = if verify_peer {
-            let ca_path = dir.join("ca-cert.pem");
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(&ca_path).map_err(|e| load_err(&ca_path, e))? {
-                roots
-                    .add(c.map_err(|e| load_err(&ca_path, e))?)
-                    .map_err(|e| load_err(&ca_path, e))?;
-            }
-            if roots.is_empty() {
-                return Err(load_err(&ca_path, "no certificate in the file"));
-            }
+            let roots = load_roots(dir)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -216,16 +222,7 @@ impl TlsClient {
     pub fn from_x509_dir(dir: &Path, server_name: &str) -> Result<TlsClient> {
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca_path = dir.join("ca-cert.pem");
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca_path).map_err(|e| load_err(&ca_path, e))? {
-            roots
-                .add(c.map_err(|e| load_err(&ca_path, e))?)
-                .map_err(|e| load_err(&ca_path, e))?;
-        }
-        if roots.is_empty() {
-            return Err(load_err(&ca_path, "no certificate in the file"));
-        }
+        let roots = load_roots(dir)?;
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::arg(format!("TLS setup: {e}")))?
