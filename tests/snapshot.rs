@@ -423,3 +423,50 @@ fn pass_discard_snapshot_like_qemu() {
         }
     }
 }
+
+/// `measure -l`: the numbers of a snapshot's content, as `qemu-img measure -l` gives them (by ID,
+/// name, or QEMU's `snapshot.id=`/`snapshot.name=` form), and qemu-img's messages for a missing
+/// snapshot, a bad parameter and a format without snapshots.
+#[test]
+fn measure_reads_snapshots_like_qemu_img() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.qcow2");
+    let ps = p.to_str().unwrap();
+    qemu_create(&p, "", 64 << 20, &[]);
+    qemu_io(&p, "qcow2", &["write -P 1 0 8M".into()]);
+    ok(&run(QIMG, &["snapshot", "-c", "small", ps]), "c");
+    qemu_io(&p, "qcow2", &["write -P 2 8M 24M".into()]);
+    ok(&run("qemu-img", &["snapshot", "-c", "large", ps]), "c");
+    qemu_io(&p, "qcow2", &["discard 0 32M".into()]);
+    let mut seen = std::collections::BTreeSet::new();
+    for extra in [
+        &["-l", "small"][..],
+        &["-l", "1"],
+        &["-l", "snapshot.name=large"],
+        &["-l", "snapshot.id=2,snapshot.name=large"],
+        &[],
+        &["-l", "nope"],
+        &["-l", "snapshot.id=1,snapshot.name=large"],
+        &["-l", "snapshot.foo=1"],
+        &["-f", "raw", "-l", "small"],
+    ] {
+        let mut args = vec!["measure", "-O", "qcow2", "--output=json"];
+        args.extend_from_slice(extra);
+        args.push(ps);
+        let theirs = run("qemu-img", &args);
+        let ours = std::process::Command::new(QIMG)
+            .arg0("qemu-img")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            (ours.status.code(), text(&ours)),
+            (theirs.status.code(), text(&theirs)),
+            "{extra:?}"
+        );
+        seen.insert(ours.stdout);
+    }
+    // The snapshots, the active disk and the failures differ from each other.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}

@@ -36,7 +36,8 @@ pub struct Args {
     /// Measure a new image of this virtual size
     #[arg(long = "size", allow_hyphen_values = true)]
     size: Vec<String>,
-    /// Measure from a snapshot of FILENAME (not supported yet: refused)
+    /// Measure the content of an internal snapshot of FILENAME: its ID or name, or
+    /// snapshot.id=ID[,snapshot.name=NAME]
     #[arg(short = 'l', long = "snapshot")]
     snapshot: Option<String>,
     /// Open FILENAME in shared mode
@@ -86,9 +87,14 @@ pub async fn run(a: Args) -> u8 {
         },
         None => None,
     };
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return fail(e.to_string());
     }
+    let snapshot = match a.snapshot.as_deref().map(super::opts::parse_snapshot_param) {
+        Some(Err(e)) => return fail(e.to_string()),
+        Some(Ok(sn)) => Some(sn),
+        None => None,
+    };
     if a.filenames.len() > 1 {
         return fail("At most one filename argument is allowed.");
     }
@@ -100,9 +106,6 @@ pub async fn run(a: Args) -> u8 {
             return fail("--image-opts, -f, and -l require a filename argument.")
         }
         _ => {}
-    }
-    if a.snapshot.is_some() {
-        return fail("-l/--snapshot: reading snapshots is not supported yet");
     }
     let input = match filename {
         Some(f) if f.is_empty() => {
@@ -128,6 +131,12 @@ pub async fn run(a: Args) -> u8 {
         },
         None => None,
     };
+    if let (Some(i), Some(sn)) = (&input, &snapshot) {
+        if let Err(e) = super::opts::load_snapshot(&**i, sn).await {
+            let _ = i.close().await;
+            return fail(format!("Failed to load snapshot: {e}"));
+        }
+    }
     let r = measure(&a.target_format, &a.options, size, input.as_ref()).await;
     if let Some(i) = &input {
         let _ = i.close().await;
