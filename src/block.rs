@@ -599,9 +599,11 @@ fn open_layer<'a>(
             return open_format(storage, path, name, opts, depth, seen).await;
         }
         if let (0, Some(target)) = (depth, &opts.nbd) {
+            // The connection's errors say what failed ("Failed to connect to ...", the
+            // server's refusal), as QEMU's NBD driver reports them.
             let storage = crate::nbd::remote::NbdStorage::connect(target)
                 .await
-                .map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+                .map_err(|e| Error::io(String::new(), e))?;
             let storage: StorageRef = Arc::new(storage);
             return open_format(storage, path, name, opts, depth, seen).await;
         }

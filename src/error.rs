@@ -14,7 +14,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// An I/O error from the storage below, with what we were doing. Shown as QEMU shows it:
     /// the C library's text, without Rust's " (os error N)".
-    #[error("{context}: {}", strerror(.source))]
+    /// An empty context shows the error alone (errors that say everything themselves).
+    #[error("{}", io_text(.context, .source))]
     Io {
         context: String,
         #[source]
@@ -54,6 +55,14 @@ pub enum Error {
     /// A backing chain names the same file twice (QEMU's message).
     #[error("Backing file '{0}' creates an infinite loop.")]
     BackingLoop(String),
+}
+
+fn io_text(context: &str, source: &io::Error) -> String {
+    if context.is_empty() {
+        strerror(source)
+    } else {
+        format!("{context}: {}", strerror(source))
+    }
 }
 
 /// An I/O error's text as `strerror` gives it ("No such file or directory"): what QEMU's tools

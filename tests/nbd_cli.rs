@@ -421,7 +421,7 @@ fn unsupported_options_are_refused() {
     qemu_create(&img, "", 1 << 20, &[]);
     let sock = dir.path().join("s.sock");
     let cases: [(&[&str], &str); 5] = [
-        (&["--object", "secret,id=s0,data=x"], "--object"),
+        (&["--object", "memory-backend-ram,id=m0"], "--object memory-backend-ram"),
         (&["-c", "/dev/nbd0"], "kernel NBD client"),
         (&["-o", "512"], "--offset"),
         (&["--offset", "0x200"], "--offset"),

@@ -21,18 +21,53 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-#[test]
-fn tls_clients_are_served_and_plain_ones_refused() {
-    let dir = tempfile::tempdir().unwrap();
+/// Makes a test CA in `d`, server credentials in `d/srv` and client credentials in `d/cli`
+/// (QEMU's layouts).
+fn make_certs(d: &Path) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/make-tls-certs.sh");
-    std::fs::create_dir(dir.path().join("srv")).unwrap();
-    std::fs::create_dir(dir.path().join("cli")).unwrap();
+    std::fs::create_dir(d.join("srv")).unwrap();
+    std::fs::create_dir(d.join("cli")).unwrap();
     let o = Command::new("bash")
         .arg(script)
-        .current_dir(dir.path())
+        .current_dir(d)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A server started with `--fork --pid-file`, stopped when dropped.
+struct Forked(std::path::PathBuf);
+
+impl Forked {
+    /// Starts `program` (qemu-nbd, or qimg as `qimg serve`) with `args`.
+    fn start(program: &str, args: &[&str], pid: &Path) -> Forked {
+        let _ = std::fs::remove_file(pid);
+        let mut all: Vec<&str> = if program == QIMG {
+            vec!["serve"]
+        } else {
+            vec![]
+        };
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--fork", "--pid-file", s(pid)]);
+        let o = run(program, &all);
+        assert!(o.status.success(), "{program} {all:?}: {}", text(&o));
+        Forked(pid.to_path_buf())
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        if let Ok(p) = std::fs::read_to_string(&self.0) {
+            let _ = Command::new("kill").arg(p.trim()).status();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
+fn tls_clients_are_served_and_plain_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
     let img = dir.path().join("d.qcow2");
     qemu_create(&img, "", 64 << 20, &[]);
     let port = free_port().to_string();
@@ -134,13 +169,20 @@ fn tls_clients_are_served_and_plain_ones_refused() {
     for (args, msg) in [
         (
             vec!["--tls-creds", "nope"],
-            "No TLS credentials with id 'nope'",
+            "Failed to get TLS creds: No TLS credentials with id 'nope'",
         ),
         (
             vec!["--object", &client, "--tls-creds", "tls0"],
-            "Expecting TLS credentials with a server endpoint",
+            "Failed to get TLS creds: Expected TLS credentials for a server endpoint",
         ),
-        (vec!["--object", "secret,id=s0,data=x"], "not supported"),
+        (
+            vec!["--object", "secret,id=s0,data=x", "--tls-creds", "s0"],
+            "Failed to get TLS creds: Object with id 's0' is not TLS credentials",
+        ),
+        (
+            vec!["--object", "memory-backend-ram,id=m0"],
+            "not supported",
+        ),
     ] {
         let mut a = vec!["serve", "-f", "qcow2"];
         a.extend(args);
@@ -286,15 +328,7 @@ fn authz_admits(dir: &Path, program: &str, authz: &str, cli: &Path) -> bool {
 fn tls_authz_admits_whom_qemu_nbd_admits() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/make-tls-certs.sh");
-    std::fs::create_dir(d.join("srv")).unwrap();
-    std::fs::create_dir(d.join("cli")).unwrap();
-    let o = Command::new("bash")
-        .arg(script)
-        .current_dir(d)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    make_certs(d);
     let cases: [(&str, &[&str], &str); 4] = [
         (
             "/C=GB/ST=London/O=Example Org, Ltd/CN=client one",
@@ -425,15 +459,7 @@ fn tls_authz_admits_whom_qemu_nbd_admits() {
 fn list_over_tls_like_qemu_nbd() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/make-tls-certs.sh");
-    std::fs::create_dir(d.join("srv")).unwrap();
-    std::fs::create_dir(d.join("cli")).unwrap();
-    let o = Command::new("bash")
-        .arg(script)
-        .current_dir(d)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    make_certs(d);
     let img = d.join("l.qcow2");
     qemu_create(&img, "", 3 << 20, &[]);
     let server_creds = format!(
@@ -500,7 +526,7 @@ fn list_over_tls_like_qemu_nbd() {
     for (extra, msg) in [
         (
             vec!["--object", &server_creds, "--tls-creds", "tls0"],
-            "Expecting TLS credentials with a client endpoint",
+            "Failed to get TLS creds: Expected TLS credentials for a client endpoint",
         ),
         (
             vec![
@@ -523,4 +549,217 @@ fn list_over_tls_like_qemu_nbd() {
             text(&o)
         );
     }
+}
+
+/// qimg's tools as TLS clients of NBD servers (`--object tls-creds-x509,endpoint=client` and
+/// `driver=nbd,...,tls-creds=ID`), next to qemu-img against the same qemu-nbd and qimg TLS
+/// servers: the same output, exit code and messages, successes and refusals alike (wrong host
+/// name, unknown authority, no host name on a unix socket, no TLS on either side, wrong
+/// objects). Data written over TLS by `qimg io` is read back by qemu-io and `qimg convert`.
+#[test]
+fn qimg_tools_are_tls_clients_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    // A second authority, which the servers' certificates do not chain to.
+    std::fs::create_dir(d.join("other")).unwrap();
+    make_certs(&d.join("other"));
+    let img = d.join("t.qcow2");
+    qemu_create(&img, "", 64 << 20, &[]);
+    let server_creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        d.join("srv").display()
+    );
+    let client = |dir: &str| {
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            d.join(dir).display()
+        )
+    };
+    let sock = d.join("nbd.sock");
+    for server in ["qemu-nbd", QIMG] {
+        let port = free_port().to_string();
+        let tcp = Forked::start(
+            server,
+            &[
+                "-t",
+                "-f",
+                "qcow2",
+                "--object",
+                &server_creds,
+                "--tls-creds",
+                "tls0",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "--shared",
+                "4",
+                s(&img),
+            ],
+            &d.join("tcp.pid"),
+        );
+        // Both tools, the same command; the outputs must agree.
+        let same = |args: &[&str], ok: bool| {
+            let ours = run_as_qemu_img(args);
+            let theirs = run("qemu-img", args);
+            assert_eq!(
+                (ours.status.code(), text(&ours)),
+                (theirs.status.code(), text(&theirs)),
+                "{server}: {args:?}"
+            );
+            assert_eq!(
+                ours.status.success(),
+                ok,
+                "{server}: {args:?}: {}",
+                text(&ours)
+            );
+        };
+        let tcp_opts =
+            |extra: &str| format!("driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0{extra}");
+        let cli = client("cli");
+        for (creds, opts, ok) in [
+            (cli.clone(), tcp_opts(""), true),
+            (
+                cli.clone(),
+                format!("driver=nbd,host=localhost,port={port},tls-creds=tls0"),
+                true,
+            ),
+            (cli.clone(), tcp_opts(",tls-hostname=localhost"), true),
+            (cli.clone(), tcp_opts(",tls-hostname=elsewhere"), false),
+            (client("other/cli"), tcp_opts(""), false),
+            (server_creds.clone(), tcp_opts(""), false),
+            ("secret,id=tls0,data=x".into(), tcp_opts(""), false),
+            (cli.clone(), tcp_opts("").replace("tls0", "tls1"), false),
+        ] {
+            same(&["info", "--object", &creds, "--image-opts", &opts], ok);
+        }
+        // No TLS on the client's side.
+        same(&["info", &format!("nbd://127.0.0.1:{port}")], false);
+        // I/O over TLS: qimg io writes, qemu-io and qimg convert read.
+        let opts = tcp_opts("");
+        let o = run(
+            QIMG,
+            &[
+                "io",
+                "--object",
+                &cli,
+                "--image-opts",
+                &opts,
+                "-c",
+                "write -P 0x5a 1M 192k",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let o = run(
+            "qemu-io",
+            &[
+                "--object",
+                &cli,
+                "--image-opts",
+                &opts,
+                "-c",
+                "read -P 0x5a 1M 192k",
+            ],
+        );
+        assert!(
+            o.status.success() && !text(&o).contains("fail"),
+            "{}",
+            text(&o)
+        );
+        let raw = d.join("copy.raw");
+        let o = run(
+            QIMG,
+            &[
+                "convert",
+                "--object",
+                &cli,
+                "--image-opts",
+                &opts,
+                "-O",
+                "raw",
+                s(&raw),
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        // The server holds the image open: compare through a forced share.
+        let o = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-U",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                s(&raw),
+                s(&img),
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        drop(tcp);
+        // A unix socket: a certificate cannot be checked without a host name.
+        let unix = Forked::start(
+            server,
+            &[
+                "-t",
+                "-f",
+                "qcow2",
+                "--object",
+                &server_creds,
+                "--tls-creds",
+                "tls0",
+                "-k",
+                s(&sock),
+                s(&img),
+            ],
+            &d.join("unix.pid"),
+        );
+        let unix_opts = format!("driver=nbd,path={},tls-creds=tls0", sock.display());
+        same(
+            &["info", "--object", &cli, "--image-opts", &unix_opts],
+            false,
+        );
+        let named = format!("{unix_opts},tls-hostname=localhost");
+        same(&["info", "--object", &cli, "--image-opts", &named], true);
+        drop(unix);
+    }
+    // A TLS client of a server without TLS.
+    for server in ["qemu-nbd", QIMG] {
+        let port = free_port().to_string();
+        let _plain = Forked::start(
+            server,
+            &["-t", "-f", "qcow2", "-b", "127.0.0.1", "-p", &port, s(&img)],
+            &d.join("plain.pid"),
+        );
+        let opts = format!("driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0");
+        let args = ["info", "--object", &client("cli"), "--image-opts", &opts];
+        let ours = run_as_qemu_img(&args);
+        let theirs = run("qemu-img", &args);
+        assert_eq!(text(&ours), text(&theirs), "{server}");
+        assert!(!ours.status.success());
+    }
+    // Credentials that cannot be read are reported when the object is defined.
+    let missing = "tls-creds-x509,id=tls0,endpoint=client,dir=/nonexistent";
+    let args = [
+        "info",
+        "--object",
+        missing,
+        "--image-opts",
+        "driver=nbd,host=x,tls-creds=tls0",
+    ];
+    let ours = run_as_qemu_img(&args);
+    let theirs = run("qemu-img", &args);
+    assert_eq!(text(&ours), text(&theirs));
+    assert_eq!(ours.status.code(), theirs.status.code());
+}
+
+/// qimg run with `argv[0]` = `qemu-img`, so that its messages carry qemu-img's prefix.
+fn run_as_qemu_img(args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(QIMG)
+        .arg0("qemu-img")
+        .args(args)
+        .output()
+        .unwrap()
 }

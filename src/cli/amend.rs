@@ -135,7 +135,7 @@ pub async fn run(a: Args) -> u8 {
     if a.force {
         return fail("--force is not supported by amend yet");
     }
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return fail(e.to_string());
     }
     if a.options.is_empty() {

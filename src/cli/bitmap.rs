@@ -112,7 +112,7 @@ fn usage(msg: &str) -> u8 {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return fail(e.to_string());
     }
     let any = a.add || a.remove || a.clear || a.enable || a.disable || a.merge.is_some();

@@ -48,7 +48,7 @@ enum Outcome {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return super::fail(e.to_string());
     }
     let image_opts = a.image_opts;

@@ -115,7 +115,7 @@ const MAX_PARALLEL: usize = 16;
 const MAX_SPARSE: u64 = 16 << 20;
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return super::fail(e.to_string());
     }
     match convert(&a).await {

@@ -54,7 +54,7 @@ struct Operands {
 const STEP: u64 = 1 << 20;
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return fail(e.to_string());
     }
     let ops = match parse_operands(&a.operands) {

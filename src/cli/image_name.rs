@@ -181,8 +181,10 @@ fn blkdebug_option(key: &str) -> bool {
 }
 
 /// The options of QEMU's `nbd` driver: `server.type=unix|inet` with `server.path` or
-/// `server.host`/`server.port` (or the legacy `path`, `host`, `port`), `export`, and
-/// `x-dirty-bitmap` (block status read from that metadata context).
+/// `server.host`/`server.port` (or the legacy `path`, `host`, `port`), `export`,
+/// `x-dirty-bitmap` (block status read from that metadata context), and `tls-creds` (the id of
+/// a client `tls-creds-x509` object) with `tls-hostname` (the name the server's certificate
+/// must carry: by default the host connected to; on a unix socket, none).
 fn nbd_target(pairs: &[(String, String)]) -> Result<(String, qimg::nbd::remote::Target)> {
     use qimg::nbd::remote::{Address, Target, DEFAULT_PORT};
     let get = |k: &str| {
@@ -204,6 +206,8 @@ fn nbd_target(pairs: &[(String, String)]) -> Result<(String, qimg::nbd::remote::
             "port",
             "export",
             "x-dirty-bitmap",
+            "tls-creds",
+            "tls-hostname",
             "read-only",
         ];
         if !known.contains(&k.as_str()) {
@@ -232,11 +236,26 @@ fn nbd_target(pairs: &[(String, String)]) -> Result<(String, qimg::nbd::remote::
         }
         _ => return Err(Error::arg("nbd: either 'path' or 'host' must be given")),
     };
+    let tls = match get("tls-creds") {
+        None if get("tls-hostname").is_some() => {
+            return Err(Error::arg("tls-hostname needs tls-creds"))
+        }
+        None => None,
+        Some(id) => {
+            let creds = super::objects::tls_client(&id)?;
+            let hostname = get("tls-hostname").or(match &address {
+                Address::Tcp { host, .. } => Some(host.clone()),
+                Address::Unix(_) => None,
+            });
+            Some(qimg::nbd::tls::TlsClient::new(&creds, hostname.as_deref())?)
+        }
+    };
     let target = Target {
         address,
         export: get("export").unwrap_or_default(),
         status_context: get("x-dirty-bitmap"),
         bare: true,
+        tls,
     };
     Ok((target.canonical_name(), target))
 }

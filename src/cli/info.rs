@@ -34,7 +34,7 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return super::fail(e.to_string());
     }
     if a.output != "human" && a.output != "json" {

@@ -106,7 +106,7 @@ pub async fn map(img: &Arc<dyn BlockDevice>, start: u64, end: u64) -> Result<Vec
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return super::fail(e.to_string());
     }
     if a.output != "human" && a.output != "json" {

@@ -16,6 +16,7 @@ mod info;
 mod io;
 mod map;
 mod measure;
+mod objects;
 mod opts;
 mod progress;
 mod rebase;

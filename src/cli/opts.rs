@@ -456,69 +456,6 @@ pub async fn open_temporary_overlay(
     result
 }
 
-/// Checks `--object` options that may only define secrets (QEMU's `secret` objects: `id`, and
-/// `data` or `file`, `format=raw|base64`). A secret by itself does nothing, in QEMU as here;
-/// what would use one (an encrypted image) is refused where it is named. Other object types are
-/// refused.
-pub fn check_secret_objects(objects: &[String]) -> Result<()> {
-    for o in objects {
-        let mut pairs = parse_kv_list(o);
-        let kind = match pairs.iter().position(|(k, _)| k == "qom-type") {
-            Some(i) => pairs.remove(i).1,
-            None if !pairs.is_empty() && pairs[0].1 == "on" => pairs.remove(0).0,
-            None => {
-                return Err(qimg::Error::arg(format!(
-                    "Parameter 'qom-type' is missing in '{o}'"
-                )))
-            }
-        };
-        if kind != "secret" {
-            return Err(qimg::Error::unsupported(format!(
-                "--object {kind} is not supported here (only secret)"
-            )));
-        }
-        let (mut id, mut data, mut file, mut format) = (None, None, None, "raw".to_string());
-        for (k, v) in pairs {
-            match k.as_str() {
-                "id" => id = Some(v),
-                "data" => data = Some(v),
-                "file" => file = Some(v),
-                "format" => format = v,
-                other => {
-                    return Err(qimg::Error::unsupported(format!(
-                        "Property '{other}' of secret is not supported"
-                    )))
-                }
-            }
-        }
-        if id.is_none() {
-            return Err(qimg::Error::arg("Parameter 'id' is missing"));
-        }
-        match (data, file) {
-            (Some(_), None) => {}
-            // QEMU reads the file when the secret is defined.
-            (None, Some(f)) => {
-                std::fs::read(&f).map_err(|e| qimg::Error::io(format!("Unable to read {f}"), e))?;
-            }
-            (Some(_), Some(_)) => {
-                return Err(qimg::Error::arg("'data' and 'file' are mutually exclusive"))
-            }
-            (None, None) => {
-                return Err(qimg::Error::arg("Either 'file' or 'data' must be provided"))
-            }
-        }
-        match format.as_str() {
-            "raw" | "base64" => {}
-            other => {
-                return Err(qimg::Error::arg(format!(
-                    "Parameter 'format' does not accept value '{other}'"
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

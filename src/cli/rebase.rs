@@ -103,7 +103,7 @@ fn usage_error(msg: &str) -> u8 {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return super::fail(e.to_string());
     }
     let [filename] = a.filenames.as_slice() else {

@@ -38,7 +38,7 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return super::fail(e.to_string());
     }
     let prealloc = match a.preallocation.as_deref() {

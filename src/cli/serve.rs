@@ -230,74 +230,17 @@ fn is_offset(o: &str) -> bool {
     !digits.is_empty() && digits.chars().all(|c| c.is_ascii_hexdigit()) && !o.contains('=')
 }
 
-/// The TLS setup `--object tls-creds-x509,...` and `--tls-creds ID` ask for (QEMU's rules and
-/// messages).
-/// What `--tls-creds` asks for: nothing, a server's TLS, or (with `--list`) a client's, from
-/// credentials in this directory.
+/// What `--tls-creds` asks for: nothing, a server's TLS, or (with `--list`) a client's.
 enum TlsSetup {
     Plain,
     Server(qimg::nbd::tls::TlsServer),
-    Client(std::path::PathBuf),
+    Client(qimg::nbd::tls::ClientCredentials),
 }
 
+/// The TLS setup `--object` and `--tls-creds ID`/`--tls-authz ID` ask for (QEMU's rules and
+/// messages).
 fn tls_setup(a: &Args) -> Result<TlsSetup> {
-    struct Creds {
-        id: String,
-        endpoint: String,
-        dir: Option<String>,
-        verify_peer: bool,
-    }
-    let mut creds = Vec::new();
-    let mut authz = Vec::new();
-    for o in &a.object {
-        let mut pairs = super::opts::parse_kv_list(o);
-        let kind = match pairs.iter().position(|(k, _)| k == "qom-type") {
-            Some(i) => pairs.remove(i).1,
-            None if !pairs.is_empty() && pairs[0].1 == "on" => pairs.remove(0).0,
-            None => {
-                return Err(Error::arg(format!(
-                    "Parameter 'qom-type' is missing in '{o}'"
-                )))
-            }
-        };
-        if kind.starts_with("authz-") {
-            let id = match pairs.iter().position(|(k, _)| k == "id") {
-                Some(i) => pairs.remove(i).1,
-                None => return Err(Error::arg("Parameter 'id' is missing")),
-            };
-            authz.push((id, qimg::nbd::authz::Authz::from_object(&kind, &pairs)?));
-            continue;
-        }
-        if kind != "tls-creds-x509" {
-            return Err(Error::unsupported(format!(
-                "--object {kind} is not supported by qimg serve (only tls-creds-x509 and \
-                 authz-simple, authz-list, authz-listfile)"
-            )));
-        }
-        let mut c = Creds {
-            id: String::new(),
-            endpoint: "client".into(),
-            dir: None,
-            verify_peer: true,
-        };
-        for (k, v) in pairs {
-            match k.as_str() {
-                "id" => c.id = v,
-                "endpoint" => c.endpoint = v,
-                "dir" => c.dir = Some(v),
-                "verify-peer" => c.verify_peer = qimg::size::parse_bool(&k, &v)?,
-                other => {
-                    return Err(Error::unsupported(format!(
-                        "Property '{other}' of tls-creds-x509 is not supported"
-                    )))
-                }
-            }
-        }
-        if c.id.is_empty() {
-            return Err(Error::arg("Parameter 'id' is missing"));
-        }
-        creds.push(c);
-    }
+    super::objects::define(&a.object)?;
     let Some(id) = &a.tls_creds else {
         if a.tls_authz.is_some() {
             return Err(Error::arg(
@@ -306,33 +249,21 @@ fn tls_setup(a: &Args) -> Result<TlsSetup> {
         }
         return Ok(TlsSetup::Plain);
     };
-    let Some(c) = creds.iter().find(|c| &c.id == id) else {
-        return Err(Error::arg(format!("No TLS credentials with id '{id}'")));
-    };
-    let want = if a.list { "client" } else { "server" };
-    if c.endpoint != want {
-        return Err(Error::arg(format!(
-            "Expecting TLS credentials with a {want} endpoint"
-        )));
-    }
-    let Some(dir) = &c.dir else {
-        return Err(Error::arg("tls-creds-x509 needs dir=DIR"));
-    };
+    let creds = |e: Error| Error::arg(format!("Failed to get TLS creds: {e}"));
     if a.list {
-        return Ok(TlsSetup::Client(dir.into()));
+        return super::objects::tls_client(id)
+            .map(TlsSetup::Client)
+            .map_err(creds);
     }
-    let server = qimg::nbd::tls::TlsServer::from_x509_dir(Path::new(dir), c.verify_peer)?;
+    let server = super::objects::tls_server(id).map_err(creds)?;
     let Some(authz_id) = &a.tls_authz else {
         return Ok(TlsSetup::Server(server));
     };
     // qemu-nbd looks the object up for each client (and refuses them all when it is missing);
     // a name that matches no object is refused here at once instead.
-    let Some((_, object)) = authz.into_iter().find(|(i, _)| i == authz_id) else {
-        return Err(Error::arg(format!(
-            "No authorization object with id '{authz_id}'"
-        )));
-    };
-    server.with_authz(object).map(TlsSetup::Server)
+    server
+        .with_authz(super::objects::authz(authz_id)?)
+        .map(TlsSetup::Server)
 }
 
 async fn serve(a: Args) -> Result<u8> {
@@ -540,30 +471,26 @@ async fn serve(a: Args) -> Result<u8> {
 }
 
 /// `--list`: what the server at `-k` or `-b`/`-p` exports, printed as `qemu-nbd --list` does.
-/// With `tls` (a client credentials directory), over TLS: the server's certificate must name
-/// `--tls-hostname`, or else the host connected to (a unix socket needs `--tls-hostname`).
-async fn list(a: &Args, tls: Option<std::path::PathBuf>) -> Result<u8> {
+/// With `tls` (client credentials), over TLS: the server's certificate must name
+/// `--tls-hostname`, or else the host connected to; on a unix socket without `--tls-hostname`
+/// it is refused, as QEMU refuses it ("No hostname for certificate validation").
+async fn list(a: &Args, tls: Option<qimg::nbd::tls::ClientCredentials>) -> Result<u8> {
     use qimg::nbd::client::{flag_names, list_exports, list_exports_tls};
     let client = |host: Option<String>| -> Result<Option<qimg::nbd::tls::TlsClient>> {
-        let Some(dir) = &tls else { return Ok(None) };
-        let Some(name) = a.tls_hostname.clone().or(host) else {
-            return Err(Error::arg(
-                "--tls-hostname is needed to list the exports of a unix socket over TLS",
-            ));
-        };
-        qimg::nbd::tls::TlsClient::from_x509_dir(dir, &name).map(Some)
+        let Some(creds) = &tls else { return Ok(None) };
+        let name = a.tls_hostname.clone().or(host);
+        qimg::nbd::tls::TlsClient::new(creds, name.as_deref()).map(Some)
     };
-    let (listing, target) = match &a.socket {
+    let listing = match &a.socket {
         Some(p) => {
             let tls = client(None)?;
             let mut s = tokio::net::UnixStream::connect(p)
                 .await
                 .map_err(|e| Error::io(format!("Failed to connect to '{}'", p.display()), e))?;
-            let l = match &tls {
+            match &tls {
                 Some(t) => list_exports_tls(s, t).await,
                 None => list_exports(&mut s).await,
-            };
-            (l, p.display().to_string())
+            }
         }
         None => {
             let addr = parse_bind(a.bind.as_deref(), a.port).await?;
@@ -573,15 +500,14 @@ async fn list(a: &Args, tls: Option<std::path::PathBuf>) -> Result<u8> {
             let mut s = tokio::net::TcpStream::connect(addr)
                 .await
                 .map_err(|e| Error::io(format!("Failed to connect to '{addr}'"), e))?;
-            let l = match &tls {
+            match &tls {
                 Some(t) => list_exports_tls(s, t).await,
                 None => list_exports(&mut s).await,
-            };
-            (l, addr.to_string())
+            }
         }
     };
-    let listing =
-        listing.map_err(|e| Error::io(format!("Failed to list exports of '{target}'"), e))?;
+    // The errors say what failed, as qemu-nbd's do.
+    let listing = listing.map_err(|e| Error::io(String::new(), e))?;
     let mut out = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(out, "exports available: {}", listing.exports.len());

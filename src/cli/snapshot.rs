@@ -51,7 +51,7 @@ fn errno_text(e: &qimg::Error) -> String {
 }
 
 pub async fn run(a: Args) -> u8 {
-    if let Err(e) = super::opts::check_secret_objects(&a.object) {
+    if let Err(e) = super::objects::define(&a.object) {
         return fail(e.to_string());
     }
     let actions = [

@@ -63,7 +63,9 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(
     option: u32,
 ) -> io::Result<OptReply> {
     let mut h = [0u8; 20];
-    r.read_exact(&mut h).await?;
+    r.read_exact(&mut h)
+        .await
+        .map_err(|e| read_failed("option reply", e))?;
     let mut c = Cursor::new(&h);
     let magic = c.u64().map_err(|e| bad(e.to_string()))?;
     let opt = c.u32().map_err(|e| bad(e.to_string()))?;
@@ -81,13 +83,94 @@ pub(super) async fn read_reply<R: AsyncRead + Unpin>(
         return Err(bad(format!("option reply of {len} bytes is too long")));
     }
     let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).await?;
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| read_failed("option reply", e))?;
     Ok(OptReply { rtype, payload })
 }
 
 /// The server's message of an error reply, for errors.
 pub(super) fn error_text(rep: &OptReply) -> String {
     String::from_utf8_lossy(&rep.payload).into_owned()
+}
+
+/// A failed read of `what` from the server, in QEMU's words: a connection that ends early is
+/// "Unexpected end-of-file", one that ends inside TLS without TLS's own close is "not properly
+/// terminated" (a server that refuses a client after the handshake just closes).
+pub(super) fn read_failed(what: &str, e: io::Error) -> io::Error {
+    let text = if e.kind() != io::ErrorKind::UnexpectedEof {
+        crate::error::strerror(&e)
+    } else if e.to_string().contains("close_notify") {
+        "Cannot read from TLS channel: The TLS connection was non-properly terminated.".into()
+    } else {
+        "Unexpected end-of-file before all data were read".into()
+    };
+    io::Error::new(e.kind(), format!("Failed to read {what}: {text}"))
+}
+
+/// QEMU's name of an option (`nbd_opt_lookup`), as its messages print it.
+pub(super) fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "export name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        4 => "peek export",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured reply",
+        OPT_LIST_META_CONTEXT => "list meta context",
+        OPT_SET_META_CONTEXT => "set meta context",
+        OPT_EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    }
+}
+
+/// An error reply to `option` as QEMU's client reports it: what the error code means for that
+/// option, a hint where QEMU gives one, and the server's own message on a line of its own.
+pub(super) fn option_error(option: u32, rep: &OptReply) -> io::Error {
+    use io::ErrorKind as K;
+    let name = option_name(option);
+    let (kind, mut text) = match rep.rtype {
+        REP_ERR_POLICY => (
+            K::PermissionDenied,
+            format!("Denied by server for option {option} ({name})"),
+        ),
+        REP_ERR_INVALID => (
+            K::InvalidInput,
+            format!("Invalid parameters for option {option} ({name})"),
+        ),
+        REP_ERR_PLATFORM => (
+            K::Unsupported,
+            format!("Server lacks support for option {option} ({name})"),
+        ),
+        REP_ERR_TLS_REQD => (
+            K::PermissionDenied,
+            format!(
+                "TLS negotiation required before option {option} ({name})\n\
+                 Did you forget a valid tls-creds?"
+            ),
+        ),
+        REP_ERR_UNKNOWN => (K::NotFound, "Requested export not available".to_string()),
+        REP_ERR_SHUTDOWN => (
+            K::ConnectionAborted,
+            format!("Server shutting down before option {option} ({name})"),
+        ),
+        REP_ERR_BLOCK_SIZE_REQD => (
+            K::Unsupported,
+            format!("Server requires INFO_BLOCK_SIZE for option {option} ({name})"),
+        ),
+        _ => (
+            K::Other,
+            format!("Unknown error code when asking for option {option} ({name})"),
+        ),
+    };
+    let msg = error_text(rep);
+    if !msg.is_empty() {
+        text.push_str("\nserver reported: ");
+        text.push_str(&msg);
+    }
+    io::Error::new(kind, text)
 }
 
 /// Sends an option without data and tells whether the server acknowledged it (an error reply
@@ -178,12 +261,7 @@ async fn list_greeted<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Resul
                     ..Default::default()
                 });
             }
-            t if t & REP_FLAG_ERROR != 0 => {
-                return Err(bad(format!(
-                    "the server refused to list its exports: {}",
-                    error_text(&rep)
-                )))
-            }
+            t if t & REP_FLAG_ERROR != 0 => return Err(option_error(OPT_LIST, &rep)),
             t => return Err(bad(format!("unexpected reply type {t} to NBD_OPT_LIST"))),
         }
     }
@@ -216,13 +294,7 @@ async fn list_greeted<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Resul
                         _ => {}
                     }
                 }
-                t if t & REP_FLAG_ERROR != 0 => {
-                    return Err(bad(format!(
-                        "the server gave no information about export '{}': {}",
-                        e.name,
-                        error_text(&rep)
-                    )))
-                }
+                t if t & REP_FLAG_ERROR != 0 => return Err(option_error(OPT_INFO, &rep)),
                 t => return Err(bad(format!("unexpected reply type {t} to NBD_OPT_INFO"))),
             }
         }

@@ -9,7 +9,7 @@
 //! `x-dirty-bitmap=` names, read the way QEMU reads it there: a dirty extent comes back as a
 //! hole that does not read as zeros, so `map` shows dirty areas as absent.
 
-use super::client::{bad, error_text, greet, read_reply, send_option, simple_option};
+use super::client::{bad, greet, option_error, read_reply, send_option, simple_option};
 use super::proto::*;
 use crate::buf::{IoBuf, IoBufMut};
 use crate::storage::{IoFuture, Storage};
@@ -34,6 +34,8 @@ pub struct Target {
     /// Opened as QEMU's `driver=nbd` node itself, no format driver above it (`info` then
     /// says format `nbd`, with no child node).
     pub bare: bool,
+    /// TLS (QEMU's `tls-creds=`): started right after the greeting, before any other option.
+    pub tls: Option<super::tls::TlsClient>,
 }
 
 /// QEMU's default NBD port.
@@ -71,6 +73,7 @@ impl Target {
                     export,
                     status_context: None,
                     bare: false,
+                    tls: None,
                 }));
             }
             if !query.is_empty() {
@@ -94,6 +97,7 @@ impl Target {
                 export,
                 status_context: None,
                 bare: false,
+                tls: None,
             }));
         }
         let rest = name.strip_prefix("nbd:")?;
@@ -118,6 +122,7 @@ impl Target {
             export,
             status_context: None,
             bare: false,
+            tls: None,
         }))
     }
 }
@@ -202,17 +207,39 @@ impl NbdStorage {
     /// Connects and negotiates (fixed newstyle, structured replies, the block status context,
     /// `NBD_OPT_GO`).
     pub async fn connect(t: &Target) -> io::Result<NbdStorage> {
+        // QEMU's words for a server that cannot be reached.
+        let unreachable = |at: String| {
+            move |e: io::Error| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "Failed to connect to '{at}': {}",
+                        crate::error::strerror(&e)
+                    ),
+                )
+            }
+        };
         let stream: Box<dyn Stream> = match &t.address {
-            Address::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            Address::Unix(p) => Box::new(
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(unreachable(p.clone()))?,
+            ),
             Address::Tcp { host, port } => {
-                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(unreachable(format!("{host}:{port}")))?;
                 let _ = s.set_nodelay(true);
                 Box::new(s)
             }
         };
+        let mut stream = stream;
+        greet(&mut stream).await?;
+        if let Some(tls) = &t.tls {
+            stream = Box::new(tls.start(stream).await?);
+        }
         let mut conn = Conn { stream, cookie: 0 };
         let s = &mut conn.stream;
-        greet(s).await?;
         let structured = simple_option(s, OPT_STRUCTURED_REPLY).await?;
         let mut context = None;
         if structured {
@@ -281,13 +308,7 @@ impl NbdStorage {
                         _ => {}
                     }
                 }
-                t if t & REP_FLAG_ERROR != 0 => {
-                    let msg = error_text(&rep);
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("Requested export not available: server reported: {msg}"),
-                    ));
-                }
+                t if t & REP_FLAG_ERROR != 0 => return Err(option_error(OPT_GO, &rep)),
                 t => return Err(bad(format!("unexpected reply type {t} to NBD_OPT_GO"))),
             }
         }
@@ -697,6 +718,7 @@ mod tests {
                 export: "exp".into(),
                 status_context: None,
                 bare: false,
+                tls: None,
             }
         );
         assert_eq!(

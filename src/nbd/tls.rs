@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -43,9 +43,21 @@ fn load_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::arg(format!("Unable to read '{}': {e}", path.display()))
 }
 
+/// A credentials file must exist and be readable (QEMU's check and words, when the object is
+/// defined).
+fn check_access(path: &Path) -> Result<()> {
+    std::fs::File::open(path).map(drop).map_err(|e| {
+        Error::io(
+            format!("Unable to access credentials {}", path.display()),
+            e,
+        )
+    })
+}
+
 /// The certificate authorities of `dir/ca-cert.pem` (QEMU's layout), at least one.
 fn load_roots(dir: &Path) -> Result<rustls::RootCertStore> {
     let ca_path = dir.join("ca-cert.pem");
+    check_access(&ca_path)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&ca_path).map_err(|e| load_err(&ca_path, e))? {
         roots
@@ -67,6 +79,8 @@ impl TlsServer {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert_path = dir.join("server-cert.pem");
         let key_path = dir.join("server-key.pem");
+        check_access(&cert_path)?;
+        check_access(&key_path)?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
             .map_err(|e| load_err(&cert_path, e))?
             .collect::<std::result::Result<_, _>>()
@@ -207,58 +221,164 @@ async fn before_tls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<
     Err(violation("too many options before TLS"))
 }
 
-/// A client's TLS setup (`qemu-nbd --list` with `--tls-creds`): QEMU's client layout in `dir`,
-/// `ca-cert.pem` (the authority the server's certificate must chain to) and, when present,
-/// `client-cert.pem` with `client-key.pem` (for servers that verify their clients).
+/// A client's X.509 credentials (QEMU's `tls-creds-x509` object with `endpoint=client`), loaded
+/// once from QEMU's client layout in `dir`: `ca-cert.pem` (the authority the server's certificate
+/// must chain to) and, when present, `client-cert.pem` with `client-key.pem` (for servers that
+/// verify their clients).
 #[derive(Clone)]
-pub struct TlsClient {
-    connector: tokio_rustls::TlsConnector,
-    server_name: rustls_pki_types::ServerName<'static>,
+pub struct ClientCredentials {
+    dir: PathBuf,
+    roots: Arc<rustls::RootCertStore>,
+    identity: Option<Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>>,
 }
 
-impl TlsClient {
-    /// `server_name` is the name the server's certificate must carry (a DNS name or an IP
-    /// address).
-    pub fn from_x509_dir(dir: &Path, server_name: &str) -> Result<TlsClient> {
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientCredentials({})", self.dir.display())
+    }
+}
+
+impl ClientCredentials {
+    pub fn load(dir: &Path) -> Result<ClientCredentials> {
         let roots = load_roots(dir)?;
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::arg(format!("TLS setup: {e}")))?
-            .with_root_certificates(roots);
         let (cert_path, key_path) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
-        let config = if cert_path.exists() {
+        let identity = if cert_path.exists() {
             let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
                 .map_err(|e| load_err(&cert_path, e))?
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| load_err(&cert_path, e))?;
+            if chain.is_empty() {
+                return Err(load_err(&cert_path, "no certificate in the file"));
+            }
+            check_access(&key_path)?;
             let key =
                 PrivateKeyDer::from_pem_file(&key_path).map_err(|e| load_err(&key_path, e))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| Error::arg(format!("TLS credentials in '{}': {e}", dir.display())))?
+            Some(Arc::new((chain, key)))
         } else {
-            builder.with_no_client_auth()
+            None
         };
-        let server_name = rustls_pki_types::ServerName::try_from(server_name.to_string())
-            .map_err(|_| Error::arg(format!("Invalid TLS hostname '{server_name}'")))?;
+        Ok(ClientCredentials {
+            dir: dir.to_path_buf(),
+            roots: Arc::new(roots),
+            identity,
+        })
+    }
+}
+
+/// A client's TLS setup for one server (`qemu-nbd --list --tls-creds`, QEMU's NBD driver with
+/// `tls-creds=`): the credentials and the name the server's certificate must carry.
+#[derive(Clone)]
+pub struct TlsClient {
+    connector: tokio_rustls::TlsConnector,
+    /// `None`: no name to check the certificate against (a unix socket without
+    /// `tls-hostname`), which QEMU refuses, and so does [`TlsClient::start`].
+    server_name: Option<(String, rustls_pki_types::ServerName<'static>)>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.server_name.as_ref().map(|n| &n.0);
+        write!(f, "TlsClient({name:?})")
+    }
+}
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &TlsClient) -> bool {
+        self.server_name == other.server_name
+            && Arc::ptr_eq(self.connector.config(), other.connector.config())
+    }
+}
+
+impl Eq for TlsClient {}
+
+impl TlsClient {
+    /// `hostname` is the name the server's certificate must carry (a DNS name or an IP
+    /// address).
+    pub fn new(creds: &ClientCredentials, hostname: Option<&str>) -> Result<TlsClient> {
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::arg(format!("TLS setup: {e}")))?
+            .with_root_certificates(creds.roots.clone());
+        let config = match &creds.identity {
+            Some(id) => builder
+                .with_client_auth_cert(id.0.clone(), id.1.clone_key())
+                .map_err(|e| {
+                    Error::arg(format!("TLS credentials in '{}': {e}", creds.dir.display()))
+                })?,
+            None => builder.with_no_client_auth(),
+        };
+        let server_name = match hostname {
+            Some(h) => Some((
+                h.to_string(),
+                rustls_pki_types::ServerName::try_from(h.to_string())
+                    .map_err(|_| Error::arg(format!("Invalid TLS hostname '{h}'")))?,
+            )),
+            None => None,
+        };
         Ok(TlsClient {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
         })
     }
 
+    /// Credentials from `dir` for the server named `hostname`.
+    pub fn from_x509_dir(dir: &Path, hostname: Option<&str>) -> Result<TlsClient> {
+        TlsClient::new(&ClientCredentials::load(dir)?, hostname)
+    }
+
     /// Asks the server at the other end of `s` (greeted already) for TLS and starts it.
+    /// Failures are worded as QEMU's client words them.
     pub async fn start<S>(&self, mut s: S) -> io::Result<tokio_rustls::client::TlsStream<S>>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        if !super::client::simple_option(&mut s, OPT_STARTTLS).await? {
-            return Err(violation(
-                "the server does not support TLS (NBD_OPT_STARTTLS)",
-            ));
+        use super::client::{option_error, read_reply, send_option};
+        send_option(&mut s, OPT_STARTTLS, &[]).await?;
+        let rep = read_reply(&mut s, OPT_STARTTLS).await?;
+        match rep.rtype {
+            REP_ACK => {}
+            REP_ERR_UNSUP => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Server don't support STARTTLS option",
+                ))
+            }
+            t if t & REP_FLAG_ERROR != 0 => return Err(option_error(OPT_STARTTLS, &rep)),
+            t => return Err(violation(format!("unexpected reply type {t} to STARTTLS"))),
         }
-        self.connector.connect(self.server_name.clone(), s).await
+        let Some((hostname, server_name)) = &self.server_name else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "No hostname for certificate validation",
+            ));
+        };
+        self.connector
+            .connect(server_name.clone(), s)
+            .await
+            .map_err(|e| certificate_error(e, hostname))
     }
+}
+
+/// A failed client handshake in QEMU's (GnuTLS's) words where there is one.
+fn certificate_error(e: io::Error, hostname: &str) -> io::Error {
+    use rustls::CertificateError as C;
+    let text = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => {
+            format!("Certificate does not match the hostname {hostname}")
+        }
+        // An authority of the same name that did not sign it is no known issuer either.
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+            "The certificate hasn't got a known issuer".to_string()
+        }
+        Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => {
+            "The certificate has expired".to_string()
+        }
+        Some(other) => format!("TLS handshake failed: {other}"),
+        None => return e,
+    };
+    io::Error::new(io::ErrorKind::PermissionDenied, text)
 }

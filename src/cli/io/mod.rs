@@ -158,7 +158,7 @@ pub async fn run(a: Args) -> u8 {
     } else if a.trace.is_some() {
         Some("-T/--trace: QEMU's trace events are not supported (QIMG_LOG=debug logs)".into())
     } else {
-        super::opts::check_secret_objects(&a.object)
+        super::objects::define(&a.object)
             .err()
             .map(|e| e.to_string())
     };
