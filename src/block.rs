@@ -443,7 +443,8 @@ pub struct OpenOptions {
     pub null: Option<NullDevice>,
     /// A `blkdebug` node between the image's format and its file (QEMU's
     /// `blkdebug:CONFIG:NAME`, `file.driver=blkdebug`): see [`crate::storage::blkdebug`]. The
-    /// image is then named as QEMU names it, `blkdebug:CONFIG:NAME`. Not for backing files.
+    /// image is then named as QEMU names it, `blkdebug:CONFIG:NAME`. For a backing file, only
+    /// from a `json:` name ([`BackingNode`]).
     pub blkdebug: Option<crate::storage::blkdebug::Config>,
     /// A `blkdebug` node above the image (QEMU's `driver=blkdebug,image.driver=...`): guest
     /// requests meet its limits and rules first.
@@ -457,6 +458,52 @@ pub struct OpenOptions {
     /// `host_device`, `host_cdrom`): read and written as raw, named by this driver, and the
     /// file's type checked as that driver checks it.
     pub protocol_driver: Option<&'static str>,
+    /// Reads backing file names that are not file names (QEMU's `json:{...}`), for this image
+    /// and its whole chain. `None`: such names are refused.
+    pub backing_resolver: Option<BackingResolver>,
+}
+
+/// What a backing file name that is not a plain file name stands for (QEMU's `json:{...}`
+/// names, which QEMU writes into images when a chain was built from options): a local file,
+/// its format, and the `blkdebug` node between them, if any.
+#[derive(Clone, Debug)]
+pub struct BackingNode {
+    pub path: PathBuf,
+    pub format: Option<Format>,
+    pub blkdebug: Option<crate::storage::blkdebug::Config>,
+    /// `"backing": null`: the backing image is opened without its own backing file.
+    pub no_backing: bool,
+}
+
+/// Turns a backing file name into a [`BackingNode`]. It is given by the application, which
+/// knows QEMU's option syntax (the library only knows file names), and decides which drivers a
+/// name read from an image may ask for; a network connection must never be one of them.
+#[derive(Clone)]
+pub struct BackingResolver(pub Arc<ResolveFn>);
+
+/// The function inside a [`BackingResolver`].
+pub type ResolveFn = dyn Fn(&str) -> Result<BackingNode> + Send + Sync;
+
+impl std::fmt::Debug for BackingResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackingResolver")
+    }
+}
+
+/// Where the backing file `name` of the image at `image` is, and how it is to be opened when
+/// the name is not a file name.
+pub fn resolve_backing_node(
+    image: &Path,
+    name: &str,
+    resolver: Option<&BackingResolver>,
+) -> Result<(PathBuf, Option<BackingNode>)> {
+    match resolver {
+        Some(r) if name.starts_with("json:") => {
+            let node = (r.0)(name)?;
+            Ok((node.path.clone(), Some(node)))
+        }
+        _ => Ok((resolve_backing(image, name)?, None)),
+    }
 }
 
 /// An image that is another image's file: where it is and how to open it.
@@ -616,7 +663,7 @@ fn open_layer<'a>(
         }
         let mut storage: StorageRef = opts.aio.storage(storage)?;
         let mut name = name;
-        if let (0, Some(cfg)) = (depth, &opts.blkdebug) {
+        if let Some(cfg) = &opts.blkdebug {
             name = cfg.image_name(opts.format.map(Format::name), &name);
             storage = Arc::new(crate::storage::blkdebug::Blkdebug::new(
                 storage,
@@ -673,9 +720,14 @@ async fn open_format(
                     let (Some(bname), false) = (img.backing_filename(), opts.no_backing) else {
                         return Ok(());
                     };
-                    let bpath = resolve_backing(path, &bname)?;
+                    let (bpath, node) =
+                        resolve_backing_node(path, &bname, opts.backing_resolver.as_ref())?;
                     let bformat = match (opts.backing_format, img.backing_format()) {
                         (Some(f), _) => Some(f),
+                        // The driver a `json:` name gives.
+                        (None, _) if node.as_ref().is_some_and(|n| n.format.is_some()) => {
+                            node.as_ref().and_then(|n| n.format)
+                        }
                         (None, Some(f)) => Some(Format::parse(&f).map_err(|_| {
                             Error::unsupported(format!(
                                 "Could not open backing file: Unknown driver '{f}'"
@@ -692,7 +744,7 @@ async fn open_format(
                         read_only: !writable,
                         cache: opts.cache,
                         qcow2: Qcow2Options::default(),
-                        no_backing: false,
+                        no_backing: node.as_ref().is_some_and(|n| n.no_backing),
                         aio: opts.aio,
                         batch: opts.batch,
                         lock: opts.lock,
@@ -706,11 +758,13 @@ async fn open_format(
                         nbd: None,
                         data_file: None,
                         null: None,
-                        blkdebug: None,
+                        // Only a `json:` name puts a node between format and file.
+                        blkdebug: node.and_then(|n| n.blkdebug),
                         blkdebug_above: None,
                         copy_on_read: false,
                         file_image: None,
                         protocol_driver: None,
+                        backing_resolver: opts.backing_resolver.clone(),
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

@@ -341,3 +341,183 @@ fn a_format_over_a_format_reads_as_qemu_io_reads_it() {
     );
     assert!(!text(&o).contains("failed"), "{}", text(&o));
 }
+
+/// Backing file names in QEMU's `json:{...}` form, which QEMU writes into images: read as QEMU
+/// reads them (the same info, map, content and errors, with `backing: null` and a `blkdebug`
+/// node), written by `qimg create -b` as qemu-img writes them, committed into; and a name that
+/// asks for a network connection refused without connecting.
+#[test]
+fn json_backing_names_as_qemu_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    // base0 <- base1 <- top, top naming base1 in JSON.
+    qemu_create(Path::new(&p("base0")), "", 4 << 20, &[]);
+    qemu_io(Path::new(&p("base0")), "qcow2", &["write -P 1 0 1M".into()]);
+    qemu_create(
+        Path::new(&p("base1")),
+        "",
+        4 << 20,
+        &["-b", &p("base0"), "-F", "qcow2"],
+    );
+    qemu_io(
+        Path::new(&p("base1")),
+        "qcow2",
+        &["write -P 2 1M 1M".into()],
+    );
+    let names = [
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}}}}"#,
+            p("base1")
+        ),
+        format!(
+            "json:{{'driver': 'qcow2', 'file': {{ 'filename': '{}' }}, 'backing': null}}",
+            p("base1")
+        ),
+        format!(
+            r#"json:{{"driver":"qcow2","file.filename":"{}"}}"#,
+            p("base1")
+        ),
+    ];
+    for (i, json) in names.iter().enumerate() {
+        let (ours, theirs) = (p(&format!("q{i}")), p(&format!("e{i}")));
+        // Created by both tools: the same summary line (commas doubled), the same header.
+        let (a, b) = (
+            run(
+                QIMG,
+                &["create", "-f", "qcow2", "-b", json, "-F", "qcow2", &ours],
+            ),
+            run(
+                "qemu-img",
+                &["create", "-f", "qcow2", "-b", json, "-F", "qcow2", &theirs],
+            ),
+        );
+        assert!(b.status.success(), "{}", text(&b));
+        assert_eq!(
+            text(&a).replace(&ours, "X"),
+            text(&b).replace(&theirs, "X"),
+            "{json}"
+        );
+        for img in [&ours, &theirs] {
+            qemu_io(Path::new(img), "qcow2", &["write -P 3 3M 64k".into()]);
+        }
+        for img in [&ours, &theirs] {
+            same(&["info", img]);
+            // qemu-img lists the chain by the images' own names, past a `backing: null`
+            // (which its reads do honour); qimg lists the chain it opened.
+            if i != 1 {
+                same(&["info", "--backing-chain", img]);
+            }
+            same(&["map", "--output=json", img]);
+            let raw = p("ours.raw");
+            let o = run(QIMG, &["convert", "-O", "raw", img, &raw]);
+            assert!(o.status.success(), "{}", text(&o));
+            let o = run("qemu-img", &["compare", "-f", "raw", &raw, img]);
+            assert!(o.status.success(), "{json}: {}", text(&o));
+        }
+        // `backing: null` hides base0's data.
+        let o = run(QIMG, &["convert", "-O", "raw", &ours, &p("ours.raw")]);
+        assert!(o.status.success(), "{}", text(&o));
+        let data = std::fs::read(p("ours.raw")).unwrap();
+        assert_eq!(data[0], if i == 1 { 0 } else { 1 }, "{json}");
+        assert_eq!(data[1 << 20], 2);
+    }
+    // A blkdebug node in the name: its injected errors reach the reads and the commit.
+    let debug = |rule: &str| {
+        format!(
+            "json:{{'driver': 'qcow2', 'file': {{ 'driver': 'blkdebug', 'inject-error': [{rule}], \
+             'image': {{ 'driver': 'file', 'filename': '{}' }}}}}}",
+            p("base1")
+        )
+    };
+    let read_error = debug("{ 'event': 'read_aio', 'errno': 5 }");
+    let top = p("debug-read");
+    let o = run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            &read_error,
+            "-F",
+            "qcow2",
+            &top,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let cmds = ["-c", "read -P 2 1M 64k", "-c", "read 3M 64k"];
+    let mut args = vec!["-f", "qcow2"];
+    args.extend_from_slice(&cmds);
+    args.push(&top);
+    let theirs = run("qemu-io", &args);
+    let mut ours_args = vec!["io"];
+    ours_args.extend_from_slice(&args);
+    let ours = run(QIMG, &ours_args);
+    let strip = |s: String| {
+        s.lines()
+            .filter(|l| !l.contains("ops/sec"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip(text(&ours)), strip(text(&theirs)));
+    assert!(
+        text(&ours).contains("read failed: Input/output error"),
+        "{}",
+        text(&ours)
+    );
+    for (tool, name) in [(QIMG, "c-ours"), ("qemu-img", "c-theirs")] {
+        let top = p(name);
+        let full = debug("{ 'event': 'write_aio', 'errno': 28, 'once': true }");
+        let o = run(
+            "qemu-img",
+            &["create", "-f", "qcow2", "-b", &full, "-F", "qcow2", &top],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        qemu_io(Path::new(&top), "qcow2", &["write -P 4 0 64k".into()]);
+        let o = run(tool, &["commit", &top]);
+        assert!(!o.status.success());
+        assert!(
+            text(&o).ends_with("Block job failed: No space left on device\n"),
+            "{tool}: {}",
+            text(&o)
+        );
+    }
+    // A name that asks for a connection: refused, and nothing connects.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let remotes = [
+        format!(
+            r#"json:{{"driver":"raw","file":{{"driver":"nbd","host":"127.0.0.1","port":"{port}"}}}}"#
+        ),
+        format!(r#"json:{{"driver":"nbd","host":"127.0.0.1","port":"{port}"}}"#),
+    ];
+    for remote in &remotes {
+        let top = p("remote");
+        let _ = std::fs::remove_file(&top);
+        let o = run(
+            QIMG,
+            &[
+                "create", "-f", "qcow2", "-u", "-b", remote, "-F", "raw", &top, "4M",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        for args in [
+            vec!["info", "--backing-chain", top.as_str()],
+            vec!["convert", "-O", "raw", top.as_str(), "/dev/null"],
+        ] {
+            let o = run(QIMG, &args);
+            assert!(!o.status.success(), "{args:?}");
+            let t = text(&o);
+            assert!(
+                t.contains("'nbd'") || t.contains("an NBD connection"),
+                "{t}"
+            );
+        }
+    }
+    assert!(
+        listener.accept().is_err(),
+        "qimg connected to a server named by an image"
+    );
+}

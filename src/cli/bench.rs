@@ -217,6 +217,7 @@ async fn open_file(
         copy_on_read: false,
         file_image: None,
         protocol_driver: None,
+        backing_resolver: Some(super::opts::backing_resolver()),
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

@@ -98,6 +98,11 @@ pub async fn run(a: Args) -> u8 {
             }
             0
         }
+        // A job's I/O error is reported by its errno alone, as QEMU's block jobs report it.
+        Err(qimg::Error::Io { source, .. }) => super::fail(format!(
+            "Block job failed: {}",
+            qimg::error::strerror(&source)
+        )),
         Err(e) => super::fail(format!("Block job failed: {e}")),
     }
 }

@@ -2,7 +2,7 @@
 
 use super::fail;
 use super::opts::parse_kv_list;
-use qimg::block::{open_image, resolve_backing, Format, OpenOptions};
+use qimg::block::{open_image, resolve_backing_node, Format, OpenOptions};
 use qimg::format::CompressionType;
 use qimg::qcow2::{create_with_data_file, CreateOptions, Preallocation};
 use qimg::size::{parse_bool, parse_size};
@@ -247,11 +247,16 @@ async fn create_image(a: &Args) -> Result<()> {
             ));
         }
         let fmt = o.backing_format.as_deref().map(Format::parse).transpose()?;
-        let path = resolve_backing(Path::new(&target), b)?;
+        let resolver = super::opts::backing_resolver();
+        let (path, node) = resolve_backing_node(Path::new(&target), b, Some(&resolver))?;
+        let fmt = fmt.or(node.as_ref().and_then(|n| n.format));
         let opts = OpenOptions {
             format: fmt,
             probe: fmt.is_none(),
             read_only: true,
+            no_backing: node.as_ref().is_some_and(|n| n.no_backing),
+            blkdebug: node.and_then(|n| n.blkdebug),
+            backing_resolver: Some(resolver),
             ..Default::default()
         };
         let img = open_image(&path, &opts)
@@ -261,7 +266,8 @@ async fn create_image(a: &Args) -> Result<()> {
         img.close().await?;
     } else if let (Some(b), false) = (&o.backing_file, a.unsafe_backing) {
         // The backing file must at least be there.
-        let path = resolve_backing(Path::new(&target), b)?;
+        let resolver = super::opts::backing_resolver();
+        let (path, _) = resolve_backing_node(Path::new(&target), b, Some(&resolver))?;
         if !path.exists() {
             return Err(Error::arg(format!(
                 "Could not open backing file: Could not open '{}': No such file or directory",
@@ -313,14 +319,16 @@ pub(crate) fn describe(
             if let Some(c) = compat {
                 s += &format!(" compat={c}");
             }
+            // String values are printed as option syntax: a comma doubled (QEMU's escaping).
+            let esc = |v: &str| v.replace(',', ",,");
             if let Some(b) = &o.backing_file {
-                s += &format!(" backing_file={b}");
+                s += &format!(" backing_file={}", esc(b));
             }
             if let Some(f) = &o.backing_format {
-                s += &format!(" backing_fmt={f}");
+                s += &format!(" backing_fmt={}", esc(f));
             }
             if let Some(f) = &o.data_file {
-                s += &format!(" data_file={f}");
+                s += &format!(" data_file={}", esc(f));
             }
             if o.data_file_raw || given.data_file_raw {
                 s += &format!(

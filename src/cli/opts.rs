@@ -242,9 +242,60 @@ fn spec_options(
             .transpose()?,
         file_image,
         protocol_driver: spec.protocol_driver,
+        backing_resolver: Some(backing_resolver()),
         ..Default::default()
     };
     Ok(opts)
+}
+
+/// Reads the `json:{...}` backing file names QEMU writes into images, as QEMU reads them, but
+/// only what stays on this machine: a file, read as `qcow2` or `raw`, with a `blkdebug` node
+/// between them if named. A name read from an image never makes qimg connect anywhere or open
+/// a device of QEMU's it has no business opening; other drivers and options are refused by
+/// name.
+pub fn backing_resolver() -> qimg::block::BackingResolver {
+    qimg::block::BackingResolver(Arc::new(|name: &str| {
+        let spec = super::image_name::parse(name, false)?;
+        let refused = |what: &str| {
+            qimg::Error::unsupported(format!(
+                "Backing file '{name}' asks for {what}, which qimg does not open from a name \
+                 found in an image (only a local file, read as qcow2 or raw, optionally \
+                 through blkdebug)"
+            ))
+        };
+        if spec.nbd.is_some() {
+            return Err(refused("an NBD connection"));
+        }
+        if spec.null.is_some() {
+            return Err(refused("a null-co device"));
+        }
+        if spec.data_file.is_some() {
+            return Err(refused("a data file"));
+        }
+        if spec.blkdebug_above.is_some() || spec.copy_on_read || spec.inner.is_some() {
+            return Err(refused("a filter or nested image"));
+        }
+        if let Some(d) = spec.protocol_driver.filter(|d| *d != "file") {
+            return Err(refused(&format!("the '{d}' driver")));
+        }
+        if !spec.runtime.is_empty() {
+            return Err(refused(&format!(
+                "runtime options ({})",
+                spec.runtime.join(",")
+            )));
+        }
+        let format = spec.format.as_deref().map(Format::parse).transpose()?;
+        Ok(qimg::block::BackingNode {
+            path: spec.path.into(),
+            format,
+            blkdebug: spec
+                .blkdebug
+                .as_deref()
+                .map(qimg::storage::blkdebug::Config::from_options)
+                .transpose()?,
+            no_backing: spec.no_backing,
+        })
+    }))
 }
 
 /// Opens an image with options from [`open_options`] (possibly adjusted).
