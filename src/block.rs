@@ -270,6 +270,11 @@ pub trait BlockDevice: Send + Sync {
     fn as_qcow2(&self) -> Option<&Qcow2> {
         None
     }
+    /// The image that is this image's file, when its file is an image (QEMU's
+    /// `file.driver=raw|qcow2`), for `info`.
+    fn file_image(&self) -> Option<Arc<dyn BlockDevice>> {
+        None
+    }
     /// The smallest request the image handles without read-modify-write of its own: 1 except
     /// for a probed raw image, whose first sector is checked whole (exported as the minimum
     /// block size, as QEMU does).
@@ -461,6 +466,20 @@ pub struct OpenOptions {
     /// Reads backing file names that are not file names (QEMU's `json:{...}`), for this image
     /// and its whole chain. `None`: such names are refused.
     pub backing_resolver: Option<BackingResolver>,
+    /// QEMU's raw `offset=`/`size=`: the raw image is this part of its file (see
+    /// [`crate::storage::window`]). Refused for other formats.
+    pub raw_window: Option<RawWindow>,
+}
+
+/// A raw image stored at `offset` inside its file, `size` bytes long (else to the file's end).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawWindow {
+    pub offset: u64,
+    pub size: Option<u64>,
+    /// The options as the user wrote them (`offset=1M`), for the image's name, which QEMU
+    /// builds from them.
+    pub offset_text: Option<String>,
+    pub size_text: Option<String>,
 }
 
 /// What a backing file name that is not a plain file name stands for (QEMU's `json:{...}`
@@ -615,7 +634,12 @@ async fn open_nested(
     let inner = Box::pin(open_image(Path::new(&nested.path), &nested.opts)).await?;
     let storage: StorageRef = Arc::new(crate::storage::device::DeviceStorage(inner.clone()));
     let mut seen = Vec::new();
-    let name = inner.filename().to_string();
+    let mut name = inner.filename().to_string();
+    // An inner image named by its options makes the outer one named by them too, as QEMU
+    // names it ("driver" sorts before "file" in QEMU's dictionaries).
+    if let (Some(inner_json), Some(f)) = (name.strip_prefix("json:"), opts.format) {
+        name = format!(r#"json:{{"driver": "{}", "file": {inner_json}}}"#, f.name());
+    }
     match open_format(storage, path, name, opts, 0, &mut seen).await {
         Ok(outer) => Ok(Arc::new(crate::storage::device::Nested { outer, inner })),
         Err(e) => {
@@ -701,6 +725,22 @@ async fn open_format(
         };
         match format {
             Format::Raw => {
+                let (storage, name): (StorageRef, String) = match &opts.raw_window {
+                    Some(w) => {
+                        let window =
+                            crate::storage::window::Window::new(storage, w.offset, w.size).await?;
+                        // QEMU names such an image by its options, unless something else
+                        // (a blkdebug node, a device) already gave it a name of its own.
+                        let plain = opts.blkdebug.is_none() && name == path.display().to_string();
+                        let name = if plain {
+                            crate::storage::window::qemu_name(w, &name)
+                        } else {
+                            name
+                        };
+                        (Arc::new(window), name)
+                    }
+                    None => (storage, name),
+                };
                 Ok(Arc::new(Raw::open(storage, name, opts).await?) as Arc<dyn BlockDevice>)
             }
             Format::Qcow2 => {
@@ -714,6 +754,13 @@ async fn open_format(
                 }
                 let img =
                     Qcow2::open(storage, name.clone(), &qopts, opts.read_only, opts.cache).await?;
+                if let Some(w) = &opts.raw_window {
+                    let _ = img.close().await;
+                    let option = if w.size.is_some() { "size" } else { "offset" };
+                    return Err(Error::arg(format!(
+                        "Block format 'qcow2' does not support the option '{option}'"
+                    )));
+                }
                 // A failure past this point closes the image before it is reported: a handle
                 // must not be dropped open (its locks and background work end with `close`).
                 let attached = async {
@@ -765,6 +812,7 @@ async fn open_format(
                         file_image: None,
                         protocol_driver: None,
                         backing_resolver: opts.backing_resolver.clone(),
+                        raw_window: None,
                     };
                     let backing =
                         open_layer(&bpath, &bopts, depth + 1, seen)

@@ -36,6 +36,8 @@ pub struct Raw {
     /// as character devices, refuse fsync altogether).
     write_gen: AtomicU64,
     flushed_gen: AtomicU64,
+    /// QEMU's raw `size=`: the image is a fixed part of its file and cannot be resized.
+    fixed_size: bool,
 }
 
 /// The bytes format probing looks at.
@@ -66,6 +68,7 @@ impl Raw {
             protocol_node: opts.nbd.as_ref().is_some_and(|t| t.bare)
                 || opts.protocol_driver.is_some(),
             protocol_driver: opts.protocol_driver,
+            fixed_size: opts.raw_window.as_ref().is_some_and(|w| w.size.is_some()),
         })
     }
 
@@ -113,6 +116,7 @@ impl Raw {
             flushed_gen: AtomicU64::new(0),
             protocol_node: false,
             protocol_driver: None,
+            fixed_size: false,
         }
     }
 
@@ -140,6 +144,9 @@ impl Raw {
     pub async fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
+        }
+        if self.fixed_size {
+            return Err(Error::unsupported("Cannot resize fixed-size raw disks"));
         }
         if self.sync_failed.load(Relaxed) {
             return Err(Error::sync_failed());

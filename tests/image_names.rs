@@ -521,3 +521,137 @@ fn json_backing_names_as_qemu_reads_them() {
         "qimg connected to a server named by an image"
     );
 }
+
+/// The raw driver's `offset=` and `size=` (an image inside a larger file), against QEMU: the
+/// same `info` (QEMU names such an image by its options), the same refusals of impossible
+/// windows, the same bytes in the file after the same writes (ENOSPC past a fixed end, nothing
+/// outside the window touched), fixed-size resizes refused; and a qcow2 image stored at an
+/// offset inside a container file, used through `file.driver=raw,file.offset=`.
+#[test]
+fn raw_offset_and_size_as_qemu() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let container = p("container.raw");
+    std::fs::write(&container, pattern(11, 4 << 20)).unwrap();
+    // Both programs with argv[0] as QEMU's, on their own copy of the container.
+    let both = |tool: &str, args: &[&str], file: &str| {
+        let mut outs = Vec::new();
+        for (ours, name) in [(true, "ours.raw"), (false, "theirs.raw")] {
+            std::fs::copy(file, p(name)).unwrap();
+            let args: Vec<String> = args.iter().map(|a| a.replace("FILE", &p(name))).collect();
+            let o = if ours {
+                let mut c = std::process::Command::new(QIMG);
+                if tool == "qemu-io" {
+                    c.arg("io");
+                }
+                c.arg0(tool).args(&args).output().unwrap()
+            } else {
+                run(tool, &args.iter().map(String::as_str).collect::<Vec<_>>())
+            };
+            let out = text(&o).replace(&p(name), "FILE");
+            let out: Vec<&str> = out.lines().filter(|l| !l.contains("ops/sec")).collect();
+            outs.push((
+                o.status.code(),
+                out.join("\n"),
+                std::fs::read(p(name)).unwrap(),
+            ));
+        }
+        assert_eq!(outs[0].0, outs[1].0, "{args:?}: {}", outs[0].1);
+        assert_eq!(outs[0].1, outs[1].1, "{args:?}");
+        assert!(outs[0].2 == outs[1].2, "{args:?}: the files differ");
+        outs.remove(0)
+    };
+    for opts in [
+        "offset=4096,size=1048576",
+        "offset=100",
+        "offset=1M",
+        "size=1M",
+        "offset=0",
+        "offset=8M",
+        "offset=1M,size=4M",
+        "size=1000",
+        "size=x",
+    ] {
+        let name = format!("driver=raw,{opts},file.filename=FILE");
+        for output in ["human", "json"] {
+            both(
+                "qemu-img",
+                &["info", &format!("--output={output}"), "--image-opts", &name],
+                &container,
+            );
+        }
+    }
+    let window = "driver=raw,offset=1M,size=1M,file.filename=FILE";
+    let (_, out, _) = both(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 9 1020k 4k",
+            "-c",
+            "write 1M 4k",
+            "-c",
+            "read -P 9 1020k 4k",
+            "-c",
+            "discard 0 64k",
+            "-c",
+            "map",
+            "--image-opts",
+            window,
+        ],
+        &container,
+    );
+    assert!(out.contains("write failed"), "{out}");
+    both(
+        "qemu-img",
+        &["resize", "--image-opts", window, "2M"],
+        &container,
+    );
+    both(
+        "qemu-img",
+        &[
+            "resize",
+            "--image-opts",
+            "driver=raw,offset=1M,file.filename=FILE",
+            "5M",
+        ],
+        &container,
+    );
+    // A qcow2 image at 1 MiB inside a container, 2 MiB of room after it.
+    let img = p("inner.qcow2");
+    qemu_create(Path::new(&img), "", 8 << 20, &[]);
+    qemu_io(Path::new(&img), "qcow2", &["write -P 3 0 1M".into()]);
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes.extend(std::fs::read(&img).unwrap());
+    let room = bytes.len() - (1 << 20) + (2 << 20);
+    bytes.extend(vec![0u8; 4 << 20]);
+    let boxed = p("boxed.raw");
+    std::fs::write(&boxed, &bytes).unwrap();
+    let name = format!(
+        "driver=qcow2,file.driver=raw,file.offset=1M,file.size={room},file.file.filename=FILE"
+    );
+    both("qemu-img", &["info", "--image-opts", &name], &boxed);
+    both(
+        "qemu-img",
+        &["info", "--output=json", "--image-opts", &name],
+        &boxed,
+    );
+    let (_, out, _) = both(
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 3 0 1M",
+            "-c",
+            "write -P 4 2M 1M",
+            "-c",
+            "read -P 4 2M 1M",
+            "-c",
+            "write -P 5 5M 3M",
+            "--image-opts",
+            &name,
+        ],
+        &boxed,
+    );
+    assert!(out.contains("No space left on device"), "{out}");
+}

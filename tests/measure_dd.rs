@@ -505,7 +505,6 @@ fn unsupported_options_are_refused() {
     let d = dir.path();
     qemu_create(&d.join("a.qcow2"), "", 1 << 20, &[]);
     let cases: &[&[&str]] = &[
-        &["measure", "-O", "qcow2", "-l", "snap", "a.qcow2"],
         &["measure", "--object", "iothread,id=t0", "--size", "1G"],
         &["measure", "-O", "luks", "--size", "1G"],
         &["dd", "--object", "iothread,id=t0", "if=a.qcow2", "of=b.img"],

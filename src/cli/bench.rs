@@ -218,6 +218,7 @@ async fn open_file(
         file_image: None,
         protocol_driver: None,
         backing_resolver: Some(super::opts::backing_resolver()),
+        raw_window: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

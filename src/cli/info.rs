@@ -158,11 +158,23 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// The file below the image's format: its name, or for a name made of options (`json:`,
+/// QEMU's name for a raw image with `offset=`/`size=`) the file the options name.
+fn file_path(img: &dyn BlockDevice) -> String {
+    let name = img.filename();
+    if name.starts_with("json:") {
+        if let Ok(spec) = super::image_name::parse(name, false) {
+            return spec.path;
+        }
+    }
+    name.to_string()
+}
+
 fn file_length(img: &dyn BlockDevice) -> u64 {
     if img.protocol() != "file" {
         return img.size();
     }
-    std::fs::metadata(img.filename())
+    std::fs::metadata(file_path(img))
         .map(|m| m.len().next_multiple_of(512))
         .unwrap_or(0)
 }
@@ -198,13 +210,16 @@ fn info_json(img: &dyn BlockDevice) -> Value {
                 "format": img.protocol(),
             }
         })
+    } else if let Some(inner) = img.file_image() {
+        // The file is an image itself (a raw image with offset= or size=, another format).
+        json!({"name": "file", "info": info_json(&*inner)})
     } else {
         json!({
         "name": "file",
         "info": {
             "children": [],
             "virtual-size": file_length(img),
-            "filename": img.filename(),
+            "filename": file_path(img),
             "format": "file",
             "actual-size": actual.unwrap_or(0),
             "format-specific": {"type": "file", "data": {}},
@@ -321,6 +336,11 @@ fn snapshot_json(s: &Snapshot) -> Value {
 }
 
 fn info_human(img: &dyn BlockDevice) -> String {
+    info_human_node(img, "")
+}
+
+/// [`info_human`] for the node at `node` (`""` for the image, `/file` for its file's, ...).
+fn info_human_node(img: &dyn BlockDevice, node: &str) -> String {
     let mut s = String::new();
     let disk_size = match img.allocated_bytes() {
         Some(a) => human_size(a),
@@ -364,9 +384,16 @@ fn info_human(img: &dyn BlockDevice) -> String {
         }
         s += &format_specific(q);
     }
+    s += &format!("Child node '{node}/file':\n");
+    if let Some(inner) = img.file_image() {
+        // The file is an image itself: its own description, indented.
+        for line in info_human_node(&*inner, &format!("{node}/file")).lines() {
+            s += &format!("    {line}\n");
+        }
+        return s;
+    }
     let flen = file_length(img);
-    s += "Child node '/file':\n";
-    s += &format!("    filename: {}\n", img.filename());
+    s += &format!("    filename: {}\n", file_path(img));
     s += &format!("    protocol type: {}\n", img.protocol());
     s += &format!("    file length: {} ({flen} bytes)\n", human_size(flen));
     s += &format!("    disk size: {disk_size}\n");

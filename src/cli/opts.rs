@@ -57,6 +57,11 @@ pub fn runtime_options(lists: &[String]) -> Result<(Qcow2Options, Locking)> {
             "Options 'discard' and 'detect-zeroes' are not supported here",
         ));
     }
+    if r.raw_window.is_some() {
+        return Err(qimg::Error::arg(
+            "Options 'offset' and 'size' (of the raw format) are not supported here",
+        ));
+    }
     Ok((r.qcow2, r.locking))
 }
 
@@ -69,6 +74,8 @@ pub struct Runtime {
     /// The block layer's `discard=` and `detect-zeroes=` (see `qimg::block_options`).
     pub discard: Option<Discard>,
     pub detect_zeroes: Option<DetectZeroes>,
+    /// The raw driver's `offset=` and `size=` (see `qimg::storage::window`).
+    pub raw_window: Option<qimg::block::RawWindow>,
 }
 
 /// [`runtime_options`], with `backing.driver=`, `discard=` and `detect-zeroes=`.
@@ -79,6 +86,7 @@ pub fn runtime_options_with_backing(lists: &[String]) -> Result<Runtime> {
         backing_format: None,
         discard: None,
         detect_zeroes: None,
+        raw_window: None,
     };
     for list in lists {
         for (k, v) in parse_kv_list(list) {
@@ -95,6 +103,22 @@ pub fn runtime_options_with_backing(lists: &[String]) -> Result<Runtime> {
                 r.discard = Some(Discard::parse(&v)?);
             } else if k == "detect-zeroes" {
                 r.detect_zeroes = Some(DetectZeroes::parse(&v)?);
+            } else if k == "offset" || k == "size" {
+                let n = parse_opt_size(&v).map_err(|_| {
+                    qimg::Error::arg(format!(
+                        "Parameter '{k}' expects a non-negative number below 2^64\n\
+                         Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, \
+                         peta-\nand exabytes, respectively."
+                    ))
+                })?;
+                let w = r.raw_window.get_or_insert_with(Default::default);
+                if k == "offset" {
+                    w.offset = n;
+                    w.offset_text = Some(v);
+                } else {
+                    w.size = Some(n);
+                    w.size_text = Some(v);
+                }
             } else if !r.qcow2.set(&k, &v)? {
                 // Every other runtime option taken here is the qcow2 driver's or the file's.
                 return Err(qimg::Error::arg(format!(
@@ -208,6 +232,7 @@ fn spec_options(
         backing_format,
         discard,
         detect_zeroes,
+        raw_window,
     } = runtime_options_with_backing(&lists)?;
     let opts = OpenOptions {
         format,
@@ -243,6 +268,7 @@ fn spec_options(
         file_image,
         protocol_driver: spec.protocol_driver,
         backing_resolver: Some(backing_resolver()),
+        raw_window,
         ..Default::default()
     };
     Ok(opts)

@@ -321,9 +321,8 @@ impl Qcow2 {
             .await
             .context(|| format!("Could not read '{filename}'"))?;
         if head[0..4] != header::MAGIC {
-            return Err(Error::invalid(format!(
-                "Image is not in qcow2 format: '{filename}'"
-            )));
+            // QEMU's words; the caller says which file it was opening.
+            return Err(Error::invalid("Image is not in qcow2 format"));
         }
         let cluster_bits = be::u32(&head, 20);
         if !(header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits) {

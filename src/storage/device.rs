@@ -172,6 +172,9 @@ impl BlockDevice for Nested {
     fn as_qcow2(&self) -> Option<&Qcow2> {
         self.outer.as_qcow2()
     }
+    fn file_image(&self) -> Option<Arc<dyn BlockDevice>> {
+        Some(self.inner.clone())
+    }
     fn request_alignment(&self) -> u32 {
         self.outer.request_alignment()
     }

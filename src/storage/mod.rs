@@ -13,8 +13,9 @@
 //!   (adds a fixed delay to every operation, for measurements without disk noise),
 //!   [`crash::CrashStorage`] (records unflushed writes and can "lose power"),
 //!   [`fault::FaultStorage`] (fails chosen operations with `EIO` or `ENOSPC`, for failure tests)
-//!   and [`blkdebug::Blkdebug`] (QEMU's `blkdebug`: fails requests after chosen steps of the
-//!   format driver, imposes request limits).
+//!   [`blkdebug::Blkdebug`] (QEMU's `blkdebug`: fails requests after chosen steps of the
+//!   format driver, imposes request limits), and [`window::Window`] (QEMU's raw `offset=`/`size=`:
+//!   a part of a file).
 //!
 //! [`lock`] takes QEMU's image locks on a file when it is opened (`FileOptions::lock`).
 //!
@@ -34,6 +35,7 @@ pub mod memory;
 pub mod null;
 mod pool;
 pub mod uring;
+pub mod window;
 
 use crate::buf::{IoBuf, IoBufMut};
 use std::future::Future;
