@@ -423,8 +423,8 @@ fn unsupported_options_are_refused() {
     let cases: [(&[&str], &str); 5] = [
         (&["--object", "memory-backend-ram,id=m0"], "--object memory-backend-ram"),
         (&["-c", "/dev/nbd0"], "kernel NBD client"),
-        (&["-o", "512"], "--offset"),
-        (&["--offset", "0x200"], "--offset"),
+        (&["-o", "4M"], "Invalid offset '4M'"),
+        (&["--offset", "0x200", "-A"], "--offset together with -A"),
         (
             &["--detect-zeroes=unmap"],
             "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
@@ -482,4 +482,104 @@ fn a_restarted_server_keeps_its_socket() {
     assert!(!sock.exists(), "the last server leaves no socket behind");
     qemu_check_clean(&a_img);
     qemu_check_clean(&b_img);
+}
+
+/// `-o OFFSET`/`--offset OFFSET`: the image's disk from that byte on, as qemu-nbd exports it —
+/// the same size, block status map (holes stay holes) and content, writes landing at the offset
+/// in the image; QEMU's refusals of bad and too-large offsets and of an offset in list mode.
+#[test]
+fn offset_exports_part_of_the_image_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_create(&base, "", 64 << 20, &[]);
+    qemu_io(
+        &base,
+        "qcow2",
+        &["write -P 1 0 1M".into(), "write -P 2 8M 1M".into()],
+    );
+    let sock = d.join("s.sock");
+    let pid = d.join("s.pid");
+    let mut seen = Vec::new();
+    for server in ["qemu-nbd", "qimg"] {
+        let img = d.join(format!("{server}.qcow2"));
+        std::fs::copy(&base, &img).unwrap();
+        let pid_arg = format!("--pid-file={}", s(&pid));
+        let o = start_forked(
+            server,
+            &[
+                "-f",
+                "qcow2",
+                "-o",
+                "0x400000",
+                "-k",
+                s(&sock),
+                "-t",
+                &pid_arg,
+                s(&img),
+            ],
+        );
+        assert!(o.status.success(), "{server}: {}", text(&o));
+        let p = read_pid(&pid);
+        let uri = sock_uri(&sock);
+        let map = run("nbdinfo", &["--map", &uri]);
+        let size = run("nbdinfo", &["--size", &uri]);
+        let io = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 2 4M 1M",
+                "-c",
+                "write -P 3 0 64k",
+                &uri,
+            ],
+        );
+        assert!(!text(&io).contains("fail"), "{server}: {}", text(&io));
+        kill(p);
+        wait_gone(p, server);
+        // The write at the export's start is at 4 MiB in the image.
+        let o = run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 3 4M 64k",
+                "-c",
+                "read -P 1 0 1M",
+                s(&img),
+            ],
+        );
+        assert!(!text(&o).contains("fail"), "{server}: {}", text(&o));
+        seen.push((map.stdout, size.stdout));
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(String::from_utf8_lossy(&seen[1].1).trim(), "62914560");
+    assert!(String::from_utf8_lossy(&seen[1].0).contains("hole,zero"));
+    for args in [
+        &[
+            "-f",
+            "qcow2",
+            "--offset",
+            "0x8000000",
+            "-k",
+            s(&sock),
+            s(&base),
+        ][..],
+        &["-o", "12z", s(&base)],
+        &["-L", "-o", "5", "-k", s(&sock)],
+    ] {
+        let theirs = run("qemu-nbd", args);
+        let mut ours_args = vec!["serve"];
+        ours_args.extend_from_slice(args);
+        let ours = run(QIMG, &ours_args);
+        assert_eq!(ours.status.code(), theirs.status.code(), "{args:?}");
+        assert_eq!(
+            text(&ours).replacen("qimg:", "qemu-nbd:", 1),
+            text(&theirs),
+            "{args:?}"
+        );
+    }
 }

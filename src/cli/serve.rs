@@ -92,12 +92,13 @@ pub struct Args {
     /// FILE is an option list (driver=qcow2,file.filename=NAME,...)
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// Runtime options (l2-cache-size=..., cache-clean-interval=..., pass-discard-request=...).
-    /// A plain number is qemu-nbd's -o OFFSET, which qimg refuses
+    /// Runtime options (l2-cache-size=..., cache-clean-interval=..., pass-discard-request=...);
+    /// a plain number is qemu-nbd's -o OFFSET (see --offset)
     #[arg(short = 'o', value_name = "OPTIONS|OFFSET")]
     options: Vec<String>,
-    /// qemu-nbd's offset into the image: not supported (refused)
-    #[arg(long = "offset", hide = true)]
+    /// Export the image's disk from this byte on (qemu-nbd's -o/--offset; decimal, 0x hex or
+    /// 0 octal)
+    #[arg(long = "offset", value_name = "OFFSET")]
     offset: Option<String>,
     /// Export persistent dirty bitmap NAME as metadata context qemu:dirty-bitmap:NAME
     /// (repeatable; looked up in the image, then down its backing chain)
@@ -194,8 +195,8 @@ async fn export_bitmaps(
 /// qemu-nbd options qimg does not implement: refused by name, never ignored.
 fn refuse_unsupported(a: &Args) -> Result<()> {
     let refuse = |what: &str| Err(Error::unsupported(what.to_string()));
-    if a.offset.is_some() || a.options.iter().any(|o| is_offset(o)) {
-        return refuse("-o/--offset (exporting part of an image) is not supported");
+    if dev_offset(a)? != 0 && (a.allocation_depth || !a.bitmap.is_empty()) {
+        return refuse("-o/--offset together with -A or -B is not supported");
     }
     if a.tls_hostname.is_some() && !a.list {
         return Err(Error::arg("--tls-hostname is only permitted with --list"));
@@ -220,14 +221,31 @@ fn refuse_unsupported(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// qemu-nbd's `-o` takes a number (an offset); qimg's takes runtime options, which never are.
+/// qemu-nbd's `-o OFFSET`/`--offset OFFSET` (the last one given), read as `strtoull` with
+/// base 0 reads it.
+fn dev_offset(a: &Args) -> Result<u64> {
+    let given = a
+        .options
+        .iter()
+        .filter(|o| is_offset(o))
+        .chain(a.offset.iter())
+        .last();
+    let Some(text) = given else { return Ok(0) };
+    let t = text.trim();
+    let parsed = if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse()
+    };
+    parsed.map_err(|_| Error::arg(format!("Invalid offset '{text}'")))
+}
+
+/// qemu-nbd's `-o` takes an offset; qimg's also takes runtime option lists, which always have
+/// a `key=value`: a value without `=` is an offset (and must read as a number).
 fn is_offset(o: &str) -> bool {
-    let o = o.trim();
-    let digits = o
-        .strip_prefix("0x")
-        .or_else(|| o.strip_prefix("0X"))
-        .unwrap_or(o);
-    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_hexdigit()) && !o.contains('=')
+    !o.contains('=')
 }
 
 /// What `--tls-creds` asks for: nothing, a server's TLS, or (with `--list`) a client's.
@@ -272,6 +290,20 @@ async fn serve(a: Args) -> Result<u8> {
     if a.list {
         if a.filename.is_some() {
             return Err(Error::arg("List mode is incompatible with a file name"));
+        }
+        if a.export_name.is_some()
+            || a.description.is_some()
+            || dev_offset(&a)? != 0
+            || a.format.is_some()
+            || a.load_snapshot.is_some()
+            || !a.bitmap.is_empty()
+            || a.allocation_depth
+            || a.aio.is_some()
+            || a.cache.is_some()
+        {
+            return Err(Error::arg(
+                "List mode is incompatible with per-device settings",
+            ));
         }
         let TlsSetup::Client(dir) = tls else {
             return list(&a, None).await;
@@ -340,12 +372,19 @@ async fn serve(a: Args) -> Result<u8> {
     }
     // A snapshot is exported read-only (qemu-nbd's rule).
     let read_only = a.read_only || snapshot.is_some();
+    // `-o` lists that are not an offset are runtime options.
+    let runtime: Vec<String> = a
+        .options
+        .iter()
+        .filter(|o| !is_offset(o))
+        .cloned()
+        .collect();
     let image_args = super::opts::ImageArgs {
         path: &filename,
         format: a.format.as_deref(),
         read_only,
         cache,
-        runtime_opts: &a.options,
+        runtime_opts: &runtime,
         no_backing: false,
         batch: false,
         force_share: false,
@@ -369,6 +408,18 @@ async fn serve(a: Args) -> Result<u8> {
         }
     }
 
+    // `--offset`: QEMU puts a raw node with that offset over the image; here a window on its
+    // disk, read as raw, which closes the image with itself.
+    let img = match dev_offset(&a)? {
+        0 => img,
+        offset => match window_on(img.clone(), offset, read_only).await {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = img.close().await;
+                return Err(e);
+            }
+        },
+    };
     let bitmaps = match export_bitmaps(&img, &a.bitmap).await {
         Ok(b) => b,
         Err(e) => {
@@ -468,6 +519,27 @@ async fn serve(a: Args) -> Result<u8> {
     listen.remove_socket(socket_id);
     closed?;
     Ok(0)
+}
+
+/// The disk of `img` from byte `offset` on, as a raw image (qemu-nbd's `--offset`).
+async fn window_on(
+    img: Arc<dyn qimg::BlockDevice>,
+    offset: u64,
+    read_only: bool,
+) -> Result<Arc<dyn qimg::BlockDevice>> {
+    use qimg::storage::device::{DeviceStorage, Nested};
+    use qimg::storage::Storage;
+    let disk: qimg::storage::StorageRef = Arc::new(DeviceStorage(img.clone()));
+    let window = qimg::storage::window::Window::new(disk, offset, None).await?;
+    let size = window
+        .len()
+        .await
+        .map_err(|e| Error::io("Could not get the size of the image", e))?;
+    let raw = qimg::raw::Raw::with_storage(Arc::new(window), size, read_only);
+    Ok(Arc::new(Nested {
+        outer: Arc::new(raw),
+        inner: img,
+    }))
 }
 
 /// `--list`: what the server at `-k` or `-b`/`-p` exports, printed as `qemu-nbd --list` does.

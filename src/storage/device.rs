@@ -104,6 +104,28 @@ impl Storage for DeviceStorage {
         Box::pin(async move { self.fits(offset, len) })
     }
 
+    fn extent_at(&self, offset: u64, max: u64) -> IoFuture<'_, io::Result<super::Extent>> {
+        Box::pin(async move {
+            let max = max.min(self.0.size().saturating_sub(offset));
+            if max == 0 {
+                return Ok(super::Extent {
+                    len: 0,
+                    data: false,
+                    zero: true,
+                });
+            }
+            // What the whole chain says: holes stay holes through a window on the disk.
+            let st = crate::block::chain_status(&self.0, offset, max)
+                .await
+                .map_err(to_io)?;
+            Ok(super::Extent {
+                len: st.len.clamp(1, max),
+                data: st.data,
+                zero: st.zero,
+            })
+        })
+    }
+
     fn protocol(&self) -> &'static str {
         "file"
     }
