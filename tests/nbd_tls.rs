@@ -566,8 +566,12 @@ fn qimg_tools_are_tls_clients_like_qemu_img() {
     make_certs(&d.join("other"));
     let img = d.join("t.qcow2");
     qemu_create(&img, "", 64 << 20, &[]);
+    // The servers do not check client certificates here: the clients' own checks are the
+    // subject, and a server that drops a client whose certificate it refuses races the
+    // client's report of the server's certificate (a rustls server refuses during the
+    // handshake, a GnuTLS one after it).
     let server_creds = format!(
-        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
         d.join("srv").display()
     );
     let client = |dir: &str| {

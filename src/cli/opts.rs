@@ -310,7 +310,11 @@ pub fn backing_resolver() -> qimg::block::BackingResolver {
                 spec.runtime.join(",")
             )));
         }
-        let format = spec.format.as_deref().map(Format::parse).transpose()?;
+        // A protocol node (`"driver": "file"`) is read as it is, never probed.
+        let format = match spec.protocol_driver {
+            Some(_) => Some(Format::Raw),
+            None => spec.format.as_deref().map(Format::parse).transpose()?,
+        };
         Ok(qimg::block::BackingNode {
             path: spec.path.into(),
             format,
