@@ -64,9 +64,48 @@ pub async fn run(a: Args) -> u8 {
         Err(e) => return fail(format!("Could not open '{}': {e}", a.filename)),
     };
     let mut chain: Vec<Arc<dyn BlockDevice>> = vec![img.clone()];
+    // Images opened only to be listed (see below), closed at the end.
+    let mut listed: Vec<Arc<dyn BlockDevice>> = Vec::new();
     if a.backing_chain {
-        while let Some(b) = chain.last().and_then(|i| i.backing()) {
-            chain.push(b);
+        loop {
+            while let Some(b) = chain.last().and_then(|i| i.backing()) {
+                chain.push(b);
+            }
+            // qemu-img lists the chain by the names in the images' headers: past a
+            // `"backing": null` in a `json:` backing name, which kept a layer from being
+            // opened below, the named file is listed too (and what it names, on).
+            let Some(next) = chain.last().and_then(|i| cut_backing(i.as_ref())) else {
+                break;
+            };
+            if chain.len() > 64 {
+                break;
+            }
+            match open(&ImageArgs {
+                image_opts: false,
+                path: &next.0,
+                format: next.1.as_deref(),
+                read_only: true,
+                cache: None,
+                runtime_opts: &[],
+                no_backing: false,
+                batch: false,
+                force_share: a.force_share,
+                metadata_only: true,
+                aio: None,
+            })
+            .await
+            {
+                Ok(i) => {
+                    listed.push(i.clone());
+                    chain.push(i);
+                }
+                Err(e) => {
+                    for i in listed.iter().chain([&img]) {
+                        let _ = i.close().await;
+                    }
+                    return fail(format!("Could not open '{}': {e}", next.0));
+                }
+            }
         }
     }
     if a.output == "json" {
@@ -85,8 +124,32 @@ pub async fn run(a: Args) -> u8 {
             print!("{}", info_human(i.as_ref()));
         }
     }
-    let _ = img.close().await;
+    for i in listed.iter().rev().chain([&img]) {
+        let _ = i.close().await;
+    }
     0
+}
+
+/// The backing file (name, format) a qcow2 image names but that was not opened below it
+/// (a `json:` backing name with `"backing": null` one layer up).
+fn cut_backing(img: &dyn BlockDevice) -> Option<(String, Option<String>)> {
+    let q = img.as_qcow2()?;
+    if img.backing().is_some() {
+        return None;
+    }
+    let name = q.backing_filename()?;
+    let file = super::image_name::parse(img.filename(), false)
+        .map(|spec| spec.path)
+        .unwrap_or_else(|_| img.filename().to_string());
+    let path = if name.starts_with("json:") {
+        name
+    } else {
+        qimg::block::resolve_backing(std::path::Path::new(&file), &name)
+            .ok()?
+            .display()
+            .to_string()
+    };
+    Some((path, q.backing_format()))
 }
 
 /// JSON with 4-space indentation, as qemu-img prints it (QEMU's own writer: empty arrays and
