@@ -470,3 +470,59 @@ fn measure_reads_snapshots_like_qemu_img() {
     // The snapshots, the active disk and the failures differ from each other.
     assert_eq!(seen.len(), 4, "{seen:?}");
 }
+
+/// A snapshot whose L1 table offset is invalid (iotest 080's damage): `amend -o compat=0.10`,
+/// `snapshot -a` and `snapshot -d` fail with qemu-img's exit codes and lines — the snapshot's
+/// own error first where QEMU reports it on its own line, then the operation's.
+#[test]
+fn damaged_snapshot_tables_are_reported_like_qemu_img() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_create(&base, "", 64 << 20, &[]);
+    qemu_io(&base, "qcow2", &["write 0 512".into()]);
+    ok(
+        &run(
+            "qemu-img",
+            &["snapshot", "-c", "test", base.to_str().unwrap()],
+        ),
+        "c",
+    );
+    // The first snapshot table entry's L1 table offset, made unaligned.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&base)
+        .unwrap();
+    let mut h = [0u8; 72];
+    f.read_exact(&mut h).unwrap();
+    let table = u64::from_be_bytes(h[64..72].try_into().unwrap());
+    f.seek(SeekFrom::Start(table)).unwrap();
+    f.write_all(&0x40_0200u64.to_be_bytes()).unwrap();
+    drop(f);
+    for args in [
+        &["amend", "-o", "compat=0.10"][..],
+        &["snapshot", "-a", "test"],
+        &["snapshot", "-d", "test"],
+    ] {
+        let mut outs = Vec::new();
+        for tool in [QIMG, "qemu-img"] {
+            let img = dir.path().join("img.qcow2");
+            std::fs::copy(&base, &img).unwrap();
+            let mut all = args.to_vec();
+            all.push(img.to_str().unwrap());
+            let o = std::process::Command::new(tool)
+                .arg0("qemu-img")
+                .args(&all)
+                .output()
+                .unwrap();
+            outs.push((o.status.code(), text(&o)));
+        }
+        assert_eq!(outs[0], outs[1], "{args:?}");
+        assert!(
+            outs[0].1.contains("Snapshot L1 table offset invalid"),
+            "{args:?}"
+        );
+    }
+}

@@ -274,7 +274,22 @@ async fn amend(
     if version < old_version {
         q.set_version_with_progress(version, &|done, total| progress.set_fraction(done, total))
             .await
-            .map_err(e)?;
+            .map_err(|err| {
+                // A snapshot whose L1 table cannot be read stops the expansion of zero
+                // clusters: QEMU reports the snapshot's error on its own line, then the
+                // downgrade's, by errno.
+                let text = err.to_string();
+                if text.starts_with("Snapshot L1 table") {
+                    let errno = std::io::Error::from_raw_os_error(err.errno());
+                    format!(
+                        "{text}\n{}: Failed to turn zero into data clusters: {}",
+                        super::prog(),
+                        qimg::error::strerror(&errno)
+                    )
+                } else {
+                    text
+                }
+            })?;
     }
     Ok(())
 }

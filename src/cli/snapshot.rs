@@ -140,7 +140,13 @@ pub async fn run(a: Args) -> u8 {
             match r {
                 Ok(()) => 0,
                 Err(e) => {
-                    tracing::info!("{e}");
+                    // A snapshot table entry QEMU validates itself is reported on its own
+                    // line first; everything else by errno alone.
+                    if e.to_string().starts_with("Snapshot L1 table") {
+                        eprintln!("{}: {e}", super::prog());
+                    } else {
+                        tracing::info!("{e}");
+                    }
                     fail(format!(
                         "Could not apply snapshot '{name}': Failed to load snapshot: {}",
                         errno_text(&e)
