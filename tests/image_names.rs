@@ -527,7 +527,6 @@ fn json_backing_names_as_qemu_reads_them() {
 /// offset inside a container file, used through `file.driver=raw,file.offset=`.
 #[test]
 fn raw_offset_and_size_as_qemu() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = |n: &str| d.join(n).to_str().unwrap().to_string();
@@ -539,14 +538,14 @@ fn raw_offset_and_size_as_qemu() {
         for (ours, name) in [(true, "ours.raw"), (false, "theirs.raw")] {
             std::fs::copy(file, p(name)).unwrap();
             let args: Vec<String> = args.iter().map(|a| a.replace("FILE", &p(name))).collect();
+            let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
             let o = if ours {
-                let mut c = std::process::Command::new(QIMG);
                 if tool == "qemu-io" {
-                    c.arg("io");
+                    args.insert(0, "io");
                 }
-                c.arg0(tool).args(&args).output().unwrap()
+                run_named(QIMG, tool, &args)
             } else {
-                run(tool, &args.iter().map(String::as_str).collect::<Vec<_>>())
+                run(tool, &args)
             };
             let out = text(&o).replace(&p(name), "FILE");
             let out: Vec<&str> = out.lines().filter(|l| !l.contains("ops/sec")).collect();

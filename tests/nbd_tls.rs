@@ -760,10 +760,5 @@ fn qimg_tools_are_tls_clients_like_qemu_img() {
 
 /// qimg run with `argv[0]` = `qemu-img`, so that its messages carry qemu-img's prefix.
 fn run_as_qemu_img(args: &[&str]) -> std::process::Output {
-    use std::os::unix::process::CommandExt;
-    Command::new(QIMG)
-        .arg0("qemu-img")
-        .args(args)
-        .output()
-        .unwrap()
+    run_named(QIMG, "qemu-img", args)
 }

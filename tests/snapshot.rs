@@ -275,11 +275,7 @@ fn messages_match_qemu_img() {
     for args in cases {
         let q = run("qemu-img", &args);
         // The same command line under the name qemu-img prints the same prefixes.
-        let o = std::process::Command::new(QIMG)
-            .arg0_compat("qemu-img")
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = run_named(QIMG, "qemu-img", &args);
         let mask = |s: String| {
             // Snapshot dates differ by when each program ran the list; the rest must not.
             s.lines()
@@ -295,17 +291,6 @@ fn messages_match_qemu_img() {
         };
         assert_eq!(mask(text(&o)), mask(text(&q)), "output of {args:?} differs");
         assert_eq!(o.status.code(), q.status.code(), "exit code of {args:?}");
-    }
-}
-
-trait Arg0 {
-    fn arg0_compat(&mut self, name: &str) -> &mut Self;
-}
-
-impl Arg0 for std::process::Command {
-    fn arg0_compat(&mut self, name: &str) -> &mut Self {
-        use std::os::unix::process::CommandExt;
-        self.arg0(name)
     }
 }
 
@@ -429,7 +414,6 @@ fn pass_discard_snapshot_like_qemu() {
 /// snapshot, a bad parameter and a format without snapshots.
 #[test]
 fn measure_reads_snapshots_like_qemu_img() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.qcow2");
     let ps = p.to_str().unwrap();
@@ -455,11 +439,7 @@ fn measure_reads_snapshots_like_qemu_img() {
         args.extend_from_slice(extra);
         args.push(ps);
         let theirs = run("qemu-img", &args);
-        let ours = std::process::Command::new(QIMG)
-            .arg0("qemu-img")
-            .args(&args)
-            .output()
-            .unwrap();
+        let ours = run_named(QIMG, "qemu-img", &args);
         assert_eq!(
             (ours.status.code(), text(&ours)),
             (theirs.status.code(), text(&theirs)),
@@ -477,7 +457,6 @@ fn measure_reads_snapshots_like_qemu_img() {
 #[test]
 fn damaged_snapshot_tables_are_reported_like_qemu_img() {
     use std::io::{Read, Seek, SeekFrom, Write};
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
     qemu_create(&base, "", 64 << 20, &[]);
@@ -512,11 +491,7 @@ fn damaged_snapshot_tables_are_reported_like_qemu_img() {
             std::fs::copy(&base, &img).unwrap();
             let mut all = args.to_vec();
             all.push(img.to_str().unwrap());
-            let o = std::process::Command::new(tool)
-                .arg0("qemu-img")
-                .args(&all)
-                .output()
-                .unwrap();
+            let o = run_named(tool, "qemu-img", &all);
             outs.push((o.status.code(), text(&o)));
         }
         assert_eq!(outs[0], outs[1], "{args:?}");

@@ -54,6 +54,24 @@ fn check_access(path: &Path) -> Result<()> {
     })
 }
 
+/// A certificate (with the chain after it, at least one certificate) and its private key.
+fn load_identity(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    check_access(cert_path)?;
+    check_access(key_path)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| load_err(cert_path, e))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| load_err(cert_path, e))?;
+    if chain.is_empty() {
+        return Err(load_err(cert_path, "no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| load_err(key_path, e))?;
+    Ok((chain, key))
+}
+
 /// The certificate authorities of `dir/ca-cert.pem` (QEMU's layout), at least one.
 fn load_roots(dir: &Path) -> Result<rustls::RootCertStore> {
     let ca_path = dir.join("ca-cert.pem");
@@ -79,16 +97,7 @@ impl TlsServer {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert_path = dir.join("server-cert.pem");
         let key_path = dir.join("server-key.pem");
-        check_access(&cert_path)?;
-        check_access(&key_path)?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
-            .map_err(|e| load_err(&cert_path, e))?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| load_err(&cert_path, e))?;
-        if chain.is_empty() {
-            return Err(load_err(&cert_path, "no certificate in the file"));
-        }
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| load_err(&key_path, e))?;
+        let (chain, key) = load_identity(&cert_path, &key_path)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::arg(format!("TLS setup: {e}")))?;
@@ -243,17 +252,7 @@ impl ClientCredentials {
         let roots = load_roots(dir)?;
         let (cert_path, key_path) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
         let identity = if cert_path.exists() {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
-                .map_err(|e| load_err(&cert_path, e))?
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| load_err(&cert_path, e))?;
-            if chain.is_empty() {
-                return Err(load_err(&cert_path, "no certificate in the file"));
-            }
-            check_access(&key_path)?;
-            let key =
-                PrivateKeyDer::from_pem_file(&key_path).map_err(|e| load_err(&key_path, e))?;
-            Some(Arc::new((chain, key)))
+            Some(Arc::new(load_identity(&cert_path, &key_path)?))
         } else {
             None
         };

@@ -16,6 +16,17 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
+/// Runs `cmd` with `argv[0]` = `name` (qimg named `qemu-img` prints qemu-img's message
+/// prefixes, as the iotests' wrappers run it).
+pub fn run_named(cmd: &str, name: &str, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(cmd)
+        .arg0(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
