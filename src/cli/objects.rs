@@ -198,6 +198,11 @@ fn tls_creds(pairs: Vec<(String, String)>) -> Result<Object> {
     };
     let dir = Path::new(&dir);
     match endpoint.as_str() {
+        // QEMU's client then trusts any server; qimg always checks the server's certificate.
+        "client" if !verify_peer => Err(Error::unsupported(
+            "verify-peer=off for client credentials is not supported (the server's certificate \
+             is always verified)",
+        )),
         "client" => ClientCredentials::load(dir).map(Object::TlsClient),
         "server" => TlsServer::from_x509_dir(dir, verify_peer).map(Object::TlsServer),
         other => Err(Error::arg(format!(
