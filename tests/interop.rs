@@ -474,3 +474,53 @@ fn v2_discard_over_a_backing_file_keeps_the_guests_data() {
         qemu_check_clean(&top);
     }
 }
+
+/// Zeros written over a range that reads as zeros only because the backing file ends before it
+/// (a partial cluster: no ZERO flag possible) are written into the overlay, as QEMU writes them
+/// (iotest 154): they stay zeros when the backing file grows later, and both tools leave the
+/// same map.
+#[test]
+fn zeros_past_a_short_backing_file_do_not_depend_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = 128u64 << 10;
+    let mut maps = Vec::new();
+    for tool in ["qimg", "qemu-io"] {
+        let base = dir.path().join(format!("{tool}.base"));
+        let top = dir.path().join(format!("{tool}.qcow2"));
+        qemu_create(&base, "cluster_size=512", k + 1024, &[]);
+        qemu_create(
+            &top,
+            "cluster_size=4k",
+            k + 2048,
+            &["-b", base.to_str().unwrap(), "-F", "qcow2"],
+        );
+        qemu_io(&base, "qcow2", &[format!("write -P 1 {k} 512")]);
+        let zero = vec![format!("write -z {} 512", k + 1024)];
+        if tool == "qimg" {
+            qimg_io(&top, &zero);
+        } else {
+            qemu_io(&top, "qcow2", &zero);
+        }
+        let o = run("qemu-img", &["map", "--output=json", top.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        maps.push(String::from_utf8_lossy(&o.stdout).replace(|c: char| c.is_ascii_digit(), "#"));
+        // The backing file grows and gets data where the overlay was zeroed.
+        let o = run(
+            "qemu-img",
+            &["resize", "-q", base.to_str().unwrap(), "256k"],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        qemu_io(&base, "qcow2", &[format!("write -P 2 {} 2048", k + 1024)]);
+        qemu_io(
+            &top,
+            "qcow2",
+            &[
+                format!("read -P 1 {k} 512"),
+                format!("read -P 0 {} 512", k + 512),
+                format!("read -P 0 {} 512", k + 1024),
+            ],
+        );
+        qemu_check_clean(&top);
+    }
+    assert_eq!(maps[0], maps[1], "qimg's map differs from QEMU's");
+}

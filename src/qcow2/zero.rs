@@ -5,9 +5,10 @@
 //!   layer whatever a backing file attached later holds): keeping the host cluster (preallocated
 //!   zero cluster) unless unmapping is allowed. Compressed clusters are always unmapped (a ZERO
 //!   flag cannot sit on a compressed descriptor). Partial clusters and v2 images get real zeros
-//!   written, except where the guest already reads zeros. (QEMU also marks a partly covered
-//!   cluster ZERO when it reads as zeros as a whole; doing that safely needs the check and the
-//!   change under one cluster claim, which is not done yet.)
+//!   written, except where this layer itself already reads as zeros (zeros read through from a
+//!   backing file are written: they must not depend on it). A partly covered cluster whose rest
+//!   reads as zeros is marked ZERO instead (QEMU's rule), decided under the cluster's claim
+//!   (`ClusterOp::ZeroIfZero`).
 //! - Discard works on whole clusters only, as QEMU's does: a discarded cluster reads as zeros on
 //!   v3 images (ZERO flag) and on v2 images without a backing file; on a v2 image with a backing
 //!   file it is left as it is (without a ZERO flag it would read the backing file's data instead
@@ -161,7 +162,11 @@ impl Qcow2 {
         Ok(true)
     }
 
-    /// Writes zero buffers where `[offset, offset+len)` does not already read as zeros.
+    /// Writes zero buffers where `[offset, offset+len)` does not already read as zeros by this
+    /// layer's own entries. Zeros that come from a backing file (unallocated here, a hole or the
+    /// end of the backing file there) are written all the same, as QEMU writes them: the range
+    /// must read as zeros whatever backing file the image has later (a rebase, a backing file
+    /// that grows).
     pub(super) async fn write_zero_buffers(
         &self,
         offset: u64,
@@ -173,7 +178,8 @@ impl Qcow2 {
         while pos < end {
             let st = self.status_at(pos, end - pos).await?;
             let n = st.len.max(1).min(end - pos);
-            let reads_zero = st.zero && !st.data;
+            let own_zero = st.allocated || self.backing_filename().is_none();
+            let reads_zero = st.zero && !st.data && own_zero;
             if !reads_zero {
                 if flags.fast_only {
                     return Err(Error::unsupported("zeroing this range needs a data write"));
