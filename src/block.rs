@@ -484,7 +484,7 @@ pub struct RawWindow {
 
 /// What a backing file name that is not a plain file name stands for (QEMU's `json:{...}`
 /// names, which QEMU writes into images when a chain was built from options): a local file,
-/// its format, and the `blkdebug` node between them, if any.
+/// its format, and the `blkdebug` or windowed raw node between them, if any.
 #[derive(Clone, Debug)]
 pub struct BackingNode {
     pub path: PathBuf,
@@ -492,6 +492,9 @@ pub struct BackingNode {
     pub blkdebug: Option<crate::storage::blkdebug::Config>,
     /// `"backing": null`: the backing image is opened without its own backing file.
     pub no_backing: bool,
+    /// A raw node with `offset`/`size` between the format and the file (QEMU's
+    /// `"file": {"driver": "raw", "size": ...}`): the image lies in that part of the file.
+    pub raw_window: Option<RawWindow>,
 }
 
 /// Turns a backing file name into a [`BackingNode`]. It is given by the application, which
@@ -632,15 +635,57 @@ async fn open_nested(
     nested: &NestedImage,
 ) -> Result<Arc<dyn BlockDevice>> {
     let inner = Box::pin(open_image(Path::new(&nested.path), &nested.opts)).await?;
+    open_over(inner, path, opts, 0, &mut Vec::new()).await
+}
+
+/// Opens a layer whose file is read through a windowed raw node (a backing file named
+/// `json:{"driver": "qcow2", "file": {"driver": "raw", "size": ...}}`): the raw node first,
+/// with the layer's file options, then the layer on it.
+async fn open_windowed(
+    path: &Path,
+    opts: &OpenOptions,
+    window: RawWindow,
+    depth: usize,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Arc<dyn BlockDevice>> {
+    let raw = OpenOptions {
+        format: Some(Format::Raw),
+        probe: false,
+        raw_window: Some(window),
+        blkdebug: opts.blkdebug.clone(),
+        read_only: opts.read_only,
+        cache: opts.cache,
+        lock: opts.lock,
+        aio: opts.aio,
+        batch: opts.batch,
+        policy: opts.policy.clone(),
+        ..Default::default()
+    };
+    let inner = open_layer(path, &raw, depth, seen).await?;
+    let outer = OpenOptions {
+        blkdebug: None,
+        ..opts.clone()
+    };
+    open_over(inner, path, &outer, depth, seen).await
+}
+
+/// Opens the format of `opts` on the guest disk of `inner` (an image that is this one's
+/// file); a failure closes `inner` again.
+async fn open_over(
+    inner: Arc<dyn BlockDevice>,
+    path: &Path,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Arc<dyn BlockDevice>> {
     let storage: StorageRef = Arc::new(crate::storage::device::DeviceStorage(inner.clone()));
-    let mut seen = Vec::new();
     let mut name = inner.filename().to_string();
     // An inner image named by its options makes the outer one named by them too, as QEMU
     // names it ("driver" sorts before "file" in QEMU's dictionaries).
     if let (Some(inner_json), Some(f)) = (name.strip_prefix("json:"), opts.format) {
         name = format!(r#"json:{{"driver": "{}", "file": {inner_json}}}"#, f.name());
     }
-    match open_format(storage, path, name, opts, 0, &mut seen).await {
+    match open_format(storage, path, name, opts, depth, seen).await {
         Ok(outer) => Ok(Arc::new(crate::storage::device::Nested { outer, inner })),
         Err(e) => {
             let _ = inner.close().await;
@@ -783,6 +828,7 @@ async fn open_format(
                         (None, None) => None,
                     };
                     opts.policy.check_backing(&name, &bpath, bformat, depth)?;
+                    let window = node.as_ref().and_then(|n| n.raw_window.clone());
                     let writable = opts.writable_backing_depth == Some(depth + 1);
                     let bopts = OpenOptions {
                         format: bformat,
@@ -814,16 +860,19 @@ async fn open_format(
                         backing_resolver: opts.backing_resolver.clone(),
                         raw_window: None,
                     };
-                    let backing =
-                        open_layer(&bpath, &bopts, depth + 1, seen)
-                            .await
-                            .map_err(|e| match e {
-                                Error::Io { context, source } => Error::Io {
-                                    context: format!("Could not open backing file: {context}"),
-                                    source,
-                                },
-                                other => other,
-                            })?;
+                    let backing = match window {
+                        None => open_layer(&bpath, &bopts, depth + 1, seen).await,
+                        Some(w) => {
+                            Box::pin(open_windowed(&bpath, &bopts, w, depth + 1, seen)).await
+                        }
+                    };
+                    let backing = backing.map_err(|e| match e {
+                        Error::Io { context, source } => Error::Io {
+                            context: format!("Could not open backing file: {context}"),
+                            source,
+                        },
+                        other => other,
+                    })?;
                     img.set_backing(backing);
                     Ok(())
                 }

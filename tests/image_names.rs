@@ -652,3 +652,125 @@ fn raw_offset_and_size_as_qemu() {
     );
     assert!(out.contains("No space left on device"), "{out}");
 }
+
+/// A backing file named in JSON with a raw node between format and file (the image lies in
+/// part of a larger file, `"file": {"driver": "raw", "offset": ..., "size": ...}`): read as
+/// qemu-img reads it, and committed into within its window; a raw node with other options is
+/// refused. And iotest qemu-img-close-errors' situation: a base whose window is too small for
+/// its bitmaps once the commit's data is in. The data is committed, the bitmaps stay `in-use`
+/// (never stored wrong), and the failure at close is reported and fails the command.
+#[test]
+fn json_backing_names_with_a_raw_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let windowed = |file: &str, offset: u64, size: u64| {
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"raw","offset":{offset},"size":{size},"file":{{"driver":"file","filename":"{file}"}}}}}}"#
+        )
+    };
+    // A qcow2 image stored 1 MiB into a container, with junk before it.
+    let inner = p("inner.qcow2");
+    qemu_create(Path::new(&inner), "", 8 << 20, &[]);
+    qemu_io(Path::new(&inner), "qcow2", &["write -P 5 0 1M".into()]);
+    let mut bytes = pattern(3, 1 << 20);
+    bytes.extend(std::fs::read(&inner).unwrap());
+    bytes.resize((1 << 20) + (4 << 20), 0);
+    let container = p("container");
+    std::fs::write(&container, &bytes).unwrap();
+    let base = windowed(&container, 1 << 20, 4 << 20);
+    let top = p("top.qcow2");
+    let o = run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    qemu_io(Path::new(&top), "qcow2", &["write -P 6 1M 64k".into()]);
+    // QEMU prints the window's JSON numbers as numbers; qimg keeps option values as text and
+    // quotes them (the one difference, compared apart).
+    let unquoted = |s: String| {
+        let re = ["\"1048576\"", "\"4194304\""];
+        re.iter().fold(s, |s, q| s.replace(q, q.trim_matches('"')))
+    };
+    let (a, b) = both(&["info", "--backing-chain", &top]);
+    assert!(a.status.success() && b.status.success(), "{}", text(&a));
+    assert_eq!(unquoted(text(&a)), text(&b));
+    same(&["map", "--output=json", &top]);
+    let (a, b) = both(&["compare", &top, &inner]);
+    assert_eq!((a.status.code(), text(&a)), (b.status.code(), text(&b)));
+    let o = run(QIMG, &["commit", &top]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Inside the window only: the junk before it is untouched.
+    let after = std::fs::read(&container).unwrap();
+    assert!(
+        after[..1 << 20] == bytes[..1 << 20],
+        "commit wrote before the window"
+    );
+    qemu_io(
+        Path::new(&base),
+        "qcow2",
+        &["read -P 5 0 1M".into(), "read -P 6 1M 64k".into()],
+    );
+    let o = run("qemu-img", &["check", &base]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A raw node with an option qimg does not read is refused, by name.
+    let other = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"raw","size":4194304,"skip":1,"file":{{"driver":"file","filename":"{container}"}}}}}}"#
+    );
+    let odd = p("odd.qcow2");
+    let o = run(
+        QIMG,
+        &[
+            "create", "-f", "qcow2", "-u", "-b", &other, "-F", "qcow2", &odd, "8M",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(QIMG, &["info", "--backing-chain", &odd]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("a nested image"), "{}", text(&o));
+
+    // The close-errors case: six enabled bitmaps in a base of 1 GiB whose file is cut to a
+    // window just larger than the data committed into it (2028 of 2030 clusters after the
+    // commit): storing six dirtied bitmaps then needs clusters the window does not have.
+    let base_file = p("base.qcow2");
+    qemu_create(Path::new(&base_file), "", 1 << 30, &[]);
+    for i in 1..=6 {
+        let o = run(
+            QIMG,
+            &["bitmap", "--add", &base_file, &format!("stale-{i}")],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let window = 2030u64 << 16;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&base_file)
+        .unwrap();
+    f.set_len(window).unwrap();
+    let base = windowed(&base_file, 0, window);
+    let top = p("full-top.qcow2");
+    let o = run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    qemu_io(Path::new(&top), "qcow2", &["write -P 0xcd 0 126M".into()]);
+    let o = run_named(QIMG, "qemu-img", &["commit", "-d", &top]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("Lost persistent bitmaps during inactivation of node '")
+            && t.contains("Failed to write bitmap 'stale-"),
+        "{t}"
+    );
+    assert!(
+        t.ends_with("qemu-img: Error while closing the image: No space left on device\n"),
+        "{t}"
+    );
+    // The data is in, the bitmaps are marked inconsistent, the image has leaks at most.
+    qemu_io(Path::new(&base), "qcow2", &["read -P 0xcd 0 126M".into()]);
+    let o = run("qemu-img", &["info", &base]);
+    assert!(text(&o).contains("in-use"), "{}", text(&o));
+    let o = run("qemu-img", &["check", &base]);
+    assert!(matches!(o.status.code(), Some(0 | 3)), "{}", text(&o));
+}

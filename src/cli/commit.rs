@@ -89,6 +89,15 @@ pub async fn run(a: Args) -> u8 {
     let opts = CommitOptions { empty_top, rate };
     let r = qimg::chain::commit(&top, depth, opts, &|n| progress.add(n)).await;
     let closed = top.close().await;
+    // A failure at close after a job that succeeded (bitmaps that could not be stored, a
+    // flush) is reported as qemu-img reports it.
+    if let (Ok(()), Err(e)) = (&r, &closed) {
+        let why = match e {
+            qimg::Error::Io { source, .. } => qimg::error::strerror(source),
+            e => e.to_string(),
+        };
+        return super::fail(format!("Error while closing the image: {why}"));
+    }
     match r.and(closed) {
         Ok(()) => {
             progress.finish_before_message();

@@ -298,9 +298,15 @@ pub fn backing_resolver() -> qimg::block::BackingResolver {
         if spec.data_file.is_some() {
             return Err(refused("a data file"));
         }
-        if spec.blkdebug_above.is_some() || spec.copy_on_read || spec.inner.is_some() {
+        if spec.blkdebug_above.is_some() || spec.copy_on_read {
             return Err(refused("a filter or nested image"));
         }
+        // A raw node between the format and the file is a window on the file (its `offset`
+        // and `size`); any other image inside the file is refused.
+        let raw_window = match spec.inner.as_deref() {
+            None => None,
+            Some(inner) => Some(raw_window_node(inner).ok_or_else(|| refused("a nested image"))?),
+        };
         if let Some(d) = spec.protocol_driver.filter(|d| *d != "file") {
             return Err(refused(&format!("the '{d}' driver")));
         }
@@ -324,8 +330,35 @@ pub fn backing_resolver() -> qimg::block::BackingResolver {
                 .map(qimg::storage::blkdebug::Config::from_options)
                 .transpose()?,
             no_backing: spec.no_backing,
+            raw_window,
         })
     }))
+}
+
+/// The window a raw node of a backing file name gives (`{"driver": "raw", "offset": ...,
+/// "size": ..., "file": {"driver": "file", ...}}`): `None` if the node is anything else or
+/// has other options.
+fn raw_window_node(inner: &super::image_name::ImageSpec) -> Option<qimg::block::RawWindow> {
+    let plain = inner.format.as_deref() == Some("raw")
+        && inner.inner.is_none()
+        && inner.nbd.is_none()
+        && inner.null.is_none()
+        && inner.data_file.is_none()
+        && inner.blkdebug.is_none()
+        && inner.blkdebug_above.is_none()
+        && !inner.copy_on_read
+        && inner.protocol_driver.is_none()
+        && inner
+            .runtime
+            .iter()
+            .flat_map(|o| parse_kv_list(o))
+            .all(|(k, _)| k == "offset" || k == "size");
+    if !plain {
+        return None;
+    }
+    runtime_options_with_backing(&inner.runtime)
+        .ok()
+        .map(|r| r.raw_window.unwrap_or_default())
 }
 
 /// Opens an image with options from [`open_options`] (possibly adjusted).

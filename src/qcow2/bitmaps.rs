@@ -485,12 +485,16 @@ impl Qcow2 {
         };
         let mut written: Vec<(usize, HostOffset, u32)> = Vec::new();
         for (i, bits) in work {
-            let rewrite = {
+            let (rewrite, name) = {
                 let slots = self.bitmaps.slots.lock();
-                slots[i].dirty || slots[i].entry.table_offset.0 == 0
-            } | bits.take_changed();
-            if rewrite {
-                let (off, n) = self.write_bitmap(&bits).await?;
+                let s = &slots[i];
+                (s.dirty || s.entry.table_offset.0 == 0, s.entry.name.clone())
+            };
+            if rewrite | bits.take_changed() {
+                // Which bitmap could not be written, in QEMU's words.
+                let (off, n) = self.write_bitmap(&bits).await.map_err(|e| {
+                    reworded(e, || format!("Failed to write bitmap '{name}' to file"))
+                })?;
                 written.push((i, off, n));
             }
         }
@@ -516,7 +520,9 @@ impl Qcow2 {
             }
             (entries, replaced)
         };
-        self.switch_directory(&entries).await?;
+        self.switch_directory(&entries)
+            .await
+            .map_err(|e| reworded(e, || "Failed to update bitmap extension".into()))?;
         {
             let mut slots = self.bitmaps.slots.lock();
             for (s, e) in slots.iter_mut().zip(entries) {
@@ -871,5 +877,17 @@ impl Qcow2 {
             }
         }
         self.bitmaps.retrack(&slots);
+    }
+}
+
+/// An I/O error of a step of storing the bitmaps, said as QEMU says which step failed (the
+/// errno stays; the low-level context is dropped).
+fn reworded(e: Error, what: impl FnOnce() -> String) -> Error {
+    match e {
+        Error::Io { source, .. } => Error::Io {
+            context: what(),
+            source,
+        },
+        e => e,
     }
 }

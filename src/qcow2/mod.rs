@@ -858,7 +858,10 @@ impl Qcow2 {
             // the data is flushed all the same.
             bitmaps = self.store_bitmaps().await;
             if let Err(e) = &bitmaps {
-                tracing::warn!("{}: lost persistent bitmaps: {e}", self.filename);
+                tracing::warn!(
+                    "Lost persistent bitmaps during inactivation of node '{}': {e}",
+                    self.filename
+                );
             }
             // After a failed flush this fails: closing must not report durability it lacks.
             if let Err(e) = self.flush_for_close().await {
