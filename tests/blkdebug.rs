@@ -407,3 +407,49 @@ fn breakpoints_hold_a_request_until_resumed() {
     common::assert_same_disk(&q, &m);
     common::qemu_check_clean(&m);
 }
+
+/// `cluster_free`: an error armed when a snapshot's clusters are freed. `snapshot -d` fails
+/// after the snapshot left the table, with qemu-img's messages, and both tools leave the same
+/// leaks (and nothing worse), which `check -r leaks` repairs the same way (iotest 217).
+#[test]
+fn a_failed_free_in_snapshot_delete_leaks_as_in_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"cluster_free\"\nerrno = \"5\"\n",
+    )
+    .unwrap();
+    let [q, m] = pair(dir.path(), "", &["write -P 0x11 0 64k"]);
+    let mut seen = Vec::new();
+    for (tool, p) in [("qemu-img", &q), (QIMG, &m)] {
+        let o = run(tool, &["snapshot", "-c", "foo", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{tool}: {}", text(&o));
+        let name = format!("blkdebug:{}:{}", conf.display(), p.display());
+        // Named as qemu-img, for the same message prefix.
+        let o = common::run_named(tool, "qemu-img", &["snapshot", "-d", "foo", &name]);
+        let list = run("qemu-img", &["snapshot", "-l", p.to_str().unwrap()]);
+        let fix = run("qemu-img", &["check", "-r", "leaks", p.to_str().unwrap()]);
+        let strip = |s: String| s.replace(&p.display().to_string(), "IMG");
+        seen.push((
+            o.status.code(),
+            strip(text(&o)),
+            text(&list),
+            check(p),
+            strip(text(&fix)),
+        ));
+    }
+    assert!(
+        seen[0]
+            .1
+            .contains("Failed to free the cluster and L1 table"),
+        "{}",
+        seen[0].1
+    );
+    assert_eq!(seen[1], seen[0]);
+    let cmp = run(
+        "qemu-img",
+        &["compare", q.to_str().unwrap(), m.to_str().unwrap()],
+    );
+    assert!(cmp.status.success(), "{}", text(&cmp));
+}

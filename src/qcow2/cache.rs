@@ -271,6 +271,14 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Announces a step of the driver to a `blkdebug` node below (a no-op on other storage),
+    /// waiting while a breakpoint holds it.
+    pub async fn announce(&self, event: DebugEvent) {
+        if let Some(suspended) = self.storage.debug_event(event) {
+            suspended.await;
+        }
+    }
+
     /// Refuses a metadata write that would overwrite other metadata, and marks the image
     /// corrupt in memory at once (the caller's error path persists the corrupt bit).
     pub fn check_metadata_write(&self, offset: u64, len: u64, own: Option<Fixed>) -> Result<()> {

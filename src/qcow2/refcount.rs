@@ -827,6 +827,8 @@ impl Refcounts {
         }
         // Requests that looked up the old mappings may still be reading or writing there.
         epochs.grace_period().await;
+        w.announce(crate::storage::blkdebug::DebugEvent::ClusterFree)
+            .await;
         let mut st = self.alloc.lock().await;
         let mut zeroed = Vec::new();
         // Adjacent clusters are discarded in one call (emptying an image frees thousands).

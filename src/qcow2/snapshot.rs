@@ -34,6 +34,7 @@ use crate::format::be;
 use crate::format::header::MAX_L1_BYTES;
 use crate::format::snapshot::{encode_table, Snapshot, MAX_TABLE_BYTES};
 use crate::format::table::COPIED;
+use crate::storage::blkdebug::DebugEvent;
 use crate::units::HostOffset;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -231,6 +232,7 @@ impl Qcow2 {
         let first = g.host_cluster(off);
         let last = (off.0 + len - 1) >> g.cluster_bits;
         let (mut freed, mut done) = (FreedRuns::new(), 0);
+        self.w.announce(DebugEvent::ClusterFree).await;
         match self
             .rc
             .add_run(
@@ -283,11 +285,15 @@ impl Qcow2 {
             .overlap
             .set_fixed(Fixed::SnapshotTable, new_offset.0, bytes.len() as u64);
         if old_len > 0 {
+            // The new table is in use: failing to free the old one leaks it, nothing more, and
+            // the operation goes on (as QEMU's does, with its message).
             let mut freed = Vec::new();
             let mut done = 0;
             let first = g.host_cluster(old_offset);
             let last = (old_offset.0 + old_len - 1) >> g.cluster_bits;
-            self.rc
+            self.w.announce(DebugEvent::ClusterFree).await;
+            let r = self
+                .rc
                 .add_run(
                     &self.w,
                     first,
@@ -296,8 +302,15 @@ impl Qcow2 {
                     &mut done,
                     &mut freed,
                 )
-                .await?;
-            self.release_freed(&freed, self.pass_discard_snapshot).await;
+                .await;
+            match r {
+                Ok(()) => self.release_freed(&freed, self.pass_discard_snapshot).await,
+                Err(Error::Io { source, .. }) => tracing::warn!(
+                    "qcow2_free_clusters failed: {}",
+                    crate::error::strerror(&source)
+                ),
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -422,26 +435,38 @@ impl Qcow2 {
                 .overlap
                 .remove_fixed(Fixed::InactiveL1, sn.l1_table_offset.0);
         }
-        let mut freed = FreedRuns::new();
-        self.add_tree_refs(&sn_l1, -1, &mut freed).await?;
-        if sn.l1_size > 0 {
-            let mut done = 0;
-            let n = (u64::from(sn.l1_size) * 8).div_ceil(g.cluster_size());
-            self.rc
-                .add_run(
-                    &self.w,
-                    g.host_cluster(sn.l1_table_offset),
-                    n,
-                    -1,
-                    &mut done,
-                    &mut freed,
-                )
-                .await?;
-        }
-        self.release_freed(&freed, self.pass_discard_snapshot).await;
-        self.fix_copied_flags().await?;
-        self.rc.cache.write_back_all(&self.w).await?;
-        self.w.barrier.sync_now().await
+        // The snapshot is gone from the table: what fails from here leaves leaks, said as
+        // QEMU says it.
+        let released = async {
+            let mut freed = FreedRuns::new();
+            self.add_tree_refs(&sn_l1, -1, &mut freed).await?;
+            if sn.l1_size > 0 {
+                let mut done = 0;
+                let n = (u64::from(sn.l1_size) * 8).div_ceil(g.cluster_size());
+                self.w.announce(DebugEvent::ClusterFree).await;
+                self.rc
+                    .add_run(
+                        &self.w,
+                        g.host_cluster(sn.l1_table_offset),
+                        n,
+                        -1,
+                        &mut done,
+                        &mut freed,
+                    )
+                    .await?;
+            }
+            self.release_freed(&freed, self.pass_discard_snapshot).await;
+            self.fix_copied_flags().await?;
+            self.rc.cache.write_back_all(&self.w).await?;
+            self.w.barrier.sync_now().await
+        };
+        released.await.map_err(|e| match e {
+            Error::Io { source, .. } => Error::Io {
+                context: "Failed to free the cluster and L1 table".into(),
+                source,
+            },
+            e => e,
+        })
     }
 
     /// Makes a read-only image show a snapshot instead of the active disk (QEMU's temporary

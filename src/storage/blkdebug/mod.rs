@@ -22,9 +22,13 @@
 //!   `max-write-zero`/`max-discard` split the rest, as QEMU's block layer does for a device
 //!   with these limits.
 //!
-//! Rules and breakpoints on events qimg's drivers do not announce (yet: `refblock_alloc`,
-//! `cluster_alloc`, `cluster_free`, `empty_image_prepare`, `reftable_update`, the block layer's
-//! `pwritev*`, ...) are refused: they would never fire ([`DebugEvent::announced`]).
+//! `cluster_free` is announced before clusters lose a reference to be freed: a table switched
+//! out (snapshot table, a deleted snapshot's L1 table, unlinked tables) and the queued frees of
+//! data and L2 clusters when a flush applies them (qimg frees those later than QEMU, which
+//! frees them during the request). Rules and breakpoints on events qimg's drivers do not
+//! announce (yet: `refblock_alloc`, `cluster_alloc`, `empty_image_prepare`, `reftable_update`,
+//! the block layer's `pwritev*`, ...) are refused: they would never fire
+//! ([`DebugEvent::announced`]).
 //!
 //! Breakpoints (qemu-io's `break EVENT TAG`, `wait_break`, `resume`, `remove_break`; through a
 //! [`DebugHandle`]) hold the request that meets the event until it is resumed: the events are
@@ -138,6 +142,7 @@ impl DebugEvent {
                 | DebugEvent::RefblockLoad
                 | DebugEvent::RefblockUpdatePart
                 | DebugEvent::CorWrite
+                | DebugEvent::ClusterFree
         )
     }
 
