@@ -469,6 +469,10 @@ pub struct OpenOptions {
     /// QEMU's raw `offset=`/`size=`: the raw image is this part of its file (see
     /// [`crate::storage::window`]). Refused for other formats.
     pub raw_window: Option<RawWindow>,
+    /// The image's file is a quorum of files (QEMU's `file.driver=quorum`, see
+    /// [`crate::storage::quorum`]): the path is only its name. Never set from a name found
+    /// inside an image.
+    pub quorum: Option<crate::storage::quorum::QuorumSpec>,
 }
 
 /// A raw image stored at `offset` inside its file, `size` bytes long (else to the file's end).
@@ -723,6 +727,33 @@ fn open_layer<'a>(
             let storage: StorageRef = Arc::new(storage);
             return open_format(storage, path, name, opts, depth, seen).await;
         }
+        if let (0, Some(spec)) = (depth, &opts.quorum) {
+            spec.validate()?;
+            let mut children: Vec<StorageRef> = Vec::new();
+            for child in &spec.children {
+                children.push(opts.aio.storage(open_file(child, opts)?)?);
+            }
+            let names = spec
+                .children
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect();
+            let storage: StorageRef = Arc::new(crate::storage::quorum::Quorum::new(
+                children,
+                names,
+                spec.threshold,
+                spec.read_pattern,
+            ));
+            let name = match opts.format {
+                Some(f) => format!(
+                    r#"json:{{"driver": "{}", "file": {}}}"#,
+                    f.name(),
+                    &spec.qemu_name()["json:".len()..]
+                ),
+                None => spec.qemu_name(),
+            };
+            return open_format(storage, path, name, opts, depth, seen).await;
+        }
         let storage = open_file(path, opts)?;
         if let Ok(canon) = std::fs::canonicalize(path) {
             if seen.contains(&canon) {
@@ -812,6 +843,16 @@ async fn open_format(
                     let (Some(bname), false) = (img.backing_filename(), opts.no_backing) else {
                         return Ok(());
                     };
+                    // A quorum has no directory a relative name could be relative to.
+                    if depth == 0
+                        && opts.quorum.is_some()
+                        && !bname.starts_with("json:")
+                        && !Path::new(&bname).is_absolute()
+                    {
+                        return Err(Error::arg(
+                            "Cannot generate a base directory for quorum nodes",
+                        ));
+                    }
                     let (bpath, node) =
                         resolve_backing_node(path, &bname, opts.backing_resolver.as_ref())?;
                     let bformat = match (opts.backing_format, img.backing_format()) {
@@ -859,6 +900,7 @@ async fn open_format(
                         protocol_driver: None,
                         backing_resolver: opts.backing_resolver.clone(),
                         raw_window: None,
+                        quorum: None,
                     };
                     let backing = match window {
                         None => open_layer(&bpath, &bopts, depth + 1, seen).await,

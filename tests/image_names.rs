@@ -774,3 +774,116 @@ fn json_backing_names_with_a_raw_window() {
     let o = run("qemu-img", &["check", &base]);
     assert!(matches!(o.status.code(), Some(0 | 3)), "{}", text(&o));
 }
+
+/// A format over QEMU's `quorum` (`file.driver=quorum`, children given as files): the same
+/// `info` as qemu-img (the quorum as a node of its own), writes reaching every child, reads
+/// voted on as QEMU votes (a child outvoted, a vote below the threshold failing with EIO, as
+/// qemu-io fails it), a relative backing file name refused as QEMU refuses it, and QEMU's checks
+/// of the options.
+#[test]
+fn quorum_as_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let quorum = |files: &[String], threshold: usize| {
+        let children: Vec<String> = files
+            .iter()
+            .map(|f| format!("{{'driver':'file','filename':'{f}'}}"))
+            .collect();
+        format!(
+            "json:{{'driver':'qcow2','file':{{'driver':'quorum','vote-threshold':{threshold},\
+             'children':[{}]}}}}",
+            children.join(",")
+        )
+    };
+    let io_both = |name: &str, cmds: &[&str]| {
+        let mut args = Vec::new();
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(name);
+        let theirs = run("qemu-io", &args);
+        let mut ours_args = vec!["io"];
+        ours_args.extend_from_slice(&args);
+        let ours = run_named(QIMG, "qemu-io", &ours_args);
+        // qimg names a child that disagrees or fails on stderr (QEMU sends a QMP event,
+        // which qemu-io does not print): compared apart.
+        let strip = |s: String| {
+            s.lines()
+                .filter(|l| !l.contains("ops/sec") && !l.starts_with("quorum: "))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            (ours.status.code(), strip(text(&ours))),
+            (theirs.status.code(), strip(text(&theirs))),
+            "{cmds:?}"
+        );
+        text(&ours)
+    };
+    let a = p("a.qcow2");
+    qemu_create(Path::new(&a), "", 4 << 20, &[]);
+    for n in ["b.qcow2", "c.qcow2"] {
+        std::fs::copy(&a, p(n)).unwrap();
+    }
+    let files = [a.clone(), p("b.qcow2"), p("c.qcow2")];
+    let q = quorum(&files, 2);
+    same(&["info", &q]);
+    same(&["info", "--output=json", &q]);
+    // Written by qimg through the quorum: every child has it.
+    let o = run(QIMG, &["io", "-c", "write -P 7 0 64k", &q]);
+    assert!(o.status.success(), "{}", text(&o));
+    for f in &files {
+        qemu_io(Path::new(f), "qcow2", &["read -P 7 0 64k".into()]);
+        qemu_check_clean(Path::new(f));
+    }
+    // One child's data changed behind the quorum's back: outvoted (2 of 3 agree).
+    let host = {
+        let o = run("qemu-img", &["map", "--output=json", &files[2]]);
+        let t = text(&o);
+        let at = t.find("\"offset\": ").expect("a mapped cluster") + "\"offset\": ".len();
+        t[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let o = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P 9 {host} 4k"),
+            &files[2],
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = io_both(&q, &["read -P 7 0 64k"]);
+    assert!(
+        out.contains("quorum: ") && out.contains("c.qcow2 differs from the other children"),
+        "{out}"
+    );
+    // Two children only, disagreeing, with a threshold of 2: the read fails.
+    let two = quorum(&files[1..], 2);
+    let out = io_both(&two, &["read -P 7 0 4k"]);
+    assert!(out.contains("read failed: Input/output error"), "{out}");
+    // QEMU's checks of the options.
+    io_both(&quorum(&files[..2], 3), &["read 0 4k"]);
+    io_both(&quorum(&files[..2], 0), &["read 0 4k"]);
+    // A relative backing file name cannot be found below a quorum.
+    let base = p("base.qcow2");
+    qemu_create(Path::new(&base), "", 4 << 20, &[]);
+    let top = p("top.qcow2");
+    qemu_create(
+        Path::new(&top),
+        "",
+        4 << 20,
+        &["-b", "base.qcow2", "-F", "qcow2"],
+    );
+    let out = io_both(&quorum(std::slice::from_ref(&top), 1), &["read 0 4k"]);
+    assert!(out.contains("Cannot generate a base directory"), "{out}");
+    same(&["info", &quorum(&[top], 1)]);
+}

@@ -219,6 +219,7 @@ async fn open_file(
         protocol_driver: None,
         backing_resolver: Some(super::opts::backing_resolver()),
         raw_window: None,
+        quorum: None,
     };
     Ok((open_image(Path::new(&a.filename), &opts).await?, None))
 }

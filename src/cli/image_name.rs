@@ -46,6 +46,9 @@ pub struct ImageSpec {
     pub inner: Option<Box<ImageSpec>>,
     /// `driver=file`, `host_device` or `host_cdrom`: the protocol node itself, no format.
     pub protocol_driver: Option<&'static str>,
+    /// `file.driver=quorum`: the format's file is a quorum of files; `path` is then only its
+    /// name.
+    pub quorum: Option<qimg::storage::quorum::QuorumSpec>,
 }
 
 /// QEMU's rule for node names (`node-name=`): a letter, then letters, digits, `-`, `.`, `_`,
@@ -476,6 +479,23 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     }
     if pairs
         .iter()
+        .any(|(k, v)| k == "file.driver" && v == "quorum")
+    {
+        let (sub, mut outer): (Vec<_>, Vec<_>) =
+            pairs.into_iter().partition(|(k, _)| k.starts_with("file."));
+        let quorum = quorum_spec(&sub)?;
+        outer.push(("file.filename".into(), quorum.qemu_name()));
+        let mut spec = from_options(outer)?;
+        spec.quorum = Some(quorum);
+        return Ok(spec);
+    }
+    if pairs.iter().any(|(k, v)| k == "driver" && v == "quorum") {
+        return Err(Error::unsupported(
+            "A quorum is supported as a format's file only (file.driver=quorum)",
+        ));
+    }
+    if pairs
+        .iter()
         .any(|(k, v)| k == "file.driver" && matches!(v.as_str(), "qcow2" | "raw"))
     {
         // A format over a format: the file child is an image of its own.
@@ -635,6 +655,81 @@ fn from_options(pairs: Vec<(String, String)>) -> Result<ImageSpec> {
     spec.path = path;
     spec.runtime = runtime;
     spec.blkdebug = blkdebug_file.then_some(blkdebug);
+    Ok(spec)
+}
+
+/// The quorum a format's `file.*` options describe (QEMU's `quorum` driver options, children
+/// given as files).
+fn quorum_spec(pairs: &[(String, String)]) -> Result<qimg::storage::quorum::QuorumSpec> {
+    use qimg::storage::quorum::{QuorumSpec, ReadPattern};
+    let mut threshold = 0;
+    let mut read_pattern = ReadPattern::Quorum;
+    let mut children: std::collections::BTreeMap<usize, Option<String>> = Default::default();
+    for (k, v) in pairs {
+        let key = &k["file.".len()..];
+        if let Some(rest) = key.strip_prefix("children.") {
+            let (n, opt) = rest.split_once('.').unwrap_or((rest, ""));
+            let n: usize = n.parse().map_err(|_| {
+                Error::unsupported(format!(
+                    "Option '{k}' is not supported (children are given as a list of files)"
+                ))
+            })?;
+            let child = children.entry(n).or_default();
+            match opt {
+                "filename" => *child = Some(v.clone()),
+                "driver" if v == "file" => {}
+                "driver" => {
+                    return Err(Error::unsupported(format!(
+                        "Block driver '{v}' is not supported as a quorum child (only 'file')"
+                    )))
+                }
+                "node-name" => check_node_name(v)?,
+                _ => return Err(Error::unsupported(format!("Option '{k}' is not supported"))),
+            }
+            continue;
+        }
+        match key {
+            "driver" => {}
+            "node-name" => check_node_name(v)?,
+            "vote-threshold" => {
+                threshold = v.parse().map_err(|_| {
+                    Error::arg(format!(
+                        "Parameter 'vote-threshold' expects a number, not '{v}'"
+                    ))
+                })?
+            }
+            "read-pattern" => {
+                read_pattern = match v.as_str() {
+                    "quorum" => ReadPattern::Quorum,
+                    "fifo" => ReadPattern::Fifo,
+                    _ => return Err(Error::arg("Please set read-pattern as fifo or quorum")),
+                }
+            }
+            "blkverify" | "rewrite-corrupted" if !qimg::size::parse_bool(k, v)? => {}
+            "blkverify" | "rewrite-corrupted" => {
+                return Err(Error::unsupported(format!(
+                    "The quorum option '{key}' is not supported"
+                )))
+            }
+            _ => return Err(Error::unsupported(format!("Option '{k}' is not supported"))),
+        }
+    }
+    let children = children
+        .into_iter()
+        .map(|(n, f)| {
+            f.map(Into::into).ok_or_else(|| {
+                Error::arg(format!(
+                    "Quorum child {n} names no file (children.{n}.filename)"
+                ))
+            })
+        })
+        .collect::<Result<Vec<std::path::PathBuf>>>()?;
+    let spec = QuorumSpec {
+        children,
+        threshold,
+        read_pattern,
+    };
+    spec.validate()?;
     Ok(spec)
 }
 

@@ -242,14 +242,97 @@ fn file_length(img: &dyn BlockDevice) -> u64 {
         .unwrap_or(0)
 }
 
-fn full_backing(img: &dyn BlockDevice, name: &str) -> String {
+/// A quorum below an image, as QEMU describes it: a node of its own (format `quorum`) with a
+/// child per file.
+struct QuorumNode {
+    name: String,
+    len: u64,
+    actual: u64,
+    /// Path, length, bytes on the host; in QEMU's order (the last child first).
+    children: Vec<(String, u64, u64)>,
+}
+
+fn quorum_node(img: &dyn BlockDevice) -> Option<QuorumNode> {
+    use std::os::unix::fs::MetadataExt;
+    if img.protocol() != "quorum" {
+        return None;
+    }
+    let spec = super::image_name::parse(img.filename(), false)
+        .ok()?
+        .quorum?;
+    let mut children: Vec<(String, u64, u64)> = spec
+        .children
+        .iter()
+        .map(|p| {
+            let (len, blocks) = std::fs::metadata(p)
+                .map(|m| (m.len(), m.blocks()))
+                .unwrap_or((0, 0));
+            // Lengths in whole sectors, as QEMU reports a file's.
+            (
+                p.display().to_string(),
+                len.next_multiple_of(512),
+                blocks * 512,
+            )
+        })
+        .collect();
+    let len = children.first().map_or(0, |c| c.1);
+    let actual = children.iter().map(|c| c.2).sum();
+    children.reverse();
+    Some(QuorumNode {
+        name: spec.qemu_name(),
+        len,
+        actual,
+        children,
+    })
+}
+
+fn quorum_json(q: &QuorumNode, total: usize) -> Value {
+    let children: Vec<Value> = q
+        .children
+        .iter()
+        .enumerate()
+        .map(|(i, (path, len, actual))| {
+            json!({
+                "name": format!("children.{}", total - 1 - i),
+                "info": {
+                    "children": [],
+                    "virtual-size": len,
+                    "filename": path,
+                    "format": "file",
+                    "actual-size": actual,
+                    "format-specific": {"type": "file", "data": {}},
+                    "dirty-flag": false,
+                }
+            })
+        })
+        .collect();
+    json!({
+        "name": "file",
+        "info": {
+            "children": children,
+            "virtual-size": q.len,
+            "filename": q.name,
+            "format": "quorum",
+            "actual-size": q.actual,
+        }
+    })
+}
+
+/// Where the backing file `name` is; `None` when that cannot be known (a relative name below
+/// a quorum, which has no directory).
+fn full_backing(img: &dyn BlockDevice, name: &str) -> Option<String> {
+    if img.protocol() == "quorum" && !name.starts_with('/') && !name.starts_with("json:") {
+        return None;
+    }
     // The image's name may be a `blkdebug:` or `json:` one: the file is what counts.
     let file = super::image_name::parse(img.filename(), false)
         .map(|spec| spec.path)
         .unwrap_or_else(|_| img.filename().to_string());
-    qimg::block::resolve_backing(std::path::Path::new(&file), name)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| name.to_string())
+    Some(
+        qimg::block::resolve_backing(std::path::Path::new(&file), name)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| name.to_string()),
+    )
 }
 
 fn info_json(img: &dyn BlockDevice) -> Value {
@@ -263,7 +346,9 @@ fn info_json(img: &dyn BlockDevice) -> Value {
     }
     let actual = img.allocated_bytes();
     // What qemu-img says of a protocol other than a file: name, size, driver.
-    let file_child = if img.protocol() != "file" {
+    let file_child = if let Some(q) = quorum_node(img) {
+        quorum_json(&q, q.children.len())
+    } else if img.protocol() != "file" {
         json!({
             "name": "file",
             "info": {
@@ -353,7 +438,9 @@ fn info_json(img: &dyn BlockDevice) -> Value {
             json!({"type": "qcow2", "data": Value::Object(data)}),
         );
         if let Some(b) = h.backing_file.as_deref() {
-            m.insert("full-backing-filename".into(), json!(full_backing(img, b)));
+            if let Some(full) = full_backing(img, b) {
+                m.insert("full-backing-filename".into(), json!(full));
+            }
             m.insert("backing-filename".into(), json!(b));
         }
         m.insert("dirty-flag".into(), json!(h.is_dirty()));
@@ -431,11 +518,12 @@ fn info_human_node(img: &dyn BlockDevice, node: &str) -> String {
         let h = q.header();
         s += &format!("cluster_size: {}\n", q.cluster_size());
         if let Some(b) = h.backing_file.as_deref() {
-            let full = full_backing(img, b);
-            if full != b {
-                s += &format!("backing file: {b} (actual path: {full})\n");
-            } else {
-                s += &format!("backing file: {b}\n");
+            match full_backing(img, b) {
+                None => s += &format!("backing file: {b} (cannot determine actual path)\n"),
+                Some(full) if full != b => {
+                    s += &format!("backing file: {b} (actual path: {full})\n")
+                }
+                Some(_) => s += &format!("backing file: {b}\n"),
             }
             if let Some(f) = h.backing_format() {
                 s += &format!("backing file format: {f}\n");
@@ -448,6 +536,25 @@ fn info_human_node(img: &dyn BlockDevice, node: &str) -> String {
         s += &format_specific(q);
     }
     s += &format!("Child node '{node}/file':\n");
+    if let Some(q) = quorum_node(img) {
+        s += &format!("    image: {}\n", q.name);
+        s += "    file format: quorum\n";
+        s += &format!(
+            "    virtual size: {} ({} bytes)\n",
+            human_size(q.len),
+            q.len
+        );
+        s += &format!("    disk size: {}\n", human_size(q.actual));
+        let n = q.children.len();
+        for (i, (path, len, actual)) in q.children.iter().enumerate() {
+            s += &format!("    Child node '{node}/file/children.{}':\n", n - 1 - i);
+            s += &format!("        filename: {path}\n");
+            s += "        protocol type: file\n";
+            s += &format!("        file length: {} ({len} bytes)\n", human_size(*len));
+            s += &format!("        disk size: {}\n", human_size(*actual));
+        }
+        return s;
+    }
     if let Some(inner) = img.file_image() {
         // The file is an image itself: its own description, indented.
         for line in info_human_node(&*inner, &format!("{node}/file")).lines() {

@@ -269,6 +269,7 @@ fn spec_options(
         protocol_driver: spec.protocol_driver,
         backing_resolver: Some(backing_resolver()),
         raw_window,
+        quorum: spec.quorum.clone(),
         ..Default::default()
     };
     Ok(opts)
@@ -294,6 +295,9 @@ pub fn backing_resolver() -> qimg::block::BackingResolver {
         }
         if spec.null.is_some() {
             return Err(refused("a null-co device"));
+        }
+        if spec.quorum.is_some() {
+            return Err(refused("a quorum"));
         }
         if spec.data_file.is_some() {
             return Err(refused("a data file"));
@@ -343,6 +347,7 @@ fn raw_window_node(inner: &super::image_name::ImageSpec) -> Option<qimg::block::
         && inner.inner.is_none()
         && inner.nbd.is_none()
         && inner.null.is_none()
+        && inner.quorum.is_none()
         && inner.data_file.is_none()
         && inner.blkdebug.is_none()
         && inner.blkdebug_above.is_none()

@@ -14,8 +14,9 @@
 //!   [`crash::CrashStorage`] (records unflushed writes and can "lose power"),
 //!   [`fault::FaultStorage`] (fails chosen operations with `EIO` or `ENOSPC`, for failure tests)
 //!   [`blkdebug::Blkdebug`] (QEMU's `blkdebug`: fails requests after chosen steps of the
-//!   format driver, imposes request limits), and [`window::Window`] (QEMU's raw `offset=`/`size=`:
-//!   a part of a file).
+//!   format driver, imposes request limits), [`window::Window`] (QEMU's raw `offset=`/`size=`:
+//!   a part of a file) and [`quorum::Quorum`] (QEMU's `quorum`: several copies of one disk,
+//!   written together, reads voted on).
 //!
 //! [`lock`] takes QEMU's image locks on a file when it is opened (`FileOptions::lock`).
 //!
@@ -34,6 +35,7 @@ pub mod lock;
 pub mod memory;
 pub mod null;
 mod pool;
+pub mod quorum;
 pub mod uring;
 pub mod window;
 
