@@ -140,20 +140,21 @@ fn other_block_drivers_are_refused() {
         assert!(!o.status.success(), "{name}: accepted");
         assert!(text(&o).contains("Could not open"), "{name}: {}", text(&o));
     }
-    let o = run(
-        QIMG,
-        &[
-            "info",
-            "--image-opts",
-            &format!("driver=quorum,children.0.file.filename={top}"),
-        ],
-    );
-    assert!(!o.status.success());
-    assert!(
-        text(&o).contains("'quorum' is not supported"),
-        "{}",
-        text(&o)
-    );
+    for (opts, says) in [
+        (
+            format!("driver=throttle,file.filename={top}"),
+            "'throttle' is not supported",
+        ),
+        // A quorum is read below a format only.
+        (
+            format!("driver=quorum,vote-threshold=1,children.0.filename={top}"),
+            "file.driver=quorum",
+        ),
+    ] {
+        let o = run(QIMG, &["info", "--image-opts", &opts]);
+        assert!(!o.status.success());
+        assert!(text(&o).contains(says), "{}", text(&o));
+    }
 }
 
 /// A backing format qimg does not know: the image does not open (QEMU's message), unless

@@ -851,7 +851,7 @@ mod tests {
         ])
         .contains("between 0 and 4095"));
         assert!(bad(&[("inject-error.0.event", "nope")]).contains("'nope'"));
-        assert!(bad(&[("inject-error.0.event", "cluster_free")]).contains("not announced"));
+        assert!(bad(&[("inject-error.0.event", "cluster_alloc")]).contains("not announced"));
         assert!(bad(&[("config", "/nonexistent/x")]).contains("Could not read blkdebug config"));
         std::fs::write(&conf, "event = \"x\"\n").expect("write");
         assert!(bad(&[("config", &path)]).contains(":1: no group defined"));
