@@ -134,8 +134,9 @@ pub(super) const COMMANDS: &[Command] = &[
         Some("[-Cq] off len"),
         "discards a number of bytes at a specified offset",
         "
- Discards the range: whole clusters in it are deallocated (they read as
- zeros, or as the backing file where there is one); the rest is unchanged.
+ Discards the range: whole clusters in it read as zeros afterwards, their
+ space freed (on a version 2 image over a backing file, which has no zero
+ flag, they are left as they are); the rest is unchanged.
  With the discard mode 'ignore' (-d) it succeeds and changes nothing.
  -C, -- report statistics in a machine parsable format
  -q, -- quiet mode, do not show I/O statistics
