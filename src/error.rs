@@ -83,6 +83,15 @@ impl Error {
         }
     }
 
+    /// An I/O error said as the step that failed (QEMU's wording for an operation), the errno
+    /// kept and the low-level context dropped; other errors unchanged.
+    pub fn reworded(self, what: impl FnOnce() -> String) -> Self {
+        match self {
+            Error::Io { source, .. } => Error::io(what(), source),
+            e => e,
+        }
+    }
+
     /// What every write and flush returns once an fsync of the image failed (`EIO`): Linux
     /// reports a failed writeback once, so nothing written before it can be counted as durable
     /// again in this session (see `qcow2::barrier`, "Failure (poisoning)").

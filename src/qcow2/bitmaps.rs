@@ -493,7 +493,7 @@ impl Qcow2 {
             if rewrite | bits.take_changed() {
                 // Which bitmap could not be written, in QEMU's words.
                 let (off, n) = self.write_bitmap(&bits).await.map_err(|e| {
-                    reworded(e, || format!("Failed to write bitmap '{name}' to file"))
+                    e.reworded(|| format!("Failed to write bitmap '{name}' to file"))
                 })?;
                 written.push((i, off, n));
             }
@@ -522,7 +522,7 @@ impl Qcow2 {
         };
         self.switch_directory(&entries)
             .await
-            .map_err(|e| reworded(e, || "Failed to update bitmap extension".into()))?;
+            .map_err(|e| e.reworded(|| "Failed to update bitmap extension".into()))?;
         {
             let mut slots = self.bitmaps.slots.lock();
             for (s, e) in slots.iter_mut().zip(entries) {
@@ -877,17 +877,5 @@ impl Qcow2 {
             }
         }
         self.bitmaps.retrack(&slots);
-    }
-}
-
-/// An I/O error of a step of storing the bitmaps, said as QEMU says which step failed (the
-/// errno stays; the low-level context is dropped).
-fn reworded(e: Error, what: impl FnOnce() -> String) -> Error {
-    match e {
-        Error::Io { source, .. } => Error::Io {
-            context: what(),
-            source,
-        },
-        e => e,
     }
 }

@@ -460,13 +460,9 @@ impl Qcow2 {
             self.rc.cache.write_back_all(&self.w).await?;
             self.w.barrier.sync_now().await
         };
-        released.await.map_err(|e| match e {
-            Error::Io { source, .. } => Error::Io {
-                context: "Failed to free the cluster and L1 table".into(),
-                source,
-            },
-            e => e,
-        })
+        released
+            .await
+            .map_err(|e| e.reworded(|| "Failed to free the cluster and L1 table".into()))
     }
 
     /// Makes a read-only image show a snapshot instead of the active disk (QEMU's temporary
